@@ -1,0 +1,118 @@
+"""Compression as one plain function: a dense model and data in, a pruned model and a report out.
+
+The command line, the benchmark and (later) the service worker all call :func:`compress`.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import Dataset
+from .methods import MethodSettings, make_surgery
+from .surgery import ScheduledSurgery, Target
+from .train import AccuracyBudget, Callbacks, TrainConfig, agreement, evaluate, fit
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module  # squashed: plain modules holding W ⊙ T
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _accuracy(model: nn.Module, data: Dataset | None, teacher: nn.Module | None) -> float | None:
+    if data is None:
+        return None
+    if data.targets is not None:
+        return evaluate(model, data)
+    return agreement(model, teacher, data) if teacher is not None else None
+
+
+def compress(
+    model: nn.Module,
+    train: Dataset,
+    valid: Dataset,
+    *,
+    method: str = "dns",
+    target: Target | None = None,
+    config: TrainConfig,
+    settings: MethodSettings | None = None,
+    test: Dataset | None = None,
+    callbacks: Callbacks | None = None,
+    checkpoint: str | Path | None = None,
+) -> CompressResult:
+    """Run ``method`` on ``model`` (converged, dense) and return the pruned model and a report.
+
+    Without labels in ``train`` the objective is label-free self-distillation from the dense
+    model, and "accuracy" is top-1 agreement with it.
+    """
+    if train.targets is None and config.objective == "ce":
+        config = TrainConfig(**{**asdict(config), "objective": "distill"})
+    device = next(model.parameters()).device
+    teacher = copy.deepcopy(model).eval() if config.objective != "ce" or valid.targets is None else None
+    ref_val = _accuracy(model, valid, teacher)
+    ref_test = _accuracy(model, test, teacher)
+    surgery = make_surgery(method, model, config.iterations, target, settings, seed=config.seed)
+    budget = None
+    if (
+        isinstance(surgery, ScheduledSurgery)
+        and target is not None
+        and target.max_accuracy_drop is not None
+        and ref_val is not None
+        and valid.targets is not None
+    ):
+        budget = AccuracyBudget(surgery, ref_val, target.max_accuracy_drop, settle=max(config.iterations // 10, 1))
+    result = fit(
+        model,
+        train,
+        config,
+        surgery=surgery,
+        valid=valid,
+        teacher=teacher,
+        budget=budget,
+        callbacks=callbacks,
+        checkpoint=checkpoint,
+    )
+    layers = surgery.report()
+    total = surgery.model_total()
+    nonzero = surgery.nonzero()
+    surgery.squash()
+    model.to(device)
+    val_acc = _accuracy(model, valid, teacher)
+    test_acc = _accuracy(model, test, teacher)
+    report = {
+        "method": method,
+        "target": asdict(target) if target is not None else None,
+        "total_parameters": total,
+        "nonzero_parameters": nonzero,
+        "compression": total / max(nonzero, 1),
+        "layers": [
+            {"name": r.name, "kept": r.kept, "total": r.total, "kept_fraction": r.kept_fraction} for r in layers
+        ],
+        "reference_val_acc": ref_val,
+        "val_acc": val_acc,
+        "reference_test_acc": ref_test,
+        "test_acc": test_acc,
+        "iterations": result.iterations,
+        "seconds": result.seconds,
+        "backoffs": result.backoffs,
+        "restored_last_good": result.restored_last_good,
+        "train": asdict(config),
+        "settings": _jsonable(asdict(settings or MethodSettings())),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    return CompressResult(model, report)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

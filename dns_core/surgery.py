@@ -1,0 +1,580 @@
+"""Masked layers and the surgery schedules that change their masks.
+
+One mechanism serves every method. Each selected Linear / ConvNd layer gets a mask per pruned
+tensor (weight, and bias unless told otherwise) through ``torch.nn.utils.parametrize``; the
+forward pass uses W ⊙ T. What differs between methods is only
+
+- the gradient: DNS passes ∂L/∂(W ⊙ T) straight through to every dense weight, pruned ones
+  included, so that they can grow back (splice); the baselines mask it, as pruning always has;
+- how and when masks change (:meth:`Surgery.step`).
+
+Lifecycle, as in ``torch.ao.pruning``: construct (prepare) → ``step(t)`` before each training
+iteration → ``state_dict()`` / ``load_state_dict()`` for checkpoints → ``squash()`` to get the
+plain pruned model W ⊙ T.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import rule
+
+
+class SurgeryError(ValueError):
+    """Bad surgery settings (empty selection, unknown layer names, out-of-range knobs)."""
+
+
+class _StraightThrough(torch.autograd.Function):
+    """W ⊙ T forward; identity backward, so every dense weight receives ∂L/∂(W ⊙ T)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class Mask(nn.Module):
+    """Parametrization W ↦ W ⊙ T with either a straight-through or a masked gradient."""
+
+    def __init__(self, like: torch.Tensor, straight_through: bool) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones_like(like, dtype=like.dtype))
+        self.straight_through = straight_through
+
+    mask: torch.Tensor
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.straight_through:
+            return _StraightThrough.apply(weight, self.mask)  # type: ignore[no-untyped-call]
+        return weight * self.mask
+
+
+@dataclass
+class PrunedLayer:
+    """A selected layer and its masked tensors (``"weight"``, maybe ``"bias"``)."""
+
+    name: str
+    module: nn.Module
+    tensors: list[str]
+    kind: str  # "conv" or "fc"
+
+    def dense(self, tensor: str) -> torch.Tensor:
+        """The dense (unmasked) parameter W."""
+        return getattr(self.module.parametrizations, tensor).original
+
+    def mask(self, tensor: str) -> torch.Tensor:
+        return getattr(self.module.parametrizations, tensor)[0].mask
+
+    def set_mask(self, tensor: str, value: torch.Tensor) -> None:
+        self.mask(tensor).copy_(value)
+
+    def kept(self) -> int:
+        return sum(int(torch.count_nonzero(self.mask(t))) for t in self.tensors)
+
+    def total(self) -> int:
+        return sum(self.mask(t).numel() for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    kept: int
+    total: int
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.total if self.total else 0.0
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All Linear and ConvNd modules of ``model`` with their qualified names."""
+    out: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+            out.append((name, module))
+    return out
+
+
+def select_layers(
+    model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> list[tuple[str, nn.Module]]:
+    """Prunable layers whose names match an ``include`` pattern and no ``exclude`` pattern."""
+    candidates = prunable_layers(model)
+    names = [n for n, _ in candidates]
+    for pattern in [*include, *exclude]:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise SurgeryError(
+                f"layer pattern {pattern!r} matches no Linear/Conv layer; prunable layers: {', '.join(names)}"
+            )
+    chosen = [
+        (n, m)
+        for n, m in candidates
+        if any(fnmatch.fnmatchcase(n, p) for p in include) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+    ]
+    if not chosen:
+        raise SurgeryError("the layer selection is empty: nothing to prune")
+    return chosen
+
+
+def resolve_per_layer(
+    layers: Sequence[PrunedLayer], overrides: Mapping[str, float] | None, default: float, what: str
+) -> dict[str, float]:
+    """Per-layer values: ``default`` unless a pattern (exact name or glob) in ``overrides`` matches."""
+    values = {layer.name: default for layer in layers}
+    for pattern, value in (overrides or {}).items():
+        hits = [layer.name for layer in layers if fnmatch.fnmatchcase(layer.name, pattern)]
+        if not hits:
+            raise SurgeryError(f"{what}: {pattern!r} names no selected layer; selected: {', '.join(v for v in values)}")
+        for name in hits:
+            values[name] = float(value)
+    return values
+
+
+class Surgery:
+    """Base class: attaches masks to the selected layers of ``model`` (in place).
+
+    Subclasses implement :meth:`_update`. ``prune_bias`` masks biases with the weight's rule, as
+    the reference code does.
+    """
+
+    straight_through = False
+    method = "masked"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        prune_bias: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.layers: list[PrunedLayer] = []
+        for name, module in select_layers(model, include, exclude):
+            tensors = ["weight"]
+            if prune_bias and getattr(module, "bias", None) is not None:
+                tensors.append("bias")
+            for t in tensors:
+                parametrize.register_parametrization(
+                    module, t, Mask(getattr(module, t), self.straight_through), unsafe=True
+                )
+            kind = "conv" if isinstance(module, nn.modules.conv._ConvNd) else "fc"
+            self.layers.append(PrunedLayer(name, module, tensors, kind))
+        self.iteration = 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.frozen = False
+
+    # -- reporting ---------------------------------------------------------------------------
+    def report(self) -> list[LayerReport]:
+        return [LayerReport(layer.name, layer.kept(), layer.total()) for layer in self.layers]
+
+    def prunable_total(self) -> int:
+        return sum(layer.total() for layer in self.layers)
+
+    def model_total(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def nonzero(self) -> int:
+        """Non-zero parameters of the model as it computes (W ⊙ T for pruned tensors)."""
+        masked = {id(layer.dense(t)) for layer in self.layers for t in layer.tensors}
+        nz = sum(layer.kept() for layer in self.layers)
+        # a kept weight that is exactly zero is not a parameter either
+        nz -= sum(
+            int(((layer.mask(t) != 0) & (layer.dense(t) == 0)).sum()) for layer in self.layers for t in layer.tensors
+        )
+        for p in self.model.parameters():
+            if id(p) not in masked:
+                nz += int(torch.count_nonzero(p))
+        return nz
+
+    def compression(self) -> float:
+        """All parameters over the non-zero ones, as the paper counts."""
+        nz = self.nonzero()
+        return self.model_total() / nz if nz else math.inf
+
+    # -- schedule ------------------------------------------------------------------------------
+    def step(self, t: int) -> bool:
+        """Run surgery for iteration ``t`` (call before its forward pass). True if masks changed."""
+        self.iteration = t
+        if self.frozen:
+            return False
+        return self._update(t)
+
+    def _update(self, t: int) -> bool:
+        raise NotImplementedError
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: masks, iteration, RNG and subclass state."""
+        return {
+            "method": self.method,
+            "iteration": self.iteration,
+            "frozen": self.frozen,
+            "rng": self.generator.get_state(),
+            "masks": {f"{layer.name}.{t}": layer.mask(t).clone() for layer in self.layers for t in layer.tensors},
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["method"] != self.method:
+            raise SurgeryError(f"state is for method {state['method']!r}, not {self.method!r}")
+        masks = state["masks"]
+        for layer in self.layers:
+            for t in layer.tensors:
+                key = f"{layer.name}.{t}"
+                if key not in masks:
+                    raise SurgeryError(f"state has no mask for {key}")
+                layer.set_mask(t, masks[key])
+        self.iteration = int(state["iteration"])
+        self.frozen = bool(state["frozen"])
+        self.generator.set_state(state["rng"])
+        self._load_extra_state(state["extra"])
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        pass
+
+    # -- result ----------------------------------------------------------------------------------
+    def squash(self) -> nn.Module:
+        """Remove the masks and leave the plain pruned model W ⊙ T (in place); returns it."""
+        for layer in self.layers:
+            for t in layer.tensors:
+                parametrize.remove_parametrizations(layer.module, t, leave_parametrized=True)
+        self.layers = []
+        return self.model
+
+    def masked_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict the squashed model would have (W ⊙ T), without squashing."""
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key, value in self.model.state_dict().items():
+                if ".parametrizations." in key:
+                    continue
+                out[key] = value.clone()
+            for layer in self.layers:
+                for t in layer.tensors:
+                    prefix = f"{layer.name}." if layer.name else ""
+                    out[prefix + t] = (layer.dense(t) * layer.mask(t)).detach().clone()
+        return out
+
+
+class DNS(Surgery):
+    """Dynamic Network Surgery with fixed per-layer crates: the reference rule, exactly.
+
+    - ``crate``: default compression-rate knob c; θ_k = max(μ_k + c_k·σ_k, 0). ``crates`` maps
+      layer names or glob patterns to their own c_k.
+    - ``gamma``, ``power``: at iteration t each layer runs surgery with probability
+      (1 + γ·t)^(−power), drawn from this object's own generator (so resume is exact).
+    - ``iter_stop``: no surgery at or after this iteration; training goes on with frozen masks.
+    - ``phases``: optional order of layer kinds, e.g. ``("conv", "fc")``: each kind runs surgery
+      only in its window of ``phase_length`` iterations (the paper's way to avoid vanishing
+      gradients); layers wait with full masks before their window and freeze after it.
+
+    The statistics μ, σ are taken once, from the dense weights at the first surgery step, and
+    are part of :meth:`state_dict`: a resumed run restores them instead of recomputing them from
+    weights that are already sparse (the reference code's resume bug).
+    """
+
+    straight_through = True
+    method = "dns-fixed-crates"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        crate: float = 1.0,
+        crates: Mapping[str, float] | None = None,
+        gamma: float = 1e-4,
+        power: float = 1.0,
+        iter_stop: int = 14_000,
+        phases: Sequence[str] | None = None,
+        phase_length: int | None = None,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        prune_bias: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if gamma < 0:
+            raise SurgeryError(f"gamma must be ≥ 0, got {gamma}")
+        if power < 0:
+            raise SurgeryError(f"power must be ≥ 0, got {power}")
+        if iter_stop < 0:
+            raise SurgeryError(f"iter_stop must be ≥ 0, got {iter_stop}")
+        if phases is not None:
+            bad = [p for p in phases if p not in ("conv", "fc")]
+            if bad or len(set(phases)) != len(phases):
+                raise SurgeryError(f"phases must be distinct kinds among 'conv', 'fc'; got {list(phases)}")
+            if phase_length is None or phase_length <= 0:
+                raise SurgeryError("phases need a positive phase_length")
+        super().__init__(model, include=include, exclude=exclude, prune_bias=prune_bias, seed=seed)
+        self.crates = resolve_per_layer(self.layers, crates, crate, "crates")
+        self.gamma, self.power, self.iter_stop = gamma, power, iter_stop
+        self.phases = list(phases) if phases else None
+        self.phase_length = phase_length
+        self.stats: dict[str, rule.LayerStatistics] = {}
+
+    def compute_statistics(self) -> None:
+        for layer in self.layers:
+            self.stats[layer.name] = rule.layer_statistics(layer.dense(t) for t in layer.tensors)
+
+    def thresholds(self) -> dict[str, float]:
+        return {name: rule.threshold(self.stats[name], self.crates[name]) for name in self.stats}
+
+    def _active(self, layer: PrunedLayer, t: int) -> bool:
+        if self.phases is None:
+            return True
+        if layer.kind not in self.phases:
+            return False
+        assert self.phase_length is not None
+        start = self.phases.index(layer.kind) * self.phase_length
+        return start <= t < start + self.phase_length
+
+    def _update(self, t: int) -> bool:
+        if t >= self.iter_stop:
+            self.frozen = True
+            return False
+        if not self.stats:
+            self.compute_statistics()
+        p = rule.surgery_probability(t, self.gamma, self.power)
+        thetas = self.thresholds()
+        changed = False
+        for layer in self.layers:
+            # one draw per layer per iteration, whether or not it is active, so the stream of
+            # random numbers does not depend on the phase layout
+            draw = float(torch.rand((), generator=self.generator))
+            if not self._active(layer, t) or draw >= p:
+                continue
+            for name in layer.tensors:
+                rule.update_mask_(layer.dense(name), layer.mask(name), thetas[layer.name])
+                changed = True
+        return changed
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {name: [s.mu, s.sigma, s.count] for name, s in self.stats.items()}
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        self.stats = {name: rule.LayerStatistics(float(v[0]), float(v[1]), int(v[2])) for name, v in extra.items()}
+
+
+@dataclass
+class Target:
+    """What the user asks for instead of crates.
+
+    ``compression``: overall × (all parameters over non-zero ones), or ``layer_kept``: kept
+    fraction per layer name / pattern. ``max_accuracy_drop``: budget in percentage points on
+    validation data (enforced by the training loop's controller, see ``train.AccuracyBudget``).
+    """
+
+    compression: float | None = None
+    layer_kept: dict[str, float] | None = None
+    max_accuracy_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.compression is None) == (self.layer_kept is None):
+            raise SurgeryError("give exactly one of a target compression or per-layer kept fractions")
+        if self.compression is not None and self.compression < 1:
+            raise SurgeryError(f"target compression must be ≥ 1, got {self.compression}")
+        for name, f in (self.layer_kept or {}).items():
+            if not 0 < f <= 1:
+                raise SurgeryError(f"kept fraction for {name!r} must be in (0, 1], got {f}")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise SurgeryError("max_accuracy_drop must be ≥ 0")
+
+
+@dataclass
+class Ramp:
+    """When masks tighten: from iteration ``t0`` (dense) to ``t1`` (the target's kept count).
+
+    ``shape="cubic"`` is Zhu & Gupta's gradual schedule (kept count falls fast early, slowly
+    late). ``shape="steps"`` is Han et al.'s iterative pruning: ``rounds`` prune steps at
+    t0, t0 + span/R, …, the kept count shrinking by the same factor each round, with retraining
+    (fixed masks) in between. ``shape="one-shot"`` cuts to the target at t0.
+    """
+
+    t0: int
+    t1: int
+    shape: str = "cubic"
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.shape not in ("cubic", "steps", "one-shot"):
+            raise SurgeryError(f"unknown ramp shape {self.shape!r}")
+        if self.t1 < self.t0 or self.t0 < 0:
+            raise SurgeryError(f"ramp needs 0 ≤ t0 ≤ t1, got {self.t0}, {self.t1}")
+        if self.rounds < 1:
+            raise SurgeryError("rounds must be ≥ 1")
+
+    def kept(self, t: int, start: float, end: float) -> float:
+        """Kept count at ``t`` going from ``start`` (at t0) to ``end``."""
+        if t < self.t0:
+            return start
+        if self.shape == "one-shot" or t >= self.t1:
+            return end
+        if self.shape == "cubic":
+            return rule.cubic_schedule(t, self.t0, self.t1, start, end)
+        r = min(self.rounds, (t - self.t0) * self.rounds // max(self.t1 - self.t0, 1) + 1)
+        return float(start * (end / start) ** (r / self.rounds))
+
+
+class ScheduledSurgery(Surgery):
+    """Surgery driven by a kept-count schedule toward a :class:`Target` (DNS and the baselines).
+
+    Every ``interval`` iterations from ``ramp.t0`` until ``iter_stop`` it picks the k entries with
+    the highest scores, k following the ramp. Allocation is ``"global"`` (one ranking over all
+    selected layers, so large redundant layers give up most, as in the paper's per-layer
+    figures) or, with per-layer kept fractions, per layer.
+
+    - ``splice=True`` (target-driven DNS): straight-through gradients, and scores that encode
+      the 0.9θ/1.1θ hysteresis band (:func:`rule.hysteresis_scores`): a pruned weight returns
+      once it clearly beats the threshold.
+    - ``splice=False`` (baselines): masked gradients and scores |W ⊙ T|, so pruning is final.
+    - ``normalize="std"``: scores divided by each layer's standard deviation (Han et al.'s
+      per-layer q·σ threshold).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: Target,
+        *,
+        ramp: Ramp,
+        interval: int = 50,
+        iter_stop: int | None = None,
+        splice: bool = True,
+        normalize: str = "none",
+        min_layer_kept: float = 0.0,
+        method: str = "dns",
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        prune_bias: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if interval <= 0:
+            raise SurgeryError(f"interval must be positive, got {interval}")
+        if normalize not in ("none", "std"):
+            raise SurgeryError(f"normalize must be 'none' or 'std', got {normalize!r}")
+        if not 0 <= min_layer_kept < 1:
+            raise SurgeryError(f"min_layer_kept must be in [0, 1), got {min_layer_kept}")
+        self.straight_through = splice
+        self.method = method
+        super().__init__(model, include=include, exclude=exclude, prune_bias=prune_bias, seed=seed)
+        self.target = target
+        self.ramp = ramp
+        self.interval = interval
+        self.iter_stop = ramp.t1 if iter_stop is None else iter_stop
+        if self.iter_stop < ramp.t1:
+            raise SurgeryError(f"iter_stop {self.iter_stop} comes before the ramp ends at {ramp.t1}")
+        self.splice = splice
+        self.normalize = normalize
+        self.min_layer_kept = min_layer_kept
+        self.layer_fractions: dict[str, float] | None = None
+        if target.layer_kept is not None:
+            self.layer_fractions = resolve_per_layer(self.layers, target.layer_kept, 1.0, "layer_kept")
+        self.start_kept = float(self.prunable_total())
+        self.final_kept = self._final_kept_count(target)
+
+    def _final_kept_count(self, target: Target) -> int:
+        if target.compression is None:
+            assert self.layer_fractions is not None
+            return sum(
+                round(f * layer.total()) for layer, f in zip(self.layers, self.layer_fractions.values(), strict=False)
+            )
+        other = self.model_total() - self.prunable_total()
+        budget = math.floor(self.model_total() / target.compression) - other
+        if budget <= 0:
+            raise SurgeryError(f"target {target.compression}x leaves no room: {other} parameters are not prunable")
+        return budget
+
+    def retarget(self, t: int, compression: float, ramp_to: int) -> None:
+        """Back off (or push on): ramp from the current kept count at ``t`` to ``compression``."""
+        if self.layer_fractions is not None:
+            raise SurgeryError("retarget needs an overall compression target")
+        self.target = Target(compression=compression, max_accuracy_drop=self.target.max_accuracy_drop)
+        self.start_kept = float(sum(layer.kept() for layer in self.layers))
+        self.final_kept = self._final_kept_count(self.target)
+        self.ramp = Ramp(t, max(ramp_to, t), "cubic")
+        self.iter_stop = max(self.iter_stop, self.ramp.t1 + 1)
+        self.frozen = False
+
+    def _scores(self, layer: PrunedLayer, tensor: str) -> torch.Tensor:
+        w, m = layer.dense(tensor).detach(), layer.mask(tensor)
+        s = rule.hysteresis_scores(w, m) if self.splice else (w * m).abs()
+        if self.normalize == "std":
+            kept = w[m.bool()]
+            sd = float(kept.std()) if kept.numel() > 1 else 1.0
+            s = s / max(sd, 1e-12)
+        return s
+
+    def _update(self, t: int) -> bool:
+        if t > self.iter_stop:
+            self.frozen = True
+            return False
+        if t < self.ramp.t0 or ((t - self.ramp.t0) % self.interval and t != self.ramp.t1):
+            return False
+        with torch.no_grad():
+            if self.layer_fractions is not None:
+                changed = False
+                for layer in self.layers:
+                    end = self.layer_fractions[layer.name] * layer.total()
+                    changed |= self._topk([layer], round(self.ramp.kept(t, layer.total(), end)))
+                return changed
+            return self._topk(self.layers, round(self.ramp.kept(t, self.start_kept, self.final_kept)))
+
+    def _topk(self, layers: Sequence[PrunedLayer], k: int) -> bool:
+        parts = [(layer, name, self._scores(layer, name)) for layer in layers for name in layer.tensors]
+        flat = torch.cat([s.flatten() for _, _, s in parts])
+        k = min(max(k, 1), flat.numel())
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[torch.topk(flat, k, sorted=False).indices] = True
+        offset = 0
+        if self.min_layer_kept > 0:
+            for layer in layers:
+                n = layer.total()
+                floor = math.ceil(self.min_layer_kept * n)
+                if int(keep[offset : offset + n].sum()) < floor:
+                    keep[offset + torch.topk(flat[offset : offset + n], floor).indices] = True
+                offset += n
+        changed = False
+        offset = 0
+        for layer, name, s in parts:
+            n = s.numel()
+            new = keep[offset : offset + n].view_as(s).to(layer.mask(name).dtype)
+            changed |= not torch.equal(new, layer.mask(name))
+            layer.set_mask(name, new)
+            offset += n
+        return changed
+
+    def _extra_state(self) -> dict[str, Any]:
+        r = self.ramp
+        return {
+            "ramp": [r.t0, r.t1, r.shape, r.rounds],
+            "iter_stop": self.iter_stop,
+            "start_kept": self.start_kept,
+            "final_kept": self.final_kept,
+            "compression": self.target.compression,
+        }
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        t0, t1, shape, rounds = extra["ramp"]
+        self.ramp = Ramp(int(t0), int(t1), str(shape), int(rounds))
+        self.iter_stop = int(extra["iter_stop"])
+        self.start_kept = float(extra["start_kept"])
+        self.final_kept = int(extra["final_kept"])
+        if extra["compression"] is not None:
+            self.target = Target(
+                compression=float(extra["compression"]), max_accuracy_drop=self.target.max_accuracy_drop
+            )

@@ -1,0 +1,395 @@
+"""The training loop shared by DNS and every baseline, and the accuracy-budget controller.
+
+Same loop, same data stream, same optimizer and learning-rate schedule for every method: the
+only thing that differs between rows of the benchmark table is the :class:`~dns_core.surgery.Surgery`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_state, save_state
+from .data import BatchStream, Dataset
+from .surgery import LayerReport, ScheduledSurgery, Surgery
+
+
+class Cancelled(Exception):
+    """Raised by :func:`fit` when the cancellation callback says stop."""
+
+    def __init__(self, iteration: int) -> None:
+        super().__init__(f"cancelled at iteration {iteration}")
+        self.iteration = iteration
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run.
+
+    ``objective``: ``"ce"`` (cross-entropy on labels), ``"distill"`` (label-free: match the dense
+    teacher's softened outputs, KL at ``temperature``), or ``"ce+distill"`` (their mean).
+    ``lr_schedule``: ``"cosine"`` (to zero at the last iteration), ``"constant"`` or ``"step"``
+    (×0.1 at 50% and 75%).
+    """
+
+    iterations: int
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup: int = 0
+    objective: str = "ce"
+    temperature: float = 4.0
+    eval_every: int = 1000
+    log_every: int = 100
+    cancel_every: int = 20
+    checkpoint_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError("iterations must be ≥ 0")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if self.objective not in ("ce", "distill", "ce+distill"):
+            raise ValueError(f"unknown objective {self.objective!r}")
+        if self.lr_schedule not in ("cosine", "constant", "step"):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}")
+
+    def lr_at(self, t: int) -> float:
+        if self.warmup and t < self.warmup:
+            return self.lr * (t + 1) / self.warmup
+        if self.lr_schedule == "constant":
+            return self.lr
+        if self.lr_schedule == "step":
+            return self.lr * (0.1 ** ((t >= self.iterations // 2) + (t >= 3 * self.iterations // 4)))
+        span = max(self.iterations - self.warmup, 1)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * (t - self.warmup) / span))
+
+
+@dataclass
+class Progress:
+    """What a progress callback receives (every ``log_every`` iterations and at evaluations)."""
+
+    iteration: int
+    total: int
+    loss: float
+    lr: float
+    val_acc: float | None = None
+    compression: float | None = None
+    layers: list[LayerReport] = field(default_factory=list)
+    event: str = "progress"  # "progress", "eval", "backoff"
+
+
+@dataclass
+class Callbacks:
+    on_progress: Callable[[Progress], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent."""
+    if data.targets is None:
+        raise ValueError("evaluation needs labelled data")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        x = data.inputs[i : i + batch_size].to(device)
+        y = data.targets[i : i + batch_size].to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return 100.0 * correct / len(data)
+
+
+@torch.no_grad()
+def agreement(student: nn.Module, teacher: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
+    """Percent of inputs on which the two models' top-1 predictions agree (label-free quality)."""
+    device = next(student.parameters()).device
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    same = 0
+    for i in range(0, len(data), batch_size):
+        x = data.inputs[i : i + batch_size].to(device)
+        same += int((student(x).argmax(1) == teacher(x).argmax(1)).sum())
+    student.train(modes[0])
+    teacher.train(modes[1])
+    return 100.0 * same / len(data)
+
+
+class AccuracyBudget:
+    """Keeps target-driven surgery inside an accuracy budget on validation data.
+
+    At each evaluation:
+
+    - drop = reference accuracy − validation accuracy (percentage points);
+    - if drop ≤ ``max_drop``, the whole state (weights, masks, optimizer, schedule) is remembered
+      as the *last good* one;
+    - once the ramp has ended and ``settle`` iterations of recovery have passed, ``patience``
+      evaluations in a row over budget trigger a back-off: the last good state is restored and
+      the target is lowered to max(its compression, target × ``factor``), reached by a new
+      ramp over ``ramp_fraction`` of the iterations left. At most ``max_backoffs`` times.
+    - at the end of training, if the final state is over budget, the last good state is the result.
+    """
+
+    def __init__(
+        self,
+        surgery: ScheduledSurgery,
+        reference_acc: float,
+        max_drop: float,
+        *,
+        settle: int = 1000,
+        patience: int = 2,
+        factor: float = 0.85,
+        ramp_fraction: float = 0.3,
+        max_backoffs: int = 3,
+    ) -> None:
+        self.surgery = surgery
+        self.reference_acc = reference_acc
+        self.max_drop = max_drop
+        self.settle, self.patience, self.factor = settle, patience, factor
+        self.ramp_fraction, self.max_backoffs = ramp_fraction, max_backoffs
+        self.strikes = 0
+        self.backoffs = 0
+        self.last_good: dict[str, Any] | None = None
+        self.last_good_compression = 0.0
+
+    def _snapshot(self, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        return copy.deepcopy(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "surgery": self.surgery.state_dict()}
+        )
+
+    def _restore(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        assert self.last_good is not None
+        state = copy.deepcopy(self.last_good)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        self.surgery.load_state_dict(state["surgery"])
+
+    def observe(self, t: int, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer, total: int) -> bool:
+        """Record an evaluation at iteration ``t``; True if it backed off."""
+        drop = self.reference_acc - val_acc
+        if drop <= self.max_drop:
+            self.strikes = 0
+            self.last_good = self._snapshot(model, opt)
+            self.last_good_compression = self.surgery.compression()
+            return False
+        if t < self.surgery.ramp.t1 + self.settle:
+            return False
+        self.strikes += 1
+        if self.strikes < self.patience or self.last_good is None or self.backoffs >= self.max_backoffs:
+            return False
+        target = self.surgery.target.compression or self.surgery.compression()
+        new_target = max(self.last_good_compression, target * self.factor)
+        self._restore(model, opt)
+        self.surgery.retarget(t, new_target, t + int(self.ramp_fraction * (total - t)))
+        self.strikes = 0
+        self.backoffs += 1
+        return True
+
+    def finish(self, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer) -> bool:
+        """At the end: fall back to the last good state if the final one breaks the budget."""
+        if self.reference_acc - val_acc <= self.max_drop or self.last_good is None:
+            return False
+        self._restore(model, opt)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "strikes": self.strikes,
+            "backoffs": self.backoffs,
+            "last_good": self.last_good,
+            "last_good_compression": self.last_good_compression,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strikes = int(state["strikes"])
+        self.backoffs = int(state["backoffs"])
+        self.last_good = state["last_good"]
+        self.last_good_compression = float(state["last_good_compression"])
+
+
+@dataclass
+class FitResult:
+    iterations: int
+    seconds: float
+    val_acc: float | None
+    backoffs: int = 0
+    restored_last_good: bool = False
+    history: list[Progress] = field(default_factory=list)
+
+
+def _objective(
+    cfg: TrainConfig, out: torch.Tensor, y: torch.Tensor | None, teacher_out: torch.Tensor | None
+) -> torch.Tensor:
+    losses = []
+    if cfg.objective in ("ce", "ce+distill"):
+        if y is None:
+            raise ValueError("the cross-entropy objective needs labels; use objective='distill'")
+        losses.append(nn.functional.cross_entropy(out, y))
+    if cfg.objective in ("distill", "ce+distill"):
+        assert teacher_out is not None
+        T = cfg.temperature
+        kl = nn.functional.kl_div(
+            nn.functional.log_softmax(out / T, 1),
+            nn.functional.log_softmax(teacher_out / T, 1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        losses.append(kl * T * T)
+    return losses[0] if len(losses) == 1 else sum(losses[1:], losses[0]) / len(losses)
+
+
+def fit(
+    model: nn.Module,
+    train: Dataset,
+    config: TrainConfig,
+    *,
+    surgery: Surgery | None = None,
+    valid: Dataset | None = None,
+    teacher: nn.Module | None = None,
+    budget: AccuracyBudget | None = None,
+    callbacks: Callbacks | None = None,
+    checkpoint: str | Path | None = None,
+) -> FitResult:
+    """Train ``model`` (with ``surgery`` attached, if any) for ``config.iterations`` iterations.
+
+    With ``checkpoint`` set, the state is written there atomically every
+    ``config.checkpoint_every`` iterations, and a run that finds the file resumes from it,
+    continuing exactly as the uninterrupted run would have.
+    """
+    cfg = config
+    cb = callbacks or Callbacks()
+    device = resolve_device(cfg.device)
+    model.to(device)
+    model.train()
+    if cfg.objective != "ce" and teacher is None:
+        raise ValueError(f"objective {cfg.objective!r} needs a teacher model")
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    if budget is not None and valid is None:
+        raise ValueError("an accuracy budget needs validation data")
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    stream = BatchStream(train, cfg.batch_size, cfg.seed, device)
+    start = 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        state = load_state(ckpt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if surgery is not None:
+            surgery.load_state_dict(state["surgery"])
+        if budget is not None and state.get("budget") is not None:
+            budget.load_state_dict(state["budget"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["iteration"])
+
+    def save(next_t: int) -> None:
+        assert ckpt is not None
+        save_state(
+            ckpt,
+            {
+                "iteration": next_t,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "surgery": surgery.state_dict() if surgery is not None else None,
+                "budget": budget.state_dict() if budget is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "config": asdict(cfg),
+            },
+        )
+
+    use_amp = cfg.amp and device.type == "cuda"
+    history: list[Progress] = []
+    loss_sum = torch.zeros((), device=device)
+    loss_n = 0
+    val_acc: float | None = None
+    began = time.perf_counter()
+
+    def emit(t: int, event: str, acc: float | None = None) -> None:
+        nonlocal loss_sum, loss_n
+        p = Progress(
+            iteration=t,
+            total=cfg.iterations,
+            loss=float(loss_sum) / max(loss_n, 1),
+            lr=cfg.lr_at(t - 1),
+            val_acc=acc,
+            event=event,
+            compression=surgery.compression() if surgery is not None else None,
+            layers=surgery.report() if surgery is not None else [],
+        )
+        loss_sum = torch.zeros((), device=device)
+        loss_n = 0
+        history.append(p)
+        if cb.on_progress is not None:
+            cb.on_progress(p)
+
+    for t in range(start, cfg.iterations):
+        if cb.should_cancel is not None and t % cfg.cancel_every == 0 and cb.should_cancel():
+            raise Cancelled(t)
+        if surgery is not None:
+            surgery.step(t)
+        lr = cfg.lr_at(t)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = stream.batch(t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(x)
+            t_out = None
+            if teacher is not None and cfg.objective != "ce":
+                with torch.no_grad():
+                    t_out = teacher(x)
+            loss = _objective(cfg, out.float(), y, None if t_out is None else t_out.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        loss_sum += loss.detach()
+        loss_n += 1
+        done = t + 1
+        if valid is not None and valid.targets is not None and cfg.eval_every and done % cfg.eval_every == 0:
+            val_acc = evaluate(model, valid)
+            backed_off = budget is not None and budget.observe(done, val_acc, model, opt, cfg.iterations)
+            emit(done, "backoff" if backed_off else "eval", val_acc)
+        elif done % cfg.log_every == 0 or done == cfg.iterations:
+            emit(done, "progress")
+        if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            save(done)
+
+    restored = False
+    if valid is not None and valid.targets is not None:
+        val_acc = evaluate(model, valid)
+        if budget is not None:
+            restored = budget.finish(val_acc, model, opt)
+            if restored:
+                val_acc = evaluate(model, valid)
+    return FitResult(
+        iterations=cfg.iterations,
+        seconds=time.perf_counter() - began,
+        val_acc=val_acc,
+        backoffs=budget.backoffs if budget is not None else 0,
+        restored_last_good=restored,
+        history=history,
+    )

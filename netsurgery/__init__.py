@@ -1,0 +1,1 @@
+"""The ``netsurgery`` command: a thin dispatcher whose subcommands import their package lazily."""

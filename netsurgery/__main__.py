@@ -1,0 +1,3 @@
+from netsurgery.cli import main
+
+raise SystemExit(main())

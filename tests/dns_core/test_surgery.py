@@ -1,0 +1,224 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dns_core import DNS, Ramp, ScheduledSurgery, SurgeryError, Target, models
+from dns_core.methods import MethodSettings, Schedule, make_surgery
+
+
+def tiny() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+def test_selection_and_per_layer_crates() -> None:
+    m = models.build("lenet-5")
+    s = DNS(m, crates={"conv*": 1.0, "fc1": 4.0}, crate=2.5, include=["conv1", "conv2", "fc1", "fc2"])
+    assert [layer.name for layer in s.layers] == ["conv1", "conv2", "fc1", "fc2"]
+    assert s.crates == {"conv1": 1.0, "conv2": 1.0, "fc1": 4.0, "fc2": 2.5}
+    assert all(layer.tensors == ["weight", "bias"] for layer in s.layers)
+
+
+def test_bias_can_stay_dense() -> None:
+    s = DNS(models.build("lenet-300-100"), prune_bias=False)
+    assert all(layer.tensors == ["weight"] for layer in s.layers)
+    assert s.prunable_total() == 784 * 300 + 300 * 100 + 100 * 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"gamma": -1.0}, "gamma"),
+        ({"power": -0.5}, "power"),
+        ({"include": ["nope*"]}, "matches no Linear/Conv layer"),
+        ({"include": ["fc1"], "exclude": ["fc1"]}, "empty"),
+        ({"crates": {"fc9": 2.0}}, "names no selected layer"),
+        ({"phases": ["conv", "attention"], "phase_length": 10}, "phases"),
+        ({"phases": ["conv", "fc"]}, "phase_length"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(SurgeryError, match=message):
+        DNS(models.build("lenet-300-100"), **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_targets_raise_clear_errors() -> None:
+    with pytest.raises(SurgeryError, match="exactly one"):
+        Target()
+    with pytest.raises(SurgeryError, match="≥ 1"):
+        Target(compression=0.5)
+    with pytest.raises(SurgeryError, match=r"\(0, 1\]"):
+        Target(layer_kept={"fc1": 1.5})
+    with pytest.raises(SurgeryError, match="unknown method"):
+        make_surgery("magic", models.build("lenet-300-100"), 100, Target(compression=2))
+    with pytest.raises(SurgeryError, match="names no selected layer"):
+        make_surgery("dns", models.build("lenet-300-100"), 100, Target(layer_kept={"conv1": 0.5}))
+
+
+def test_gradients_reach_pruned_weights_only_with_dns() -> None:
+    x = torch.randn(8, 1, 8, 8)
+    for method, expect_grad in (("dns", True), ("agp", False)):
+        m = tiny()
+        s = make_surgery(method, m, 10, Target(compression=4.0), MethodSettings(schedule=Schedule(ramp_end=0.0)))
+        s.step(0)
+        layer = s.layers[1]
+        pruned = layer.mask("weight") == 0
+        assert pruned.any()
+        m(x).square().sum().backward()
+        grad = layer.dense("weight").grad
+        assert grad is not None
+        assert bool((grad[pruned] != 0).any()) is expect_grad
+        # kept weights always get the gradient of the masked product
+        assert bool((grad[~pruned] != 0).any())
+
+
+def test_straight_through_gradient_equals_gradient_of_masked_product() -> None:
+    m = tiny()
+    s = DNS(m, crate=0.5, iter_stop=100)
+    s.step(0)
+    x = torch.randn(4, 1, 8, 8)
+    m(x).sum().backward()
+    layer = s.layers[1]
+    w_masked = (layer.dense("weight") * layer.mask("weight")).detach().requires_grad_()
+    conv = nn.Conv2d(1, 4, 3)
+    with torch.no_grad():
+        conv.weight.copy_(s.layers[0].dense("weight") * s.layers[0].mask("weight"))
+        assert conv.bias is not None
+        conv.bias.copy_(s.layers[0].dense("bias") * s.layers[0].mask("bias"))
+        bias = layer.dense("bias") * layer.mask("bias")
+    out = nn.functional.linear(torch.relu(conv(x)).flatten(1), w_masked, bias)
+    out.sum().backward()  # type: ignore[no-untyped-call]
+    assert w_masked.grad is not None
+    grad = layer.dense("weight").grad
+    assert grad is not None
+    assert torch.allclose(grad, w_masked.grad, atol=1e-6)
+
+
+def test_splicing_restores_a_weight_driven_above_the_band() -> None:
+    m = tiny()
+    s = DNS(m, crate=0.0, gamma=0.0, iter_stop=100)
+    s.step(0)
+    layer = s.layers[1]
+    theta = s.thresholds()[layer.name]
+    idx = (layer.mask("weight") == 0).nonzero()[0]
+    i, j = int(idx[0]), int(idx[1])
+    w = layer.dense("weight")
+    with torch.no_grad():
+        w[i, j] = 1.05 * theta  # inside the band: stays pruned
+    s.step(1)
+    assert layer.mask("weight")[i, j] == 0
+    with torch.no_grad():
+        w[i, j] = -1.11 * theta  # past 1.1θ (sign does not matter): spliced back
+    s.step(2)
+    assert layer.mask("weight")[i, j] == 1
+    with torch.no_grad():
+        w[i, j] = 0.95 * theta  # back inside the band: stays kept
+    s.step(3)
+    assert layer.mask("weight")[i, j] == 1
+    with torch.no_grad():
+        w[i, j] = 0.89 * theta
+    s.step(4)
+    assert layer.mask("weight")[i, j] == 0
+
+
+def test_statistics_are_taken_once_from_dense_weights() -> None:
+    m = tiny()
+    s = DNS(m, crate=1.0, gamma=0.0, iter_stop=100)
+    s.step(0)
+    before = dict(s.stats)
+    with torch.no_grad():
+        for layer in s.layers:
+            layer.dense("weight").mul_(0.01)
+    s.step(1)
+    assert s.stats == before
+
+
+def test_no_surgery_at_or_after_iter_stop() -> None:
+    m = tiny()
+    s = DNS(m, crate=0.5, gamma=0.0, iter_stop=3)
+    s.step(0)
+    masks = [layer.mask("weight").clone() for layer in s.layers]
+    with torch.no_grad():
+        for layer in s.layers:
+            layer.dense("weight").mul_(5.0)  # would splice everything back
+    s.step(3)
+    assert all(torch.equal(a, layer.mask("weight")) for a, layer in zip(masks, s.layers, strict=False))
+
+
+def test_phases_run_conv_then_fc() -> None:
+    m = tiny()
+    s = DNS(m, crate=1.0, gamma=0.0, iter_stop=100, phases=["conv", "fc"], phase_length=2)
+    s.step(0)
+    conv, fc = s.layers
+    assert conv.kept() < conv.total()
+    assert fc.kept() == fc.total()
+    s.step(2)
+    assert fc.kept() < fc.total()
+
+
+def test_squash_equals_masked_weights() -> None:
+    m = tiny()
+    s = DNS(m, crate=0.3, iter_stop=100)
+    s.step(0)
+    expected = s.masked_state_dict()
+    x = torch.randn(5, 1, 8, 8)
+    out_masked = m(x)
+    s.squash()
+    assert not any(".parametrizations." in k for k in m.state_dict())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    assert torch.allclose(m(x), out_masked)
+    assert isinstance(m[3].weight, nn.Parameter)
+
+
+def test_state_dict_round_trip_keeps_statistics_masks_and_rng() -> None:
+    m = tiny()
+    s = DNS(m, crate=0.5, gamma=1e-2, iter_stop=100, seed=3)
+    for t in range(5):
+        s.step(t)
+    state = copy.deepcopy(s.state_dict())
+    m2 = copy.deepcopy(m)
+    for name in ("weight", "bias"):
+        for i in (0, 3):
+            torch.nn.utils.parametrize.remove_parametrizations(m2[i], name, leave_parametrized=False)
+    s2 = DNS(m2, crate=0.5, gamma=1e-2, iter_stop=100, seed=99)
+    s2.load_state_dict(state)
+    assert s2.stats == s.stats
+    for a, b in zip(s.layers, s2.layers, strict=False):
+        assert torch.equal(a.mask("weight"), b.mask("weight"))
+    # same RNG: the same layers run surgery at the same next steps
+    draws = [float(torch.rand((), generator=s.generator)) for _ in range(5)]
+    draws2 = [float(torch.rand((), generator=s2.generator)) for _ in range(5)]
+    assert draws == draws2
+
+
+def test_target_mode_hits_exact_count_with_band() -> None:
+    m = models.build("lenet-300-100")
+    s = ScheduledSurgery(m, Target(compression=20.0), ramp=Ramp(0, 0, "one-shot"), iter_stop=10)
+    s.step(0)
+    assert s.compression() == pytest.approx(20.0, rel=0.01)
+    kept_before = [layer.mask("weight").clone() for layer in s.layers]
+    s.step(50)  # a later update at the same count with unchanged weights changes nothing
+    assert all(torch.equal(a, layer.mask("weight")) for a, layer in zip(kept_before, s.layers, strict=False))
+
+
+def test_per_layer_kept_fractions() -> None:
+    m = models.build("lenet-300-100")
+    s = ScheduledSurgery(m, Target(layer_kept={"fc1": 0.02, "fc2": 0.1, "fc3": 0.5}), ramp=Ramp(0, 0, "one-shot"))
+    s.step(0)
+    kept = {r.name: r.kept_fraction for r in s.report()}
+    assert kept == pytest.approx({"fc1": 0.02, "fc2": 0.1, "fc3": 0.5}, abs=0.002)
+
+
+def test_ramp_shapes() -> None:
+    cubic = Ramp(0, 100, "cubic")
+    assert cubic.kept(0, 1000, 10) == 1000
+    assert cubic.kept(100, 1000, 10) == 10
+    assert 10 < cubic.kept(50, 1000, 10) < 505  # faster than linear early
+    steps = Ramp(0, 100, "steps", rounds=2)
+    assert steps.kept(0, 1000, 10) == pytest.approx(100.0)  # first round prunes at t0
+    assert steps.kept(50, 1000, 10) == pytest.approx(10.0)
+    with pytest.raises(SurgeryError):
+        Ramp(10, 5)

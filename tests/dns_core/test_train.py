@@ -1,0 +1,145 @@
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dns_core import DNS, Callbacks, Cancelled, Progress, Target, TrainConfig, evaluate, fit, models
+from dns_core.checkpoint import load_state, save_state
+from dns_core.compress import compress
+from dns_core.data import BatchStream, Dataset, synthetic_classification
+from dns_core.reference import train_reference
+
+
+def _run(tmp: Path, cancel_at: int | None, iterations: int = 30) -> tuple[nn.Module, DNS, list[Progress]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4))
+    surgery = DNS(model, crate=0.3, gamma=0.05, iter_stop=25, seed=7)
+    data = synthetic_classification(256, shape=(1, 8, 8), num_classes=4)
+    history: list[Progress] = []
+    cb = Callbacks(
+        on_progress=history.append, should_cancel=(lambda: len(history) >= cancel_at) if cancel_at is not None else None
+    )
+    cfg = TrainConfig(
+        iterations=iterations,
+        batch_size=16,
+        lr=0.05,
+        log_every=1,
+        cancel_every=1,
+        checkpoint_every=10,
+        eval_every=0,
+        device="cpu",
+    )
+    fit(model, data, cfg, surgery=surgery, callbacks=cb, checkpoint=tmp)
+    return model, surgery, history
+
+
+def test_resumed_run_matches_uninterrupted_step_for_step(tmp_path: Path) -> None:
+    full_model, full_surgery, full_hist = _run(tmp_path / "a.ckpt", None)
+    with pytest.raises(Cancelled):
+        _run(tmp_path / "b.ckpt", cancel_at=17)  # dies after iteration 17; last checkpoint at 10
+    assert load_state(tmp_path / "b.ckpt")["iteration"] == 10
+    model, surgery, hist = _run(tmp_path / "b.ckpt", None)  # a new process would build fresh objects too
+    assert [p.iteration for p in hist] == list(range(11, 31))
+    assert [p.loss for p in hist] == [p.loss for p in full_hist[10:]]
+    for a, b in zip(full_model.state_dict().values(), model.state_dict().values(), strict=False):
+        assert torch.equal(a, b)
+    assert surgery.stats == full_surgery.stats
+    assert [r.kept for r in surgery.report()] == [r.kept for r in full_surgery.report()]
+
+
+def test_checkpoint_files_hold_no_pickle(tmp_path: Path) -> None:
+    state: dict[str | int, object] = {"a": torch.arange(3), "b": [1, 2.5, "x", None, {"c": torch.ones(2)}], 4: True}
+    save_state(tmp_path / "s.ckpt", state)
+    raw = (tmp_path / "s.ckpt").read_bytes()
+    assert b"\x80\x04" not in raw[:16]  # safetensors, not a pickle stream
+    back = load_state(tmp_path / "s.ckpt")
+    assert torch.equal(back["a"], torch.arange(3))
+    assert back["b"][:4] == [1, 2.5, "x", None]
+    assert torch.equal(back["b"][4]["c"], torch.ones(2))
+    assert back[4] is True
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_batch_stream_is_a_function_of_t() -> None:
+    data = synthetic_classification(100, shape=(3,))
+    a, b = BatchStream(data, 32, seed=1), BatchStream(data, 32, seed=1)
+    assert torch.equal(a.batch(7)[0], b.batch(7)[0])
+    assert torch.equal(a.batch(2)[0], BatchStream(data, 32, seed=1).batch(2)[0])
+    assert not torch.equal(a.batch(0)[0], a.batch(3)[0])  # next epoch, new permutation
+
+
+@pytest.fixture(scope="module")
+def digits_reference(digits: tuple[Dataset, Dataset]) -> nn.Module:
+    return train_reference("lenet-300-100", digits[0], epochs=15, device="cpu")
+
+
+def test_target_controller_hits_its_target(digits: tuple[Dataset, Dataset], digits_reference: nn.Module) -> None:
+    train, valid = digits
+    cfg = TrainConfig(iterations=600, eval_every=100, device="cpu")
+    result = compress(
+        copy.deepcopy(digits_reference), train, valid, method="dns", target=Target(compression=25.0), config=cfg
+    )
+    assert result.report["compression"] == pytest.approx(25.0, rel=0.05)
+    assert result.report["val_acc"] > 80.0
+    assert sum(p.numel() for p in result.model.parameters() if p.ndim > 1) > 0
+
+
+def test_accuracy_budget_backs_off(digits: tuple[Dataset, Dataset], digits_reference: nn.Module) -> None:
+    train, valid = digits
+    ref = evaluate(digits_reference, valid)
+    cfg = TrainConfig(iterations=600, eval_every=50, device="cpu")
+    result = compress(
+        copy.deepcopy(digits_reference),
+        train,
+        valid,
+        method="dns",
+        target=Target(compression=2000.0, max_accuracy_drop=3.0),
+        config=cfg,
+    )
+    r = result.report
+    assert r["backoffs"] >= 1 or r["restored_last_good"]
+    assert r["compression"] < 2000.0 * 0.95
+    assert r["val_acc"] >= ref - 3.0
+
+
+def test_label_free_self_distillation(digits: tuple[Dataset, Dataset], digits_reference: nn.Module) -> None:
+    train, valid = digits
+    unlabeled = Dataset(train.inputs)
+    cfg = TrainConfig(iterations=300, eval_every=100, device="cpu")
+    result = compress(
+        copy.deepcopy(digits_reference),
+        unlabeled,
+        Dataset(valid.inputs),
+        method="dns",
+        target=Target(compression=10.0),
+        config=cfg,
+    )
+    assert result.report["train"]["objective"] == "distill"
+    assert result.report["val_acc"] > 80.0  # agreement with the dense model, in percent
+    assert evaluate(result.model, valid) > 80.0  # and it still classifies
+
+
+def test_cross_entropy_needs_labels() -> None:
+    model = models.build("lenet-300-100")
+    with pytest.raises(ValueError, match="needs labels"):
+        fit(model, Dataset(torch.randn(64, 1, 28, 28)), TrainConfig(iterations=2, device="cpu"))
+
+
+def test_bad_train_config() -> None:
+    with pytest.raises(ValueError):
+        TrainConfig(iterations=10, lr=0)
+    with pytest.raises(ValueError):
+        TrainConfig(iterations=10, objective="mse")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_surgery_with_bf16_autocast() -> None:
+    model = models.build("lenet-5")
+    surgery = DNS(model, crate=1.0, iter_stop=50)
+    data = synthetic_classification(512)
+    fit(model, data, TrainConfig(iterations=50, device="cuda"), surgery=surgery)
+    assert next(model.parameters()).is_cuda
+    assert surgery.compression() > 1.0

@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dns_core.io import load_model
+from netsurgery.cli import main
+
+
+def test_compress_on_digits_writes_model_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "compress",
+            "--data",
+            "digits",
+            "--iterations",
+            "300",
+            "--target",
+            "8",
+            "--max-drop",
+            "5",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(tmp_path / "c.ckpt"),
+            "--checkpoint-every",
+            "100",
+        ]
+    )
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "dns"
+    assert report["arch"] == "lenet-300-100"
+    assert [layer["name"] for layer in report["layers"]] == ["fc1", "fc2", "fc3"]
+    assert report["compression"] > 5
+    model, _arch = load_model(out / "model.safetensors")
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    assert nonzero == report["nonzero_parameters"]
+    printed = capsys.readouterr().out
+    assert "fc1" in printed and "accuracy" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compress", "--data", "cifar"], "unknown data set 'cifar'"),
+        (["compress", "--data", "digits", "--weights", "/nonexistent.safetensors"], "cannot load weights"),
+        (["compress", "--data", "digits", "--method", "dns-fixed-crates", "--crates", "fc1"], "expected name=number"),
+        (["compress", "--data", "digits", "--include", "conv*"], "matches no Linear/Conv layer"),
+        (["compress", "--data", "digits", "--target", "0.5"], "target compression must be"),
+        (["bench", "table", "--models", "resnet-9000"], "unknown model"),
+    ],
+)
+def test_errors_are_one_clear_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_refuses_a_pickle_as_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sentinel = tmp_path / "pwned"
+    evil = tmp_path / "model.pt"
+    # a pickle that would create the sentinel file if anything unpickled it
+    evil.write_bytes(b"cos\nsystem\n(S'touch " + str(sentinel).encode() + b"'\ntR.")
+    assert main(["compress", "--data", "digits", "--weights", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load weights" in err and "looks like a pickle" in err
+    assert not sentinel.exists()
+
+
+def test_console_script_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "netsurgery", "--help"], capture_output=True, text=True, check=True)
+    assert "compress" in out.stdout and "bench" in out.stdout
+
+
+def test_cli_does_not_import_web_packages() -> None:
+    code = (
+        "import sys, netsurgery.cli, dns_core.bench; "
+        "print(sorted(m for m in ('fastapi', 'celery', 'sqlalchemy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
