@@ -29,15 +29,18 @@ class ModelPlan:
     """What the table asks of one architecture."""
 
     arch: str
-    target: float  # compression asked of target-driven methods
+    target: float  # compression asked of the target-driven methods
     crates: dict[str, float]  # fixed crates for the reference rule
+    iterations: int  # the iteration budget every method gets (25K as the paper for LeNet-300-100; 20K for LeNet-5 keeps the full table under 45 minutes on 2 cores)
     max_drop: float = 0.5
 
 
 PLANS: dict[str, ModelPlan] = {
-    # the authors' LeNet-5 crates; for LeNet-300-100 the paper gives none, so these are ours
-    "lenet-300-100": ModelPlan("lenet-300-100", 40.0, {"fc1": 2.0, "fc2": 1.5, "fc3": 1.0}),
-    "lenet-5": ModelPlan("lenet-5", 60.0, {"conv1": 1.0, "conv2": 3.0, "fc1": 4.0, "fc2": 2.5}),
+    # The paper gives no LeNet-300-100 crates: these put each layer at the paper's released kept
+    # fractions (1.8%, 1.8%, 5.5%) at the first surgery step on our reference.
+    "lenet-300-100": ModelPlan("lenet-300-100", 40.0, {"fc1": 3.2, "fc2": 3.2, "fc3": 2.2}, 25_000),
+    # The authors' LeNet-5 crates.
+    "lenet-5": ModelPlan("lenet-5", 52.0, {"conv1": 1.0, "conv2": 3.0, "fc1": 4.0, "fc2": 2.5}, 20_000),
 }
 
 TABLE_METHODS = ("dns-fixed-crates", "dns", "han", "one-shot", "agp", "dns@1/3")
@@ -113,7 +116,6 @@ def table(
     """Run every method from the same converged reference per architecture; return the rows."""
     data = fashion_splits(seed=seed)
     ref_epochs = 2 if quick else 20
-    budget = iterations or (1500 if quick else 25_000)
     rows = []
     for arch in archs:
         plan = PLANS[arch]
@@ -126,6 +128,7 @@ def table(
             f"{arch}: reference {'loaded from cache' if cached else 'trained'} in "
             f"{time.perf_counter() - began:.0f}s, test accuracy {ref_acc:.2f}%"
         )
+        budget = iterations or (1500 if quick else plan.iterations)
         for method in methods:
             row = run_row(plan, method, reference, data, budget, ref_acc, seed, on_progress)
             log(json.dumps(row))

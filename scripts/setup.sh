@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Create .venv and install netsurgery with its test tools. Safe to run again.
+# Create .venv and install netsurgery with its test tools. Safe to run again: once installed, it
+# touches no network until pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-# The CPU wheel of torch; for a CUDA build, install torch from the PyTorch index into .venv first.
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+stamp=.venv/.netsurgery-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+pip=(.venv/bin/pip install --quiet --disable-pip-version-check)
+# The CPU wheel of torch (from local disk on these machines). For a CUDA build, install torch from
+# the PyTorch index into .venv before running this script; it is then left alone.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    "${pip[@]}" "torch==2.13.0"
+fi
+"${pip[@]}" -e ".[dev]"
+echo "$want" > "$stamp"

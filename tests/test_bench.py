@@ -1,0 +1,56 @@
+"""The benchmark commands' output contract, on a tiny stand-in for Fashion-MNIST."""
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from netsurgery.cli import main
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture
+def fake_fashion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 5200), ("t10k", 300)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28)) + (labels[:, None, None] * 19)  # learnable by brightness
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setenv("NETSURGERY_FASHION_MNIST", str(tmp_path))
+    return tmp_path
+
+
+def test_bench_table_prints_every_row_and_a_json_last_line(
+    fake_fashion: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(["bench", "table", "--quick", "--models", "lenet-300-100", "--iterations", "60"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = json.loads(out[-1])["rows"]
+    assert [r["method"] for r in rows] == ["dns-fixed-crates", "dns", "han", "one-shot", "agp", "dns@1/3"]
+    for r in rows:
+        assert set(r) == {"model", "method", "kept", "total", "compression", "ref_acc", "acc", "iterations", "seconds"}
+        assert r["total"] == 266_610
+        assert r["compression"] == pytest.approx(r["total"] / r["kept"], rel=1e-3)
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["dns"]["iterations"] == 60
+    assert by_method["dns@1/3"]["iterations"] == 20
+    # the budget may back off on this noise data, but never past the target
+    assert all(1.0 <= r["compression"] <= 40.0 * 1.05 for r in rows if r["method"] != "dns-fixed-crates")
+    assert any(line.startswith("| lenet-300-100 | dns |") for line in out)
+
+
+def test_bench_overhead_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "overhead", "--steps", "5"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model"] == "lenet-5"
+    assert result["dense_step_ms"] > 0 and result["surgery_step_ms"] > 0
+    assert result["ratio"] == pytest.approx(result["surgery_step_ms"] / result["dense_step_ms"], rel=0.01)
