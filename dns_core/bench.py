@@ -31,7 +31,9 @@ class ModelPlan:
     arch: str
     target: float  # compression asked of the target-driven methods
     crates: dict[str, float]  # fixed crates for the reference rule
-    iterations: int  # the iteration budget every method gets (25K as the paper for LeNet-300-100; 20K for LeNet-5 keeps the full table under 45 minutes on 2 cores)
+    #: the iteration budget every method gets: 25K as in the paper for LeNet-300-100; 20K for
+    #: LeNet-5, which keeps the full table under 45 minutes on 2 cores
+    iterations: int
     max_drop: float = 0.5
 
 

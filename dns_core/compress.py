@@ -63,6 +63,7 @@ def compress(
     if (
         isinstance(surgery, ScheduledSurgery)
         and target is not None
+        and target.compression is not None  # a back-off lowers an overall target
         and target.max_accuracy_drop is not None
         and ref_val is not None
         and valid.targets is not None
@@ -84,6 +85,8 @@ def compress(
     nonzero = surgery.nonzero()
     surgery.squash()
     model.to(device)
+    if teacher is not None:
+        teacher.to(device)
     val_acc = _accuracy(model, valid, teacher)
     test_acc = _accuracy(model, test, teacher)
     report = {

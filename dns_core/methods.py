@@ -84,7 +84,7 @@ def make_surgery(
         )  # fmt: skip
 
     if method == "dns":
-        stop = s.iter_stop if s.iter_stop is not None else max(int(sched.surgery_end * iterations), t1)
+        stop = s.iter_stop if s.iter_stop is not None else max(int(sched.surgery_end * iterations), t1 + 1)
         return scheduled(Ramp(t0, t1, "cubic"), splice=True, iter_stop=stop)
     if method == "agp":
         return scheduled(Ramp(t0, t1, "cubic"), splice=False)

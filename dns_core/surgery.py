@@ -475,9 +475,10 @@ class ScheduledSurgery(Surgery):
         self.target = target
         self.ramp = ramp
         self.interval = interval
-        self.iter_stop = ramp.t1 if iter_stop is None else iter_stop
-        if self.iter_stop < ramp.t1:
-            raise SurgeryError(f"iter_stop {self.iter_stop} comes before the ramp ends at {ramp.t1}")
+        # surgery runs while t < iter_stop (as in DNS); by default it ends with the ramp's last step
+        self.iter_stop = ramp.t1 + 1 if iter_stop is None else iter_stop
+        if self.iter_stop <= ramp.t1:
+            raise SurgeryError(f"iter_stop {self.iter_stop} must come after the ramp ends at {ramp.t1}")
         self.splice = splice
         self.normalize = normalize
         self.min_layer_kept = min_layer_kept
@@ -486,6 +487,12 @@ class ScheduledSurgery(Surgery):
             self.layer_fractions = resolve_per_layer(self.layers, target.layer_kept, 1.0, "layer_kept")
         self.start_kept = float(self.prunable_total())
         self.final_kept = self._final_kept_count(target)
+        floors = sum(math.ceil(min_layer_kept * layer.total()) for layer in self.layers)
+        if floors > self.final_kept:
+            raise SurgeryError(
+                f"min_layer_kept={min_layer_kept} keeps {floors} parameters, more than the target allows "
+                f"({self.final_kept})"
+            )
 
     def _final_kept_count(self, target: Target) -> int:
         if target.compression is None:
@@ -506,21 +513,28 @@ class ScheduledSurgery(Surgery):
         self.target = Target(compression=compression, max_accuracy_drop=self.target.max_accuracy_drop)
         self.start_kept = float(sum(layer.kept() for layer in self.layers))
         self.final_kept = self._final_kept_count(self.target)
+        if not self.splice:
+            # pruning is final without splicing: never ask for more weights than are kept now
+            self.final_kept = min(self.final_kept, int(self.start_kept))
         self.ramp = Ramp(t, max(ramp_to, t), "cubic")
         self.iter_stop = max(self.iter_stop, self.ramp.t1 + 1)
         self.frozen = False
 
-    def _scores(self, layer: PrunedLayer, tensor: str) -> torch.Tensor:
+    def _scores(self, layer: PrunedLayer, tensor: str, scale: float) -> torch.Tensor:
         w, m = layer.dense(tensor).detach(), layer.mask(tensor)
         s = rule.hysteresis_scores(w, m) if self.splice else (w * m).abs()
-        if self.normalize == "std":
-            kept = w[m.bool()]
-            sd = float(kept.std()) if kept.numel() > 1 else 1.0
-            s = s / max(sd, 1e-12)
-        return s
+        return s / scale if scale != 1.0 else s
+
+    def _scale(self, layer: PrunedLayer) -> float:
+        """Han et al.'s per-layer σ (weights and bias pooled, kept entries only), else 1."""
+        if self.normalize != "std":
+            return 1.0
+        kept = torch.cat([layer.dense(t).detach()[layer.mask(t).bool()] for t in layer.tensors])
+        sd = float(kept.std()) if kept.numel() > 1 else 0.0
+        return sd if sd > 1e-12 else 1.0
 
     def _update(self, t: int) -> bool:
-        if t > self.iter_stop:
+        if t >= self.iter_stop:
             self.frozen = True
             return False
         if t < self.ramp.t0 or ((t - self.ramp.t0) % self.interval and t != self.ramp.t1):
@@ -535,19 +549,26 @@ class ScheduledSurgery(Surgery):
             return self._topk(self.layers, round(self.ramp.kept(t, self.start_kept, self.final_kept)))
 
     def _topk(self, layers: Sequence[PrunedLayer], k: int) -> bool:
-        parts = [(layer, name, self._scores(layer, name)) for layer in layers for name in layer.tensors]
+        """Keep the ``k`` highest scores over ``layers``; each layer keeps at least its floor."""
+        parts = []
+        for layer in layers:
+            scale = self._scale(layer)
+            parts += [(layer, name, self._scores(layer, name, scale)) for name in layer.tensors]
         flat = torch.cat([s.flatten() for _, _, s in parts])
         k = min(max(k, 1), flat.numel())
         keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[torch.topk(flat, k, sorted=False).indices] = True
-        offset = 0
         if self.min_layer_kept > 0:
+            # floors first, so that the total stays exactly k
+            offset = 0
             for layer in layers:
                 n = layer.total()
-                floor = math.ceil(self.min_layer_kept * n)
-                if int(keep[offset : offset + n].sum()) < floor:
-                    keep[offset + torch.topk(flat[offset : offset + n], floor).indices] = True
+                floor = min(math.ceil(self.min_layer_kept * n), n)
+                keep[offset + torch.topk(flat[offset : offset + n], floor, sorted=False).indices] = True
                 offset += n
+        rest = k - int(keep.sum())
+        if rest > 0:
+            free = flat.masked_fill(keep, -math.inf)
+            keep[torch.topk(free, rest, sorted=False).indices] = True
         changed = False
         offset = 0
         for layer, name, s in parts:

@@ -196,7 +196,7 @@ def test_state_dict_round_trip_keeps_statistics_masks_and_rng() -> None:
 
 def test_target_mode_hits_exact_count_with_band() -> None:
     m = models.build("lenet-300-100")
-    s = ScheduledSurgery(m, Target(compression=20.0), ramp=Ramp(0, 0, "one-shot"), iter_stop=10)
+    s = ScheduledSurgery(m, Target(compression=20.0), ramp=Ramp(0, 0, "one-shot"), iter_stop=100)
     s.step(0)
     assert s.compression() == pytest.approx(20.0, rel=0.01)
     kept_before = [layer.mask("weight").clone() for layer in s.layers]
@@ -222,3 +222,29 @@ def test_ramp_shapes() -> None:
     assert steps.kept(50, 1000, 10) == pytest.approx(10.0)
     with pytest.raises(SurgeryError):
         Ramp(10, 5)
+
+
+def test_layer_floor_keeps_the_total_exact() -> None:
+    m = models.build("lenet-300-100")
+    s = ScheduledSurgery(m, Target(compression=100.0), ramp=Ramp(0, 0, "one-shot"), min_layer_kept=0.005)
+    s.step(0)
+    kept = {r.name: r for r in s.report()}
+    assert all(r.kept >= 0.005 * r.total for r in kept.values())
+    assert sum(r.kept for r in kept.values()) == s.final_kept
+    with pytest.raises(SurgeryError, match="more than the target allows"):
+        ScheduledSurgery(models.build("lenet-300-100"), Target(compression=100.0), ramp=Ramp(0, 0), min_layer_kept=0.02)
+
+
+def test_scheduled_surgery_stops_at_iter_stop() -> None:
+    m = tiny()
+    s = ScheduledSurgery(m, Target(compression=4.0), ramp=Ramp(0, 10, "cubic"), interval=5, iter_stop=20)
+    for t in range(20):
+        s.step(t)
+    assert s.compression() == pytest.approx(4.0, rel=0.05)
+    before = [layer.mask("weight").clone() for layer in s.layers]
+    with torch.no_grad():
+        for layer in s.layers:
+            layer.dense("weight").copy_(torch.randn_like(layer.dense("weight")))
+    s.step(20)
+    assert s.frozen
+    assert all(torch.equal(a, layer.mask("weight")) for a, layer in zip(before, s.layers, strict=True))

@@ -143,3 +143,13 @@ def test_cuda_surgery_with_bf16_autocast() -> None:
     fit(model, data, TrainConfig(iterations=50, device="cuda"), surgery=surgery)
     assert next(model.parameters()).is_cuda
     assert surgery.compression() > 1.0
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path) -> None:
+    _run(tmp_path / "a.ckpt", None, iterations=10)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4))
+    surgery = DNS(model, crate=0.3, gamma=0.05, iter_stop=25, seed=7)
+    data = synthetic_classification(256, shape=(1, 8, 8), num_classes=4)
+    cfg = TrainConfig(iterations=40, batch_size=16, lr=0.05, eval_every=0, device="cpu")
+    with pytest.raises(ValueError, match="different run: iterations"):
+        fit(model, data, cfg, surgery=surgery, checkpoint=tmp_path / "a.ckpt")
