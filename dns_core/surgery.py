@@ -326,6 +326,7 @@ class DNS(Surgery):
         self.phases = list(phases) if phases else None
         self.phase_length = phase_length
         self.stats: dict[str, rule.LayerStatistics] = {}
+        self._plan_cache: list[tuple[PrunedLayer, float, list[tuple[torch.Tensor, torch.Tensor]]]] | None = None
 
     def compute_statistics(self) -> None:
         for layer in self.layers:
@@ -343,30 +344,41 @@ class DNS(Surgery):
         start = self.phases.index(layer.kind) * self.phase_length
         return start <= t < start + self.phase_length
 
+    def _plan(self) -> list[tuple[PrunedLayer, float, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Per layer: θ and its (dense, mask) tensor pairs, looked up once (θ is fixed by the stats)."""
+        if self._plan_cache is None:
+            if not self.stats:
+                self.compute_statistics()
+            thetas = self.thresholds()
+            self._plan_cache = [
+                (layer, thetas[layer.name], [(layer.dense(n), layer.mask(n)) for n in layer.tensors])
+                for layer in self.layers
+            ]
+        return self._plan_cache
+
     def _update(self, t: int) -> bool:
         if t >= self.iter_stop:
             self.frozen = True
             return False
-        if not self.stats:
-            self.compute_statistics()
+        plan = self._plan()
         p = rule.surgery_probability(t, self.gamma, self.power)
-        thetas = self.thresholds()
+        # one draw per layer per iteration, whether or not it is active, so the stream of random
+        # numbers does not depend on the phase layout
+        draws = torch.rand(len(plan), generator=self.generator).tolist()
         changed = False
-        for layer in self.layers:
-            # one draw per layer per iteration, whether or not it is active, so the stream of
-            # random numbers does not depend on the phase layout
-            draw = float(torch.rand((), generator=self.generator))
-            if not self._active(layer, t) or draw >= p:
+        for (layer, theta, pairs), draw in zip(plan, draws, strict=True):
+            if draw >= p or not self._active(layer, t):
                 continue
-            for name in layer.tensors:
-                rule.update_mask_(layer.dense(name), layer.mask(name), thetas[layer.name])
-                changed = True
+            for dense, mask in pairs:
+                rule.update_mask_(dense, mask, theta)
+            changed = True
         return changed
 
     def _extra_state(self) -> dict[str, Any]:
         return {name: [s.mu, s.sigma, s.count] for name, s in self.stats.items()}
 
     def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        self._plan_cache = None
         self.stats = {name: rule.LayerStatistics(float(v[0]), float(v[1]), int(v[2])) for name, v in extra.items()}
 
 
