@@ -109,6 +109,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from dns_core.io import load_model, save_model
     from dns_core.methods import MethodSettings
     from dns_core.reference import cached_reference
+    from dns_core.sparse import save_sparse
     from dns_core.surgery import SurgeryError, Target
     from dns_core.train import Callbacks, TrainConfig
 
@@ -167,10 +168,41 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_model(out / "model.safetensors", result.model, arch)
-    report = result.report | {"arch": arch, "data": args.data}
+    packed = save_sparse(out / "model.sparse.safetensors", result.model.state_dict(),
+                         {"netsurgery.arch": arch})  # fmt: skip
+    report = result.report | {"arch": arch, "data": args.data, "sparse_file": _pack_summary(packed)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _print_report(report)
-    print(f"wrote {out / 'model.safetensors'} and {out / 'report.json'}")
+    _print_pack(packed, (out / "model.safetensors").stat().st_size)
+    print(f"wrote {out / 'model.safetensors'}, {out / 'model.sparse.safetensors'} and {out / 'report.json'}")
+    return 0
+
+
+def _pack_summary(p: Any) -> dict[str, Any]:
+    return {"bytes": p.file_bytes, "kept_values": p.kept, "value_bytes": p.value_bytes,
+            "dense_bytes": p.dense_bytes, "overhead": round(p.overhead, 4)}  # fmt: skip
+
+
+def _print_pack(p: Any, dense_file_bytes: int) -> None:
+    print(
+        f"sparse file: {p.file_bytes:,} bytes = {p.overhead:.3f} x (kept values {p.value_bytes:,} B + dense "
+        f"remainder {p.dense_bytes:,} B); the dense file is {dense_file_bytes:,} bytes "
+        f"({dense_file_bytes / p.file_bytes:.1f}x larger)"
+    )
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from dns_core.io import load_model
+    from dns_core.sparse import save_sparse
+
+    try:
+        model, arch = load_model(args.weights)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot load weights from {args.weights}: {e}") from None
+    out = Path(args.out or str(args.weights).replace(".safetensors", "") + ".sparse.safetensors")
+    packed = save_sparse(out, model.state_dict(), {"netsurgery.arch": arch})
+    _print_pack(packed, Path(args.weights).stat().st_size)
+    print(json.dumps({"file": str(out)} | _pack_summary(packed)))
     return 0
 
 
@@ -256,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto")
     r.add_argument("--out", default="reference.safetensors")
     r.set_defaults(func=cmd_train_reference)
+
+    k = sub.add_parser("pack", help="write pruned weights as a compact sparse file and print its size")
+    k.add_argument("weights", help="pruned weights (safetensors, dense with zeros)")
+    k.add_argument("--out", help="output file (default: <weights>.sparse.safetensors)")
+    k.set_defaults(func=cmd_pack)
 
     b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead")
     b.add_argument("which", choices=["table", "overhead"])

@@ -4,8 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dns_core.io import load_model
+from dns_core.sparse import load_sparse
 from netsurgery.cli import main
 
 
@@ -42,7 +44,17 @@ def test_compress_on_digits_writes_model_and_report(tmp_path: Path, capsys: pyte
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     assert nonzero == report["nonzero_parameters"]
     printed = capsys.readouterr().out
-    assert "fc1" in printed and "accuracy" in printed
+    assert "fc1" in printed and "accuracy" in printed and "sparse file:" in printed
+    sparse = load_sparse(out / "model.sparse.safetensors")
+    for key, value in model.state_dict().items():
+        assert torch.equal(sparse[key], value), key
+    assert report["sparse_file"]["bytes"] == (out / "model.sparse.safetensors").stat().st_size
+    assert report["sparse_file"]["bytes"] < (out / "model.safetensors").stat().st_size / 3
+
+    assert main(["pack", str(out / "model.safetensors"), "--out", str(tmp_path / "p.safetensors")]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bytes"] == (tmp_path / "p.safetensors").stat().st_size
+    assert last["overhead"] <= 1.3
 
 
 @pytest.mark.parametrize(
@@ -54,6 +66,7 @@ def test_compress_on_digits_writes_model_and_report(tmp_path: Path, capsys: pyte
         (["compress", "--data", "digits", "--include", "conv*"], "matches no Linear/Conv layer"),
         (["compress", "--data", "digits", "--target", "0.5"], "target compression must be"),
         (["bench", "table", "--models", "resnet-9000"], "unknown model"),
+        (["pack", "/nonexistent.safetensors"], "cannot load weights"),
     ],
 )
 def test_errors_are_one_clear_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

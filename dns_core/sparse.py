@@ -1,0 +1,176 @@
+"""A compact file for pruned weights: only the kept values plus a small index.
+
+The file is plain safetensors (no code runs on load). Each tensor is stored in the cheapest of
+three encodings, chosen per tensor by exact byte count:
+
+- ``dense``: the tensor as it is, under its own name;
+- ``bitmap``: ``<name>.values`` (the non-zero entries in row-major order, original dtype) and
+  ``<name>.bitmap`` (one bit per entry, ``numpy.packbits`` order: most significant bit first);
+- ``gaps``: ``<name>.values`` and ``<name>.gaps`` (uint8), relative positions as in Deep
+  Compression: starting before the first entry, a byte b in 1..255 moves b entries forward to
+  the next kept value; the byte 0 moves 255 entries forward without a value (an escape for long
+  runs of zeros).
+
+The header metadata ``netsurgery.sparse`` holds a JSON object ``{"version": 1, "tensors":
+{name: {"encoding", "shape", "dtype"}}}``; docs/sparse-format.md describes the layout for readers
+without this package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+META_KEY = "netsurgery.sparse"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
+           "int8": torch.int8, "bool": torch.bool}  # fmt: skip
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class SparseFormatError(ValueError):
+    """A sparse weights file that is malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class PackStats:
+    """Byte accounting of one packed file."""
+
+    file_bytes: int
+    kept: int  # non-zero entries of the tensors stored sparse
+    dense_bytes: int  # bytes of the tensors stored dense
+    value_bytes: int  # kept × itemsize of the sparse tensors
+
+    @property
+    def overhead(self) -> float:
+        """File bytes over (kept values + dense remainder): 1.0 would be a free index."""
+        return self.file_bytes / max(self.value_bytes + self.dense_bytes, 1)
+
+
+def encode_gaps(positions: torch.Tensor) -> torch.Tensor:
+    """uint8 relative positions (with 0 as a 255-step escape) of sorted flat indices."""
+    if positions.numel() == 0:
+        return torch.zeros(0, dtype=torch.uint8)
+    gaps = torch.diff(positions, prepend=torch.tensor([-1], dtype=positions.dtype))
+    escapes = (gaps - 1) // 255
+    ends = torch.cumsum(escapes + 1, 0) - 1
+    out = torch.zeros(int(ends[-1]) + 1, dtype=torch.uint8)
+    out[ends] = (gaps - 255 * escapes).to(torch.uint8)
+    return out
+
+
+def decode_gaps(stream: torch.Tensor) -> torch.Tensor:
+    """Flat indices from :func:`encode_gaps` output."""
+    steps = torch.where(stream == 0, 255, stream.to(torch.int64))
+    return (torch.cumsum(steps, 0) - 1)[stream != 0]
+
+
+def _encodings(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
+    flat = t.detach().contiguous().cpu().flatten()
+    nz = torch.nonzero(flat).flatten()
+    values = flat[nz].contiguous()
+    dense_bytes = flat.numel() * flat.element_size()
+    bitmap = torch.from_numpy(np.packbits((flat != 0).numpy()))
+    gaps = encode_gaps(nz)
+    options = [
+        (dense_bytes, "dense", {"": t.detach().contiguous().cpu()}),
+        (values.numel() * values.element_size() + bitmap.numel(), "bitmap", {".values": values, ".bitmap": bitmap}),
+        (values.numel() * values.element_size() + gaps.numel(), "gaps", {".values": values, ".gaps": gaps}),
+    ]
+    _, encoding, parts = min(options, key=lambda o: o[0])
+    return encoding, parts
+
+
+def save_sparse(
+    path: str | os.PathLike[str], state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> PackStats:
+    """Write ``state`` (e.g. a squashed model's state dict) in the sparse layout."""
+    tensors: dict[str, torch.Tensor] = {}
+    manifest: dict[str, Any] = {}
+    kept = dense_bytes = value_bytes = 0
+    for name, t in state.items():
+        if t.dtype not in _NAMES:
+            raise SparseFormatError(f"{name}: dtype {t.dtype} is not supported")
+        encoding, parts = _encodings(t)
+        manifest[name] = {"encoding": encoding, "shape": list(t.shape), "dtype": _NAMES[t.dtype]}
+        for suffix, part in parts.items():
+            tensors[name + suffix] = part
+        if encoding == "dense":
+            dense_bytes += t.numel() * t.element_size()
+        else:
+            n = parts[".values"].numel()
+            kept += n
+            value_bytes += n * t.element_size()
+    meta = dict(metadata or {})
+    meta[META_KEY] = json.dumps({"version": FORMAT_VERSION, "tensors": manifest}, separators=(",", ":"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return PackStats(os.path.getsize(path), kept, dense_bytes, value_bytes)
+
+
+def load_sparse(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Rebuild the dense state dict from a file written by :func:`save_sparse`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except Exception as e:  # safetensors raises its own error type for a malformed file
+        raise SparseFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        manifest = json.loads(meta[META_KEY])
+        if manifest["version"] != FORMAT_VERSION:
+            raise SparseFormatError(f"{path}: sparse format version {manifest['version']} is not supported")
+        entries = manifest["tensors"].items()
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
+        raise SparseFormatError(f"{path}: no valid {META_KEY} manifest in the header") from None
+    out: dict[str, torch.Tensor] = {}
+    for name, spec in entries:
+        out[name] = _decode(name, spec, stored)
+    return out
+
+
+def _decode(name: str, spec: Any, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    try:
+        encoding, shape, dtype = spec["encoding"], [int(s) for s in spec["shape"]], _DTYPES[spec["dtype"]]
+    except (KeyError, TypeError, ValueError):
+        raise SparseFormatError(f"{name}: bad manifest entry {spec!r}") from None
+    numel = math.prod(shape)
+    if encoding == "dense":
+        t = _part(stored, name, dtype)
+        if list(t.shape) != shape:
+            raise SparseFormatError(f"{name}: stored shape {list(t.shape)} ≠ manifest {shape}")
+        return t
+    values = _part(stored, name + ".values", dtype)
+    if encoding == "bitmap":
+        bits = _part(stored, name + ".bitmap", torch.uint8)
+        if bits.numel() != (numel + 7) // 8:
+            raise SparseFormatError(f"{name}: bitmap has {bits.numel()} bytes for {numel} entries")
+        positions = torch.from_numpy(np.unpackbits(bits.numpy())[:numel].astype(bool)).nonzero().flatten()
+    elif encoding == "gaps":
+        positions = decode_gaps(_part(stored, name + ".gaps", torch.uint8))
+    else:
+        raise SparseFormatError(f"{name}: unknown encoding {encoding!r}")
+    if positions.numel() != values.numel() or (positions.numel() and int(positions[-1]) >= numel):
+        raise SparseFormatError(f"{name}: index and values disagree ({positions.numel()} vs {values.numel()})")
+    flat = torch.zeros(numel, dtype=dtype)
+    flat[positions] = values
+    return flat.reshape(shape)
+
+
+def _part(stored: dict[str, torch.Tensor], key: str, dtype: torch.dtype) -> torch.Tensor:
+    if key not in stored:
+        raise SparseFormatError(f"missing tensor {key!r}")
+    t = stored[key]
+    if t.dtype != dtype:
+        raise SparseFormatError(f"{key}: dtype {t.dtype}, expected {dtype}")
+    return t
