@@ -1,19 +1,19 @@
 """A compact file for pruned weights: only the kept values plus a small index.
 
-The file is plain safetensors (no code runs on load). Each tensor is stored in the cheapest of
-three encodings, chosen per tensor by exact byte count:
+The file is plain safetensors (no code runs on load) holding a few flat arrays: ``values.<dtype>``
+(the stored entries of every tensor of that dtype, one after another) and ``index`` (uint8, every
+tensor's index, one after another). Each tensor is stored in the cheapest of three encodings,
+chosen per tensor by exact byte count:
 
-- ``dense``: the tensor as it is, under its own name;
-- ``bitmap``: ``<name>.values`` (the non-zero entries in row-major order, original dtype) and
-  ``<name>.bitmap`` (one bit per entry, ``numpy.packbits`` order: most significant bit first);
-- ``gaps``: ``<name>.values`` and ``<name>.gaps`` (uint8), relative positions as in Deep
-  Compression: starting before the first entry, a byte b in 1..255 moves b entries forward to
-  the next kept value; the byte 0 moves 255 entries forward without a value (an escape for long
-  runs of zeros).
+- ``dense``: all its entries in row-major order, no index;
+- ``bitmap``: its non-zero entries, and one bit per entry (``numpy.packbits`` order);
+- ``gaps``: its non-zero entries, and relative positions as in Deep Compression: starting before
+  the first entry, a byte b in 1..255 moves b entries forward to the next kept value; the byte 0
+  moves 255 entries forward without a value (an escape for long runs of zeros).
 
-The header metadata ``netsurgery.sparse`` holds a JSON object ``{"version": 1, "tensors":
-{name: {"encoding", "shape", "dtype"}}}``; docs/sparse-format.md describes the layout for readers
-without this package.
+The header metadata ``netsurgery.sparse`` holds ``{"version": 1, "tensors": {name: {"encoding",
+"shape", "dtype", "values": [start, count], "index": [start, length]}}}``; docs/sparse-format.md
+describes the layout for readers without this package.
 """
 
 from __future__ import annotations
@@ -75,42 +75,51 @@ def decode_gaps(stream: torch.Tensor) -> torch.Tensor:
     return (torch.cumsum(steps, 0) - 1)[stream != 0]
 
 
-def _encodings(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
+def _encode(t: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(encoding, values, index) for ``t``; the cheapest by bytes (index is empty for dense)."""
     flat = t.detach().contiguous().cpu().flatten()
     nz = torch.nonzero(flat).flatten()
     values = flat[nz].contiguous()
-    dense_bytes = flat.numel() * flat.element_size()
     bitmap = torch.from_numpy(np.packbits((flat != 0).numpy()))
     gaps = encode_gaps(nz)
+    none = torch.zeros(0, dtype=torch.uint8)
     options = [
-        (dense_bytes, "dense", {"": t.detach().contiguous().cpu()}),
-        (values.numel() * values.element_size() + bitmap.numel(), "bitmap", {".values": values, ".bitmap": bitmap}),
-        (values.numel() * values.element_size() + gaps.numel(), "gaps", {".values": values, ".gaps": gaps}),
+        (flat.numel() * flat.element_size(), "dense", flat, none),
+        (values.numel() * values.element_size() + bitmap.numel(), "bitmap", values, bitmap),
+        (values.numel() * values.element_size() + gaps.numel(), "gaps", values, gaps),
     ]
-    _, encoding, parts = min(options, key=lambda o: o[0])
-    return encoding, parts
+    _, encoding, vals, index = min(options, key=lambda o: o[0])
+    return encoding, vals, index
 
 
 def save_sparse(
     path: str | os.PathLike[str], state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> PackStats:
     """Write ``state`` (e.g. a squashed model's state dict) in the sparse layout."""
-    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, list[torch.Tensor]] = {}
+    index: list[torch.Tensor] = []
+    index_len = 0
     manifest: dict[str, Any] = {}
     kept = dense_bytes = value_bytes = 0
     for name, t in state.items():
         if t.dtype not in _NAMES:
             raise SparseFormatError(f"{name}: dtype {t.dtype} is not supported")
-        encoding, parts = _encodings(t)
-        manifest[name] = {"encoding": encoding, "shape": list(t.shape), "dtype": _NAMES[t.dtype]}
-        for suffix, part in parts.items():
-            tensors[name + suffix] = part
+        dtype = _NAMES[t.dtype]
+        encoding, vals, idx = _encode(t)
+        group = values.setdefault(dtype, [])
+        start = sum(v.numel() for v in group)
+        group.append(vals)
+        manifest[name] = {"encoding": encoding, "shape": list(t.shape), "dtype": dtype,
+                          "values": [start, vals.numel()], "index": [index_len, idx.numel()]}  # fmt: skip
+        index.append(idx)
+        index_len += idx.numel()
         if encoding == "dense":
             dense_bytes += t.numel() * t.element_size()
         else:
-            n = parts[".values"].numel()
-            kept += n
-            value_bytes += n * t.element_size()
+            kept += vals.numel()
+            value_bytes += vals.numel() * t.element_size()
+    tensors = {f"values.{dtype}": torch.cat(group) for dtype, group in values.items()}
+    tensors["index"] = torch.cat(index) if index else torch.zeros(0, dtype=torch.uint8)
     meta = dict(metadata or {})
     meta[META_KEY] = json.dumps({"version": FORMAT_VERSION, "tensors": manifest}, separators=(",", ":"))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -133,31 +142,40 @@ def load_sparse(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         entries = manifest["tensors"].items()
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
         raise SparseFormatError(f"{path}: no valid {META_KEY} manifest in the header") from None
-    out: dict[str, torch.Tensor] = {}
-    for name, spec in entries:
-        out[name] = _decode(name, spec, stored)
-    return out
+    return {name: _decode(name, spec, stored) for name, spec in entries}
+
+
+def _slice(t: torch.Tensor, span: Any, what: str) -> torch.Tensor:
+    start, count = int(span[0]), int(span[1])
+    if start < 0 or count < 0 or start + count > t.numel():
+        raise SparseFormatError(f"{what}: span [{start}, {count}] outside the stored {t.numel()} entries")
+    return t[start : start + count]
 
 
 def _decode(name: str, spec: Any, stored: dict[str, torch.Tensor]) -> torch.Tensor:
     try:
-        encoding, shape, dtype = spec["encoding"], [int(s) for s in spec["shape"]], _DTYPES[spec["dtype"]]
-    except (KeyError, TypeError, ValueError):
+        encoding, dtype_name = spec["encoding"], spec["dtype"]
+        shape = [int(s) for s in spec["shape"]]
+        dtype = _DTYPES[dtype_name]
+        values = _slice(_part(stored, f"values.{dtype_name}", dtype), spec["values"], name)
+        index = _slice(_part(stored, "index", torch.uint8), spec["index"], name)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        if isinstance(e, SparseFormatError):
+            raise
         raise SparseFormatError(f"{name}: bad manifest entry {spec!r}") from None
+    if any(s < 0 for s in shape):
+        raise SparseFormatError(f"{name}: negative shape {shape}")
     numel = math.prod(shape)
     if encoding == "dense":
-        t = _part(stored, name, dtype)
-        if list(t.shape) != shape:
-            raise SparseFormatError(f"{name}: stored shape {list(t.shape)} ≠ manifest {shape}")
-        return t
-    values = _part(stored, name + ".values", dtype)
+        if values.numel() != numel:
+            raise SparseFormatError(f"{name}: {values.numel()} stored entries for shape {shape}")
+        return values.clone().reshape(shape)
     if encoding == "bitmap":
-        bits = _part(stored, name + ".bitmap", torch.uint8)
-        if bits.numel() != (numel + 7) // 8:
-            raise SparseFormatError(f"{name}: bitmap has {bits.numel()} bytes for {numel} entries")
-        positions = torch.from_numpy(np.unpackbits(bits.numpy())[:numel].astype(bool)).nonzero().flatten()
+        if index.numel() != (numel + 7) // 8:
+            raise SparseFormatError(f"{name}: bitmap has {index.numel()} bytes for {numel} entries")
+        positions = torch.from_numpy(np.unpackbits(index.numpy())[:numel].astype(bool)).nonzero().flatten()
     elif encoding == "gaps":
-        positions = decode_gaps(_part(stored, name + ".gaps", torch.uint8))
+        positions = decode_gaps(index)
     else:
         raise SparseFormatError(f"{name}: unknown encoding {encoding!r}")
     if positions.numel() != values.numel() or (positions.numel() and int(positions[-1]) >= numel):

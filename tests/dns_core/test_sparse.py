@@ -70,16 +70,20 @@ def _tamper(path: Path, edit: str) -> None:
     elif edit == "shape":
         manifest["tensors"]["w"]["shape"] = [3, 3]
     elif edit == "values":
-        tensors["w.values"] = tensors["w.values"][:-1].contiguous()
+        tensors["values.float32"] = tensors["values.float32"][:-1].contiguous()
     elif edit == "encoding":
         manifest["tensors"]["w"]["encoding"] = "zip"
     elif edit == "dtype":
         manifest["tensors"]["w"]["dtype"] = "object"
+    elif edit == "span":
+        manifest["tensors"]["w"]["index"] = [0, 10**9]
+    elif edit == "count":
+        manifest["tensors"]["w"]["values"] = [0, 1]
     meta["netsurgery.sparse"] = json.dumps(manifest)
     save_file(tensors, str(path), metadata=meta)
 
 
-@pytest.mark.parametrize("edit", ["version", "shape", "values", "encoding", "dtype"])
+@pytest.mark.parametrize("edit", ["version", "shape", "values", "encoding", "dtype", "span", "count"])
 def test_inconsistent_files_raise_the_format_error(tmp_path: Path, edit: str) -> None:
     w = torch.zeros(100, 100)
     w[3, 4] = 1.0
