@@ -48,15 +48,22 @@ def sniff_weights(path: str | os.PathLike[str]) -> None:
         raise ValueError(f"{path} is not a safetensors file; {CONVERT_HINT}")
 
 
-def load_model(path: str | os.PathLike[str], arch: str | None = None) -> tuple[nn.Module, str]:
-    """Rebuild a zoo model from safetensors weights; the state dict must match exactly."""
-    sniff_weights(path)
+def read_safetensors(
+    path: str | os.PathLike[str], error: type[ValueError] = ValueError
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Header metadata and every tensor of a safetensors file; ``error`` for anything malformed."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+            return meta, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
     except Exception as e:  # safetensors raises its own error type for a malformed file
-        raise ValueError(f"{path}: malformed safetensors file ({e})") from None
+        raise error(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_model(path: str | os.PathLike[str], arch: str | None = None) -> tuple[nn.Module, str]:
+    """Rebuild a zoo model from safetensors weights; the state dict must match exactly."""
+    sniff_weights(path)
+    meta, state = read_safetensors(path)
     name = arch or meta.get("netsurgery.arch")
     if name is None:
         raise ValueError(f"{path}: no architecture named in the file; pass one (e.g. lenet-5)")

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .io import read_safetensors
 
 FORMAT_VERSION = 1
 META_KEY = "netsurgery.sparse"
@@ -129,12 +130,7 @@ def save_sparse(
 
 def load_sparse(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Rebuild the dense state dict from a file written by :func:`save_sparse`."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    except Exception as e:  # safetensors raises its own error type for a malformed file
-        raise SparseFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    meta, stored = read_safetensors(path, SparseFormatError)
     try:
         manifest = json.loads(meta[META_KEY])
         if manifest["version"] != FORMAT_VERSION:
