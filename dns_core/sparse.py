@@ -98,6 +98,7 @@ def save_sparse(
 ) -> PackStats:
     """Write ``state`` (e.g. a squashed model's state dict) in the sparse layout."""
     values: dict[str, list[torch.Tensor]] = {}
+    value_len: dict[str, int] = {}
     index: list[torch.Tensor] = []
     index_len = 0
     manifest: dict[str, Any] = {}
@@ -107,9 +108,9 @@ def save_sparse(
             raise SparseFormatError(f"{name}: dtype {t.dtype} is not supported")
         dtype = _NAMES[t.dtype]
         encoding, vals, idx = _encode(t)
-        group = values.setdefault(dtype, [])
-        start = sum(v.numel() for v in group)
-        group.append(vals)
+        start = value_len.get(dtype, 0)
+        values.setdefault(dtype, []).append(vals)
+        value_len[dtype] = start + vals.numel()
         manifest[name] = {"encoding": encoding, "shape": list(t.shape), "dtype": dtype,
                           "values": [start, vals.numel()], "index": [index_len, idx.numel()]}  # fmt: skip
         index.append(idx)
@@ -155,9 +156,9 @@ def _decode(name: str, spec: Any, stored: dict[str, torch.Tensor]) -> torch.Tens
         dtype = _DTYPES[dtype_name]
         values = _slice(_part(stored, f"values.{dtype_name}", dtype), spec["values"], name)
         index = _slice(_part(stored, "index", torch.uint8), spec["index"], name)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        if isinstance(e, SparseFormatError):
-            raise
+    except SparseFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError):
         raise SparseFormatError(f"{name}: bad manifest entry {spec!r}") from None
     if any(s < 0 for s in shape):
         raise SparseFormatError(f"{name}: negative shape {shape}")

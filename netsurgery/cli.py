@@ -7,7 +7,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dns_core.sparse import PackStats
 
 DEFAULT_ARCH = "lenet-300-100"
 DEFAULT_TARGET = 40.0
@@ -178,12 +181,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pack_summary(p: Any) -> dict[str, Any]:
+def _pack_summary(p: PackStats) -> dict[str, Any]:
     return {"bytes": p.file_bytes, "kept_values": p.kept, "value_bytes": p.value_bytes,
             "dense_bytes": p.dense_bytes, "overhead": round(p.overhead, 4)}  # fmt: skip
 
 
-def _print_pack(p: Any, dense_file_bytes: int) -> None:
+def _print_pack(p: PackStats, dense_file_bytes: int) -> None:
     print(
         f"sparse file: {p.file_bytes:,} bytes = {p.overhead:.3f} x (kept values {p.value_bytes:,} B + dense "
         f"remainder {p.dense_bytes:,} B); the dense file is {dense_file_bytes:,} bytes "
