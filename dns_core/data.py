@@ -155,3 +155,155 @@ class BatchStream:
             self._epoch = epoch
         idx = self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
         return self.inputs[idx], None if self.targets is None else self.targets[idx]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data files a user brings (untrusted): safetensors, .npz (no pickles), IDX pairs
+
+BUILTIN_SETS = ("fashion-mnist", "digits")
+
+
+def _as_inputs(x: torch.Tensor, where: str) -> torch.Tensor:
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise DataError(f"{where}: inputs must have a batch dimension and at least one example, got shape "
+                        f"{list(x.shape)}")  # fmt: skip
+    if x.dtype == torch.uint8:  # images stored as bytes
+        return x.to(torch.float32).div_(255.0)
+    if x.dtype == torch.bool or not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32)):
+        raise DataError(f"{where}: inputs of dtype {x.dtype} are not supported (use float32 or uint8)")
+    x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{where}: inputs hold NaN or infinite values")
+    return x
+
+
+def _as_targets(y: torch.Tensor, n: int, where: str) -> torch.Tensor:
+    if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+        raise DataError(f"{where}: targets must be a 1-D integer array of class indices, got {y.dtype} "
+                        f"{list(y.shape)}")  # fmt: skip
+    if len(y) != n:
+        raise DataError(f"{where}: {n} inputs but {len(y)} targets")
+    y = y.to(torch.int64)
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"{where}: targets must be non-negative class indices")
+    return y
+
+
+def _from_arrays(arrays: dict[str, torch.Tensor], where: str) -> Dataset:
+    extra = sorted(set(arrays) - {"inputs", "targets"})
+    if "inputs" not in arrays or extra:
+        raise DataError(
+            f"{where}: expected arrays 'inputs' and optionally 'targets'"
+            + (f"; found {', '.join(sorted(arrays)) or 'none'}" if arrays else "")
+        )
+    x = _as_inputs(arrays["inputs"], where)
+    y = _as_targets(arrays["targets"], len(x), where) if "targets" in arrays else None
+    return Dataset(x, y)
+
+
+def load_data_file(
+    path: str | os.PathLike[str], targets_path: str | os.PathLike[str] | None = None, *, max_bytes: int | None = None
+) -> Dataset:
+    """Read a user's data file, judged by content: safetensors or .npz with ``inputs`` and optional
+    ``targets``, or an IDX file of inputs (plus ``targets_path``, an IDX file of labels).
+
+    .npz files are opened with ``allow_pickle=False`` after their archive listing is checked; an
+    object array is refused. uint8 inputs are scaled to [0, 1]. Raises :class:`DataError` or an
+    :class:`~dns_core.uploads.UploadError`; never anything that runs code.
+    """
+    import numpy as np
+
+    from . import uploads
+    from .io import read_safetensors
+
+    cap = uploads.MAX_FILE_BYTES if max_bytes is None else max_bytes
+    p = Path(path)
+    kind = uploads.sniff(p, max_bytes=cap).kind
+    if targets_path is not None and kind != "idx":
+        raise DataError(f"{p.name}: a separate targets file goes with IDX inputs only")
+    if kind == "safetensors":
+        uploads.validate_safetensors(p, max_bytes=cap)
+        _, arrays = read_safetensors(p, DataError)
+        return _from_arrays(arrays, p.name)
+    if kind == "npz":
+        uploads.check_archive(p)
+        tensors: dict[str, torch.Tensor] = {}
+        try:
+            with np.load(p, allow_pickle=False) as npz:
+                for key in npz.files:
+                    tensors[key] = torch.from_numpy(np.ascontiguousarray(npz[key]))
+        except ValueError as e:
+            if "allow_pickle" in str(e):
+                raise DataError(
+                    f"{p.name}: holds object arrays, which would need pickle; store numeric arrays"
+                ) from None
+            raise DataError(f"{p.name}: not a readable .npz ({e})") from None
+        except Exception as e:  # a damaged member fails deep in zipfile/zlib/numpy with many error types
+            raise DataError(f"{p.name}: not a readable .npz ({type(e).__name__}: {e})") from None
+        return _from_arrays(tensors, p.name)
+    if kind == "idx":
+        x = _as_inputs(read_idx(p), p.name)
+        y = None
+        if targets_path is not None:
+            tp = Path(targets_path)
+            if uploads.sniff(tp, max_bytes=cap).kind != "idx":
+                raise DataError(f"{tp.name}: the targets of IDX inputs must be an IDX file too")
+            y = _as_targets(read_idx(tp), len(x), tp.name)
+        if x.dim() == 3:  # N×H×W images: add the channel dimension convolutions expect
+            x = x.unsqueeze(1)
+        return Dataset(x, y)
+    raise DataError(f"{p.name}: a {kind} file is a model, not data; upload .npz, safetensors or IDX data")
+
+
+def load_builtin(name: str) -> tuple[Dataset, Dataset, Dataset | None]:
+    """A built-in set by name: (train, validation, test or None)."""
+    if name == "fashion-mnist":
+        full = load_fashion_mnist("train")
+        train, valid = full.split(5000, seed=0)
+        return train, valid, load_fashion_mnist("test")
+    if name == "digits":
+        train, valid = load_digits()
+        return train, valid, None
+    raise DataError(f"unknown built-in data set {name!r}; built-in sets: {', '.join(BUILTIN_SETS)}")
+
+
+def validation_split(
+    data: Dataset, valid: Dataset | None = None, *, fraction: float = 0.1, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """(train, validation): ``valid`` when given, else a seeded carve of ``fraction`` of ``data``."""
+    if valid is not None:
+        if (data.targets is None) != (valid.targets is None):
+            raise DataError("training and validation data must both have targets or both have none")
+        if data.inputs.shape[1:] != valid.inputs.shape[1:]:
+            raise DataError(f"validation inputs {list(valid.inputs.shape[1:])} differ from training inputs "
+                            f"{list(data.inputs.shape[1:])}")  # fmt: skip
+        return data, valid
+    if not 0 < fraction < 1:
+        raise DataError(f"validation fraction {fraction} must be between 0 and 1")
+    if len(data) < 2:
+        raise DataError(f"{len(data)} example(s): too few to carve a validation set")
+    return data.split(max(1, min(len(data) - 1, round(len(data) * fraction))), seed=seed)
+
+
+def check_fits(model: torch.nn.Module, data: Dataset) -> int:
+    """Check, before a job starts, that ``model`` accepts ``data``'s inputs and that its targets are
+    within the model's outputs; return the number of outputs (classes)."""
+    sample = data.inputs[:2].to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as e:  # shape mismatches surface as RuntimeError/ValueError from deep inside torch
+        raise DataError(
+            f"inputs of shape {list(data.inputs.shape[1:])} (per example) do not fit the model: {e}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(sample):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"the model's output {shape} is not one row of class scores per example")
+    classes = int(out.shape[1])
+    if data.targets is not None and len(data.targets) and int(data.targets.max()) >= classes:
+        raise DataError(f"targets go up to {int(data.targets.max())} but the model has {classes} outputs")
+    return classes

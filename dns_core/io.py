@@ -30,24 +30,6 @@ def save_model(
     save_file(state, str(path), metadata=meta)
 
 
-CONVERT_HINT = (
-    "netsurgery reads safetensors weights only and never unpickles a file; convert with "
-    "`safetensors.torch.save_file(model.state_dict(), 'model.safetensors')` where you trust the file"
-)
-
-
-def sniff_weights(path: str | os.PathLike[str]) -> None:
-    """Refuse, by content and not by name, anything that is not a safetensors file."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:4] == b"PK\x03\x04":
-        raise ValueError(f"{path} is a zip archive (torch.save, TorchScript or torch.export); {CONVERT_HINT}")
-    if head[:1] == b"\x80" or head[:1] in (b"c", b"(", b"}", b"]"):
-        raise ValueError(f"{path} looks like a pickle (torch.save .pt/.pth/.bin/.pkl); {CONVERT_HINT}")
-    if len(head) < 9 or int.from_bytes(head[:8], "little") > 100_000_000 or head[8:9] != b"{":
-        raise ValueError(f"{path} is not a safetensors file; {CONVERT_HINT}")
-
-
 def read_safetensors(
     path: str | os.PathLike[str], error: type[ValueError] = ValueError
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -60,14 +42,40 @@ def read_safetensors(
         raise error(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_model(path: str | os.PathLike[str], arch: str | None = None) -> tuple[nn.Module, str]:
-    """Rebuild a zoo model from safetensors weights; the state dict must match exactly."""
-    sniff_weights(path)
+def load_model(
+    path: str | os.PathLike[str],
+    arch: str | None = None,
+    config: dict[str, Any] | None = None,
+    *,
+    max_bytes: int | None = None,
+) -> tuple[nn.Module, str]:
+    """Rebuild a zoo model from safetensors weights; the state dict must match exactly.
+
+    The file is judged by content (pickles, TorchScript and torch.export archives are refused
+    without being opened) and its header validated before any tensor is read. The architecture
+    and config come from the arguments, else from the file's header; the config is checked
+    against :data:`models.CONFIG_SCHEMA`.
+    """
+    from . import uploads
+
+    cap = uploads.MAX_FILE_BYTES if max_bytes is None else max_bytes
+    kind = uploads.sniff(path, max_bytes=cap).kind
+    if kind != "safetensors":
+        raise uploads.RefusedFormat(
+            f"{Path(path).name} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} file, not safetensors weights"
+            + ("; load ONNX models with dns_core.onnx_io" if kind == "onnx" else "")
+        )
+    uploads.validate_safetensors(path, max_bytes=cap)
     meta, state = read_safetensors(path)
     name = arch or meta.get("netsurgery.arch")
     if name is None:
-        raise ValueError(f"{path}: no architecture named in the file; pass one (e.g. lenet-5)")
-    model = models.build(name, **json.loads(meta.get("netsurgery.config", "{}")))
+        raise ValueError(f"{Path(path).name}: no architecture named in the file; pass one (e.g. lenet-5)")
+    if config is None:
+        try:
+            config = json.loads(meta.get("netsurgery.config", "{}"))
+        except json.JSONDecodeError:
+            raise ValueError(f"{Path(path).name}: the netsurgery.config header is not JSON") from None
+    model = models.build(name, **models.check_config(name, config))
     check_state_dict(model, state)
     model.load_state_dict(state)
     return model, name

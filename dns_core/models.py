@@ -177,3 +177,51 @@ def build(name: str, **config: Any) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """All parameters of ``model`` (weights and biases), as the paper counts them."""
     return sum(p.numel() for p in model.parameters())
+
+
+#: What each architecture's JSON config may hold: key -> (type, minimum, maximum). Anything else is refused.
+CONFIG_SCHEMA: dict[str, dict[str, tuple[type, int, int]]] = {
+    "lenet-300-100": {"in_features": (int, 1, 1 << 20), "num_classes": (int, 2, 100_000)},
+    "lenet-5": {"in_channels": (int, 1, 64), "num_classes": (int, 2, 100_000), "image_size": (int, 12, 512)},
+    "alexnet-small": {"in_channels": (int, 1, 64), "num_classes": (int, 2, 100_000), "image_size": (int, 16, 512)},
+    "vgg-small": {"in_channels": (int, 1, 64), "num_classes": (int, 2, 100_000), "widths": (list, 1, 8)},
+    "resnet-small": {
+        "in_channels": (int, 1, 64),
+        "num_classes": (int, 2, 100_000),
+        "depth": (int, 1, 16),
+        "width": (int, 1, 1024),
+    },
+}
+
+
+def check_config(name: str, config: Any) -> dict[str, Any]:
+    """Validate a user's JSON config for architecture ``name`` against :data:`CONFIG_SCHEMA`.
+
+    Returns the config ready for :func:`build`; raises ``ValueError`` naming every problem.
+    """
+    if name not in CONFIG_SCHEMA:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ZOO))}")
+    if not isinstance(config, dict):
+        raise ValueError(f"config for {name} must be a JSON object, got {type(config).__name__}")
+    schema = CONFIG_SCHEMA[name]
+    problems = [f"unknown key {k!r} (allowed: {', '.join(schema)})" for k in config if k not in schema]
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key not in schema:
+            continue
+        kind, lo, hi = schema[key]
+        if kind is int:
+            if type(value) is not int or not lo <= value <= hi:
+                problems.append(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+            else:
+                out[key] = value
+        else:  # a list of positive integers (channel widths), lo..hi entries
+            ok = isinstance(value, list) and lo <= len(value) <= hi
+            ok = ok and all(type(v) is int and 1 <= v <= 4096 for v in value)
+            if not ok:
+                problems.append(f"{key} must be a list of {lo}-{hi} integers in [1, 4096], got {value!r}")
+            else:
+                out[key] = tuple(value)
+    if problems:
+        raise ValueError(f"bad config for {name}: " + "; ".join(problems))
+    return out

@@ -14,6 +14,12 @@ chosen per tensor by exact byte count:
 The header metadata ``netsurgery.sparse`` holds ``{"version": 1, "tensors": {name: {"encoding",
 "shape", "dtype", "values": [start, count], "index": [start, length]}}}``; docs/sparse-format.md
 describes the layout for readers without this package.
+
+Optional value codecs (beyond the paper, off by default) shrink the stored values of floating
+tensors further: ``float16``; ``int8`` (symmetric, one scale per tensor); ``shared`` (weight sharing
+as in Deep Compression: k-means over a tensor's kept values, at most 256 centroids stored as
+float32, one uint8 code per value). A file that uses one is format version 2 and names the codec
+in the tensor's manifest entry; files without codecs stay version 1.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from safetensors.torch import save_file
 from .io import read_safetensors
 
 FORMAT_VERSION = 1
+CODEC_VERSION = 2  # the format version of files that use a value codec
+CODECS = ("float16", "int8", "shared")
 META_KEY = "netsurgery.sparse"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
@@ -76,8 +84,11 @@ def decode_gaps(stream: torch.Tensor) -> torch.Tensor:
     return (torch.cumsum(steps, 0) - 1)[stream != 0]
 
 
-def _encode(t: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """(encoding, values, index) for ``t``; the cheapest by bytes (index is empty for dense)."""
+def _encode(t: torch.Tensor, itemsize: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(encoding, values, index) for ``t``; the cheapest by bytes (index is empty for dense).
+
+    ``itemsize`` is the stored size of one value (smaller than the element size under a codec).
+    """
     flat = t.detach().contiguous().cpu().flatten()
     nz = torch.nonzero(flat).flatten()
     values = flat[nz].contiguous()
@@ -85,34 +96,103 @@ def _encode(t: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
     gaps = encode_gaps(nz)
     none = torch.zeros(0, dtype=torch.uint8)
     options = [
-        (flat.numel() * flat.element_size(), "dense", flat, none),
-        (values.numel() * values.element_size() + bitmap.numel(), "bitmap", values, bitmap),
-        (values.numel() * values.element_size() + gaps.numel(), "gaps", values, gaps),
+        (flat.numel() * itemsize, "dense", flat, none),
+        (values.numel() * itemsize + bitmap.numel(), "bitmap", values, bitmap),
+        (values.numel() * itemsize + gaps.numel(), "gaps", values, gaps),
     ]
     _, encoding, vals, index = min(options, key=lambda o: o[0])
     return encoding, vals, index
 
 
+def _kmeans_1d(values: torch.Tensor, k: int, steps: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids, codes) of 1-D k-means with linear initialisation over [min, max], as Deep
+    Compression found best for weight sharing (it keeps the rare large weights representable)."""
+    v = values.to(torch.float64)
+    k = max(1, min(k, v.numel()))
+    centroids = torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64)
+    codes = torch.zeros(v.numel(), dtype=torch.int64)
+    for _ in range(steps):
+        bounds = (centroids[1:] + centroids[:-1]) / 2  # centroids stay sorted: nearest = bucketize
+        new_codes = torch.bucketize(v, bounds)
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, new_codes, v)
+        counts = torch.bincount(new_codes, minlength=k).to(torch.float64)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        if torch.equal(new_codes, codes):
+            break
+        codes = new_codes
+    codes = torch.bucketize(v, (centroids[1:] + centroids[:-1]) / 2)
+    return centroids.to(torch.float32), codes.to(torch.uint8)
+
+
+def _apply_codec(vals: torch.Tensor, codec: str, clusters: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    """(stored values, codec spec, codebook) for ``vals`` under ``codec``."""
+    empty = torch.zeros(0, dtype=torch.float32)
+    if codec == "float16":
+        return vals.to(torch.float16), {"kind": "float16"}, empty
+    if codec == "int8":
+        peak = float(vals.abs().max()) if vals.numel() else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        q = torch.round(vals.to(torch.float64) / scale).clamp(-127, 127).to(torch.int8)
+        return q, {"kind": "int8", "scale": scale}, empty
+    if codec == "shared":
+        if vals.numel() == 0:
+            return vals.new_zeros(0, dtype=torch.uint8), {"kind": "shared"}, empty
+        centroids, codes = _kmeans_1d(vals, clusters)
+        return codes, {"kind": "shared"}, centroids
+    raise SparseFormatError(f"unknown value codec {codec!r}; choose one of {', '.join(CODECS)}")
+
+
 def save_sparse(
-    path: str | os.PathLike[str], state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    path: str | os.PathLike[str],
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    *,
+    codec: str | None = None,
+    codec_tensors: set[str] | None = None,
+    clusters: int = 256,
 ) -> PackStats:
-    """Write ``state`` (e.g. a squashed model's state dict) in the sparse layout."""
+    """Write ``state`` (e.g. a squashed model's state dict) in the sparse layout.
+
+    ``codec`` (``float16``, ``int8`` or ``shared``; default none, lossless) compresses the values of
+    the floating tensors named in ``codec_tensors`` (default: every floating tensor with two or more
+    dimensions, i.e. the weights). ``clusters`` is the codebook size of ``shared`` (2 to 256).
+    """
+    if codec is not None and codec not in CODECS:
+        raise SparseFormatError(f"unknown value codec {codec!r}; choose one of {', '.join(CODECS)}")
+    if not 2 <= clusters <= 256:
+        raise SparseFormatError(f"clusters must be between 2 and 256, got {clusters}")
     values: dict[str, list[torch.Tensor]] = {}
     value_len: dict[str, int] = {}
     index: list[torch.Tensor] = []
     index_len = 0
     manifest: dict[str, Any] = {}
     kept = dense_bytes = value_bytes = 0
+
+    def put(dtype: str, t: torch.Tensor) -> list[int]:
+        start = value_len.get(dtype, 0)
+        values.setdefault(dtype, []).append(t)
+        value_len[dtype] = start + t.numel()
+        return [start, t.numel()]
+
     for name, t in state.items():
         if t.dtype not in _NAMES:
             raise SparseFormatError(f"{name}: dtype {t.dtype} is not supported")
         dtype = _NAMES[t.dtype]
-        encoding, vals, idx = _encode(t)
-        start = value_len.get(dtype, 0)
-        values.setdefault(dtype, []).append(vals)
-        value_len[dtype] = start + vals.numel()
-        manifest[name] = {"encoding": encoding, "shape": list(t.shape), "dtype": dtype,
-                          "values": [start, vals.numel()], "index": [index_len, idx.numel()]}  # fmt: skip
+        use_codec = codec is not None and t.is_floating_point()
+        use_codec = use_codec and (name in codec_tensors if codec_tensors is not None else t.dim() >= 2)
+        itemsize = {"float16": 2, "int8": 1, "shared": 1}[codec] if use_codec and codec else t.element_size()
+        encoding, vals, idx = _encode(t, itemsize)
+        entry: dict[str, Any] = {"encoding": encoding, "shape": list(t.shape), "dtype": dtype}
+        if use_codec and codec:
+            stored, spec, codebook = _apply_codec(vals, codec, clusters)
+            if codebook.numel():
+                spec["codebook"] = put("float32", codebook)
+            entry["codec"] = spec
+            entry["values"] = put(_NAMES[stored.dtype], stored)
+        else:
+            entry["values"] = put(dtype, vals)
+        entry["index"] = [index_len, idx.numel()]
+        manifest[name] = entry
         index.append(idx)
         index_len += idx.numel()
         if encoding == "dense":
@@ -123,7 +203,8 @@ def save_sparse(
     tensors = {f"values.{dtype}": torch.cat(group) for dtype, group in values.items()}
     tensors["index"] = torch.cat(index) if index else torch.zeros(0, dtype=torch.uint8)
     meta = dict(metadata or {})
-    meta[META_KEY] = json.dumps({"version": FORMAT_VERSION, "tensors": manifest}, separators=(",", ":"))
+    version = CODEC_VERSION if any("codec" in e for e in manifest.values()) else FORMAT_VERSION
+    meta[META_KEY] = json.dumps({"version": version, "tensors": manifest}, separators=(",", ":"))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
     return PackStats(os.path.getsize(path), kept, dense_bytes, value_bytes)
@@ -134,7 +215,7 @@ def load_sparse(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     meta, stored = read_safetensors(path, SparseFormatError)
     try:
         manifest = json.loads(meta[META_KEY])
-        if manifest["version"] != FORMAT_VERSION:
+        if manifest["version"] not in (FORMAT_VERSION, CODEC_VERSION):
             raise SparseFormatError(f"{path}: sparse format version {manifest['version']} is not supported")
         entries = manifest["tensors"].items()
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
@@ -154,7 +235,11 @@ def _decode(name: str, spec: Any, stored: dict[str, torch.Tensor]) -> torch.Tens
         encoding, dtype_name = spec["encoding"], spec["dtype"]
         shape = [int(s) for s in spec["shape"]]
         dtype = _DTYPES[dtype_name]
-        values = _slice(_part(stored, f"values.{dtype_name}", dtype), spec["values"], name)
+        codec = spec.get("codec")
+        if codec is None:
+            values = _slice(_part(stored, f"values.{dtype_name}", dtype), spec["values"], name)
+        else:
+            values = _decode_values(name, codec, spec["values"], stored, dtype)
         index = _slice(_part(stored, "index", torch.uint8), spec["index"], name)
     except SparseFormatError:
         raise
@@ -180,6 +265,31 @@ def _decode(name: str, spec: Any, stored: dict[str, torch.Tensor]) -> torch.Tens
     flat = torch.zeros(numel, dtype=dtype)
     flat[positions] = values
     return flat.reshape(shape)
+
+
+def _decode_values(
+    name: str, codec: dict[str, Any], span: Any, stored: dict[str, torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """The values of a tensor stored under a codec, decoded to ``dtype``."""
+    if not dtype.is_floating_point:
+        raise SparseFormatError(f"{name}: a value codec on a {dtype} tensor")
+    kind = codec["kind"]
+    if kind == "float16":
+        return _slice(_part(stored, "values.float16", torch.float16), span, name).to(dtype)
+    if kind == "int8":
+        scale = float(codec["scale"])
+        if not math.isfinite(scale) or scale <= 0:
+            raise SparseFormatError(f"{name}: bad int8 scale {scale!r}")
+        return (_slice(_part(stored, "values.int8", torch.int8), span, name).to(torch.float64) * scale).to(dtype)
+    if kind == "shared":
+        codes = _slice(_part(stored, "values.uint8", torch.uint8), span, name).to(torch.int64)
+        if codes.numel() == 0:
+            return torch.zeros(0, dtype=dtype)
+        book = _slice(_part(stored, "values.float32", torch.float32), codec["codebook"], name)
+        if int(codes.max()) >= book.numel():
+            raise SparseFormatError(f"{name}: a code points past the {book.numel()}-entry codebook")
+        return book[codes].to(dtype)
+    raise SparseFormatError(f"{name}: unknown value codec {kind!r}")
 
 
 def _part(stored: dict[str, torch.Tensor], key: str, dtype: torch.dtype) -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_refuses_a_pickle_as_weights(tmp_path: Path, capsys: pytest.CaptureFixtu
     evil.write_bytes(b"cos\nsystem\n(S'touch " + str(sentinel).encode() + b"'\ntR.")
     assert main(["compress", "--data", "digits", "--weights", str(evil)]) == 2
     err = capsys.readouterr().err
-    assert "cannot load weights" in err and "looks like a pickle" in err
+    assert "cannot load weights" in err and "is a pickle" in err
     assert not sentinel.exists()
 
 

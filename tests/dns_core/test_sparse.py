@@ -131,3 +131,80 @@ def test_corrupted_files_load_or_raise_the_format_error(
         return
     # a flip can leave a consistent file (a renamed tensor, a changed value): then it loads whole
     assert 1 <= len(back) <= 2 and all(isinstance(v, torch.Tensor) for v in back.values())
+
+
+def _pruned_weights(seed: int = 0, density: float = 0.1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(200, 150, generator=g) * (torch.rand(200, 150, generator=g) < density)
+    return {"fc.weight": w, "fc.bias": torch.randn(200, generator=g)}
+
+
+@pytest.mark.parametrize(("codec", "bound"), [("float16", 1e-3), ("int8", 0.51), ("shared", 0.51)])
+def test_value_codecs_stay_close_keep_zeros_and_shrink_the_file(tmp_path: Path, codec: str, bound: float) -> None:
+    state = _pruned_weights()
+    plain = save_sparse(tmp_path / "plain.safetensors", state)
+    stats = save_sparse(tmp_path / f"{codec}.safetensors", state, codec=codec)
+    back = load_sparse(tmp_path / f"{codec}.safetensors")
+    w, got = state["fc.weight"], back["fc.weight"]
+    assert got.dtype == torch.float32 and got.shape == w.shape
+    assert torch.equal(got[w == 0], torch.zeros(int((w == 0).sum())))  # pruned entries stay exactly zero
+    err = (got - w).abs().max().item()
+    if codec == "float16":
+        assert err <= bound * w.abs().max().item()
+    elif codec == "int8":  # at most half a quantisation step
+        assert err <= bound * w.abs().max().item() / 127
+    else:  # at most half the widest gap between neighbouring centroids; at most 256 distinct values
+        assert len(torch.unique(got[w != 0])) <= 256
+        assert err <= bound * (w.max() - w.min()).item() / 16
+    assert torch.equal(back["fc.bias"], state["fc.bias"])  # 1-D tensors are left lossless by default
+    assert stats.file_bytes < plain.file_bytes * (0.75 if codec == "float16" else 0.6)
+    meta = json.loads(load_file_meta(tmp_path / f"{codec}.safetensors"))
+    assert meta["version"] == 2 and meta["tensors"]["fc.weight"]["codec"]["kind"] == codec
+    assert "codec" not in meta["tensors"]["fc.bias"]
+
+
+def load_file_meta(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {})["netsurgery.sparse"]
+
+
+def test_shared_codec_with_few_distinct_values_is_exact(tmp_path: Path) -> None:
+    w = torch.zeros(50, 40)
+    w[::3, ::2] = torch.tensor([-0.5, 0.25, 1.0, 2.0])[torch.arange(17 * 20) % 4].reshape(17, 20)
+    save_sparse(tmp_path / "s.safetensors", {"w": w}, codec="shared", clusters=8)
+    assert torch.equal(load_sparse(tmp_path / "s.safetensors")["w"], w)
+
+
+def test_lossless_files_keep_format_version_1(tmp_path: Path) -> None:
+    save_sparse(tmp_path / "p.safetensors", _pruned_weights())
+    assert json.loads(load_file_meta(tmp_path / "p.safetensors"))["version"] == 1
+
+
+def test_bad_codec_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SparseFormatError, match="unknown value codec 'zip'"):
+        save_sparse(tmp_path / "x", _pruned_weights(), codec="zip")
+    with pytest.raises(SparseFormatError, match="clusters"):
+        save_sparse(tmp_path / "x", _pruned_weights(), codec="shared", clusters=1000)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 255)), min_size=1, max_size=20),
+       st.sampled_from(["int8", "shared"]))  # fmt: skip
+@settings(max_examples=100, deadline=None)
+def test_corrupted_codec_files_load_or_raise_the_format_error(
+    tmp_path_factory: pytest.TempPathFactory, flips: list[tuple[int, int]], codec: str
+) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "s.safetensors"
+    w = torch.zeros(40, 50)
+    w[::7, ::3] = torch.linspace(-2, 2, 6 * 17).reshape(6, 17)
+    save_sparse(path, {"w": w}, codec=codec, clusters=16)
+    raw = bytearray(path.read_bytes())
+    for pos, value in flips:
+        raw[pos % len(raw)] = value
+    path.write_bytes(bytes(raw))
+    try:
+        back = load_sparse(path)
+    except SparseFormatError:
+        return
+    assert all(isinstance(v, torch.Tensor) for v in back.values())
