@@ -37,16 +37,26 @@ def _pairs(text: str | None, what: str) -> dict[str, float] | None:
     return out
 
 
-def _load_data(name: str) -> tuple[Any, Any, Any]:
-    from dns_core.bench import fashion_splits
-    from dns_core.data import load_digits
+def _load_data(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(train, validation, test or None) from a built-in name or the user's data files."""
+    from dns_core.data import BUILTIN_SETS, DataError, load_builtin, load_data_file, validation_split
+    from dns_core.uploads import UploadError
 
-    if name == "fashion-mnist":
-        return fashion_splits()
-    if name == "digits":
-        train, valid = load_digits()
-        return train, valid, None
-    raise CliError(f"unknown data set {name!r}; built-in sets: fashion-mnist, digits")
+    name = args.data
+    targets = getattr(args, "targets", None)
+    valid_file = getattr(args, "valid_data", None)
+    if name in BUILTIN_SETS and not Path(name).exists():
+        return load_builtin(name)
+    if not Path(name).exists():
+        raise CliError(f"--data {name}: no such file, and not a built-in set ({', '.join(BUILTIN_SETS)})")
+    try:
+        data = load_data_file(name, targets)
+        valid = load_data_file(valid_file, getattr(args, "valid_targets", None)) if valid_file else None
+        train, valid = validation_split(data, valid, fraction=getattr(args, "valid_fraction", 0.1),
+                                        seed=getattr(args, "seed", 0))  # fmt: skip
+    except (DataError, UploadError) as e:
+        raise CliError(f"cannot use the data: {e}") from None
+    return train, valid, None
 
 
 class _Bar:
@@ -89,7 +99,7 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
     from dns_core.reference import train_reference
     from dns_core.train import Callbacks, evaluate
 
-    train, valid, test = _load_data(args.data)
+    train, valid, test = _load_data(args)
     iterations = args.epochs * (len(train) // 64)
     with _Bar(f"reference {args.arch}", iterations) as bar:
         model = train_reference(
@@ -108,25 +118,43 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from dns_core.artifacts import LoadedModel, load_model_file, write_artifacts
     from dns_core.compress import compress
-    from dns_core.io import load_model, save_model
+    from dns_core.data import DataError, check_fits
     from dns_core.methods import MethodSettings
     from dns_core.reference import cached_reference
-    from dns_core.sparse import save_sparse
     from dns_core.surgery import SurgeryError, Target
-    from dns_core.train import Callbacks, TrainConfig
+    from dns_core.train import Callbacks, TrainConfig, evaluate
 
-    train, valid, test = _load_data(args.data)
-    if args.weights:
+    train, valid, test = _load_data(args)
+    model_path = args.model or args.weights
+    inputs: dict[str, str] = {}
+    if model_path:
         try:
-            model, arch = load_model(args.weights, args.arch)
+            config = json.loads(args.config) if args.config else None
+            loaded = load_model_file(model_path, args.arch, config)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--config is not JSON: {e}") from None
         except (OSError, ValueError) as e:
-            raise CliError(f"cannot load weights from {args.weights}: {e}") from None
+            raise CliError(f"cannot load weights from {model_path}: {e}") from None
+        inputs["model"] = model_path
+        label = loaded.arch or Path(model_path).name
     else:
         arch = args.arch or DEFAULT_ARCH
-        print(f"no --weights given: using a converged {arch} reference trained on {args.data} (cached)")
+        if args.data not in ("fashion-mnist", "digits"):
+            raise CliError("give --model with your own data (the cached references are trained on built-in sets)")
+        print(f"no --model given: using a converged {arch} reference trained on {args.data} (cached)")
         with _Bar(f"reference {arch}", 20 * (len(train) // 64)) as bar:
-            model, _ = cached_reference(arch, train, tag=f"{args.data}-cli", callbacks=Callbacks(on_progress=bar))
+            module, _ = cached_reference(arch, train, tag=f"{args.data}-cli", callbacks=Callbacks(on_progress=bar))
+        loaded, label = LoadedModel(module, "safetensors", arch=arch), arch
+    for key in ("data", "targets", "valid_data", "valid_targets"):
+        value = getattr(args, key, None)
+        if value and Path(value).exists():
+            inputs[key] = value
+    try:
+        check_fits(loaded.module, valid)
+    except DataError as e:
+        raise CliError(str(e)) from None
     layer_kept = _pairs(args.layer_kept, "--layer-kept")
     try:
         target = None
@@ -153,9 +181,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             eval_every=max(args.iterations // 25, 1),
             checkpoint_every=args.checkpoint_every,
         )
-        with _Bar(f"{args.method} {arch}", args.iterations) as bar:
+        with _Bar(f"{args.method} {label}", args.iterations) as bar:
             result = compress(
-                model,
+                loaded.module,
                 train,
                 valid,
                 method=args.method,
@@ -168,16 +196,24 @@ def cmd_compress(args: argparse.Namespace) -> int:
             )
     except (SurgeryError, ValueError) as e:
         raise CliError(str(e)) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(out / "model.safetensors", result.model, arch)
-    packed = save_sparse(out / "model.sparse.safetensors", result.model.state_dict(),
-                         {"netsurgery.arch": arch})  # fmt: skip
-    report = result.report | {"arch": arch, "data": args.data, "sparse_file": _pack_summary(packed)}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    _print_report(report)
-    _print_pack(packed, (out / "model.safetensors").stat().st_size)
-    print(f"wrote {out / 'model.safetensors'}, {out / 'model.sparse.safetensors'} and {out / 'report.json'}")
+
+    def accuracies(m: Any) -> dict[str, float | None]:
+        return {"val_acc": evaluate(m, valid) if valid.targets is not None else None,
+                "test_acc": evaluate(m, test) if test is not None else None}  # fmt: skip
+
+    report = result.report | {"data": args.data}
+    made = write_artifacts(args.out, loaded, result.model, report, inputs=inputs, codec=args.codec,
+                           clusters=args.clusters, evaluate=accuracies)  # fmt: skip
+    _print_report(made.report)
+    dense = next(p for n, p in made.files.items() if n.startswith("model.") and "sparse" not in n)
+    _print_pack(made.packed, dense.stat().st_size)
+    codec = made.report.get("value_codec")
+    if codec:
+        acc = "".join(f", {k} {codec[k]:.2f}%" for k in ("val_acc", "test_acc") if codec.get(k) is not None)
+        print(
+            f"{codec['codec']} values: {codec['bytes']:,} bytes ({codec['compression']:.1f}x smaller than dense){acc}"
+        )
+    print("wrote " + ", ".join(str(p) for p in made.files.values()))
     return 0
 
 
@@ -259,8 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="prune and splice a model toward a target (local, no service)")
     c.add_argument("--arch", default=None, help=f"zoo architecture (default {DEFAULT_ARCH})")
-    c.add_argument("--weights", help="dense weights (safetensors); default: a cached converged reference")
-    c.add_argument("--data", default="fashion-mnist", help="built-in data set: fashion-mnist or digits")
+    c.add_argument("--model", help="the dense model: ONNX, or safetensors weights of a zoo --arch (judged by content)")
+    c.add_argument("--weights", help=argparse.SUPPRESS)  # the earlier name of --model
+    c.add_argument("--config", help="JSON config of the zoo architecture, e.g. '{\"num_classes\": 4}'")
+    c.add_argument("--data", default="fashion-mnist",
+                   help="built-in set (fashion-mnist, digits) or a file: .npz/safetensors with inputs[, targets], "
+                        "or IDX inputs")  # fmt: skip
+    c.add_argument("--targets", help="IDX labels for IDX --data")
+    c.add_argument("--valid-data", help="validation file (default: carve --valid-fraction of --data)")
+    c.add_argument("--valid-targets", help="IDX labels for IDX --valid-data")
+    c.add_argument("--valid-fraction", type=float, default=0.1)
     c.add_argument("--method", default="dns", choices=["dns", "dns-fixed-crates", "han", "one-shot", "agp"])
     c.add_argument("--target", type=float, default=DEFAULT_TARGET, help="overall compression (x)")
     c.add_argument("--layer-kept", help="per-layer kept fractions instead: fc1=0.02,fc2=0.05")
@@ -280,7 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every, resumed if present")
     c.add_argument("--checkpoint-every", type=int, default=1000)
-    c.add_argument("--out", default="out", help="output folder (model.safetensors, report.json)")
+    c.add_argument(
+        "--codec",
+        choices=["float16", "int8", "shared"],
+        default=None,
+        help="also write the sparse file with compressed values (accuracy effect in the report)",
+    )
+    c.add_argument("--clusters", type=int, default=256, help="codebook size of --codec shared (2-256)")
+    c.add_argument("--out", default="out", help="output folder (model, sparse model, report.json)")
     c.set_defaults(func=cmd_compress)
 
     r = sub.add_parser("train-reference", help="train a converged dense reference model")

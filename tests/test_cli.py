@@ -1,12 +1,14 @@
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
 
-from dns_core.io import load_model
+from dns_core.artifacts import sha256_file
+from dns_core.io import load_model, save_model
 from dns_core.sparse import load_sparse
 from netsurgery.cli import main
 
@@ -48,8 +50,12 @@ def test_compress_on_digits_writes_model_and_report(tmp_path: Path, capsys: pyte
     sparse = load_sparse(out / "model.sparse.safetensors")
     for key, value in model.state_dict().items():
         assert torch.equal(sparse[key], value), key
-    assert report["sparse_file"]["bytes"] == (out / "model.sparse.safetensors").stat().st_size
-    assert report["sparse_file"]["bytes"] < (out / "model.safetensors").stat().st_size / 3
+    assert report["bytes"]["sparse_file"] == (out / "model.sparse.safetensors").stat().st_size
+    assert report["bytes"]["sparse_file"] < (out / "model.safetensors").stat().st_size / 3
+    for name in ("model.safetensors", "model.sparse.safetensors"):
+        assert report["outputs"][name] == {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    assert report["versions"]["torch"] == version("torch") and report["versions"]["onnx"] == version("onnx")
+    assert report["train"]["seed"] == 0
 
     assert main(["pack", str(out / "model.safetensors"), "--out", str(tmp_path / "p.safetensors")]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -60,7 +66,7 @@ def test_compress_on_digits_writes_model_and_report(tmp_path: Path, capsys: pyte
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["compress", "--data", "cifar"], "unknown data set 'cifar'"),
+        (["compress", "--data", "cifar"], "--data cifar: no such file, and not a built-in set"),
         (["compress", "--data", "digits", "--weights", "/nonexistent.safetensors"], "cannot load weights"),
         (["compress", "--data", "digits", "--method", "dns-fixed-crates", "--crates", "fc1"], "expected name=number"),
         (["compress", "--data", "digits", "--include", "conv*"], "matches no Linear/Conv layer"),
@@ -99,3 +105,42 @@ def test_cli_does_not_import_web_packages() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_compress_user_files_with_a_codec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A zoo model and .npz data of the user's own, a value codec, and a report that hashes every file."""
+    import numpy as np
+
+    from dns_core import models
+    from dns_core.data import load_digits
+
+    train, _ = load_digits()
+    np.savez(tmp_path / "data.npz", inputs=train.inputs.numpy(), targets=train.targets.numpy())  # type: ignore[union-attr]
+    torch.manual_seed(0)
+    save_model(tmp_path / "dense.safetensors", models.build("lenet-300-100"), "lenet-300-100")
+    out = tmp_path / "out"
+    argv = ["compress", "--model", str(tmp_path / "dense.safetensors"), "--data", str(tmp_path / "data.npz"),
+            "--iterations", "200", "--target", "5", "--max-drop", "100", "--codec", "int8",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["inputs"]["model"]["sha256"] == sha256_file(tmp_path / "dense.safetensors")
+    assert report["inputs"]["data"]["sha256"] == sha256_file(tmp_path / "data.npz")
+    codec = report["value_codec"]
+    assert codec["codec"] == "int8" and codec["file"] == "model.sparse.int8.safetensors"
+    assert codec["bytes"] == (out / codec["file"]).stat().st_size < report["bytes"]["sparse_file"]
+    assert 0 <= codec["val_acc"] <= 100 and codec["test_acc"] is None
+    assert report["outputs"][codec["file"]]["sha256"] == sha256_file(out / codec["file"])
+    assert "int8 values:" in capsys.readouterr().out
+
+
+def test_refused_files_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ts = tmp_path / "model.onnx"
+    torch.jit.script(torch.nn.Linear(784, 10)).save(str(ts))  # type: ignore[no-untyped-call]
+    assert main(["compress", "--data", "digits", "--model", str(ts)]) == 2
+    err = capsys.readouterr().err
+    assert "TorchScript" in err and "Traceback" not in err
+    bad = tmp_path / "d.npz"
+    bad.write_bytes(b"PK\x03\x04garbage")
+    assert main(["compress", "--data", str(bad), "--model", str(ts)]) == 2
+    assert "cannot use the data" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def load_file_meta(path: Path) -> str:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {})["netsurgery.sparse"]
+        return str((f.metadata() or {})["netsurgery.sparse"])
 
 
 def test_shared_codec_with_few_distinct_values_is_exact(tmp_path: Path) -> None:

@@ -1,0 +1,204 @@
+"""Models in (ONNX or zoo safetensors, judged by content) and artifacts out (dense, sparse, report).
+
+The command line and the service worker both go through :func:`load_model_file` and
+:func:`write_artifacts`, so a job's downloads are the same files ``netsurgery compress`` writes:
+
+- ``model.onnx`` or ``model.safetensors``: the pruned model, dense with zeros, in the upload's format;
+- ``model.sparse.safetensors``: only the kept values and a compact index (docs/sparse-format.md);
+- ``model.sparse.<codec>.safetensors``: the same with compressed values, when a codec is asked for;
+- ``report.json``: per-layer kept/total, accuracy before/after (and after the codec), compression in
+  parameters and bytes, iterations, settings, seed, package versions, and the sha256 of every input
+  and every other output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import uploads
+from .io import load_model, save_model
+from .sparse import PackStats, load_sparse, save_sparse
+
+DENSE_SAFETENSORS = "model.safetensors"
+DENSE_ONNX = "model.onnx"
+SPARSE = "model.sparse.safetensors"
+REPORT = "report.json"
+_PACKAGES = ("netsurgery", "torch", "numpy", "safetensors", "onnx", "onnxruntime")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A user's model, ready for surgery, and what is needed to write it back in its own format."""
+
+    module: nn.Module
+    format: str  # "onnx" or "safetensors"
+    arch: str | None = None  # zoo architecture (safetensors)
+    config: dict[str, Any] = field(default_factory=dict)
+    onnx_bytes: bytes | None = None  # the original graph (ONNX)
+
+
+def load_model_file(
+    path: str | os.PathLike[str],
+    arch: str | None = None,
+    config: dict[str, Any] | None = None,
+    *,
+    max_bytes: int = uploads.MAX_FILE_BYTES,
+) -> LoadedModel:
+    """Load an ONNX graph or zoo safetensors weights, judged by content; refuse everything else."""
+    kind = uploads.sniff(path, max_bytes=max_bytes).kind
+    if kind == "onnx":
+        from .onnx_io import load_onnx
+
+        raw = Path(path).read_bytes()
+        return LoadedModel(load_onnx(raw, max_bytes=max_bytes), "onnx", onnx_bytes=raw)
+    if kind == "safetensors":
+        module, name = load_model(path, arch, config, max_bytes=max_bytes)
+        cfg = dict(config) if config is not None else _header_config(path)
+        return LoadedModel(module, "safetensors", arch=name, config=cfg)
+    raise uploads.RefusedFormat(f"{Path(path).name}: {kind} data is not a model; upload ONNX or safetensors weights")
+
+
+def _header_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    from .io import read_safetensors
+
+    meta, _ = read_safetensors(path)
+    value = json.loads(meta.get("netsurgery.config", "{}"))
+    return value if isinstance(value, dict) else {}
+
+
+def save_dense(loaded: LoadedModel, module: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
+    """Write ``module`` (squashed: W ⊙ T) dense-with-zeros in the format the model came in."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if loaded.format == "onnx":
+        from .onnx_io import export_onnx
+
+        path = out / DENSE_ONNX
+        path.write_bytes(export_onnx(module))  # type: ignore[arg-type]
+        return path
+    path = out / DENSE_SAFETENSORS
+    save_model(path, module, loaded.arch or "unknown", loaded.config)
+    return path
+
+
+@dataclass
+class Artifacts:
+    report: dict[str, Any]
+    files: dict[str, Path]  # name -> path, report.json included
+    packed: PackStats
+
+
+def write_artifacts(
+    out_dir: str | os.PathLike[str],
+    loaded: LoadedModel,
+    module: nn.Module,
+    report: dict[str, Any],
+    *,
+    inputs: Mapping[str, str | os.PathLike[str]] | None = None,
+    codec: str | None = None,
+    clusters: int = 256,
+    evaluate: Callable[[nn.Module], dict[str, float | None]] | None = None,
+) -> Artifacts:
+    """Write every artifact of a finished compression into ``out_dir`` and return the full report.
+
+    ``module`` is the squashed model; ``report`` what :func:`dns_core.compress.compress` returned;
+    ``inputs`` the files the job read (name -> path), hashed into the report. With ``codec``, the
+    codec's file is written too and ``evaluate`` (module -> {"val_acc", "test_acc"}) measures the
+    model rebuilt from it, so the report shows the codec's accuracy effect.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    dense = save_dense(loaded, module, out)
+    files[dense.name] = dense
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    meta = {"netsurgery.format": loaded.format}
+    if loaded.arch:
+        meta |= {"netsurgery.arch": loaded.arch, "netsurgery.config": json.dumps(loaded.config)}
+    packed = save_sparse(out / SPARSE, state, meta)
+    files[SPARSE] = out / SPARSE
+    dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    full = dict(report)
+    full["format"] = loaded.format
+    if loaded.arch:
+        full["arch"], full["config"] = loaded.arch, loaded.config
+    full["bytes"] = {
+        "dense_parameters": dense_bytes,
+        "sparse_file": packed.file_bytes,
+        "kept_values": packed.value_bytes,
+        "dense_remainder": packed.dense_bytes,
+        "index_overhead": round(packed.overhead, 4),
+        "compression": round(dense_bytes / packed.file_bytes, 3),
+    }
+    if codec is not None:
+        name = f"model.sparse.{codec}.safetensors"
+        pruned = {f"{n}.weight" for n in _pruned_layers(full)}
+        coded = save_sparse(out / name, state, meta | {"netsurgery.codec": codec}, codec=codec,
+                            codec_tensors=pruned or None, clusters=clusters)  # fmt: skip
+        files[name] = out / name
+        entry: dict[str, Any] = {"codec": codec, "file": name, "bytes": coded.file_bytes,
+                                 "compression": round(dense_bytes / coded.file_bytes, 3)}  # fmt: skip
+        if codec == "shared":
+            entry["clusters"] = clusters
+        if evaluate is not None:
+            import copy
+
+            rebuilt = copy.deepcopy(module)
+            rebuilt.load_state_dict(load_sparse(out / name))
+            entry |= evaluate(rebuilt)
+        full["value_codec"] = entry
+    full["inputs"] = {k: file_record(v) for k, v in (inputs or {}).items()}
+    full["outputs"] = {k: file_record(v) for k, v in files.items()}
+    full["versions"] = package_versions()
+    (out / REPORT).write_text(json.dumps(_jsonable(full), indent=2))
+    files[REPORT] = out / REPORT
+    return Artifacts(full, files, packed)
+
+
+def _pruned_layers(report: dict[str, Any]) -> list[str]:
+    return [str(layer["name"]) for layer in report.get("layers", [])]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
