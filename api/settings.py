@@ -1,0 +1,102 @@
+"""Service settings: one pydantic-settings class read from ``NETSURGERY_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(base).expanduser() / "netsurgery"
+
+
+class Settings(BaseSettings):
+    """Everything the service and its workers read from the environment.
+
+    Each field is set by ``NETSURGERY_<FIELD>`` (for example ``NETSURGERY_DATABASE_URL``). The
+    defaults describe the embedded, one-machine set-up: a SQLite file, a filesystem broker and a
+    local artifact folder, all under ``data_dir``. Production sets the database, broker and storage
+    URLs to Postgres, Redis and an S3 bucket; nothing else changes.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="NETSURGERY_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Folder for the embedded defaults (SQLite file, broker folders, artifacts). "
+        "Defaults to $XDG_DATA_HOME/netsurgery, else ~/.local/share/netsurgery.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL of the database, e.g. postgresql+psycopg://user@host/db. "
+        "Empty means sqlite:///<data_dir>/netsurgery.db.",
+    )
+    broker_url: str = Field(
+        default="filesystem://",
+        description="Celery broker URL, e.g. redis://127.0.0.1:6379/0. The default is kombu's "
+        "filesystem transport, whose folders live under <data_dir>/broker (see broker_dir).",
+    )
+    storage_url: str = Field(
+        default="",
+        description="Where models, datasets, checkpoints and artifacts are stored: a filesystem "
+        "path, or an fsspec URL such as s3://bucket/prefix when API and workers run on different "
+        "machines. Empty means <data_dir>/storage.",
+    )
+    max_upload_bytes: int = Field(
+        default=512 * MIB,
+        gt=0,
+        description="Largest accepted upload (model or dataset) in bytes; larger bodies get a 413.",
+    )
+    lease_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long a worker's claim on a running job lasts without a heartbeat; after "
+        "that the reaper re-queues the job and another worker may take it over.",
+    )
+    heartbeat_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="How often a worker renews its lease; must be well below lease_seconds.",
+    )
+    checkpoint_every: int = Field(
+        default=1000,
+        gt=0,
+        description="Iterations between checkpoints; a resumed job loses at most this much work.",
+    )
+    progress_flush_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often a worker writes buffered progress points to the database.",
+    )
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        # frozen=True: derived defaults are filled in once, here, through object.__setattr__.
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'netsurgery.db'}")
+        if not self.storage_url:
+            object.__setattr__(self, "storage_url", str(self.data_dir / "storage"))
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be smaller than lease_seconds "
+                f"({self.lease_seconds}), or every lease expires before it is renewed"
+            )
+        return self
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder for the filesystem broker's queues (used only with ``broker_url='filesystem://'``)."""
+        return self.data_dir / "broker"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (``get_settings.cache_clear()`` to re-read)."""
+    return Settings()

@@ -1,0 +1,45 @@
+"""Rows the service tests build on: tenants and queued jobs, committed."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import repository
+from api.database import session_scope
+
+
+def new_tenant(factory: sessionmaker[Session]) -> uuid.UUID:
+    """A committed tenant with a unique name."""
+    with session_scope(factory) as session:
+        tenant, _ = repository.create_tenant(session, f"tenant-{uuid.uuid4().hex[:12]}")
+        return tenant.id
+
+
+def new_job(factory: sessionmaker[Session], tenant_id: uuid.UUID, **job: Any) -> uuid.UUID:
+    """A committed queued job of ``tenant_id``, on a new ONNX model and built-in dataset."""
+    with session_scope(factory) as session:
+        model = repository.create_model(
+            session,
+            tenant_id,
+            name="lenet",
+            format="onnx",
+            parameter_count=266_610,
+            size_bytes=1_066_000,
+            sha256="0" * 64,
+            uri="file:///tmp/model.onnx",
+        )
+        dataset = repository.create_dataset(session, tenant_id, name="digits", kind="builtin", builtin_name="digits")
+        created, _ = repository.create_job(
+            session,
+            tenant_id,
+            model_id=model.id,
+            dataset_id=dataset.id,
+            method="dns",
+            target={"compression": 40.0},
+            settings={"iterations": 100},
+            **job,
+        )
+        return created.id

@@ -1,0 +1,306 @@
+"""The repository: keys, tenant scoping, idempotent jobs, progress and artifacts, deletes; both backends."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, InvalidRequestError
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import jobstate, repository
+from api.database import session_scope
+from api.db import ApiKey, Artifact, Job, LayerPoint, ProgressPoint, Tenant
+from api.errors import Conflict, NotFound
+from api.repository import LayerSample, ProgressSample
+from tests.api.factories import new_job, new_tenant
+
+
+def _count(session: Session, entity: type[object], job_id: uuid.UUID) -> int:
+    column = entity.job_id  # type: ignore[attr-defined]
+    return session.scalar(select(func.count()).select_from(entity).where(column == job_id)) or 0
+
+
+def _running(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> tuple[uuid.UUID, int]:
+    job_id = new_job(factory, tenant_id)
+    with session_scope(factory) as session:
+        attempt = jobstate.claim(session, job_id, "worker", 60)
+    assert attempt is not None
+    return job_id, attempt
+
+
+# ----------------------------------------------------------------------------------------- keys
+
+
+def test_api_key_lookup(factory: sessionmaker[Session]) -> None:
+    with session_scope(factory) as session:
+        tenant, key = repository.create_tenant(session, f"acme-{uuid.uuid4().hex[:8]}")
+        other, other_key = repository.create_tenant(session, f"other-{uuid.uuid4().hex[:8]}")
+    assert key.startswith("ns_") and len(key) >= 40 and key != other_key
+
+    with factory() as session:
+        found = repository.tenant_for_key(session, key)
+        assert found is not None and found.id == tenant.id
+        found_other = repository.tenant_for_key(session, other_key)
+        assert found_other is not None and found_other.id == other.id
+        for wrong in [key[:-1] + ("A" if key[-1] != "A" else "B"), key + "x", "ns_", "", key[3:], "x" * 10_000]:
+            assert repository.tenant_for_key(session, wrong) is None
+
+
+def test_keys_are_stored_hashed(factory: sessionmaker[Session]) -> None:
+    with session_scope(factory) as session:
+        tenant, key = repository.create_tenant(session, f"acme-{uuid.uuid4().hex[:8]}")
+    with factory() as session:
+        row = session.execute(select(ApiKey.__table__).where(ApiKey.tenant_id == tenant.id)).one()
+    assert row.key_hash == hashlib.sha256(key.encode()).hexdigest()
+    assert row.prefix == key[: repository.DISPLAY_PREFIX_LENGTH]
+    assert all(key not in str(value) for value in row)
+
+
+def test_revoked_key_is_refused(factory: sessionmaker[Session]) -> None:
+    with session_scope(factory) as session:
+        tenant, key = repository.create_tenant(session, f"acme-{uuid.uuid4().hex[:8]}")
+        second, second_key = repository.create_api_key(session, tenant.id)
+        first_id = session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tenant.id, ApiKey.id != second.id))
+    assert first_id is not None
+    with session_scope(factory) as session:
+        assert not repository.revoke_api_key(session, uuid.uuid4(), first_id)  # another tenant cannot
+        assert repository.revoke_api_key(session, tenant.id, first_id)
+        assert not repository.revoke_api_key(session, tenant.id, first_id)  # already revoked
+    with factory() as session:
+        assert repository.tenant_for_key(session, key) is None
+        found = repository.tenant_for_key(session, second_key)
+        assert found is not None and found.id == tenant.id
+
+
+def test_tenant_names_are_unique(factory: sessionmaker[Session]) -> None:
+    name = f"acme-{uuid.uuid4().hex[:8]}"
+    with session_scope(factory) as session:
+        repository.create_tenant(session, name)
+    with pytest.raises(Conflict), session_scope(factory) as session:
+        repository.create_tenant(session, name)
+
+
+# -------------------------------------------------------------------------------------- scoping
+
+
+def test_another_tenants_rows_are_invisible(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    intruder = new_tenant(factory)
+    job_id, attempt = _running(factory, tenant_id)
+    with session_scope(factory) as session:
+        assert repository.put_artifact(
+            session, job_id, attempt, name="report.json", kind="report", uri="file:///r", size_bytes=2, sha256="b" * 64
+        )
+        job = repository.get_job(session, tenant_id, job_id)
+        assert job is not None
+        model_id, dataset_id = job.model_id, job.dataset_id
+
+    with factory() as session:
+        assert repository.get_model(session, intruder, model_id) is None
+        assert repository.get_dataset(session, intruder, dataset_id) is None
+        assert repository.get_job(session, intruder, job_id) is None
+        assert repository.get_artifact(session, intruder, job_id, "report.json") is None
+        assert repository.list_artifacts(session, intruder, job_id) == []
+        assert repository.list_models(session, intruder).total == 0
+        assert repository.list_datasets(session, intruder).total == 0
+        assert repository.list_jobs(session, intruder).total == 0
+        # the owner sees them
+        assert repository.get_model(session, tenant_id, model_id) is not None
+        artifact = repository.get_artifact(session, tenant_id, job_id, "report.json")
+        assert artifact is not None and artifact.size_bytes == 2
+
+    with session_scope(factory) as session:
+        assert not repository.delete_model(session, intruder, model_id)
+        assert not repository.delete_dataset(session, intruder, dataset_id)
+        assert not repository.delete_job(session, intruder, job_id)
+        with pytest.raises(NotFound):  # a job cannot be built on another tenant's model
+            repository.create_job(
+                session, intruder, model_id=model_id, dataset_id=dataset_id, method="dns", target={}, settings={}
+            )
+    with factory() as session:
+        assert repository.get_job(session, tenant_id, job_id) is not None
+
+
+def test_list_jobs_filters_pages_and_counts(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    jobs = [new_job(factory, tenant_id) for _ in range(5)]
+    with session_scope(factory) as session:
+        for job_id in jobs[:2]:
+            assert jobstate.transition(session, job_id, "queued", "cancelled")
+    with factory() as session:
+        page = repository.list_jobs(session, tenant_id, limit=2, offset=0)
+        assert page.total == 5 and len(page.items) == 2
+        everything = [j.id for j in repository.list_jobs(session, tenant_id, limit=100).items]
+        assert sorted(everything) == sorted(jobs)
+        created = [j.created_at for j in repository.list_jobs(session, tenant_id, limit=100).items]
+        assert created == sorted(created, reverse=True)
+        second = repository.list_jobs(session, tenant_id, limit=2, offset=2)
+        assert {j.id for j in second.items}.isdisjoint(j.id for j in page.items)
+        cancelled = repository.list_jobs(session, tenant_id, state="cancelled")
+        assert cancelled.total == 2 and {j.id for j in cancelled.items} == set(jobs[:2])
+        assert repository.list_jobs(session, tenant_id, state="queued").total == 3
+        with pytest.raises(ValueError):
+            repository.list_jobs(session, tenant_id, state="paused")
+        with pytest.raises(ValueError):
+            repository.list_jobs(session, tenant_id, limit=0)
+
+
+def test_timestamps_are_aware_utc_and_relationships_never_lazy_load(
+    factory: sessionmaker[Session], job_id: uuid.UUID
+) -> None:
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert job.created_at.tzinfo is not None and job.created_at.utcoffset() == timedelta(0)
+        assert abs(job.created_at - job.created_at.astimezone(UTC)) == timedelta(0)
+        with pytest.raises(InvalidRequestError):
+            _ = job.model
+        with pytest.raises(InvalidRequestError):
+            _ = job.artifacts
+
+
+# ------------------------------------------------------------------------------------------ jobs
+
+
+def test_idempotency_key_returns_the_first_job(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    first = new_job(factory, tenant_id, idempotency_key="req-1")
+    with factory() as session:
+        model_id = session.scalar(select(Job.model_id).where(Job.id == first))
+        dataset_id = session.scalar(select(Job.dataset_id).where(Job.id == first))
+    assert model_id is not None and dataset_id is not None
+    kwargs = {"model_id": model_id, "dataset_id": dataset_id, "method": "dns", "target": {}, "settings": {}}
+    with session_scope(factory) as session:
+        again, created = repository.create_job(session, tenant_id, idempotency_key="req-1", **kwargs)  # type: ignore[arg-type]
+        assert (again.id, created) == (first, False)
+        other, created = repository.create_job(session, tenant_id, idempotency_key="req-2", **kwargs)  # type: ignore[arg-type]
+        assert created and other.id != first
+        plain_a, _ = repository.create_job(session, tenant_id, **kwargs)  # type: ignore[arg-type]
+        plain_b, _ = repository.create_job(session, tenant_id, **kwargs)  # type: ignore[arg-type]
+        assert plain_a.id != plain_b.id  # no key: never deduplicated
+    # another tenant may use the same key
+    assert new_job(factory, new_tenant(factory), idempotency_key="req-1") != first
+    with factory() as session:
+        assert repository.list_jobs(session, tenant_id).total == 4
+
+
+# -------------------------------------------------------------------------------------- progress
+
+
+def test_add_progress_ignores_duplicate_iterations(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    job_id, attempt = _running(factory, tenant_id)
+    with session_scope(factory) as session:
+        first = [ProgressSample(i, loss=10.0 - i, compression=float(i)) for i in (1, 2, 3)]
+        assert repository.add_progress(session, job_id, attempt, first)
+    with session_scope(factory) as session:
+        again = [ProgressSample(i, loss=-1.0) for i in (2, 3)] + [ProgressSample(4, loss=6.0, val_accuracy=0.9)]
+        assert repository.add_progress(session, job_id, attempt, again)
+    with factory() as session:
+        points = repository.list_progress(session, job_id)
+        assert [(p.iteration, p.loss) for p in points] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0)]
+        assert [p.iteration for p in repository.list_progress(session, job_id, after_iteration=2)] == [3, 4]
+        job = session.get(Job, job_id)
+        assert job is not None
+        # the summary takes the latest value of each field; compression last came at iteration 3
+        assert (job.iteration, job.loss, job.val_accuracy, job.compression) == (4, 6.0, 0.9, 3.0)
+
+
+def test_add_layer_points(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    job_id, attempt = _running(factory, tenant_id)
+    samples = [LayerSample(it, name, kept, 100) for it in (10, 20) for name, kept in (("fc1", 50 - it), ("fc2", 90))]
+    with session_scope(factory) as session:
+        assert repository.add_layer_points(session, job_id, attempt, samples)
+        assert repository.add_layer_points(session, job_id, attempt, [LayerSample(20, "fc1", 0, 100)])  # duplicate
+        assert not repository.add_layer_points(session, job_id, attempt + 1, [LayerSample(30, "fc1", 1, 100)])
+    with factory() as session:
+        rows = [(p.iteration, p.layer, p.kept) for p in repository.list_layer_points(session, job_id)]
+        assert rows == [(10, "fc1", 40), (10, "fc2", 90), (20, "fc1", 30), (20, "fc2", 90)]
+        job = session.get(Job, job_id)
+        assert job is not None and job.layers is not None
+        assert job.layers["iteration"] == 20
+    with pytest.raises(IntegrityError), session_scope(factory) as session:  # kept > total
+        repository.add_layer_points(session, job_id, attempt, [LayerSample(40, "fc1", 101, 100)])
+
+
+def test_put_artifact_replaces_by_name(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    job_id, attempt = _running(factory, tenant_id)
+    with session_scope(factory) as session:
+        assert repository.put_artifact(
+            session, job_id, attempt, name="weights", kind="sparse", uri="file:///1", size_bytes=1, sha256="1" * 64
+        )
+        assert repository.put_artifact(
+            session, job_id, attempt, name="weights", kind="sparse", uri="file:///2", size_bytes=2, sha256="2" * 64
+        )
+    with factory() as session:
+        [artifact] = repository.list_artifacts(session, tenant_id, job_id)
+        assert (artifact.uri, artifact.size_bytes) == ("file:///2", 2)
+
+
+# --------------------------------------------------------------------------------------- deletes
+
+
+def test_deletes_refuse_what_is_in_use_and_cascade_to_children(
+    factory: sessionmaker[Session], tenant_id: uuid.UUID
+) -> None:
+    job_id, attempt = _running(factory, tenant_id)
+    with session_scope(factory) as session:
+        assert repository.add_progress(session, job_id, attempt, [ProgressSample(1, loss=1.0)])
+        assert repository.add_layer_points(session, job_id, attempt, [LayerSample(1, "fc1", 1, 2)])
+        assert repository.put_artifact(
+            session, job_id, attempt, name="weights", kind="sparse", uri="file:///w", size_bytes=1, sha256="c" * 64
+        )
+        job = repository.get_job(session, tenant_id, job_id)
+        assert job is not None
+        model_id, dataset_id = job.model_id, job.dataset_id
+
+    with session_scope(factory) as session:
+        with pytest.raises(Conflict):  # running
+            repository.delete_job(session, tenant_id, job_id)
+        with pytest.raises(Conflict):  # used by the job
+            repository.delete_model(session, tenant_id, model_id)
+        with pytest.raises(Conflict):
+            repository.delete_dataset(session, tenant_id, dataset_id)
+
+    with session_scope(factory) as session:
+        assert jobstate.transition(session, job_id, "running", "succeeded", attempt=attempt)
+    with session_scope(factory) as session:
+        assert repository.delete_job(session, tenant_id, job_id)
+        assert not repository.delete_job(session, tenant_id, job_id)
+    with factory() as session:
+        for entity in (ProgressPoint, LayerPoint, Artifact):
+            assert _count(session, entity, job_id) == 0
+    with session_scope(factory) as session:
+        assert repository.delete_model(session, tenant_id, model_id)
+        assert repository.delete_dataset(session, tenant_id, dataset_id)
+        assert repository.get_model(session, tenant_id, model_id) is None
+
+
+def test_deleting_a_tenant_removes_everything_it_owns(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    job_id, attempt = _running(factory, tenant_id)
+    with session_scope(factory) as session:
+        assert repository.add_progress(session, job_id, attempt, [ProgressSample(1)])
+    with session_scope(factory) as session:
+        assert repository.delete_tenant(session, tenant_id)
+    with factory() as session:
+        assert session.get(Tenant, tenant_id) is None
+        assert session.get(Job, job_id) is None
+        assert _count(session, ProgressPoint, job_id) == 0
+        assert session.scalar(select(func.count()).where(ApiKey.tenant_id == tenant_id)) == 0
+
+
+def test_dataset_rows_are_checked(session: Session, tenant_id: uuid.UUID) -> None:
+    with pytest.raises(ValueError):
+        repository.create_dataset(session, tenant_id, name="x", kind="builtin")
+    with pytest.raises(ValueError):
+        repository.create_dataset(session, tenant_id, name="x", kind="npz", builtin_name="digits")
+    with pytest.raises(ValueError):
+        repository.create_model(
+            session, tenant_id, name="m", format="pt", parameter_count=1, size_bytes=1, sha256="0" * 64, uri="u"
+        )
+    # the database refuses it too, whatever the caller skips
+    dataset = repository.create_dataset(session, tenant_id, name="u", kind="npz", uri="file:///d.npz", size_bytes=3)
+    dataset.uri = None
+    with pytest.raises(IntegrityError):
+        session.flush()
+    session.rollback()
