@@ -127,7 +127,7 @@ def write_artifacts(
     module: nn.Module,
     report: dict[str, Any],
     *,
-    inputs: Mapping[str, str | os.PathLike[str]] | None = None,
+    inputs: Mapping[str, str | os.PathLike[str] | dict[str, Any]] | None = None,
     codec: str | None = None,
     clusters: int = 256,
     evaluate: Callable[[nn.Module], dict[str, float | None]] | None = None,
@@ -135,7 +135,8 @@ def write_artifacts(
     """Write every artifact of a finished compression into ``out_dir`` and return the full report.
 
     ``module`` is the squashed model; ``report`` what :func:`dns_core.compress.compress` returned;
-    ``inputs`` the files the job read (name -> path), hashed into the report. With ``codec``, the
+    ``inputs`` the files the job read (name -> path, or a :func:`file_record` made earlier), hashed
+    into the report. With ``codec``, the
     codec's file is written too and ``evaluate`` (module -> {"val_acc", "test_acc"}) measures the
     model rebuilt from it, so the report shows the codec's accuracy effect.
     """
@@ -180,7 +181,7 @@ def write_artifacts(
             rebuilt.load_state_dict(load_sparse(out / name))
             entry |= evaluate(rebuilt)
         full["value_codec"] = entry
-    full["inputs"] = {k: file_record(v) for k, v in (inputs or {}).items()}
+    full["inputs"] = {k: v if isinstance(v, dict) else file_record(v) for k, v in (inputs or {}).items()}
     full["outputs"] = {k: file_record(v) for k, v in files.items()}
     full["versions"] = package_versions()
     (out / REPORT).write_text(json.dumps(_jsonable(full), indent=2))

@@ -94,8 +94,15 @@ class Progress:
 
 @dataclass
 class Callbacks:
+    """Hooks into :func:`fit`: progress reports, cooperative cancellation, finished checkpoints.
+
+    ``should_cancel`` is asked every ``cancel_every`` iterations; ``on_checkpoint(iteration, path)``
+    runs after each checkpoint is completely written (e.g. to copy it to remote storage).
+    """
+
     on_progress: Callable[[Progress], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    on_checkpoint: Callable[[int, Path], None] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -420,6 +427,8 @@ def fit(
             emit(done, "progress")
         if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             save(done)
+            if cb.on_checkpoint is not None:
+                cb.on_checkpoint(done, ckpt)
 
     restored = False
     if valid is not None and valid.targets is not None:

@@ -144,3 +144,41 @@ def test_refused_files_are_one_clear_line(tmp_path: Path, capsys: pytest.Capture
     bad.write_bytes(b"PK\x03\x04garbage")
     assert main(["compress", "--data", str(bad), "--model", str(ts)]) == 2
     assert "cannot use the data" in capsys.readouterr().err
+
+
+def test_an_onnx_model_comes_back_as_onnx_that_onnxruntime_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ONNX (a CNN with BatchNorm and a residual block) → torch → surgery → ONNX → onnxruntime."""
+    import numpy as np
+    import onnx
+
+    from dns_core.onnx_io import check_with_onnxruntime, load_onnx
+    from tests.dns_core.test_onnx_io import cnn_model
+
+    model = cnn_model(c=8, classes=10, size=12)
+    onnx.save(model, str(tmp_path / "cnn.onnx"))
+    g = np.random.default_rng(0)
+    x = g.normal(size=(240, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", inputs=x, targets=(x[:, 0].mean((1, 2)) > 0).astype(np.int64) * 3)
+    out = tmp_path / "out"
+    argv = ["compress", "--model", str(tmp_path / "cnn.onnx"), "--data", str(tmp_path / "data.npz"),
+            "--iterations", "120", "--target", "3", "--max-drop", "100", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "onnx" and set(report["outputs"]) == {"model.onnx", "model.sparse.safetensors"}
+    exported = (out / "model.onnx").read_bytes()
+    back = onnx.load_from_string(exported)
+    assert [i.name for i in back.graph.input] == ["x"] and [o.name for o in back.graph.output] == ["logits"]
+    module = load_onnx(exported)
+    assert check_with_onnxruntime(module, exported, n=4, atol=1e-4) <= 1e-4
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in back.graph.initializer}
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.size for w in weights.values())
+    assert zeros > 0.5 * total  # 3x asked: most weights are exactly zero in the ONNX file
+    sparse = load_sparse(out / "model.sparse.safetensors")
+    assert sparse.keys() == module.state_dict().keys()
+    # every tensor agrees but BatchNorm's step counters, which ONNX has no field for
+    differ = [k for k, v in module.state_dict().items() if not torch.equal(sparse[k], v)]
+    assert differ and all(k.endswith("num_batches_tracked") for k in differ)
+    assert "model.onnx" in capsys.readouterr().out
