@@ -70,6 +70,27 @@ class Settings(BaseSettings):
         gt=0,
         description="Iterations between checkpoints; a resumed job loses at most this much work.",
     )
+    device: str = Field(
+        default="auto",
+        description="Where workers train: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'. "
+        "Run one worker process per GPU and choose it with CUDA_VISIBLE_DEVICES.",
+    )
+    default_iterations: int = Field(
+        default=20_000,
+        gt=0,
+        description="Surgery iterations of a job that does not set its own.",
+    )
+    reaper_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often each worker's reaper looks for expired leases and lost queue messages.",
+    )
+    requeue_after_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A job queued for longer than this whose message is no longer in the broker (lost "
+        "with a broker restart) is sent again.",
+    )
     progress_flush_seconds: float = Field(
         default=1.0,
         gt=0,

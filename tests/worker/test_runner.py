@@ -1,0 +1,208 @@
+"""The job runner, called directly (no broker): claims, progress, artifacts, cancel, failure, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import jobstate, repository
+from api.database import session_scope
+from api.db import Artifact, Job, LayerPoint, ProgressPoint, utcnow
+from api.settings import Settings
+from api.storage import Storage
+from dns_core import models
+from dns_core.io import save_model
+from dns_core.sparse import load_sparse
+from tests.api.factories import new_tenant
+from worker.runner import WorkerContext, checkpoint_key, run_job
+
+
+@pytest.fixture
+def ctx(factory: sessionmaker[Session], tmp_path: Path) -> WorkerContext:
+    settings = Settings(
+        data_dir=tmp_path, storage_url=str(tmp_path / "store"), heartbeat_seconds=0.5, lease_seconds=5,
+        checkpoint_every=100, progress_flush_seconds=0.2, device="cpu",
+    )  # fmt: skip
+    return WorkerContext(settings, factory, Storage(settings.storage_url))
+
+
+def _upload_zoo_model(ctx: WorkerContext, tenant: uuid.UUID, path: Path) -> uuid.UUID:
+    model_id = uuid.uuid4()
+    stored = ctx.storage.put_file(f"models/{model_id}/model.safetensors", path)
+    with session_scope(ctx.sessions) as s:
+        repository.create_model(
+            s, tenant, name="lenet", format="safetensors", architecture="lenet-300-100", config={},
+            parameter_count=266_610, size_bytes=stored.size, sha256=stored.sha256, uri=stored.key,
+            model_id=model_id,
+        )  # fmt: skip
+    return model_id
+
+
+@pytest.fixture
+def zoo_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "upload.safetensors"
+    save_model(path, models.build("lenet-300-100"), "lenet-300-100")
+    return path
+
+
+def _job(ctx: WorkerContext, tenant: uuid.UUID, model_id: uuid.UUID, **settings: Any) -> uuid.UUID:
+    with session_scope(ctx.sessions) as s:
+        data = repository.create_dataset(s, tenant, name="digits", kind="builtin", builtin_name="digits")
+        job, _ = repository.create_job(
+            s, tenant, model_id=model_id, dataset_id=data.id, method="dns",
+            target={"compression": 5.0, "max_accuracy_drop": 100.0},
+            settings={"iterations": 300, "seed": 0} | settings, total_iterations=settings.get("iterations", 300),
+        )  # fmt: skip
+        return job.id
+
+
+def _row(ctx: WorkerContext, job_id: uuid.UUID) -> Job:
+    with session_scope(ctx.sessions) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def test_a_job_runs_to_succeeded_with_progress_layers_and_artifacts(ctx: WorkerContext, zoo_file: Path) -> None:
+    tenant = new_tenant(ctx.sessions)
+    job_id = _job(ctx, tenant, _upload_zoo_model(ctx, tenant, zoo_file), codec="int8")
+    assert run_job(ctx, job_id) == "succeeded"
+    job = _row(ctx, job_id)
+    assert job.state == "succeeded" and job.attempt == 1 and job.error is None
+    assert job.iteration == 300 and job.compression is not None and 4.75 <= job.compression <= 5.25
+    with session_scope(ctx.sessions) as s:
+        iters = list(s.scalars(select(ProgressPoint.iteration).where(ProgressPoint.job_id == job_id)))
+        layers = set(s.scalars(select(LayerPoint.layer).where(LayerPoint.job_id == job_id)))
+        arts = {
+            a.name: (a.uri, a.size_bytes, a.sha256)
+            for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
+        }
+    assert iters == sorted(iters) and iters[-1] == 300 and len(iters) >= 5
+    assert layers == {"fc1", "fc2", "fc3"}
+    names = {"model.safetensors", "model.sparse.safetensors", "model.sparse.int8.safetensors", "report.json"}
+    assert set(arts) == names
+    for uri, size, sha in arts.values():
+        with ctx.storage.open(uri) as f:
+            data = f.read()
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
+    with ctx.storage.open(arts["report.json"][0]) as f:
+        report = json.load(f)
+    assert report["inputs"]["model"]["sha256"] == hashlib.sha256(zoo_file.read_bytes()).hexdigest()
+    assert report["outputs"]["model.safetensors"]["sha256"] == arts["model.safetensors"][2]
+    assert report["value_codec"]["codec"] == "int8" and report["attempt"] == 1
+    assert run_job(ctx, job_id) == "skipped"  # a duplicate delivery of a finished job does nothing
+
+
+def test_a_model_that_cannot_be_used_fails_with_a_sentence(ctx: WorkerContext, tmp_path: Path) -> None:
+    tenant = new_tenant(ctx.sessions)
+    evil = tmp_path / "evil.safetensors"
+    sentinel = tmp_path / "SENTINEL"
+    evil.write_bytes(pickle.dumps(_Payload(sentinel)))
+    job_id = _job(ctx, tenant, _upload_zoo_model(ctx, tenant, evil))
+    assert run_job(ctx, job_id) == "failed"
+    job = _row(ctx, job_id)
+    assert job.state == "failed" and job.error is not None and "pickle" in job.error and "Traceback" not in job.error
+    assert not sentinel.exists()
+
+
+class _Payload:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.mkdir, (str(self.target),))
+
+
+@pytest.fixture
+def background() -> Iterator[list[threading.Thread]]:
+    threads: list[threading.Thread] = []
+    yield threads
+    for t in threads:
+        t.join(timeout=60)
+
+
+def _start(ctx: WorkerContext, job_id: uuid.UUID, threads: list[threading.Thread], out: dict[str, str]) -> None:
+    t = threading.Thread(target=lambda: out.update(result=run_job(ctx, job_id)))
+    t.start()
+    threads.append(t)
+
+
+def _wait_for(predicate: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_cancel_stops_a_running_job_quickly(
+    ctx: WorkerContext, zoo_file: Path, background: list[threading.Thread]
+) -> None:
+    tenant = new_tenant(ctx.sessions)
+    job_id = _job(ctx, tenant, _upload_zoo_model(ctx, tenant, zoo_file), iterations=200_000)
+    out: dict[str, str] = {}
+    _start(ctx, job_id, background, out)
+    _wait_for(lambda: _row(ctx, job_id).iteration > 0)
+    with session_scope(ctx.sessions) as s:
+        assert jobstate.request_cancel(s, job_id) == "running"
+    asked = time.monotonic()
+    _wait_for(lambda: _row(ctx, job_id).state == "cancelled", timeout=5)
+    assert time.monotonic() - asked < 5
+    background[0].join(timeout=10)
+    assert out["result"] == "cancelled"
+
+
+def test_a_superseded_attempt_stops_and_the_next_resumes_from_the_checkpoint(
+    ctx: WorkerContext, zoo_file: Path, background: list[threading.Thread]
+) -> None:
+    tenant = new_tenant(ctx.sessions)
+    model_id = _upload_zoo_model(ctx, tenant, zoo_file)
+    straight = _job(ctx, tenant, model_id, iterations=400)
+    assert run_job(ctx, straight) == "succeeded"
+
+    job_id = _job(ctx, tenant, model_id, iterations=400)
+    out: dict[str, str] = {}
+    _start(ctx, job_id, background, out)
+    ckpt = ctx.storage.local_path(checkpoint_key(job_id))
+    assert ckpt is not None
+    _wait_for(lambda: ckpt.exists() and _row(ctx, job_id).iteration >= 150)
+    with session_scope(ctx.sessions) as s:  # another worker takes over: the lease expired, the attempt moves on
+        s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
+    with session_scope(ctx.sessions) as s:
+        assert jobstate.claim(s, job_id, "other-worker", 0.01) == 2
+    background[0].join(timeout=30)
+    assert out["result"] == "lost"  # the first attempt stopped without finishing or writing artifacts
+    with session_scope(ctx.sessions) as s:
+        assert not list(s.scalars(select(Artifact).where(Artifact.job_id == job_id)))
+    time.sleep(0.05)  # the takeover's lease (0.01 s) has expired: the "other worker" died too
+    before = _row(ctx, job_id).iteration
+    assert run_job(ctx, job_id) == "succeeded"
+    job = _row(ctx, job_id)
+    assert job.attempt == 3 and job.iteration == 400 and before >= 150
+    with session_scope(ctx.sessions) as s:
+        first = {a.name: a.uri for a in s.scalars(select(Artifact).where(Artifact.job_id == straight))}
+        resumed = {a.name: a.uri for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))}
+        attempts = set(s.scalars(select(ProgressPoint.attempt).where(ProgressPoint.job_id == job_id)))
+    assert attempts == {1, 3}
+    # the resumed run ends with exactly the weights and masks of the uninterrupted one (compared as
+    # tensors: safetensors orders header metadata differently from one write to the next)
+    for name, load in (("model.safetensors", load_file), ("model.sparse.safetensors", load_sparse)):
+        with ctx.storage.fetch(first[name]) as a, ctx.storage.fetch(resumed[name]) as b:
+            want, got = load(str(a)), load(str(b))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
