@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Insert, Select, delete, exists, func, select
+from sqlalchemy import ColumnElement, Insert, Select, case, delete, exists, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -430,7 +430,9 @@ def add_progress(session: Session, job_id: uuid.UUID, attempt: int, points: Sequ
     """
     if not points:
         return jobstate.update_live(session, job_id, attempt)
-    summary: dict[str, Any] = {"iteration": max(p.iteration for p in points)}
+    newest = max(p.iteration for p in points)
+    # a resumed attempt repeats iterations since its checkpoint: the job's iteration never goes back
+    summary: dict[str, Any] = {"iteration": case((Job.iteration > newest, Job.iteration), else_=newest)}
     for field in ("loss", "val_accuracy", "compression"):
         summary.update(_latest(points, field))
     if not jobstate.update_live(session, job_id, attempt, **summary):
@@ -584,3 +586,27 @@ def _insert_ignoring(session: Session, entity: type[Any], keys: list[str]) -> In
     if dialect == "sqlite":
         return sqlite.insert(entity).on_conflict_do_nothing(index_elements=keys)
     raise NotImplementedError(f"insert-or-ignore on {dialect!r}")  # pragma: no cover
+
+
+def list_layer_history(
+    session: Session, job_id: uuid.UUID, *, after_iteration: int = -1, iterations: int = 100
+) -> list[LayerPoint]:
+    """Per-layer points of the first ``iterations`` logged iterations after ``after_iteration``, whole.
+
+    Unlike :func:`list_layer_points`, a page never ends in the middle of an iteration, so the last
+    iteration returned is a safe cursor for the next call.
+    """
+    _check_page(iterations, 0)
+    chosen = (
+        select(LayerPoint.iteration)
+        .where(LayerPoint.job_id == job_id, LayerPoint.iteration > after_iteration)
+        .group_by(LayerPoint.iteration)
+        .order_by(LayerPoint.iteration)
+        .limit(iterations)
+    )
+    stmt = (
+        select(LayerPoint)
+        .where(LayerPoint.job_id == job_id, LayerPoint.iteration.in_(chosen))
+        .order_by(LayerPoint.iteration, LayerPoint.layer)
+    )
+    return list(session.scalars(stmt))

@@ -204,6 +204,11 @@ def test_add_progress_ignores_duplicate_iterations(factory: sessionmaker[Session
         assert job is not None
         # the summary takes the latest value of each field; compression last came at iteration 3
         assert (job.iteration, job.loss, job.val_accuracy, job.compression) == (4, 6.0, 0.9, 3.0)
+    with session_scope(factory) as session:  # a resumed attempt repeats 2..3: the job's iteration stays at 4
+        assert repository.add_progress(session, job_id, attempt, [ProgressSample(2), ProgressSample(3)])
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.iteration == 4
 
 
 def test_add_layer_points(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
