@@ -1,4 +1,5 @@
-"""``netsurgery``: compress, train-reference and bench (dns_core only; no web imports)."""
+"""``netsurgery``: compress, train-reference, pack and bench (dns_core only), and the service commands
+(serve, worker, migrate, admin), whose packages load only when they run."""
 
 from __future__ import annotations
 
@@ -231,17 +232,34 @@ def _print_pack(p: PackStats, dense_file_bytes: int) -> None:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
+    import copy
+
     from dns_core.io import load_model
-    from dns_core.sparse import save_sparse
+    from dns_core.sparse import load_sparse, save_sparse
 
     try:
         model, arch = load_model(args.weights)
     except (OSError, ValueError) as e:
         raise CliError(f"cannot load weights from {args.weights}: {e}") from None
-    out = Path(args.out or str(args.weights).replace(".safetensors", "") + ".sparse.safetensors")
-    packed = save_sparse(out, model.state_dict(), {"netsurgery.arch": arch})
+    suffix = f".sparse.{args.codec}.safetensors" if args.codec else ".sparse.safetensors"
+    out = Path(args.out or str(args.weights).replace(".safetensors", "") + suffix)
+    pruned = {n for n, t in model.state_dict().items() if t.dim() >= 2}
+    packed = save_sparse(out, model.state_dict(), {"netsurgery.arch": arch}, codec=args.codec,
+                         codec_tensors=pruned, clusters=args.clusters)  # fmt: skip
     _print_pack(packed, Path(args.weights).stat().st_size)
-    print(json.dumps({"file": str(out)} | _pack_summary(packed)))
+    summary: dict[str, Any] = {"file": str(out), "codec": args.codec} | _pack_summary(packed)
+    if args.data:
+        from dns_core.train import evaluate
+
+        _, _, test = _load_data(args)
+        if test is None:
+            raise CliError(f"{args.data} has no test split to measure accuracy on")
+        decoded = copy.deepcopy(model)
+        decoded.load_state_dict(load_sparse(out))
+        summary["test_acc"], summary["test_acc_decoded"] = evaluate(model, test), evaluate(decoded, test)
+        print(f"test accuracy {summary['test_acc']:.2f}% as stored, {summary['test_acc_decoded']:.2f}% decoded "
+              f"from {out.name}")  # fmt: skip
+    print(json.dumps(summary))
     return 0
 
 
@@ -345,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("pack", help="write pruned weights as a compact sparse file and print its size")
     k.add_argument("weights", help="pruned weights (safetensors, dense with zeros)")
-    k.add_argument("--out", help="output file (default: <weights>.sparse.safetensors)")
+    k.add_argument("--out", help="output file (default: <weights>.sparse[.<codec>].safetensors)")
+    k.add_argument("--codec", choices=["float16", "int8", "shared"], default=None, help="compress the weight values")
+    k.add_argument("--clusters", type=int, default=256, help="codebook size of --codec shared (2-256)")
+    k.add_argument("--data", default=None, help="built-in set whose test split measures accuracy before and after")
     k.set_defaults(func=cmd_pack)
 
     b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead")
@@ -356,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iterations", type=int, default=None, help="iteration budget per method")
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.set_defaults(func=cmd_bench)
+
+    from netsurgery.service import add_commands  # light: the service packages load only when a command runs
+
+    add_commands(sub)
     return p
 
 

@@ -61,6 +61,11 @@ def test_compress_on_digits_writes_model_and_report(tmp_path: Path, capsys: pyte
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bytes"] == (tmp_path / "p.safetensors").stat().st_size
     assert last["overhead"] <= 1.3
+    assert main(["pack", str(out / "model.safetensors"), "--codec", "shared", "--clusters", "32"]) == 0
+    coded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert coded["codec"] == "shared" and coded["bytes"] < 0.6 * last["bytes"]
+    assert main(["pack", str(out / "model.safetensors"), "--codec", "int8", "--data", "digits"]) == 2
+    assert "no test split" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
