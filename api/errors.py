@@ -1,23 +1,54 @@
 """The service's one error hierarchy: each expected failure has a class and an HTTP status.
 
-The repository raises these; the HTTP layer renders every :class:`AppError` with one handler, so an
-expected error is never a 500.
+The repository raises these; the HTTP layer renders every :class:`AppError` with one handler
+(:func:`api.app.render_error`) as ``{"error": code, "detail": message}``, so an expected error is
+never a 500. Errors from elsewhere (request validation, the upload checks in ``dns_core``, a
+database that cannot be reached) are translated into these classes first.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 
 class AppError(Exception):
-    """An expected failure a client can act on; ``status_code`` and ``code`` say which."""
+    """An expected failure a client can act on; ``status_code`` and ``code`` say which.
+
+    ``headers`` are sent with the error response (``WWW-Authenticate`` on a 401, ``Content-Range``
+    on a 416 …); ``extra`` adds members to the JSON body (the field errors of a 422).
+    """
 
     status_code: ClassVar[int] = 400
     code: ClassVar[str] = "bad_request"
+    description: ClassVar[str] = "The request is malformed."
 
-    def __init__(self, detail: str) -> None:
+    def __init__(
+        self, detail: str, *, headers: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers: dict[str, str] = dict(headers or {})
+        self.extra: dict[str, Any] = dict(extra or {})
+
+
+class BadRequest(AppError):
+    """The request cannot be parsed (a malformed or truncated multipart body, bad JSON …)."""
+
+    status_code = 400
+    code = "bad_request"
+    description = "The request body cannot be parsed."
+
+
+class Unauthorized(AppError):
+    """No API key, or one that is unknown or revoked."""
+
+    status_code = 401
+    code = "unauthorized"
+    description = "Missing, unknown or revoked API key (send `Authorization: Bearer <key>`)."
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 class NotFound(AppError):
@@ -25,6 +56,7 @@ class NotFound(AppError):
 
     status_code = 404
     code = "not_found"
+    description = "No such resource for this tenant."
 
 
 class Conflict(AppError):
@@ -32,6 +64,7 @@ class Conflict(AppError):
 
     status_code = 409
     code = "conflict"
+    description = "The request conflicts with the resource's current state."
 
 
 class PayloadTooLarge(AppError):
@@ -39,6 +72,7 @@ class PayloadTooLarge(AppError):
 
     status_code = 413
     code = "payload_too_large"
+    description = "The body is larger than the service accepts."
 
 
 class UnsupportedFormat(AppError):
@@ -46,3 +80,36 @@ class UnsupportedFormat(AppError):
 
     status_code = 415
     code = "unsupported_format"
+    description = "The upload (or the request's content type) is in a format the service refuses."
+
+
+class RangeNotSatisfiable(AppError):
+    """A ``Range`` header none of whose bytes exist in the file."""
+
+    status_code = 416
+    code = "range_not_satisfiable"
+    description = "The requested byte range lies outside the file."
+
+
+class InvalidRequest(AppError):
+    """The request parses but its values are wrong (field errors of a JSON body or a query)."""
+
+    status_code = 422
+    code = "invalid_request"
+    description = "The request's values are invalid; `fields` lists each problem."
+
+
+class InvalidFile(AppError):
+    """An upload in an accepted format that is malformed or does not fit its architecture."""
+
+    status_code = 422
+    code = "invalid_file"
+    description = "The uploaded file is malformed or does not match its architecture."
+
+
+class ServiceUnavailable(AppError):
+    """A dependency (the database, the broker) cannot be reached right now; retrying later may work."""
+
+    status_code = 503
+    code = "unavailable"
+    description = "The database or the broker cannot be reached; retry later."

@@ -217,7 +217,7 @@ def _load_inputs(ctx: WorkerContext, model_row: Model, dataset_row: Dataset, see
             else:
                 assert dataset_row.uri is not None
                 data_path = stack.enter_context(ctx.storage.fetch(dataset_row.uri))
-                targets_uri = f"{dataset_row.uri.rsplit('/', 1)[0]}/targets"
+                targets_uri = f"{dataset_row.uri.rsplit('/', 1)[0]}/targets.idx"  # IDX labels, when uploaded
                 targets = (
                     stack.enter_context(ctx.storage.fetch(targets_uri)) if ctx.storage.exists(targets_uri) else None
                 )
@@ -242,7 +242,7 @@ def _configure(job: Job, settings: Settings, seed: int) -> tuple[Any, Any, Any, 
     from dns_core.surgery import SurgeryError, Target
     from dns_core.train import TrainConfig
 
-    opts = dict(job.settings or {})
+    opts = {k: v for k, v in (job.settings or {}).items() if v is not None}  # None: the default
     tgt = dict(job.target or {})
     iterations = int(opts.get("iterations") or job.total_iterations or settings.default_iterations)
     try:
@@ -319,7 +319,7 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
         dataset_row = session.get(Dataset, job.dataset_id)
         assert model_row is not None and dataset_row is not None
         session.expunge_all()
-    seed = int((job.settings or {}).get("seed", 0))
+    seed = int((job.settings or {}).get("seed") or 0)
     try:
         target, method_settings, config, iterations = _configure(job, ctx.settings, seed)
         loaded, train, valid, test, input_records = _load_inputs(ctx, model_row, dataset_row, seed)

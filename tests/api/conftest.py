@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psycopg
 import pytest
+import redis
+import uvicorn
 from psycopg import sql
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.database import make_engine, make_session_factory
+from api import repository
+from api.database import make_engine, make_session_factory, session_scope
 from api.migrate import upgrade
+from api.queue import QUEUE
+from api.settings import Settings
 from tests.api.factories import new_job, new_tenant
 
 # libpq URL of a Postgres server where the tests may create and drop databases
@@ -114,3 +125,107 @@ def tenant_id(factory: sessionmaker[Session]) -> uuid.UUID:
 @pytest.fixture
 def job_id(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> uuid.UUID:
     return new_job(factory, tenant_id)
+
+
+# ------------------------------------------------------------------------------------ live HTTP
+
+# Redis database the HTTP tests send job messages to (their own index; only the "jobs" key is touched)
+REDIS_TEST_URL = os.environ.get("NETSURGERY_TEST_REDIS", "redis://127.0.0.1:6379/15")
+# the test servers' upload cap: big enough for LeNet-300-100 weights (1.07 MB), small enough to pass quickly
+HTTP_MAX_UPLOAD = 2 * 1024 * 1024
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free loopback port in a background thread; its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    """A running API: its URL, app, settings, and the folders tests look into."""
+
+    url: str
+    app: Any
+    settings: Settings
+    factory: sessionmaker[Session]
+
+    @property
+    def storage_root(self) -> Path:
+        return Path(self.settings.storage_url)
+
+    @property
+    def upload_root(self) -> Path:
+        return self.settings.data_dir / "upload-tmp"
+
+    def stored_files(self) -> set[Path]:
+        return {p for p in self.storage_root.rglob("*") if p.is_file()}
+
+    def new_tenant(self) -> tuple[uuid.UUID, str]:
+        """A committed tenant and its plaintext API key."""
+        with session_scope(self.factory) as session:
+            tenant, key = repository.create_tenant(session, f"http-{uuid.uuid4().hex[:12]}")
+            return tenant.id, key
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def redis_queue() -> Iterator[redis.Redis]:
+    """The test broker's Redis database; its "jobs" list is emptied before and after the session."""
+    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis unreachable at {REDIS_TEST_URL} (set NETSURGERY_TEST_REDIS): {exc}")
+    client.delete(QUEUE)
+    yield client
+    client.delete(QUEUE)
+    client.close()
+
+
+def http_settings(data_dir: Path, database_url: str, broker_url: str) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        broker_url=broker_url,
+        storage_url=str(data_dir / "storage"),
+        max_upload_bytes=HTTP_MAX_UPLOAD,
+    )
+
+
+@pytest.fixture(scope="session")
+def live(
+    tmp_path_factory: pytest.TempPathFactory, _migrated_postgres_url: str, redis_queue: redis.Redis
+) -> Iterator[LiveServer]:
+    """The API on a migrated Postgres database and the Redis test broker, served over real HTTP."""
+    from api.app import create_app
+
+    settings = http_settings(tmp_path_factory.mktemp("http"), _migrated_postgres_url, REDIS_TEST_URL)
+    app = create_app(settings)
+    with serve(app) as url:
+        yield LiveServer(url, app, settings, app.state.session_factory)

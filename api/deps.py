@@ -1,0 +1,101 @@
+"""Request dependencies, as named ``Annotated`` aliases.
+
+Everything comes from ``request.app.state`` (filled by :func:`api.app.create_app`), so a test can
+build an app from its own settings, or replace any of these through ``app.dependency_overrides``
+(override the ``get_…`` function, e.g. ``app.dependency_overrides[get_storage] = lambda: store``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import repository
+from api.errors import Unauthorized
+from api.settings import Settings
+from api.storage import Storage
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session_factory(request: Request) -> sessionmaker[Session]:
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    return factory
+
+
+def get_session(factory: Annotated[sessionmaker[Session], Depends(get_session_factory)]) -> Iterator[Session]:
+    """The request's unit of work: committed when the route returns normally, rolled back when it raises.
+
+    Routes whose side effects must follow the commit (enqueue a job, delete stored blobs) commit
+    explicitly first. No connection is taken from the pool until the first query.
+    """
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_celery(request: Request) -> Celery:
+    celery: Celery = request.app.state.celery
+    return celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+# scope="function": the commit happens before the response is sent, so a client that got a 201
+# finds the row, and a failed commit is the request's error
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key of your tenant: `Authorization: Bearer ns_…`.")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the tenant that owns the request's API key."""
+
+    tenant_id: uuid.UUID
+    tenant_name: str
+
+
+def get_tenant(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The tenant of the ``Authorization: Bearer`` key; 401 (with ``WWW-Authenticate``) if missing or not live.
+
+    The lookup's read transaction ends here, so a long upload does not hold a database connection
+    while its body streams in.
+    """
+    if credentials is None:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    tenant = repository.tenant_for_key(session, credentials.credentials)
+    if tenant is None:
+        session.rollback()
+        raise Unauthorized("unknown or revoked API key")
+    principal = Principal(tenant.id, tenant.name)
+    session.commit()
+    return principal
+
+
+TenantDep = Annotated[Principal, Depends(get_tenant)]

@@ -1,0 +1,276 @@
+"""The HTTP API's request and response bodies, split by role: ``…Create`` (what a client sends),
+``…Read`` (what it gets back) and ``…Page`` (a listing with its total).
+
+``…Read`` models are built from the ORM rows (``from_attributes``); ``…Create`` models refuse
+unknown fields, so a misspelt knob is a 422 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from api.db import NAME_LENGTH
+
+T = TypeVar("T")
+
+METHODS = ("dns", "dns-fixed-crates", "han", "one-shot", "agp")
+Method = Literal["dns", "dns-fixed-crates", "han", "one-shot", "agp"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Codec = Literal["float16", "int8", "shared"]
+BuiltinName = Literal["fashion-mnist", "digits"]
+
+# a layer name or a glob pattern over layer names ("fc1", "conv*")
+LayerName = Annotated[str, StringConstraints(min_length=1, max_length=NAME_LENGTH)]
+MAX_LAYER_ENTRIES = 1024
+# the crate c_k of a layer: its threshold is max(μ_k + c_k·σ_k, 0)
+Crate = Annotated[float, Field(ge=-100, le=100)]
+
+
+class _Create(BaseModel):
+    # NaN and infinities are refused: they compare false with every bound and are not JSON
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a listing: ``items``, and ``total`` rows across all pages."""
+
+    items: list[T]
+    total: int = Field(ge=0, description="Rows across all pages.")
+    limit: int
+    offset: int
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a stable machine-readable ``error`` code and a human ``detail``."""
+
+    error: str = Field(description="Stable error code, e.g. not_found, invalid_file, payload_too_large.")
+    detail: str = Field(description="What went wrong and, where it helps, how to fix it.")
+    fields: list[dict[str, Any]] | None = Field(
+        default=None, description="422 on a request body or query: one entry per invalid field (loc, msg, type)."
+    )
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+class ModelRead(_Read):
+    """An uploaded model."""
+
+    id: uuid.UUID
+    name: str
+    format: Literal["onnx", "safetensors"]
+    architecture: str | None = Field(description="Built-in architecture (safetensors uploads); null for ONNX.")
+    config: dict[str, Any] | None = Field(description="The architecture's checked config (safetensors uploads).")
+    parameter_count: int = Field(description="Weights and biases (ONNX: elements of float initializers).")
+    size_bytes: int
+    sha256: str = Field(description="SHA-256 of the uploaded file, hex.")
+    created_at: datetime
+
+
+ModelPage = Page[ModelRead]
+
+
+# ---------------------------------------------------------------------------------------- datasets
+
+
+class BuiltinDatasetCreate(_Create):
+    """A built-in data set by name (sent as JSON instead of a file upload)."""
+
+    builtin: BuiltinName
+    name: Annotated[str, StringConstraints(min_length=1, max_length=NAME_LENGTH)] | None = None
+
+
+class DatasetRead(_Read):
+    """A data set: built-in (``kind='builtin'``) or an uploaded file."""
+
+    id: uuid.UUID
+    name: str
+    kind: Literal["builtin", "npz", "safetensors", "idx"]
+    builtin_name: str | None
+    n_examples: int | None = Field(description="Examples in the upload; null for built-in sets.")
+    input_shape: list[int] | None = Field(description="Shape of one example, e.g. [1, 28, 28].")
+    has_targets: bool
+    size_bytes: int | None = Field(description="Bytes stored (inputs plus targets file, if any).")
+    sha256: str | None = Field(description="SHA-256 of the inputs file, hex.")
+    created_at: datetime
+
+
+DatasetPage = Page[DatasetRead]
+
+
+# -------------------------------------------------------------------------------------------- jobs
+
+
+class Target(_Create):
+    """What to reach: an overall compression (×) or per-layer kept fractions, within an accuracy budget."""
+
+    compression: float | None = Field(
+        default=None, ge=1, le=1e6, description="Overall ×: all parameters over the non-zero ones."
+    )
+    layer_kept: dict[LayerName, Annotated[float, Field(gt=0, le=1)]] | None = Field(
+        default=None,
+        max_length=MAX_LAYER_ENTRIES,
+        description="Kept fraction per layer name or pattern, each in (0, 1].",
+    )
+    max_accuracy_drop: float | None = Field(
+        default=None, ge=0, le=100, description="Budget in percentage points of validation accuracy."
+    )
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> Target:
+        if self.compression is not None and self.layer_kept is not None:
+            raise ValueError("give either compression or layer_kept, not both")
+        return self
+
+
+class JobSettings(_Create):
+    """Expert knobs; anything left out takes the method's default (see the paper's names)."""
+
+    crates: dict[LayerName, Crate] | None = Field(
+        default=None,
+        max_length=MAX_LAYER_ENTRIES,
+        description="Per-layer crate c_k (dns-fixed-crates): threshold max(μ_k + c_k·σ_k, 0).",
+    )
+    crate: Crate | None = Field(default=None, description="Default crate for layers not in crates.")
+    gamma: float | None = Field(default=None, ge=0, description="γ: surgery probability is (1 + γ·t)^(−power).")
+    power: float | None = Field(default=None, ge=0, le=100, description="Exponent of the surgery probability.")
+    iter_stop: int | None = Field(default=None, ge=0, description="No surgery at or after this iteration.")
+    iterations: int | None = Field(default=None, ge=1, le=10_000_000, description="Training iterations in all.")
+    lr: float | None = Field(default=None, gt=0, le=10, description="Learning rate.")
+    batch_size: int | None = Field(default=None, ge=1, le=65_536)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    codec: Codec | None = Field(default=None, description="Value codec of the extra compact sparse artifact.")
+
+    @model_validator(mode="after")
+    def _stop_within_run(self) -> JobSettings:
+        if self.iter_stop is not None and self.iterations is not None and self.iter_stop > self.iterations:
+            raise ValueError(f"iter_stop ({self.iter_stop}) is after the last iteration ({self.iterations})")
+        return self
+
+
+class JobCreate(_Create):
+    """A compression job: which model, which data, what target, which method, optional knobs.
+
+    Every method but ``dns-fixed-crates`` needs a target with ``compression`` or ``layer_kept``;
+    ``dns-fixed-crates`` is driven by its crates, so its target may carry only
+    ``max_accuracy_drop`` (or be left out).
+    """
+
+    model_id: uuid.UUID
+    dataset_id: uuid.UUID
+    method: Method = "dns"
+    target: Target | None = None
+    settings: JobSettings = Field(default_factory=JobSettings)
+
+    @model_validator(mode="after")
+    def _target_fits_method(self) -> JobCreate:
+        given = self.target is not None and (self.target.compression is not None or self.target.layer_kept is not None)
+        if self.method == "dns-fixed-crates":
+            if given:
+                raise ValueError("dns-fixed-crates is driven by crates: its target may hold only max_accuracy_drop")
+        elif not given:
+            raise ValueError(f"method {self.method!r} needs a target with compression or layer_kept")
+        return self
+
+
+class LayerKept(BaseModel):
+    """Sparsity of one layer: ``kept`` of ``total`` weights survive."""
+
+    layer: str
+    kept: int
+    total: int
+
+
+class LayerSnapshot(BaseModel):
+    """Per-layer sparsity at one iteration."""
+
+    iteration: int
+    layers: list[LayerKept]
+
+
+class JobRead(_Read):
+    """A job and its live summary (the latest progress and per-layer sparsity)."""
+
+    id: uuid.UUID
+    model_id: uuid.UUID
+    dataset_id: uuid.UUID
+    state: JobState
+    cancel_requested: bool
+    method: str
+    target: dict[str, Any]
+    settings: dict[str, Any]
+    attempt: int = Field(description="Claims so far: 1 on the first run, more after a worker was lost.")
+    iteration: int
+    total_iterations: int | None
+    loss: float | None
+    val_accuracy: float | None = Field(description="Validation accuracy, percent.")
+    compression: float | None = Field(description="Compression (×) reached so far.")
+    layers: LayerSnapshot | None = Field(description="Latest per-layer kept/total.")
+    error: str | None
+    idempotency_key: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+JobPage = Page[JobRead]
+
+
+class ProgressPointRead(_Read):
+    """One logged iteration."""
+
+    iteration: int
+    attempt: int
+    loss: float | None
+    val_accuracy: float | None
+    compression: float | None
+    at: datetime
+
+
+class ProgressRead(BaseModel):
+    """Progress points after a cursor; pass ``next_after`` as ``after`` to get the next ones."""
+
+    items: list[ProgressPointRead]
+    next_after: int = Field(description="The last iteration returned (or the cursor sent, if none were).")
+
+
+class LayerHistoryRead(BaseModel):
+    """Per-layer sparsity by iteration after a cursor; pass ``next_after`` as ``after`` to go on."""
+
+    items: list[LayerSnapshot]
+    next_after: int
+
+
+class ArtifactRead(_Read):
+    """A file a job produced."""
+
+    name: str
+    kind: str = Field(description="e.g. sparse, dense, report.")
+    size_bytes: int
+    sha256: str = Field(description="SHA-256, hex; also the download's ETag.")
+    created_at: datetime
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactRead]
+
+
+# ------------------------------------------------------------------------------------------ health
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ok"]
+    database: bool
+    broker: bool

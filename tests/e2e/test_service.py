@@ -1,0 +1,182 @@
+"""End to end through real HTTP, Postgres, Redis and a Celery worker process: upload, compress, download.
+
+Also the embedded ``netsurgery serve`` (SQLite, filesystem broker, local files, its own worker).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dns_core import models
+from dns_core.data import load_digits
+from dns_core.io import load_model, save_model
+from dns_core.onnx_io import check_with_onnxruntime, load_onnx
+from dns_core.sparse import load_sparse
+from tests.e2e.conftest import Service, free_port, wait_until_up
+
+pytestmark = pytest.mark.slow
+
+
+def _digits_npz(path: Path) -> Path:
+    train, _ = load_digits()
+    assert train.targets is not None
+    np.savez(path, inputs=train.inputs.numpy(), targets=train.targets.numpy())
+    return path
+
+
+def _zoo_file(path: Path) -> Path:
+    torch.manual_seed(0)
+    save_model(path, models.build("lenet-300-100"), "lenet-300-100")
+    return path
+
+
+def upload(c: httpx.Client, route: str, path: Path, **form: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        r = c.post(route, files={"file": (path.name, f)}, data=form)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def wait_for_state(c: httpx.Client, job_id: str, states: set[str], timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return dict(job)
+        assert time.monotonic() < deadline, f"job still {job['state']} after {timeout}s: {job}"
+        time.sleep(0.2)
+
+
+def download_all(c: httpx.Client, job_id: str, into: Path) -> dict[str, Path]:
+    listing = c.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+    out = {}
+    for art in listing:
+        r = c.get(f"/v1/jobs/{job_id}/artifacts/{art['name']}")
+        assert r.status_code == 200
+        assert hashlib.sha256(r.content).hexdigest() == art["sha256"] == r.headers["etag"].strip('"')
+        assert len(r.content) == art["size_bytes"]
+        (into / art["name"]).write_bytes(r.content)
+        out[art["name"]] = into / art["name"]
+    return out
+
+
+def test_zoo_model_compressed_by_a_worker_and_downloaded(service: Service, tmp_path: Path) -> None:
+    with service.client() as c:
+        model = upload(c, "/v1/models", _zoo_file(tmp_path / "lenet.safetensors"), architecture="lenet-300-100")
+        assert model["parameter_count"] == 266_610 and model["format"] == "safetensors"
+        data = upload(c, "/v1/datasets", _digits_npz(tmp_path / "digits.npz"))
+        body = {"model_id": model["id"], "dataset_id": data["id"], "method": "dns",
+                "target": {"compression": 8, "max_accuracy_drop": 100},
+                "settings": {"iterations": 400, "seed": 0, "codec": "shared"}}  # fmt: skip
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+        job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"})
+        assert job["state"] == "succeeded", job
+        assert job["iteration"] == 400 and 7.6 <= job["compression"] <= 8.4
+        assert {layer["layer"] for layer in job["layers"]["layers"]} == {"fc1", "fc2", "fc3"}
+        progress = c.get(f"/v1/jobs/{job['id']}/progress").json()["items"]
+        iters = [p["iteration"] for p in progress]
+        assert iters == sorted(iters) and iters[-1] == 400
+        files = download_all(c, job["id"], tmp_path)
+    assert set(files) == {"model.safetensors", "model.sparse.safetensors", "model.sparse.shared.safetensors",
+                          "report.json"}  # fmt: skip
+    report = json.loads(files["report.json"].read_text())
+    assert report["inputs"]["model"]["sha256"] == model["sha256"]
+    pruned, _ = load_model(files["model.safetensors"])
+    sparse = load_sparse(files["model.sparse.safetensors"])
+    assert all(torch.equal(sparse[k], v) for k, v in pruned.state_dict().items())
+    nonzero = sum(int((p != 0).sum()) for p in pruned.parameters())
+    assert nonzero == report["nonzero_parameters"]
+    x = torch.randn(8, 1, 28, 28)
+    fresh = models.build("lenet-300-100")
+    fresh.load_state_dict(sparse)
+    assert torch.equal(fresh(x), pruned(x))  # the sparse download rebuilds the same model
+
+
+def test_onnx_model_compressed_and_returned_as_onnx(service: Service, tmp_path: Path) -> None:
+    from tests.dns_core.test_onnx_io import cnn_model
+
+    onnx.save(cnn_model(c=8, classes=10, size=12), str(tmp_path / "cnn.onnx"))
+    g = np.random.default_rng(0)
+    x = g.normal(size=(300, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", inputs=x, targets=(x[:, 0].mean((1, 2)) > 0).astype(np.int64) * 3)
+    with service.client() as c:
+        model = upload(c, "/v1/models", tmp_path / "cnn.onnx")
+        assert model["format"] == "onnx"
+        data = upload(c, "/v1/datasets", tmp_path / "d.npz")
+        r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": data["id"], "method": "dns",
+                                     "target": {"compression": 3, "max_accuracy_drop": 100},
+                                     "settings": {"iterations": 200}})  # fmt: skip
+        assert r.status_code == 202, r.text
+        job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"})
+        assert job["state"] == "succeeded", job
+        files = download_all(c, job["id"], tmp_path)
+    assert set(files) == {"model.onnx", "model.sparse.safetensors", "report.json"}
+    exported = files["model.onnx"].read_bytes()
+    module = load_onnx(exported)
+    assert check_with_onnxruntime(module, exported, n=4, atol=1e-4) <= 1e-4
+    back = onnx.load_from_string(exported)
+    assert [i.name for i in back.graph.input] == ["x"] and [o.name for o in back.graph.output] == ["logits"]
+    zeros = sum(int((onnx.numpy_helper.to_array(t) == 0).sum()) for t in back.graph.initializer)
+    assert zeros > 0
+
+
+def test_bad_data_fails_the_job_with_a_sentence_not_a_traceback(service: Service, tmp_path: Path) -> None:
+    # a data set whose inputs do not fit the model: accepted as data, refused by the worker before training
+    np.savez(tmp_path / "wrong.npz", inputs=np.zeros((50, 3, 32, 32), np.float32), targets=np.zeros(50, np.int64))
+    with service.client() as c:
+        model = upload(c, "/v1/models", _zoo_file(tmp_path / "m.safetensors"), architecture="lenet-300-100")
+        data = upload(c, "/v1/datasets", tmp_path / "wrong.npz")
+        r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": data["id"], "method": "dns",
+                                     "target": {"compression": 5}, "settings": {"iterations": 50}})  # fmt: skip
+        job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"})
+    assert job["state"] == "failed"
+    assert "do not fit the model" in job["error"] and "Traceback" not in job["error"]
+
+
+def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -> None:
+    """`netsurgery serve`: SQLite, a filesystem broker, local files and its own worker."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NETSURGERY_")}
+    env |= {"NETSURGERY_DATA_DIR": str(tmp_path / "data"), "NETSURGERY_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "netsurgery", "serve", "--port", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, log)
+        key = re.search(r"API key: (\S+)", log.read_text())
+        assert key is not None, log.read_text()
+        headers = {"Authorization": f"Bearer {key.group(1)}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as c:
+            model = upload(c, "/v1/models", _zoo_file(tmp_path / "m.safetensors"), architecture="lenet-300-100")
+            data = c.post("/v1/datasets", json={"builtin": "digits"})
+            assert data.status_code == 201, data.text
+            r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": data.json()["id"], "method": "dns",
+                                         "target": {"compression": 5}, "settings": {"iterations": 200}})  # fmt: skip
+            assert r.status_code == 202, r.text
+            job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"})
+            assert job["state"] == "succeeded", (job, (tmp_path / "data" / "worker.log").read_text()[-2000:])
+            files = download_all(c, job["id"], tmp_path)
+        state = load_file(str(files["model.safetensors"]))
+        assert state.keys() == load_sparse(files["model.sparse.safetensors"]).keys()
+        assert io.BytesIO(files["report.json"].read_bytes()).read(1) == b"{"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
