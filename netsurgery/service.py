@@ -6,11 +6,14 @@ Imported only by those subcommands, so ``netsurgery compress`` never loads FastA
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +118,14 @@ def _embedded_key(data_dir: Path) -> str:
     return key
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def embedded(host: str, port: int, *, with_worker: bool = True) -> Iterator[tuple[str, str, Any]]:
+    """The embedded service: migrated database, the API under uvicorn (a thread), one worker process.
+
+    Yields (url, api key, settings); stops everything on exit.
+    """
+    import threading
+
     import uvicorn
 
     from api.app import create_app
@@ -124,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _migrate(s.database_url)
     key = _embedded_key(Path(s.data_dir))
     worker = None
-    if not args.no_worker:
+    if with_worker:
         log = open(Path(s.data_dir) / "worker.log", "ab")  # noqa: SIM115 - lives as long as the worker
         worker = subprocess.Popen(
             [sys.executable, "-m", "netsurgery", "worker", "--hostname", f"embedded@{os.uname().nodename}"],
@@ -132,22 +142,102 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stderr=subprocess.STDOUT,
             env=os.environ | {"NETSURGERY_DATA_DIR": str(s.data_dir)},
         )
-    url = f"http://{args.host}:{args.port}"
-    print(f"netsurgery is serving {url} (API docs at {url}/docs, dashboard data in {s.data_dir})")
-    print(f"API key: {key}")
-    print("try:  curl -H 'Authorization: Bearer <key>' " + f"{url}/v1/jobs")
-    if worker is not None:
-        print(f"one worker is running (pid {worker.pid}; log {Path(s.data_dir) / 'worker.log'})")
-    sys.stdout.flush()
+    server = uvicorn.Server(uvicorn.Config(create_app(s), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://{host}:{port}"
     try:
-        uvicorn.run(create_app(s), host=args.host, port=args.port, log_level="warning")
+        while not server.started:
+            if not thread.is_alive():
+                raise ServiceError(f"the API could not start on {host}:{port} (port in use?)")
+            time.sleep(0.05)
+        yield url, key, s
     finally:
+        server.should_exit = True
+        thread.join(timeout=15)
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 worker.kill()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    with embedded(args.host, args.port, with_worker=not args.no_worker) as (url, key, s):
+        print(f"netsurgery is serving {url} (API docs at {url}/docs; data under {s.data_dir})")
+        print(f"API key: {key}")
+        print(f"one job, from another terminal:  netsurgery demo --url {url}   (or see the README)")
+        if not args.no_worker:
+            print(f"one worker is running (log: {Path(s.data_dir) / 'worker.log'}); Ctrl-C stops both")
+        sys.stdout.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the embedded service (unless --url), run one compression job through its API, download it."""
+    if args.url:
+        key = args.key or os.environ.get("NETSURGERY_API_KEY") or _embedded_key(Path(_settings().data_dir))
+        return _demo(args, args.url, key)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with embedded("127.0.0.1", port) as (url, key, _):
+        print(f"started the embedded service at {url} with one worker")
+        return _demo(args, url, key)
+
+
+def _demo(args: argparse.Namespace, url: str, key: str) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dns_core.io import save_model
+    from dns_core.reference import cached_reference
+    from netsurgery.cli import _load_data
+    from netsurgery.client import ApiError, Client
+
+    args.data = "fashion-mnist"
+    train, _, _ = _load_data(args)
+    print("a converged LeNet-300-100 reference (trained once, then cached)")
+    model, _ = cached_reference("lenet-300-100", train, tag="fashion-mnist-cli")
+    ref = Path(args.out) / "reference.safetensors"
+    save_model(ref, model, "lenet-300-100")
+    try:
+        with Client(url, key) as c:
+            uploaded = c.upload_model(ref, architecture="lenet-300-100", name="lenet-300-100 reference")
+            data = c.builtin_data("fashion-mnist")
+            job = c.submit(uploaded["id"], data["id"], compression=args.target, max_drop=args.max_drop,
+                           iterations=args.iterations, seed=0)  # fmt: skip
+            print(f"job {job['id']}: dns to {args.target}x within {args.max_drop} pp ({url}/v1/jobs/{job['id']})")
+            columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn(), TextColumn("{task.fields[status]}"))  # fmt: skip
+            with Progress(*columns) as bar:
+                task = bar.add_task(job["state"], total=args.iterations, status="")
+
+                def show(j: dict[str, Any]) -> None:
+                    parts = [f"{j['compression']:.1f}x" if j.get("compression") else "",
+                             f"val {j['val_accuracy']:.2f}%" if j.get("val_accuracy") is not None else ""]  # fmt: skip
+                    bar.update(task, completed=j["iteration"], description=j["state"], status="  ".join(parts))
+
+                job = c.wait(job["id"], callback=show)
+            if job["state"] != "succeeded":
+                print(f"job {job['state']}: {job.get('error') or ''}")
+                return 1
+            files = c.download(job["id"], args.out)
+    except ApiError as e:
+        raise ServiceError(str(e)) from None
+    report = json.loads(files["report.json"].read_text())
+    print(f"succeeded: {report['compression']:.1f}x ({report['nonzero_parameters']:,} of "
+          f"{report['total_parameters']:,} parameters kept); test accuracy {report['reference_test_acc']:.2f}% → "
+          f"{report['test_acc']:.2f}%")  # fmt: skip
+    for path in files.values():
+        print(f"  {path}  {path.stat().st_size:>10,} bytes  sha256 verified")
     return 0
 
 
@@ -157,6 +247,15 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--no-worker", action="store_true", help="API only (start workers with `netsurgery worker`)")
     s.set_defaults(func=lambda a: _run(cmd_serve, a))
+
+    d = sub.add_parser("demo", help="run one compression job through the service end to end and download it")
+    d.add_argument("--url", default=None, help="a running service (default: start the embedded one for the job)")
+    d.add_argument("--key", default=None, help="its API key (default: $NETSURGERY_API_KEY or the embedded key)")
+    d.add_argument("--target", type=float, default=40.0)
+    d.add_argument("--max-drop", type=float, default=0.5)
+    d.add_argument("--iterations", type=int, default=25_000)
+    d.add_argument("--out", default="out")
+    d.set_defaults(func=lambda a: _run(cmd_demo, a))
 
     w = sub.add_parser("worker", help="run one Celery worker process (one per GPU: set CUDA_VISIBLE_DEVICES)")
     w.add_argument("--hostname", default=None, help="Celery node name (default: celery@<host>)")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up, then run the main job on embedded defaults: target-driven DNS of LeNet-300-100 on
-# Fashion-MNIST (40x, at most 0.5 pp accuracy drop). Extra arguments go to `netsurgery compress`.
+# Set up, then run the main job on embedded defaults through the service: start the embedded
+# service (SQLite, local broker folder, local files, one worker), upload a converged LeNet-300-100,
+# run target-driven DNS on Fashion-MNIST (40x, at most 0.5 pp accuracy drop) as a job, download its
+# artifacts into out/ (sha256-checked), stop. Extra arguments go to `netsurgery demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -11,4 +13,4 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
         sudo apt-get install -y dataset-fashion-mnist
     fi
 fi
-exec .venv/bin/netsurgery compress "$@"
+exec .venv/bin/netsurgery demo "$@"

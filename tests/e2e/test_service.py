@@ -180,3 +180,31 @@ def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_python_client_round_trip_and_its_errors(service: Service, tmp_path: Path) -> None:
+    from netsurgery.client import ApiError, Client
+
+    seen: list[int] = []
+    with Client(service.url, service.key) as c:
+        model = c.upload_model(_zoo_file(tmp_path / "m.safetensors"), architecture="lenet-300-100")
+        data = c.builtin_data("digits")
+        job = c.submit(model["id"], data["id"], compression=5, iterations=200, idempotency_key="client-test-1")
+        again = c.submit(model["id"], data["id"], compression=5, iterations=200, idempotency_key="client-test-1")
+        assert again["id"] == job["id"]
+        done = c.wait(job["id"], callback=lambda j: seen.append(j["iteration"]), poll=0.1, timeout=120)
+        assert done["state"] == "succeeded" and seen == sorted(seen) and seen[-1] == 200
+        got = []
+        files = c.download(job["id"], tmp_path / "dl", progress=lambda name, n, total: got.append((name, n, total)))
+        assert set(files) >= {"model.safetensors", "model.sparse.safetensors", "report.json"}
+        assert all(n <= total for _, n, total in got) and any(n == total for _, n, total in got)
+        with pytest.raises(ApiError, match="404"):
+            c.job("00000000-0000-0000-0000-000000000000")
+        with pytest.raises(ApiError, match="415") as refused:
+            (tmp_path / "evil.pt").write_bytes(b"\x80\x04\x95\x00")
+            c.upload_model(tmp_path / "evil.pt")
+        assert "pickle" in str(refused.value)
+    with Client(service.url, "ns_wrong") as c, pytest.raises(ApiError, match="refused the API key"):
+        c.jobs()
+    with Client(f"http://127.0.0.1:{free_port()}", service.key) as c, pytest.raises(ApiError, match="cannot reach"):
+        c.jobs()

@@ -1,0 +1,235 @@
+"""A small Python client for the netsurgery service (used by the command line; handy in notebooks).
+
+    from netsurgery.client import Client
+
+    c = Client("http://127.0.0.1:8000", key)
+    model = c.upload_model("lenet.safetensors", architecture="lenet-300-100")
+    data = c.builtin_data("fashion-mnist")
+    job = c.submit(model["id"], data["id"], compression=40, max_drop=0.5)
+    job = c.wait(job["id"], callback=lambda j: print(j["iteration"], j["compression"]))
+    files = c.download(job["id"], "out/")          # sha256-checked
+
+Only HTTP: importing this module loads neither torch nor the service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class ApiError(Exception):
+    """The service answered with an error, or could not be reached; ``str()`` is one readable line."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class ChecksumMismatch(ApiError):
+    """A downloaded file does not match the sha256 the service listed for it."""
+
+
+class Client:
+    def __init__(self, url: str, key: str, *, timeout: float = 60.0, transport: httpx.BaseTransport | None = None):
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.ConnectError:
+            raise ApiError(
+                f"cannot reach the netsurgery service at {self.url} (is `netsurgery serve` running?)"
+            ) from None
+        except httpx.TimeoutException:
+            raise ApiError(f"the service at {self.url} did not answer in time") from None
+        if r.status_code >= 400:
+            raise _error(r)
+        return r
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return self._request(method, path, **kw).json()
+
+    # --- uploads ---------------------------------------------------------------------------------
+
+    def upload_model(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        architecture: str | None = None,
+        config: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        """Upload an ONNX model, or safetensors weights of a built-in architecture."""
+        form = {"name": name, "architecture": architecture, "config": json.dumps(config) if config else None}
+        return self._upload("/v1/models", {"file": path}, form)
+
+    def upload_data(
+        self, path: str | os.PathLike[str], *, targets: str | os.PathLike[str] | None = None, name: str | None = None
+    ) -> dict[str, Any]:
+        """Upload data: .npz/safetensors with inputs (and targets), or IDX inputs plus IDX ``targets``."""
+        files: dict[str, str | os.PathLike[str]] = {"file": path}
+        if targets is not None:
+            files["targets"] = targets
+        return self._upload("/v1/datasets", files, {"name": name})
+
+    def builtin_data(self, name: str) -> dict[str, Any]:
+        """Register a built-in data set (``fashion-mnist``, ``digits``)."""
+        return dict(self._json("POST", "/v1/datasets", json={"builtin": name}))
+
+    def _upload(
+        self, route: str, files: dict[str, str | os.PathLike[str]], form: dict[str, str | None]
+    ) -> dict[str, Any]:
+        handles = {field: open(path, "rb") for field, path in files.items()}  # noqa: SIM115 - closed below
+        try:
+            parts = {field: (Path(files[field]).name, f) for field, f in handles.items()}
+            data = {k: v for k, v in form.items() if v is not None}
+            return dict(self._json("POST", route, files=parts, data=data))
+        finally:
+            for f in handles.values():
+                f.close()
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        model_id: str,
+        dataset_id: str,
+        *,
+        method: str = "dns",
+        compression: float | None = None,
+        layer_kept: dict[str, float] | None = None,
+        max_drop: float | None = None,
+        idempotency_key: str | None = None,
+        **settings: Any,
+    ) -> dict[str, Any]:
+        """Create a job; ``settings`` are the expert knobs (iterations, lr, crates, gamma, seed, codec …)."""
+        target = {"compression": compression, "layer_kept": layer_kept, "max_accuracy_drop": max_drop}
+        body = {
+            "model_id": model_id,
+            "dataset_id": dataset_id,
+            "method": method,
+            "target": {k: v for k, v in target.items() if v is not None} or None,
+            "settings": {k: v for k, v in settings.items() if v is not None},
+        }
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        return dict(self._json("POST", "/v1/jobs", json=body, headers=headers))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._json("GET", f"/v1/jobs/{job_id}"))
+
+    def jobs(self, *, state: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if state:
+            params["state"] = state
+        return dict(self._json("GET", "/v1/jobs", params=params))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        poll: float = 0.5,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the job is terminal; ``callback`` gets every snapshot. Returns the last one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if callback is not None:
+                callback(job)
+            if job["state"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise ApiError(f"job {job_id} still {job['state']} after {timeout} s")
+            time.sleep(poll)
+
+    # --- artifacts -------------------------------------------------------------------------------
+
+    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        return list(self._json("GET", f"/v1/jobs/{job_id}/artifacts")["items"])
+
+    def download(
+        self,
+        job_id: str,
+        into: str | os.PathLike[str],
+        *,
+        names: Iterable[str] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> dict[str, Path]:
+        """Stream the job's artifacts into folder ``into``, checking each sha256; name -> path.
+
+        ``progress(name, done_bytes, total_bytes)`` is called as bytes arrive. A file whose sha256
+        does not match is deleted and :class:`ChecksumMismatch` raised.
+        """
+        folder = Path(into)
+        folder.mkdir(parents=True, exist_ok=True)
+        wanted = None if names is None else set(names)
+        out: dict[str, Path] = {}
+        for art in self.artifacts(job_id):
+            if wanted is not None and art["name"] not in wanted:
+                continue
+            dest = folder / Path(art["name"]).name
+            partial = dest.with_name(dest.name + ".part")
+            h = hashlib.sha256()
+            done = 0
+            try:
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{art['name']}") as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        raise _error(r)
+                    with open(partial, "wb") as f:
+                        for chunk in r.iter_bytes(1 << 16):
+                            f.write(chunk)
+                            h.update(chunk)
+                            done += len(chunk)
+                            if progress is not None:
+                                progress(art["name"], done, art["size_bytes"])
+            except httpx.ConnectError:
+                raise ApiError(f"cannot reach the netsurgery service at {self.url}") from None
+            if h.hexdigest() != art["sha256"]:
+                partial.unlink(missing_ok=True)
+                raise ChecksumMismatch(
+                    f"{art['name']}: sha256 {h.hexdigest()} does not match the listed {art['sha256']}"
+                )
+            partial.replace(dest)
+            out[art["name"]] = dest
+        return out
+
+
+def _error(r: httpx.Response) -> ApiError:
+    try:
+        body = r.json()
+        detail, code = body.get("detail") or body, body.get("error")
+    except ValueError:
+        detail, code = r.text[:200] or r.reason_phrase, None
+    if r.status_code == 401:
+        return ApiError("the service refused the API key (401): check it with `netsurgery login`", 401, code)
+    return ApiError(f"{r.status_code} {code or r.reason_phrase}: {detail}", r.status_code, code)
