@@ -32,12 +32,13 @@ JOB_VISIBILITY_SECONDS = 24 * 3600
 def broker_options(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith("filesystem://"):
         folder = Path(settings.broker_dir)
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),  # kombu's default is ./control in the working directory
             "store_processed": False,
         }
     return {"visibility_timeout": JOB_VISIBILITY_SECONDS}

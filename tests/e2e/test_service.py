@@ -158,7 +158,7 @@ def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "netsurgery", "serve", "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
     try:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, log)
         key = re.search(r"API key: (\S+)", log.read_text())
@@ -177,6 +177,7 @@ def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -
         state = load_file(str(files["model.safetensors"]))
         assert state.keys() == load_sparse(files["model.sparse.safetensors"]).keys()
         assert io.BytesIO(files["report.json"].read_bytes()).read(1) == b"{"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["data"]  # nothing else in the cwd
     finally:
         proc.terminate()
         proc.wait(timeout=30)
