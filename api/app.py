@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import dns_core
 from api.database import make_engine, make_session_factory
+from api.deps import AuthCache
 from api.errors import AppError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 from api.queue import make_celery
 from api.routes import health, v1
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = Storage(settings.storage_url)
     app.state.celery = celery
     app.state.upload_root = upload_root
+    app.state.auth_cache = AuthCache(settings.auth_cache_seconds) if settings.auth_cache_seconds > 0 else None
 
     for exc_class in (
         AppError,

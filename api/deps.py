@@ -7,6 +7,8 @@ build an app from its own settings, or replace any of these through ``app.depend
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,6 +81,7 @@ class Principal:
 
 
 def get_tenant(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
@@ -89,13 +92,48 @@ def get_tenant(
     """
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    cache: AuthCache | None = getattr(request.app.state, "auth_cache", None)
+    digest = repository.hash_key(credentials.credentials)
+    if cache is not None and (hit := cache.get(digest)) is not None:
+        return hit
     tenant = repository.tenant_for_key(session, credentials.credentials)
     if tenant is None:
         session.rollback()
         raise Unauthorized("unknown or revoked API key")
     principal = Principal(tenant.id, tenant.name)
     session.commit()
+    if cache is not None:
+        cache.put(digest, principal)
     return principal
+
+
+class AuthCache:
+    """Recently verified keys (by hash) -> their tenant, for ``ttl`` seconds.
+
+    Polling clients call the API many times a second; the cache saves a database round trip per
+    call. A revoked key keeps working in one API process for at most ``ttl`` seconds. Only keys
+    that verified are kept, so unknown keys cannot fill it; it holds at most ``size`` entries.
+    """
+
+    def __init__(self, ttl: float, size: int = 10_000) -> None:
+        self.ttl, self.size = ttl, size
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) >= self.size:
+                now = time.monotonic()
+                self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
+                if len(self._entries) >= self.size:
+                    self._entries.clear()
+            self._entries[digest] = (time.monotonic() + self.ttl, principal)
 
 
 TenantDep = Annotated[Principal, Depends(get_tenant)]

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest accepted upload (model or dataset) in bytes; larger bodies get a 413.",
     )
+    auth_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long an API process trusts a verified key without asking the database again "
+        "(a revoked key stops working within this time); 0 turns the cache off.",
+    )
     lease_seconds: float = Field(
         default=120.0,
         gt=0,

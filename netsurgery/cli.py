@@ -290,6 +290,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "overhead":
         print(json.dumps(bench.overhead(steps=args.steps)))
         return 0
+    if args.which == "service":
+        from netsurgery import bench_service
+
+        figures = bench_service.run(log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(json.dumps(figures))
+        return 0
     archs = args.models.split(",")
     unknown = [a for a in archs if a not in bench.PLANS]
     if unknown:
@@ -369,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--data", default=None, help="built-in set whose test split measures accuracy before and after")
     k.set_defaults(func=cmd_pack)
 
-    b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead")
-    b.add_argument("which", choices=["table", "overhead"])
+    b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead, the service's figures")
+    b.add_argument("which", choices=["table", "overhead", "service"])
     b.add_argument("--quick", action="store_true", help="a small run (under 5 minutes on 2 cores)")
     b.add_argument("--models", default="lenet-300-100,lenet-5")
     b.add_argument("--methods", default=None, help="subset of methods (default: all rows)")

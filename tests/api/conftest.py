@@ -208,6 +208,10 @@ def redis_queue() -> Iterator[redis.Redis]:
     client.close()
 
 
+#: short, so that the revocation test can wait it out
+AUTH_CACHE_SECONDS = 0.5
+
+
 def http_settings(data_dir: Path, database_url: str, broker_url: str) -> Settings:
     return Settings(
         data_dir=data_dir,
@@ -215,6 +219,7 @@ def http_settings(data_dir: Path, database_url: str, broker_url: str) -> Setting
         broker_url=broker_url,
         storage_url=str(data_dir / "storage"),
         max_upload_bytes=HTTP_MAX_UPLOAD,
+        auth_cache_seconds=AUTH_CACHE_SECONDS,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from api.database import session_scope
 from api.db import ApiKey
 from api.queue import QUEUE, RUN_JOB
 from api.repository import LayerSample, ProgressSample
-from tests.api.conftest import REDIS_TEST_URL, LiveServer, closed_port, http_settings, serve
+from tests.api.conftest import AUTH_CACHE_SECONDS, REDIS_TEST_URL, LiveServer, closed_port, http_settings, serve
 from tests.api.test_http_uploads import onnx_mlp
 
 
@@ -102,6 +103,8 @@ def test_auth(live: LiveServer, account: Account) -> None:
         with session_scope(live.factory) as session:
             key_id = session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tenant_id))
             assert key_id is not None and repository.revoke_api_key(session, tenant_id, key_id)
+        # a verified key is trusted for auth_cache_seconds by each API process; after that it is refused
+        time.sleep(AUTH_CACHE_SECONDS + 0.1)
         r = c.get("/v1/models")
         assert r.status_code == 401 and r.json()["detail"] == "unknown or revoked API key"
 
