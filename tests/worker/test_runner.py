@@ -206,3 +206,15 @@ def test_a_superseded_attempt_stops_and_the_next_resumes_from_the_checkpoint(
         with ctx.storage.fetch(first[name]) as a, ctx.storage.fetch(resumed[name]) as b:
             want, got = load(str(a)), load(str(b))
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_job_runs_on_cuda(factory: sessionmaker[Session], tmp_path: Path, zoo_file: Path) -> None:
+    settings = Settings(data_dir=tmp_path, storage_url=str(tmp_path / "store"), device="cuda",
+                        heartbeat_seconds=0.5, lease_seconds=5)  # fmt: skip
+    gpu = WorkerContext(settings, factory, Storage(settings.storage_url))
+    tenant = new_tenant(factory)
+    job_id = _job(gpu, tenant, _upload_zoo_model(gpu, tenant, zoo_file), iterations=300)
+    assert run_job(gpu, job_id) == "succeeded"
+    assert 4.75 <= (_row(gpu, job_id).compression or 0) <= 5.25
