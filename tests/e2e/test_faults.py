@@ -1,0 +1,148 @@
+"""Faults with real processes: a worker killed with SIGKILL mid-job, a cancel, a duplicate delivery,
+a checkpoint writer killed mid-write. Nothing lost, nothing done twice."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from dns_core.checkpoint import load_state
+from dns_core.sparse import load_sparse
+from tests.e2e.conftest import Service
+from tests.e2e.test_service import _zoo_file, download_all, upload, wait_for_state
+
+pytestmark = pytest.mark.slow
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _submit(c: httpx.Client, model: str, data: str, iterations: int, **extra: Any) -> str:
+    body = {"model_id": model, "dataset_id": data, "method": "dns",
+            "target": {"compression": 6, "max_accuracy_drop": 100},
+            "settings": {"iterations": iterations, "seed": 0} | extra}  # fmt: skip
+    r = c.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def inputs(service: Service, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("inputs")
+    with service.client() as c:
+        model = upload(c, "/v1/models", _zoo_file(folder / "m.safetensors"), architecture="lenet-300-100")
+        data = c.post("/v1/datasets", json={"builtin": "digits"}).json()
+    return model["id"], data["id"]
+
+
+def test_a_worker_killed_mid_job_costs_at_most_one_checkpoint_interval(
+    service: Service, inputs: tuple[str, str], tmp_path: Path
+) -> None:
+    model, data = inputs
+    iterations, interval = 4000, 100  # NETSURGERY_CHECKPOINT_EVERY in the fixture
+    with service.client() as c:
+        straight = _submit(c, model, data, iterations)
+        assert wait_for_state(c, straight, TERMINAL)["state"] == "succeeded"
+
+        job_id = _submit(c, model, data, iterations)
+        _wait(lambda: c.get(f"/v1/jobs/{job_id}").json()["iteration"] >= 700, 120, "progress past 700")
+        service.procs["w1"].send_signal(signal.SIGKILL)  # no goodbye: the lease must run out
+        service.procs.pop("w1").wait()
+        at_kill = c.get(f"/v1/jobs/{job_id}").json()
+        assert at_kill["state"] == "running" and at_kill["attempt"] == 1
+        # what the next attempt will resume from: the last checkpoint the killed worker completed
+        checkpoint = load_state(service.folder / "store" / "jobs" / job_id / "checkpoint.safetensors")["iteration"]
+        assert checkpoint % interval == 0 and at_kill["iteration"] - checkpoint <= interval  # redone ≤ one interval
+        service.start_worker("w2")
+        job = wait_for_state(c, job_id, TERMINAL, timeout=240)
+        assert job["state"] == "succeeded" and job["attempt"] == 2 and job["iteration"] == iterations
+        points = c.get(f"/v1/jobs/{job_id}/progress", params={"limit": 1000}).json()["items"]
+        iters = [p["iteration"] for p in points]
+        assert iters == sorted(iters) and len(iters) == len(set(iters))  # progress never goes backwards
+        assert iters[-1] == iterations and min(p["iteration"] for p in points if p["attempt"] == 2) > checkpoint
+        (tmp_path / "resumed").mkdir()
+        (tmp_path / "straight").mkdir()
+        got = download_all(c, job_id, tmp_path / "resumed")
+        want = download_all(c, straight, tmp_path / "straight")
+    a, b = load_sparse(want["model.sparse.safetensors"]), load_sparse(got["model.sparse.safetensors"])
+    assert a.keys() == b.keys()
+    for k in a:  # the same masks and the same weights as the run nobody interrupted
+        assert torch.equal(a[k] != 0, b[k] != 0), k
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_cancel_a_running_job_within_five_seconds_and_the_worker_takes_the_next(
+    service: Service, inputs: tuple[str, str]
+) -> None:
+    model, data = inputs
+    if not service.procs:
+        service.start_worker("w3")
+    with service.client() as c:
+        long = _submit(c, model, data, 1_000_000)
+        _wait(lambda: c.get(f"/v1/jobs/{long}").json()["iteration"] > 0, 120, "the long job to run")
+        asked = time.monotonic()
+        assert c.post(f"/v1/jobs/{long}/cancel").status_code == 202
+        _wait(lambda: c.get(f"/v1/jobs/{long}").json()["state"] == "cancelled", 5, "cancelled within 5 s")
+        assert time.monotonic() - asked < 5
+        nxt = _submit(c, model, data, 100)
+        assert wait_for_state(c, nxt, TERMINAL, timeout=60)["state"] == "succeeded"
+
+
+def test_the_same_task_delivered_twice_runs_once(service: Service, inputs: tuple[str, str]) -> None:
+    """Two workers, the job's message sent a second time while it runs: one attempt does the work."""
+    from api.queue import enqueue_job, make_celery
+    from api.settings import Settings
+
+    model, data = inputs
+    service.start_worker("w4")
+    app = make_celery(Settings(broker_url=service.env["NETSURGERY_BROKER_URL"]))
+    with service.client() as c:
+        job_id = _submit(c, model, data, 600)
+        import uuid
+
+        enqueue_job(app, uuid.UUID(job_id))  # the duplicate
+        job = wait_for_state(c, job_id, TERMINAL, timeout=120)
+        assert job["state"] == "succeeded" and job["attempt"] == 1
+        points = c.get(f"/v1/jobs/{job_id}/progress", params={"limit": 1000}).json()["items"]
+        assert {p["attempt"] for p in points} == {1}
+        assert len(c.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]) == 3
+    service.stop("w4")
+
+
+def test_a_checkpoint_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL a process that keeps rewriting a large checkpoint, at arbitrary moments: the file on disk
+    always loads, whole, and never as a mix of two versions."""
+    path = tmp_path / "ckpt.safetensors"
+    code = f"""
+import torch
+from dns_core.checkpoint import save_state
+i = 0
+while True:
+    save_state({str(path)!r}, {{"iteration": i, "w": torch.full((2_000_000,), float(i))}})
+    i += 1
+"""
+    for delay in (0.3, 0.55, 0.8, 1.1, 1.7):
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not path.exists():
+            continue
+        state = load_state(path)
+        assert torch.equal(state["w"], torch.full((2_000_000,), float(state["iteration"])))
+    assert path.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != path.name]
+    assert all(name.endswith(".tmp") for name in leftovers)  # only orphaned temporaries, never a torn file
