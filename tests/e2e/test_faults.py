@@ -146,3 +146,35 @@ while True:
     assert path.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != path.name]
     assert all(name.endswith(".tmp") for name in leftovers)  # only orphaned temporaries, never a torn file
+
+
+class _Payload:
+    """Unpickling this creates the directory ``target``."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.mkdir, (str(self.target),))
+
+
+def test_the_worker_refuses_non_json_task_messages(service: Service, inputs: tuple[str, str], tmp_path: Path) -> None:
+    from celery import Celery
+
+    from api.queue import QUEUE, RUN_JOB
+
+    sentinel = tmp_path / "SENTINEL_unpickled"
+    if not any(name.startswith("w") for name in service.procs):
+        service.start_worker("w5")
+    hostile = Celery("hostile", broker=service.env["NETSURGERY_BROKER_URL"], set_as_current=False)
+    hostile.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
+    hostile.send_task(RUN_JOB, args=[_Payload(sentinel)], queue=QUEUE, serializer="pickle")
+    model, data = inputs
+    with service.client() as c:  # the worker goes on with real work: the message was dropped, not run
+        job = wait_for_state(c, _submit(c, model, data, 100), TERMINAL, timeout=60)
+    assert job["state"] == "succeeded"
+    assert not sentinel.exists()
+    logs = "".join(p.read_text(errors="replace") for p in service.folder.glob("w*.log"))
+    assert "Refusing to deserialize untrusted content of type pickle" in logs
