@@ -15,6 +15,7 @@ same shape there; anything else is a 500 with the same shape (and a logged trace
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -137,13 +138,27 @@ def _database_unreachable(exc: Exception) -> bool:
     return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API serves at the request's path, from its OpenAPI paths (built once)."""
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(request.app.state, "allow_table", None)
+    if table is None:
+        table = []
+        for template, operations in request.app.openapi().get("paths", {}).items():
+            pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+            table.append((re.compile(f"^{pattern}/?$"), {m.upper() for m in operations}))
+        request.app.state.allow_table = table
+    path = request.url.path
+    return sorted({m for pattern, methods in table if pattern.match(path) for m in methods})
+
+
 async def render_error(request: Request, exc: Exception) -> JSONResponse:
     """The one error handler: ``{"error": code, "detail": message, …}`` with the error's status and headers."""
     if isinstance(exc, StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return JSONResponse(
-            {"error": code, "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
-        )
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # FastAPI has one route per method: Starlette names only the first
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code, headers=headers)
     error = as_app_error(exc)
     if error is None:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)

@@ -17,7 +17,7 @@ from api.storage import Storage
 log = logging.getLogger(__name__)
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page.")]
-Offset = Annotated[int, Query(ge=0, description="Rows to skip.")]
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="Rows to skip.")]
 
 #: Errors any authenticated route can answer: no key, bad query/path values, database down.
 COMMON: Final[tuple[type[AppError], ...]] = (Unauthorized, InvalidRequest, ServiceUnavailable)

@@ -59,6 +59,7 @@ _CREATE_BODY = {
                         },
                         "name": {"type": "string", "maxLength": 255},
                     },
+                    "additionalProperties": False,  # other form fields are refused (422)
                 }
             },
         },

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Header, Query, Response
 from api import jobstate, repository
 from api.db import TERMINAL_STATES, Job
 from api.deps import CeleryDep, SessionDep, StorageDep, TenantDep
-from api.errors import Conflict, NotFound
+from api.errors import BadRequest, Conflict, NotFound
 from api.queue import enqueue_job
 from api.routes.common import Limit, Offset, remove_blobs, responses
 from api.schemas import (
@@ -69,7 +69,7 @@ def _job(session: SessionDep, tenant: TenantDep, job_id: uuid.UUID) -> Job:
     summary="Create a compression job",
     responses={
         200: {"model": JobRead, "description": "A repeated Idempotency-Key: the job that key created."},
-        **responses(NotFound, Conflict),
+        **responses(BadRequest, NotFound, Conflict),
     },
 )
 def create_job(

@@ -33,6 +33,7 @@ _UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
+                    "additionalProperties": False,  # other form fields are refused (422)
                     "properties": {
                         "file": {
                             "type": "string",

@@ -433,3 +433,14 @@ def test_database_down(tmp_path: Path) -> None:
             r = c.request(method, path, headers={"Authorization": "Bearer ns_anything"}, json={"builtin": "digits"})
             assert r.status_code == 503, r.text
             assert r.json() == {"error": "unavailable", "detail": "the database cannot be reached; retry later"}
+
+
+def test_found_by_schemathesis(live: LiveServer, account: Account) -> None:
+    """Regressions: an offset past bigint was a 500; a 405 named only the first route's method."""
+    with live.client(account.key) as c:
+        r = c.get("/v1/models", params={"offset": 10**22})
+        assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+        r = c.put(f"/v1/jobs/{uuid.uuid4()}")
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
+        r = c.post("/v1/jobs", content=b"\xff\x00not json", headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 422)

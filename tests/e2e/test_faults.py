@@ -145,7 +145,8 @@ while True:
         assert torch.equal(state["w"], torch.full((2_000_000,), float(state["iteration"])))
     assert path.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != path.name]
-    assert all(name.endswith(".tmp") for name in leftovers)  # only orphaned temporaries, never a torn file
+    # only orphaned temporaries (ours: .<name>.<random>.tmp; safetensors' own: .tmp<random>), never a torn file
+    assert all(name.startswith(".") and ".tmp" in name for name in leftovers), leftovers
 
 
 class _Payload:
