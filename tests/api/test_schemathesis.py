@@ -22,6 +22,6 @@ def test_api_conforms_to_its_schema(live: LiveServer, tmp_path: Path) -> None:
          f"{live.url}/openapi.json", "--checks", "all", "--max-examples", "25",
          "--header", f"Authorization: Bearer {key}", "--seed", "1", "--no-color",
          "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # its cache folder goes there
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
