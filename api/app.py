@@ -33,6 +33,7 @@ import dns_core
 from api.database import make_engine, make_session_factory
 from api.deps import AuthCache
 from api.errors import AppError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from api.limits import make_rate_limiter
 from api.queue import make_celery
 from api.routes import health, v1
 from api.settings import Settings, get_settings
@@ -76,12 +77,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     upload_root = settings.data_dir / "upload-tmp"
     upload_root.mkdir(parents=True, exist_ok=True)
     remove_stale(upload_root)
+    rate_limiter = make_rate_limiter(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         celery.close()
         engine.dispose()
+        if rate_limiter is not None:
+            rate_limiter.close()
 
     app = FastAPI(
         title="netsurgery",
@@ -99,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = celery
     app.state.upload_root = upload_root
     app.state.auth_cache = AuthCache(settings.auth_cache_seconds) if settings.auth_cache_seconds > 0 else None
+    app.state.rate_limiter = rate_limiter
 
     for exc_class in (
         AppError,

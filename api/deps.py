@@ -20,7 +20,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import repository
-from api.errors import Unauthorized
+from api.errors import TooManyRequests, Unauthorized
+from api.limits import RateLimiter
 from api.settings import Settings
 from api.storage import Storage
 
@@ -87,14 +88,16 @@ def get_tenant(
 ) -> Principal:
     """The tenant of the ``Authorization: Bearer`` key; 401 (with ``WWW-Authenticate``) if missing or not live.
 
-    The lookup's read transaction ends here, so a long upload does not hold a database connection
-    while its body streams in.
+    The key's request is then counted against its rate limit (:mod:`api.limits`): 429 with
+    ``Retry-After`` past it. Only verified keys are counted. The lookup's read transaction ends here,
+    so a long upload does not hold a database connection while its body streams in.
     """
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     cache: AuthCache | None = getattr(request.app.state, "auth_cache", None)
     digest = repository.hash_key(credentials.credentials)
     if cache is not None and (hit := cache.get(digest)) is not None:
+        _rate_limit(request, digest)
         return hit
     tenant = repository.tenant_for_key(session, credentials.credentials)
     if tenant is None:
@@ -104,7 +107,22 @@ def get_tenant(
     session.commit()
     if cache is not None:
         cache.put(digest, principal)
+    _rate_limit(request, digest)
     return principal
+
+
+def _rate_limit(request: Request, digest: str) -> None:
+    """Count one request of the key whose sha256 is ``digest``; :class:`TooManyRequests` past its limit."""
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is None:
+        return
+    decision = limiter.hit(digest)
+    if not decision.allowed:
+        raise TooManyRequests(
+            f"too many requests with this API key (at most {limiter.burst} at once and "
+            f"{limiter.rate:g} per second sustained)",
+            retry_after=decision.retry_after,
+        )
 
 
 class AuthCache:

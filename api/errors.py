@@ -8,6 +8,7 @@ database that cannot be reached) are translated into these classes first.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -105,6 +106,36 @@ class InvalidFile(AppError):
     status_code = 422
     code = "invalid_file"
     description = "The uploaded file is malformed or does not match its architecture."
+
+
+class TooManyRequests(AppError):
+    """The API key made more requests than ``Settings.rate_limit_per_second`` (and the burst) allow.
+
+    The answer carries ``Retry-After`` (whole seconds, at least 1): asking again after that succeeds,
+    as far as this limit is concerned. The body repeats it as ``retry_after``.
+    """
+
+    status_code = 429
+    code = "rate_limited"
+    description = "Too many requests with this API key; wait `Retry-After` seconds."
+
+    def __init__(self, detail: str, *, retry_after: float, headers: Mapping[str, str] | None = None) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(
+            detail, headers={**(headers or {}), "Retry-After": str(seconds)}, extra={"retry_after": seconds}
+        )
+        self.retry_after = seconds
+
+
+class QuotaExceeded(TooManyRequests):
+    """The tenant is at a quota: jobs queued or running, or bytes stored (models, data sets, artifacts).
+
+    ``Retry-After`` says when asking again is worth it; the request passes only once a job ended or
+    was cancelled, or stored files were deleted.
+    """
+
+    code = "quota_exceeded"
+    description = "The tenant is at its quota of active jobs or stored bytes; finish, cancel or delete first."
 
 
 class ServiceUnavailable(AppError):

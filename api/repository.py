@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Insert, Select, case, delete, exists, func, select
+from sqlalchemy import ColumnElement, Insert, Select, case, delete, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -610,3 +610,54 @@ def list_layer_history(
         .order_by(LayerPoint.iteration, LayerPoint.layer)
     )
     return list(session.scalars(stmt))
+
+
+# ---------------------------------------------------------------------------------------- quotas
+
+#: Job states that hold a slot of the tenant's active-jobs quota.
+ACTIVE_STATES: Final = tuple(s for s in JOB_STATES if s not in TERMINAL_STATES)
+
+
+def lock_tenant(session: Session, tenant_id: uuid.UUID) -> bool:
+    """Lock the tenant's row until the transaction ends, serialising quota checks of one tenant; False if none.
+
+    Postgres: ``SELECT … FOR NO KEY UPDATE``, which excludes a second such lock but not the key-share
+    locks that inserts of the tenant's other rows take for their foreign key, so only other quota
+    checks of this tenant wait. SQLite has no row locks: a no-op ``UPDATE`` of the row takes the
+    database's write lock instead (the embedded server has one process, and writes are serial there).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        result = session.execute(
+            update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name).returning(Tenant.id)
+        )
+        return _deleted(result)
+    stmt = select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True)
+    return session.scalar(stmt) is not None
+
+
+def count_active_jobs(session: Session, tenant_id: uuid.UUID) -> int:
+    """How many of the tenant's jobs are queued or running."""
+    stmt = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.state.in_(ACTIVE_STATES))
+    return session.scalar(stmt) or 0
+
+
+def get_job_by_idempotency_key(session: Session, tenant_id: uuid.UUID, idempotency_key: str) -> Job | None:
+    """The tenant's job created with ``idempotency_key``, if any."""
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+
+
+def stored_bytes(session: Session, tenant_id: uuid.UUID) -> int:
+    """Bytes the tenant keeps in storage, as recorded: its models, uploaded data sets and job artifacts.
+
+    A job's checkpoint (one file per job, removed with the job) is not recorded in the database and
+    so not counted.
+    """
+    models = select(func.coalesce(func.sum(Model.size_bytes), 0)).where(Model.tenant_id == tenant_id)
+    datasets = select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id)
+    artifacts = (
+        select(func.coalesce(func.sum(Artifact.size_bytes), 0))
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Job.tenant_id == tenant_id)
+    )
+    total = session.scalar(select(models.scalar_subquery() + datasets.scalar_subquery() + artifacts.scalar_subquery()))
+    return int(total or 0)

@@ -10,6 +10,11 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+#: ``limits_url`` value that asks for the in-process limiter even when the broker is Redis.
+IN_PROCESS_LIMITS = "memory://"
+#: URL schemes of a Redis ``limits_url``.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _default_data_dir() -> Path:
@@ -102,6 +107,40 @@ class Settings(BaseSettings):
         gt=0,
         description="How often a worker writes buffered progress points to the database.",
     )
+    rate_limit_per_second: float = Field(
+        default=100.0,
+        ge=0,
+        description="Sustained requests per second each API key may make to the /v1 routes (a GCRA token "
+        "bucket shared by all API processes through limits_url); past it the answer is a 429 with "
+        "Retry-After. The default leaves room for a few dashboards polling many jobs with one key. "
+        "0 turns the rate limit off.",
+    )
+    rate_limit_burst: int = Field(
+        default=200,
+        gt=0,
+        description="Requests an API key may make at once (the size of its bucket); past that it is held to "
+        "rate_limit_per_second.",
+    )
+    max_active_jobs_per_tenant: int = Field(
+        default=20,
+        ge=0,
+        description="Jobs a tenant may have queued or running at once; one more is refused with a 429 "
+        "(quota_exceeded) until one ends or is cancelled. 0 means no limit.",
+    )
+    max_stored_bytes_per_tenant: int = Field(
+        default=20 * GIB,
+        ge=0,
+        description="Bytes a tenant may keep stored (models, data sets and job artifacts, as recorded in the "
+        "database); an upload that would pass it is refused with a 429 (quota_exceeded). 0 means no limit.",
+    )
+    limits_url: str = Field(
+        default="",
+        description="Redis URL where API processes keep the shared rate-limit counters, e.g. "
+        "redis://127.0.0.1:6379/0. Empty means the broker URL when that is Redis, else an in-process "
+        f"limiter (right for the embedded one-process server); {IN_PROCESS_LIMITS!r} asks for the "
+        "in-process limiter explicitly. If Redis cannot be reached, requests are let through (the rate "
+        "limit fails open) and a warning is logged.",
+    )
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
@@ -110,6 +149,13 @@ class Settings(BaseSettings):
             object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'netsurgery.db'}")
         if not self.storage_url:
             object.__setattr__(self, "storage_url", str(self.data_dir / "storage"))
+        if not self.limits_url and self.broker_url.startswith(REDIS_SCHEMES):
+            object.__setattr__(self, "limits_url", self.broker_url)
+        if self.limits_url not in ("", IN_PROCESS_LIMITS) and not self.limits_url.startswith(REDIS_SCHEMES):
+            raise ValueError(
+                f"limits_url must be a Redis URL (redis://, rediss://, unix://), {IN_PROCESS_LIMITS!r} or empty, "
+                f"got one starting {self.limits_url.split(':', 1)[0]!r}"
+            )
         if self.heartbeat_seconds >= self.lease_seconds:
             raise ValueError(
                 f"heartbeat_seconds ({self.heartbeat_seconds}) must be smaller than lease_seconds "

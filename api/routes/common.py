@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, Final
 
 from fastapi import Depends, Query, Request
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.db import NAME_LENGTH
-from api.errors import AppError, InvalidRequest, ServiceUnavailable, Unauthorized
+from api.errors import AppError, InvalidRequest, ServiceUnavailable, TooManyRequests, Unauthorized
+from api.limits import check_storage_quota
 from api.repository import MAX_PAGE
 from api.schemas import ErrorBody
+from api.settings import Settings
 from api.storage import Storage
+from api.upload import FORM_OVERHEAD, ReceivedForm
 
 log = logging.getLogger(__name__)
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page.")]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="Rows to skip.")]
 
-#: Errors any authenticated route can answer: no key, bad query/path values, database down.
-COMMON: Final[tuple[type[AppError], ...]] = (Unauthorized, InvalidRequest, ServiceUnavailable)
+#: Errors any authenticated route can answer: no key, bad query/path values, the key's rate limit, database down.
+COMMON: Final[tuple[type[AppError], ...]] = (Unauthorized, InvalidRequest, TooManyRequests, ServiceUnavailable)
 
 
 def responses(*errors: type[AppError]) -> dict[int | str, dict[str, Any]]:
@@ -62,3 +68,28 @@ def remove_blobs(storage: Storage, *prefixes: str) -> None:
             storage.delete_prefix(prefix)
         except Exception:  # the row is gone; an orphaned blob is only wasted space
             log.exception("could not remove stored files under %s", prefix)
+
+
+async def check_upload_quota(
+    request: Request, session: Session, settings: Settings, tenant_id: uuid.UUID, form: ReceivedForm | None = None
+) -> None:
+    """The tenant's stored-bytes quota for an upload (429 ``quota_exceeded`` past it).
+
+    Without ``form``, before the body is read: from ``Content-Length`` less the room a form takes
+    around its files (:data:`~api.upload.FORM_OVERHEAD`), so only an upload that is over for certain
+    is refused unread; a chunked body, or a length over the upload cap (a 413 follows), is left to
+    the check after it. With ``form``, once the body is received: from its files' sizes, before
+    anything is stored.
+    """
+    if settings.max_stored_bytes_per_tenant <= 0:
+        return
+    if form is None:
+        declared = request.headers.get("content-length", "")
+        if not (declared.isascii() and declared.isdigit()):
+            return
+        if int(declared) > settings.max_upload_bytes + FORM_OVERHEAD:
+            return
+        incoming = max(0, int(declared) - FORM_OVERHEAD)
+    else:
+        incoming = sum(f.size for f in form.files.values())
+    await run_in_threadpool(check_storage_quota, session, settings, tenant_id, incoming, body_unread=form is None)

@@ -24,11 +24,21 @@ from api.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     UnsupportedFormat,
 )
 from api.inspect import DatasetFacts, inspect_dataset
-from api.routes.common import Limit, Offset, UploadRootDep, display_name, remove_blobs, responses
+from api.routes.common import (
+    Limit,
+    Offset,
+    UploadRootDep,
+    check_upload_quota,
+    display_name,
+    remove_blobs,
+    responses,
+)
 from api.schemas import BuiltinDatasetCreate, DatasetPage, DatasetRead
+from api.settings import Settings
 from api.storage import Storage
 from api.upload import ReceivedFile, multipart_boundary, read_small_body, receive_form, upload_folder
 
@@ -133,7 +143,7 @@ def _create_builtin(session: Session, tenant_id: uuid.UUID, body: bytes) -> Data
     status_code=201,
     response_model=DatasetRead,
     summary="Add a data set",
-    responses=responses(BadRequest, PayloadTooLarge, UnsupportedFormat, InvalidFile),
+    responses=responses(BadRequest, PayloadTooLarge, UnsupportedFormat, InvalidFile, QuotaExceeded),
     openapi_extra=_CREATE_BODY,
 )
 async def create_dataset(
@@ -148,6 +158,7 @@ async def create_dataset(
     """Add a data set: JSON ``{"builtin": "digits"}`` names a built-in set; a ``multipart/form-data``
     upload (``file``, optional ``targets`` and ``name``) is streamed under the byte cap and read
     safely (no pickle; archives checked first) to learn its size and shape before it is stored.
+    An upload that would take the tenant past its stored-bytes quota is a 429 (``quota_exceeded``).
     """
     if multipart_boundary(request) is None:
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
@@ -155,18 +166,26 @@ async def create_dataset(
         body = await read_small_body(request, MAX_JSON_BODY)
         dataset = await run_in_threadpool(_create_builtin, session, tenant.tenant_id, body)
     else:
-        dataset = await _upload(request, tenant, session, settings.max_upload_bytes, storage, upload_root)
+        dataset = await _upload(request, tenant, session, settings, storage, upload_root)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return DatasetRead.model_validate(dataset)
 
 
 async def _upload(
-    request: Request, tenant: Principal, session: Session, cap: int, storage: Storage, upload_root: UploadRootDep
+    request: Request,
+    tenant: Principal,
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    upload_root: UploadRootDep,
 ) -> Dataset:
+    cap = settings.max_upload_bytes
+    await check_upload_quota(request, session, settings, tenant.tenant_id)
     with upload_folder(upload_root, "dataset-") as folder:
         form = await receive_form(
             request, folder, max_file_bytes=cap, file_fields=("file", "targets"), text_fields=("name",)
         )
+        await check_upload_quota(request, session, settings, tenant.tenant_id, form)
         inputs = form.files.get("file")
         if inputs is None:
             raise InvalidRequest("the form field 'file' (the inputs) is required")

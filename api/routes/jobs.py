@@ -5,6 +5,10 @@ job that key created, with **200** (and ``Idempotent-Replayed: true``) instead o
 enqueues nothing; the same key with a different body is a 409. Keys are per tenant, up to 255
 characters.
 
+Quota: a tenant may have ``Settings.max_active_jobs_per_tenant`` jobs queued or running; a create past
+it is a 429 (``quota_exceeded``, ``Retry-After``), checked under a lock on the tenant's row in the
+transaction that inserts the job (:func:`api.limits.check_job_quota`). A replayed key passes.
+
 Enqueueing happens only after the job row is committed. If the broker cannot take the message,
 the job stays ``queued`` and the answer is still 202: the reaper re-sends queued jobs.
 """
@@ -19,8 +23,9 @@ from fastapi import APIRouter, Header, Query, Response
 
 from api import jobstate, repository
 from api.db import TERMINAL_STATES, Job
-from api.deps import CeleryDep, SessionDep, StorageDep, TenantDep
-from api.errors import BadRequest, Conflict, NotFound
+from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import BadRequest, Conflict, NotFound, QuotaExceeded
+from api.limits import check_job_quota
 from api.queue import enqueue_job
 from api.routes.common import Limit, Offset, remove_blobs, responses
 from api.schemas import (
@@ -69,7 +74,7 @@ def _job(session: SessionDep, tenant: TenantDep, job_id: uuid.UUID) -> Job:
     summary="Create a compression job",
     responses={
         200: {"model": JobRead, "description": "A repeated Idempotency-Key: the job that key created."},
-        **responses(BadRequest, NotFound, Conflict),
+        **responses(BadRequest, NotFound, Conflict, QuotaExceeded),
     },
 )
 def create_job(
@@ -78,12 +83,15 @@ def create_job(
     tenant: TenantDep,
     session: SessionDep,
     celery: CeleryDep,
+    app_settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobRead:
     """Queue a job on one of the tenant's models and data sets (404 if either is not the tenant's).
 
-    The answer (202) is the queued job; poll ``GET /v1/jobs/{id}``.
+    The answer (202) is the queued job; poll ``GET /v1/jobs/{id}``. 429 (``quota_exceeded``) while the
+    tenant already has its quota of jobs queued or running.
     """
+    check_job_quota(session, app_settings, tenant.tenant_id, idempotency_key)
     target: dict[str, Any] = body.target.model_dump(exclude_none=True) if body.target is not None else {}
     settings = body.settings.model_dump(exclude_none=True)
     job, created = repository.create_job(

@@ -15,9 +15,26 @@ from starlette.concurrency import run_in_threadpool
 from api import repository
 from api.db import Model
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import BadRequest, Conflict, InvalidFile, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedFormat
+from api.errors import (
+    BadRequest,
+    Conflict,
+    InvalidFile,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    QuotaExceeded,
+    UnsupportedFormat,
+)
 from api.inspect import ModelFacts, inspect_model
-from api.routes.common import Limit, Offset, UploadRootDep, display_name, remove_blobs, responses
+from api.routes.common import (
+    Limit,
+    Offset,
+    UploadRootDep,
+    check_upload_quota,
+    display_name,
+    remove_blobs,
+    responses,
+)
 from api.schemas import ModelPage, ModelRead
 from api.storage import Storage
 from api.upload import ReceivedFile, receive_form, upload_folder
@@ -101,7 +118,7 @@ def _store(
     status_code=201,
     response_model=ModelRead,
     summary="Upload a model",
-    responses=responses(BadRequest, PayloadTooLarge, UnsupportedFormat, InvalidFile),
+    responses=responses(BadRequest, PayloadTooLarge, UnsupportedFormat, InvalidFile, QuotaExceeded),
     openapi_extra=_UPLOAD_BODY,
 )
 async def upload_model(
@@ -118,13 +135,17 @@ async def upload_model(
     The body is streamed to a private temporary folder under a byte cap (413 past
     ``max_upload_bytes``), then judged by content: refused formats are a 415, malformed files
     or weights that do not fit the architecture (missing, unexpected or mis-shaped tensors) a
-    422. Only an accepted file is moved into storage and recorded.
+    422. Only an accepted file is moved into storage and recorded. An upload that would take the
+    tenant past its stored-bytes quota is a 429 (``quota_exceeded``): before the body is read when
+    ``Content-Length`` already says so, else once it is received.
     """
     cap = settings.max_upload_bytes
+    await check_upload_quota(request, session, settings, tenant.tenant_id)
     with upload_folder(upload_root, "model-") as folder:
         form = await receive_form(
             request, folder, max_file_bytes=cap, file_fields=("file",), text_fields=("name", "architecture", "config")
         )
+        await check_upload_quota(request, session, settings, tenant.tenant_id, form)
         upload = form.files.get("file")
         if upload is None:
             raise InvalidRequest("the form field 'file' (the model) is required")

@@ -212,15 +212,27 @@ def redis_queue() -> Iterator[redis.Redis]:
 AUTH_CACHE_SECONDS = 0.5
 
 
-def http_settings(data_dir: Path, database_url: str, broker_url: str) -> Settings:
-    return Settings(
-        data_dir=data_dir,
-        database_url=database_url,
-        broker_url=broker_url,
-        storage_url=str(data_dir / "storage"),
-        max_upload_bytes=HTTP_MAX_UPLOAD,
-        auth_cache_seconds=AUTH_CACHE_SECONDS,
-    )
+#: the shared test servers run without rate limits and quotas (tests/api/test_http_limits.py turns them on):
+#: the other tests' request rates and job counts are not what they test
+NO_LIMITS: dict[str, Any] = {
+    "rate_limit_per_second": 0,
+    "max_active_jobs_per_tenant": 0,
+    "max_stored_bytes_per_tenant": 0,
+}
+
+
+def http_settings(data_dir: Path, database_url: str, broker_url: str, **overrides: Any) -> Settings:
+    """The test servers' settings; ``overrides`` set other fields (limits, for example)."""
+    fields: dict[str, Any] = {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "broker_url": broker_url,
+        "storage_url": str(data_dir / "storage"),
+        "max_upload_bytes": HTTP_MAX_UPLOAD,
+        "auth_cache_seconds": AUTH_CACHE_SECONDS,
+        **NO_LIMITS,
+    }
+    return Settings(**(fields | overrides))
 
 
 @pytest.fixture(scope="session")

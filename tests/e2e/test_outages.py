@@ -115,8 +115,11 @@ def test_postgres_away_for_seconds_gives_503_then_recovers(proxied: Proxied, tmp
         while c.get(f"/v1/jobs/{job}").status_code != 200:
             assert time.monotonic() - recovered < 15, "the API did not recover by itself"
             time.sleep(0.1)
+        print(f"FIGURE postgres away 4 s: {len(statuses)} requests, statuses {sorted(set(statuses))}, slowest "
+              f"{slowest:.2f} s, recovered {time.monotonic() - recovered:.2f} s after")  # fmt: skip
         final = wait_for_state(c, job, TERMINAL, timeout=180)
     assert final["state"] == "succeeded", final  # the worker retried its writes
+    print(f"FIGURE postgres away: the running job ended {final['state']} (attempt {final['attempt']})")
     svc.stop("pg-w1")
 
 
@@ -142,4 +145,7 @@ def test_a_redis_restart_that_loses_the_queue_loses_no_job(proxied: Proxied, tmp
     assert set(finals.values()) == {"succeeded"}, finals
     svc.stop("redis-w1")
     # the queued messages really were lost, and the reaper sent them again from Postgres
-    assert "lost message(s)" in (svc.folder / "redis-w1.log").read_text()
+    log = (svc.folder / "redis-w1.log").read_text()
+    assert "lost message(s)" in log
+    print(f"FIGURE redis restart: {len(finals)} accepted jobs, {list(finals.values()).count('succeeded')} succeeded; "
+          + "; ".join(line.split("reaper: ")[1] for line in log.splitlines() if "reaper: " in line))  # fmt: skip
