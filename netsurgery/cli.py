@@ -384,9 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.set_defaults(func=cmd_bench)
 
+    from netsurgery.client_cli import add_client_commands  # light: httpx and rich load only when one runs
     from netsurgery.service import add_commands  # light: the service packages load only when a command runs
 
     add_commands(sub)
+    add_client_commands(sub)
     return p
 
 

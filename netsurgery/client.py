@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -31,9 +31,12 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 class ApiError(Exception):
     """The service answered with an error, or could not be reached; ``str()`` is one readable line."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, code: str | None = None, detail: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code = status, code
+        self.detail = detail  # the service's own words (its ``detail``), without the status; None if unreachable
 
 
 class ChecksumMismatch(ApiError):
@@ -67,6 +70,8 @@ class Client:
             ) from None
         except httpx.TimeoutException:
             raise ApiError(f"the service at {self.url} did not answer in time") from None
+        except httpx.TransportError as e:
+            raise ApiError(f"lost the connection to the netsurgery service at {self.url}: {e}") from None
         if r.status_code >= 400:
             raise _error(r)
         return r
@@ -83,30 +88,51 @@ class Client:
         architecture: str | None = None,
         config: dict[str, Any] | None = None,
         name: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """Upload an ONNX model, or safetensors weights of a built-in architecture."""
+        """Upload an ONNX model, or safetensors weights of a built-in architecture.
+
+        ``progress(sent_bytes, total_bytes)`` is called as the file's bytes go out.
+        """
         form = {"name": name, "architecture": architecture, "config": json.dumps(config) if config else None}
-        return self._upload("/v1/models", {"file": path}, form)
+        return self._upload("/v1/models", {"file": path}, form, progress)
 
     def upload_data(
-        self, path: str | os.PathLike[str], *, targets: str | os.PathLike[str] | None = None, name: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        targets: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """Upload data: .npz/safetensors with inputs (and targets), or IDX inputs plus IDX ``targets``."""
+        """Upload data: .npz/safetensors with inputs (and targets), or IDX inputs plus IDX ``targets``.
+
+        ``progress(sent_bytes, total_bytes)`` counts the bytes of both files.
+        """
         files: dict[str, str | os.PathLike[str]] = {"file": path}
         if targets is not None:
             files["targets"] = targets
-        return self._upload("/v1/datasets", files, {"name": name})
+        return self._upload("/v1/datasets", files, {"name": name}, progress)
 
-    def builtin_data(self, name: str) -> dict[str, Any]:
-        """Register a built-in data set (``fashion-mnist``, ``digits``)."""
-        return dict(self._json("POST", "/v1/datasets", json={"builtin": name}))
+    def builtin_data(self, name: str, *, dataset_name: str | None = None) -> dict[str, Any]:
+        """Register a built-in data set (``fashion-mnist``, ``digits``), named ``dataset_name`` (default ``name``)."""
+        body = {"builtin": name} | ({"name": dataset_name} if dataset_name else {})
+        return dict(self._json("POST", "/v1/datasets", json=body))
 
     def _upload(
-        self, route: str, files: dict[str, str | os.PathLike[str]], form: dict[str, str | None]
+        self,
+        route: str,
+        files: dict[str, str | os.PathLike[str]],
+        form: dict[str, str | None],
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         handles = {field: open(path, "rb") for field, path in files.items()}  # noqa: SIM115 - closed below
         try:
-            parts = {field: (Path(files[field]).name, f) for field, f in handles.items()}
+            bodies: dict[str, Any] = dict(handles)
+            if progress is not None:
+                counter = _Sent(sum(os.fstat(f.fileno()).st_size for f in handles.values()), progress)
+                bodies = {field: _CountingReader(f, counter) for field, f in handles.items()}
+            parts = {field: (Path(files[field]).name, f) for field, f in bodies.items()}
             data = {k: v for k, v in form.items() if v is not None}
             return dict(self._json("POST", route, files=parts, data=data))
         finally:
@@ -214,6 +240,9 @@ class Client:
                                 progress(art["name"], done, art["size_bytes"])
             except httpx.ConnectError:
                 raise ApiError(f"cannot reach the netsurgery service at {self.url}") from None
+            except httpx.TransportError as e:
+                partial.unlink(missing_ok=True)
+                raise ApiError(f"lost the connection to the netsurgery service at {self.url}: {e}") from None
             if h.hexdigest() != art["sha256"]:
                 partial.unlink(missing_ok=True)
                 raise ChecksumMismatch(
@@ -224,6 +253,42 @@ class Client:
         return out
 
 
+class _Sent:
+    """Bytes of an upload sent so far (over all its files), reported to ``callback(sent, total)``."""
+
+    def __init__(self, total: int, callback: Callable[[int, int], None]) -> None:
+        self.total, self.callback = total, callback
+        self.by_file: dict[int, int] = {}
+
+    def update(self, key: int, position: int) -> None:
+        self.by_file[key] = position
+        self.callback(min(sum(self.by_file.values()), self.total), self.total)
+
+
+class _CountingReader:
+    """A binary file as httpx's multipart encoder reads it, reporting its position after each read."""
+
+    def __init__(self, f: BinaryIO, counter: _Sent) -> None:
+        self._f, self._counter = f, counter
+        self.name = f.name
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._f.read(size)
+        self._counter.update(id(self), self._f.tell())
+        return chunk
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        position = self._f.seek(offset, whence)
+        self._counter.update(id(self), position)
+        return position
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+
 def _error(r: httpx.Response) -> ApiError:
     try:
         body = r.json()
@@ -231,5 +296,7 @@ def _error(r: httpx.Response) -> ApiError:
     except ValueError:
         detail, code = r.text[:200] or r.reason_phrase, None
     if r.status_code == 401:
-        return ApiError("the service refused the API key (401): check it with `netsurgery login`", 401, code)
-    return ApiError(f"{r.status_code} {code or r.reason_phrase}: {detail}", r.status_code, code)
+        return ApiError(
+            "the service refused the API key (401): check it with `netsurgery login`", 401, code, str(detail)
+        )
+    return ApiError(f"{r.status_code} {code or r.reason_phrase}: {detail}", r.status_code, code, str(detail))

@@ -1,0 +1,694 @@
+"""The client commands: ``login``, ``upload-model``, ``upload-data``, ``submit``, ``jobs``, ``watch``, ``download``.
+
+They talk to a running service over HTTP through :class:`netsurgery.client.Client`; nothing here loads
+torch, FastAPI or Celery (httpx and rich load only when a command runs).
+
+Where the service is, and the API key: ``netsurgery login`` checks them against the service and keeps
+them in a JSON file readable only by its owner (0600, in a 0700 folder)::
+
+    $NETSURGERY_CONFIG, else $XDG_CONFIG_HOME/netsurgery/config.json, else ~/.config/netsurgery/config.json
+
+``NETSURGERY_URL`` and ``NETSURGERY_API_KEY`` override what the file holds. Every failure a person can
+act on (service unreachable, key refused, file refused, unknown job …) is one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from netsurgery.cli import CliError, _pairs
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.progress import Progress, TaskID
+
+    from netsurgery.client import ApiError, Client
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+NOT_LOGGED_IN = "not logged in: run `netsurgery login`"
+POLL_SECONDS = 0.5
+#: How long ``watch`` keeps polling through a service that stopped answering before it gives up.
+RECONNECT_SECONDS = 30.0
+METHODS = ("dns", "dns-fixed-crates", "han", "one-shot", "agp")
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+BUILTIN_SETS = ("fashion-mnist", "digits")
+CODECS = ("float16", "int8", "shared")
+_STATE_STYLE = {"queued": "dim", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "yellow"}
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def config_path() -> Path:
+    """``$NETSURGERY_CONFIG``, else ``$XDG_CONFIG_HOME/netsurgery/config.json``, else ``~/.config/…``."""
+    explicit = os.environ.get("NETSURGERY_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    return _default_folder() / "config.json"
+
+
+def _default_folder() -> Path:
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".config"  # the XDG spec ignores relative paths
+    return base / "netsurgery"
+
+
+def read_config(path: Path) -> dict[str, str]:
+    """The saved ``url`` and ``key`` ({} when there is no file)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise CliError(f"cannot read the config file {path}: {e.strerror or e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise CliError(f"the config file {path} is not a netsurgery config: run `netsurgery login` again")
+    return {k: data[k] for k in ("url", "key") if isinstance(data.get(k), str) and data[k]}
+
+
+def write_config(path: Path, url: str, key: str) -> None:
+    """Save ``url`` and ``key``: the file is 0600 from its first byte, its folder 0700.
+
+    Written to a private temporary file beside it, then renamed over it, so an existing file of
+    looser mode is replaced by a 0600 one and a crash never leaves half a file.
+    """
+    path = path.resolve()
+    folder = path.parent
+    try:
+        if not folder.exists():
+            folder.mkdir(parents=True, mode=0o700)
+            os.chmod(folder, 0o700)  # mkdir's mode passes through the umask
+        elif folder == _default_folder().resolve():
+            os.chmod(folder, 0o700)  # our own folder: tighten it if someone loosened it
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            with os.fdopen(fd, "w") as f:
+                json.dump({"url": url, "key": key}, f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise CliError(f"cannot write the config file {path}: {e.strerror or e}") from None
+
+
+def credentials() -> tuple[str, str]:
+    """(url, key): ``NETSURGERY_URL`` / ``NETSURGERY_API_KEY``, else the config file."""
+    url, key = os.environ.get("NETSURGERY_URL"), os.environ.get("NETSURGERY_API_KEY")
+    if not (url and key):
+        saved = read_config(config_path())
+        url, key = url or saved.get("url"), key or saved.get("key")
+    if not (url and key):
+        raise CliError(NOT_LOGGED_IN)
+    return url, key
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def say(e: ApiError) -> str:
+    """One line for a person from a client error."""
+    if e.status == 404 and e.detail:
+        return e.detail
+    if e.status == 429 and e.detail:
+        return f"{e.detail} (429: try again later)"
+    return str(e)
+
+
+@contextmanager
+def _client() -> Iterator[Client]:
+    from netsurgery.client import ApiError, Client
+
+    url, key = credentials()
+    with Client(url, key) as c:
+        try:
+            yield c
+        except ApiError as e:
+            raise CliError(say(e)) from None
+
+
+def _id(text: str, what: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise CliError(f"{text!r} is not a {what} id (ids look like 3f2b8c1e-…; see `netsurgery jobs`)") from None
+
+
+def _local_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise CliError(f"{text}: no such file")
+    if not path.is_file():
+        raise CliError(f"{text}: not a file")
+    return path
+
+
+def _refused(path: Path, e: ApiError) -> CliError:
+    """A refused upload names the file and keeps the service's reason; other errors read as usual."""
+    if e.status in (413, 415, 422) and e.detail:
+        return CliError(f"the service refused {path.name} ({e.status}): {e.detail}")
+    return CliError(say(e))
+
+
+def _out_console() -> Console:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 160  # piped or captured: full ids rather than 80 folded columns
+    return console
+
+
+def _err_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class _Transfers:
+    """Rich byte-progress bars on stderr (shown only on a terminal), one per name."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        console = _err_console()
+        self.progress: Progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> _Transfers:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, name: str, done: int, total: int) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total)
+        self.progress.update(self.tasks[name], completed=done, total=total)
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number of rows, 1-1000 (the service's page limit)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 1000, got {text!r}")
+    return n
+
+
+def _size(n: int | None) -> str:
+    return "?" if n is None else f"{n:,} bytes"
+
+
+# -------------------------------------------------------------------------------------------- login
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from netsurgery.client import ApiError, Client
+
+    path = config_path()
+    try:
+        saved = read_config(path)
+    except CliError:
+        saved = {}  # a broken file is about to be replaced
+    default = os.environ.get("NETSURGERY_URL") or saved.get("url") or DEFAULT_URL
+    url = args.url or (_ask(f"service URL [{default}]: ") if sys.stdin.isatty() else "") or default
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CliError(f"{url!r} is not a service URL (like {DEFAULT_URL})")
+    key = args.key if args.key is not None else _ask_key()
+    key = key.strip()
+    if not key:
+        raise CliError("no API key given (type it at the prompt, pipe it in, or pass --key)")
+    with Client(url, key, timeout=15) as c:
+        try:
+            c.jobs(limit=1)
+        except ApiError as e:
+            if e.status == 401:
+                raise CliError(f"the service refused the API key (401): nothing was saved to {path}") from None
+            raise CliError(f"{say(e)}; nothing was saved") from None
+    write_config(path, url, key)
+    print(f"logged in to {url}; the URL and key are saved in {path} (readable only by you)")
+    for var in ("NETSURGERY_URL", "NETSURGERY_API_KEY"):
+        if os.environ.get(var):
+            print(f"note: {var} is set and overrides the saved value", file=sys.stderr)
+    return 0
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return input(prompt)
+    except EOFError:
+        return ""
+
+
+def _ask_key() -> str:
+    """The key from a hidden prompt on a terminal, else the first line of stdin (``… | netsurgery login``)."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline()
+    import getpass
+
+    try:
+        return getpass.getpass("API key: ")
+    except EOFError:
+        return ""
+
+
+# ------------------------------------------------------------------------------------------ uploads
+
+
+def cmd_upload_model(args: argparse.Namespace) -> int:
+    from netsurgery.client import ApiError
+
+    path = _local_file(args.file)
+    config = None
+    if args.config:
+        try:
+            config = json.loads(args.config)
+        except ValueError as e:
+            raise CliError(f"--config is not JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise CliError("--config must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    with _client() as c, _Transfers() as bars:
+        try:
+            m = c.upload_model(path, architecture=args.arch, config=config, name=args.name,
+                               progress=lambda done, total: bars.update(path.name, done, total))  # fmt: skip
+        except ApiError as e:
+            raise _refused(path, e) from None
+        except OSError as e:
+            raise CliError(f"cannot read {path}: {e.strerror or e}") from None
+    if args.quiet:
+        print(m["id"])
+        return 0
+    print(f"model {m['id']}")
+    rows = [("name", m["name"]), ("format", m["format"]), ("architecture", m.get("architecture") or "-"),
+            ("parameters", f"{m['parameter_count']:,}"), ("size", _size(m.get("size_bytes"))),
+            ("sha256", m["sha256"])]  # fmt: skip
+    for label, value in rows:
+        print(f"  {label:<13} {value}")
+    return 0
+
+
+def cmd_upload_data(args: argparse.Namespace) -> int:
+    from netsurgery.client import ApiError
+
+    if args.builtin and (args.file or args.targets):
+        raise CliError("give either FILE (with --targets) or --builtin, not both")
+    if not args.builtin and not args.file:
+        raise CliError(f"give a data FILE, or --builtin {'|'.join(BUILTIN_SETS)}")
+    path = _local_file(args.file) if args.file else Path()
+    targets = _local_file(args.targets) if args.targets else None
+    with _client() as c:
+        if args.builtin:
+            d = c.builtin_data(args.builtin, dataset_name=args.name)
+        else:
+            with _Transfers() as bars:
+                try:
+                    d = c.upload_data(path, targets=targets, name=args.name,
+                                      progress=lambda done, total: bars.update(path.name, done, total))  # fmt: skip
+                except ApiError as e:
+                    raise _refused(path, e) from None
+                except OSError as e:
+                    raise CliError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+    if args.quiet:
+        print(d["id"])
+        return 0
+    print(f"dataset {d['id']}")
+    rows = [("name", d["name"]), ("kind", d["kind"] if d["kind"] != "builtin" else f"built-in {d['builtin_name']}")]
+    if d.get("n_examples") is not None:
+        rows.append(("examples", f"{d['n_examples']:,}"))
+    if d.get("input_shape"):
+        rows.append(("input shape", " x ".join(str(n) for n in d["input_shape"])))
+    if d["kind"] != "builtin":
+        rows += [("targets", "yes" if d.get("has_targets") else "no"), ("size", _size(d.get("size_bytes"))),
+                 ("sha256", d.get("sha256") or "-")]  # fmt: skip
+    for label, value in rows:
+        print(f"  {label:<13} {value}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- jobs
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from netsurgery.client import ApiError
+
+    model_id, dataset_id = _id(args.model_id, "model"), _id(args.dataset_id, "dataset")
+    layer_kept = _pairs(args.layer_kept, "--layer-kept")
+    crates = _pairs(args.crates, "--crates")
+    if args.method != "dns-fixed-crates" and args.target is None and not layer_kept:
+        raise CliError(f"--method {args.method} needs --target X (overall compression) or --layer-kept name=fraction,…")
+    with _client() as c:
+        try:
+            job = c.submit(model_id, dataset_id, method=args.method, compression=args.target, layer_kept=layer_kept,
+                           max_drop=args.max_drop, iterations=args.iterations, lr=args.lr,
+                           batch_size=args.batch_size, seed=args.seed, codec=args.codec, crates=crates,
+                           crate=args.crate, gamma=args.gamma, power=args.power, iter_stop=args.iter_stop)  # fmt: skip
+        except ApiError as e:
+            if e.status in (400, 422) and e.detail:
+                raise CliError(f"the service refused the job ({e.status}): {e.detail}") from None
+            raise
+        if args.quiet:
+            print(job["id"])
+        else:
+            print(f"job {job['id']} {job['state']}: {_describe(job)}")
+            if not args.watch:
+                print(f"follow it with `netsurgery watch {job['id']}`")
+        if args.watch:
+            return _watch(c, job["id"], shown_state=None if args.quiet else job["state"])
+    return 0
+
+
+def _describe(job: dict[str, Any]) -> str:
+    target, settings = job.get("target") or {}, job.get("settings") or {}
+    text = str(job["method"])
+    if target.get("compression") is not None:
+        text += f" to {target['compression']:g}x"
+    elif target.get("layer_kept"):
+        text += " keeping " + ", ".join(f"{k} {v:g}" for k, v in target["layer_kept"].items())
+    if target.get("max_accuracy_drop") is not None:
+        text += f" within {target['max_accuracy_drop']:g} pp"
+    total = job.get("total_iterations") or settings.get("iterations")
+    return text + (f", {total:,} iterations" if total else "")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    with _client() as c:
+        page = c.jobs(state=args.state, limit=args.limit)
+    console = _out_console()
+    items = page["items"]
+    if not items:
+        console.print(f"no {args.state + ' ' if args.state else ''}jobs")
+        return 0
+    shown = f"{len(items)} of {page['total']}" if page["total"] > len(items) else f"{len(items)}"
+    table = Table(title=f"{args.state + ' ' if args.state else ''}jobs ({shown}, newest first)")
+    table.add_column("id", no_wrap=True, min_width=36)
+    table.add_column("state")
+    table.add_column("iteration", justify="right")
+    table.add_column("compression", justify="right")
+    table.add_column("val acc", justify="right")
+    table.add_column("created", no_wrap=True)
+    for j in items:
+        total = j.get("total_iterations")
+        table.add_row(
+            j["id"],
+            f"[{_STATE_STYLE.get(j['state'], '')}]{j['state']}",
+            f"{j['iteration']:,}/{total:,}" if total else f"{j['iteration']:,}",
+            f"{j['compression']:.1f}x" if j.get("compression") is not None else "-",
+            f"{j['val_accuracy']:.2f}%" if j.get("val_accuracy") is not None else "-",
+            _when(j.get("created_at")),
+        )
+    console.print(table)
+    return 0
+
+
+def _when(text: str | None) -> str:
+    if not text:
+        return "-"
+    try:
+        return datetime.fromisoformat(text).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return text
+
+
+# -------------------------------------------------------------------------------------------- watch
+
+
+class _JobView:
+    """The live view of one job: a progress bar (iteration/total, ETA, loss, accuracy, compression) over
+    a per-layer table (kept/total/%)."""
+
+    def __init__(self, job_id: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.job_id = job_id
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+        )
+        self.task: TaskID | None = None
+        self.job: dict[str, Any] | None = None
+        self.note = ""
+
+    def update(self, job: dict[str, Any]) -> None:
+        iteration, total = job["iteration"], job.get("total_iterations")
+        style = _STATE_STYLE.get(job["state"], "")
+        description = f"[{style}]{job['state']}[/]"
+        if self.task is None:  # start at the job's iteration, so the ETA counts only what we see happen
+            self.task = self.progress.add_task(description, total=total, completed=iteration, status="")
+        elif self.job is not None and iteration < self.job["iteration"]:  # resumed from a checkpoint
+            self.progress.reset(self.task, total=total, completed=iteration)
+        parts = []
+        if job.get("loss") is not None:
+            parts.append(f"loss {job['loss']:.3f}")
+        if job.get("val_accuracy") is not None:
+            parts.append(f"val {job['val_accuracy']:.2f}%")
+        if job.get("compression") is not None:
+            parts.append(f"{job['compression']:.1f}x")
+        if self.note:
+            parts.append(self.note)
+        self.progress.update(
+            self.task, description=description, total=total, completed=iteration, status="  ".join(parts)
+        )
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            self.progress.stop_task(self.task)
+        self.job = job
+
+    def render(self) -> RenderableType:
+        from rich.console import Group
+        from rich.table import Table
+
+        snapshot = (self.job or {}).get("layers") or {}
+        layers = snapshot.get("layers") or []
+        if not layers:
+            return self.progress
+        table = Table(title=f"layers at iteration {snapshot.get('iteration', 0):,}", title_justify="left")
+        table.add_column("layer")
+        table.add_column("kept", justify="right")
+        table.add_column("total", justify="right")
+        table.add_column("kept %", justify="right")
+        for layer in layers:
+            kept, total = layer["kept"], layer["total"]
+            table.add_row(layer["layer"], f"{kept:,}", f"{total:,}", f"{100 * kept / total:.2f}" if total else "-")
+        return Group(self.progress, table)
+
+
+def _transient(e: ApiError) -> bool:
+    """Worth polling again: the service is unreachable, overloaded or restarting."""
+    return e.status is None or e.status in (429, 502, 503, 504)
+
+
+def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
+    """Follow the job until it ends: 0 when it succeeded, 1 when it failed or was cancelled.
+
+    Each change of state is a line of its own (``shown_state``: the state already printed, if any).
+    """
+    from rich.live import Live
+
+    from netsurgery.client import TERMINAL, ApiError
+
+    console = _out_console()
+    view = _JobView(job_id)
+    job = c.job(job_id)  # an unknown job or an unreachable service fails here, at once
+    view.update(job)
+    try:
+        with Live(get_renderable=view.render, console=console, refresh_per_second=4) as live:
+            if job["state"] != shown_state:
+                live.console.print(f"job {job_id} {job['state']}")
+            failing_since: float | None = None
+            while job["state"] not in TERMINAL:
+                time.sleep(POLL_SECONDS)
+                try:
+                    latest = c.job(job_id)
+                except ApiError as e:
+                    if not _transient(e):
+                        raise
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > RECONNECT_SECONDS:
+                        raise CliError(f"{say(e)} (gave up watching after {RECONNECT_SECONDS:.0f} s)") from None
+                    view.note = "[yellow]reconnecting…"
+                    view.update(job)
+                    continue
+                failing_since, view.note = None, ""
+                if latest["state"] != job["state"]:
+                    live.console.print(f"job {job_id} {latest['state']}")
+                job = latest
+                view.update(job)
+            live.refresh()
+        if not console.is_terminal:
+            console.line()  # rich ends the last frame with a newline only on a terminal
+    except KeyboardInterrupt:
+        print(
+            f"stopped watching; job {job_id} is still {job['state']} (it was not cancelled): "
+            f"`netsurgery watch {job_id}` to follow it again",
+            file=sys.stderr,
+        )
+        return 130
+    return _outcome(job)
+
+
+def _outcome(job: dict[str, Any]) -> int:
+    if job["state"] == "succeeded":
+        parts = []
+        if job.get("compression") is not None:
+            parts.append(f"{job['compression']:.1f}x")
+        if job.get("val_accuracy") is not None:
+            parts.append(f"validation accuracy {job['val_accuracy']:.2f}%")
+        parts.append(f"{job['iteration']:,} iterations")
+        if job.get("started_at") and job.get("finished_at"):
+            took = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+            parts.append(f"in {took.total_seconds():.0f} s")
+        print(f"job {job['id']} succeeded: {', '.join(parts)}")
+        print(f"download its files with `netsurgery download {job['id']}`")
+        return 0
+    if job["state"] == "failed":
+        print(f"netsurgery: job {job['id']} failed: {job.get('error') or 'no reason given'}", file=sys.stderr)
+    else:
+        print(f"netsurgery: job {job['id']} was cancelled", file=sys.stderr)
+    return 1
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    job_id = _id(args.job, "job")
+    with _client() as c:
+        return _watch(c, job_id)
+
+
+# ----------------------------------------------------------------------------------------- download
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    job_id = _id(args.job, "job")
+    out = Path(args.out).expanduser() if args.out else Path(job_id)
+    with _client() as c:
+        job = c.job(job_id)
+        state = job["state"]
+        if state != "succeeded":
+            if state == "failed":
+                why = f"it failed ({job.get('error') or 'no reason given'}) and has no files"
+            elif state == "cancelled":
+                why = "it was cancelled and has no files"
+            else:
+                total = job.get("total_iterations")
+                at = f"iteration {job['iteration']:,}" + (f" of {total:,}" if total else "")
+                why = f"it is {state} ({at}): its files come when it has succeeded (`netsurgery watch {job_id}`)"
+            raise CliError(f"cannot download job {job_id}: {why}")
+        try:
+            with _Transfers() as bars:
+                files = c.download(job_id, out, progress=bars.update)
+        except OSError as e:
+            raise CliError(f"cannot write into {out}: {e.strerror or e}") from None
+    width = max((len(str(path)) for path in files.values()), default=0)
+    for path in files.values():
+        print(f"{path!s:<{width}}  {path.stat().st_size:>12,} bytes  sha256 verified")
+    if not files:
+        print(f"job {job_id} has no files")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def add_client_commands(sub: Any) -> None:
+    """Register the client commands on the ``netsurgery`` subparsers."""
+    login = sub.add_parser("login", help="check a service URL and API key, and save them for the commands below")
+    login.add_argument("--url", default=None, help=f"the service (prompted; default {DEFAULT_URL})")
+    login.add_argument("--key", default=None,
+                       help="the API key (prompted without echo, or read from stdin; on the command line it shows "
+                            "in `ps`)")  # fmt: skip
+    login.set_defaults(func=cmd_login)
+
+    m = sub.add_parser("upload-model", help="upload an ONNX model or safetensors weights of a zoo architecture")
+    m.add_argument("file", help="model.onnx, or weights.safetensors (judged by content; pickles are refused)")
+    m.add_argument("--arch", default=None, help="zoo architecture of safetensors weights, e.g. lenet-300-100")
+    m.add_argument("--config", default=None, help="JSON config of the architecture, e.g. '{\"num_classes\": 4}'")
+    m.add_argument("--name", default=None, help="a name (default: the file's)")
+    m.add_argument("-q", "--quiet", action="store_true", help="print only the model's id")
+    m.set_defaults(func=cmd_upload_model)
+
+    d = sub.add_parser("upload-data", help="upload a data file, or register a built-in data set")
+    d.add_argument("file", nargs="?", default=None, help=".npz or safetensors with inputs (and targets), or IDX inputs")
+    d.add_argument("--targets", default=None, help="IDX labels for IDX inputs")
+    d.add_argument("--builtin", choices=BUILTIN_SETS, default=None, help="a built-in set instead of a file")
+    d.add_argument("--name", default=None, help="a name (default: the file's or the set's)")
+    d.add_argument("-q", "--quiet", action="store_true", help="print only the data set's id")
+    d.set_defaults(func=cmd_upload_data)
+
+    s = sub.add_parser("submit", help="start a compression job on an uploaded model and data set")
+    s.add_argument("model_id", metavar="MODEL_ID")
+    s.add_argument("dataset_id", metavar="DATASET_ID")
+    s.add_argument("--method", choices=METHODS, default="dns")
+    goal = s.add_mutually_exclusive_group()
+    goal.add_argument("--target", type=float, default=None, help="overall compression (x), e.g. 40")
+    goal.add_argument("--layer-kept", default=None, help="per-layer kept fractions instead: fc1=0.02,fc2=0.05")
+    s.add_argument("--max-drop", type=float, default=None, help="accuracy budget in percentage points")
+    s.add_argument("--iterations", type=int, default=None)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--codec", choices=CODECS, default=None, help="also a sparse file with compressed values")
+    s.add_argument("--crates", default=None, help="dns-fixed-crates: per-layer crates, conv1=1,fc1=4")
+    s.add_argument("--crate", type=float, default=None, help="dns-fixed-crates: default crate")
+    s.add_argument("--gamma", type=float, default=None)
+    s.add_argument("--power", type=float, default=None)
+    s.add_argument("--iter-stop", type=int, default=None)
+    s.add_argument("--watch", action="store_true", help="follow the job until it ends (as `netsurgery watch`)")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the job's id")
+    s.set_defaults(func=cmd_submit)
+
+    j = sub.add_parser("jobs", help="list your jobs, newest first")
+    j.add_argument("--state", choices=STATES, default=None)
+    j.add_argument("--limit", type=_count, default=20, help="at most this many (1-1000; default 20)")
+    j.set_defaults(func=cmd_jobs)
+
+    w = sub.add_parser("watch", help="follow a job live; exit 0 when it succeeds, 1 when it fails or is cancelled")
+    w.add_argument("job", metavar="JOB")
+    w.set_defaults(func=cmd_watch)
+
+    g = sub.add_parser("download", help="download a finished job's files (each checked against its sha256)")
+    g.add_argument("job", metavar="JOB")
+    g.add_argument("--out", default=None, help="folder (default: ./<job id>)")
+    g.set_defaults(func=cmd_download)

@@ -1,0 +1,404 @@
+"""The client commands end to end: ``netsurgery login``, uploads, ``submit --watch``, ``jobs``, ``download``,
+against a real API and Celery worker (Postgres, Redis), and the one-line errors a person sees.
+
+The service runs on a Redis database index of its own (``NETSURGERY_TEST_REDIS_CLI``), so this module
+can run beside the other end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from api.migrate import upgrade
+from dns_core import models
+from dns_core.io import save_model
+from netsurgery import client_cli
+from netsurgery.cli import CliError, main
+from tests.api.conftest import _postgres_database
+from tests.e2e.conftest import Service, free_port, service_env, wait_until_up
+
+pytestmark = pytest.mark.slow
+
+REDIS_URL = os.environ.get("NETSURGERY_TEST_REDIS_CLI", "redis://127.0.0.1:6379/10")
+UNKNOWN_JOB = "00000000-0000-0000-0000-000000000000"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """API (uvicorn) + one worker process on a fresh Postgres database and this module's Redis database."""
+    import redis
+
+    broker = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    try:
+        broker.ping()
+    except redis.exceptions.ConnectionError as e:
+        pytest.skip(f"Redis unreachable at {REDIS_URL} (set NETSURGERY_TEST_REDIS_CLI): {e}")
+    broker.flushdb()
+    folder = tmp_path_factory.mktemp("service")
+    with _postgres_database() as db_url:
+        upgrade(db_url)
+        env = service_env(folder, db_url) | {"NETSURGERY_BROKER_URL": REDIS_URL}
+        made = subprocess.run(
+            [sys.executable, "-m", "netsurgery", "admin", "create-tenant", "cli"],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        port = free_port()
+        svc = Service(f"http://127.0.0.1:{port}", made.stdout.strip().splitlines()[-1], env, folder)
+        log = open(folder / "api.log", "ab")  # noqa: SIM115 - closed with the process
+        svc.procs["api"] = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        svc.start_worker("cli")
+        try:
+            wait_until_up(f"{svc.url}/healthz", svc.procs["api"], folder / "api.log")
+            yield svc
+        finally:
+            for name in list(svc.procs):
+                svc.stop(name)
+            broker.flushdb()
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where this test's config file goes (not there yet); no NETSURGERY_URL / _API_KEY from outside."""
+    path = tmp_path / "conf" / "netsurgery" / "config.json"
+    monkeypatch.setenv("NETSURGERY_CONFIG", str(path))
+    monkeypatch.delenv("NETSURGERY_URL", raising=False)
+    monkeypatch.delenv("NETSURGERY_API_KEY", raising=False)
+    return path
+
+
+@pytest.fixture
+def logged_in(service: Service, config: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    assert main(["login", "--url", service.url, "--key", service.key]) == 0
+    capsys.readouterr()
+    return config
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def zoo_file(path: Path) -> Path:
+    torch.manual_seed(0)
+    save_model(path, models.build("lenet-300-100"), "lenet-300-100")
+    return path
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# -------------------------------------------------------------------------------------------- login
+
+
+def test_login_stores_the_key_0600_and_a_wrong_key_stores_nothing(
+    service: Service, config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rc, out, err = run(capsys, "login", "--url", service.url, "--key", "ns_wrong")
+    assert (rc, out) == (2, "")
+    assert err == f"netsurgery: the service refused the API key (401): nothing was saved to {config}\n"
+    assert not config.exists() and not config.parent.exists()
+
+    rc, out, err = run(capsys, "login", "--url", service.url + "/", "--key", service.key)
+    assert (rc, err) == (0, "")
+    assert out == f"logged in to {service.url}; the URL and key are saved in {config} (readable only by you)\n"
+    assert json.loads(config.read_text()) == {"url": service.url, "key": service.key}
+    assert mode(config) == 0o600 and mode(config.parent) == 0o700
+    assert [p.name for p in config.parent.iterdir()] == ["config.json"]  # no temporary file left behind
+
+    config.chmod(0o644)  # loosened by someone: logging in again makes it private again
+    monkeypatch.setattr(sys, "stdin", io.StringIO(service.key + "\n"))  # the key piped in, not on the command line
+    rc, out, err = run(capsys, "login", "--url", service.url)
+    assert rc == 0 and mode(config) == 0o600
+    assert json.loads(config.read_text())["key"] == service.key
+
+    rc, out, err = run(capsys, "jobs")
+    assert (rc, err) == (0, "")
+
+    # the environment overrides the file
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("NETSURGERY_URL", dead)
+    rc, out, err = run(capsys, "jobs")
+    assert (
+        rc == 2
+        and err == f"netsurgery: cannot reach the netsurgery service at {dead} (is `netsurgery serve` running?)\n"
+    )
+    monkeypatch.delenv("NETSURGERY_URL")
+    monkeypatch.setenv("NETSURGERY_API_KEY", "ns_revoked")
+    rc, out, err = run(capsys, "jobs")
+    assert rc == 2 and err == "netsurgery: the service refused the API key (401): check it with `netsurgery login`\n"
+
+
+def test_login_refuses_a_bad_url_and_an_unreachable_service(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "login", "--url", "localhost:8000", "--key", "k") == (
+        2, "", "netsurgery: 'localhost:8000' is not a service URL (like http://127.0.0.1:8000)\n",
+    )  # fmt: skip
+    dead = f"http://127.0.0.1:{free_port()}"
+    rc, out, err = run(capsys, "login", "--url", dead, "--key", "k")
+    assert (rc, out) == (2, "")
+    assert err == (
+        f"netsurgery: cannot reach the netsurgery service at {dead} (is `netsurgery serve` running?); "
+        "nothing was saved\n"
+    )
+    assert not config.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["jobs"],
+        ["watch", UNKNOWN_JOB],
+        ["download", UNKNOWN_JOB],
+        ["submit", UNKNOWN_JOB, UNKNOWN_JOB, "--target", "5"],
+        ["upload-data", "--builtin", "digits"],
+    ],
+)
+def test_commands_need_a_login(argv: list[str], config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, *argv) == (2, "", "netsurgery: not logged in: run `netsurgery login`\n")
+
+
+def test_a_broken_config_file_is_one_line(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config.parent.mkdir(parents=True)
+    config.write_text("{not json")
+    assert run(capsys, "jobs") == (
+        2, "", f"netsurgery: the config file {config} is not a netsurgery config: run `netsurgery login` again\n",
+    )  # fmt: skip
+
+
+def test_the_default_config_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("NETSURGERY_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert client_cli.config_path() == tmp_path / "xdg" / "netsurgery" / "config.json"
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert client_cli.config_path() == tmp_path / "home" / ".config" / "netsurgery" / "config.json"
+
+
+# ------------------------------------------------------------------------------------ the happy path
+
+
+def test_upload_submit_watch_list_download(
+    service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = zoo_file(tmp_path / "lenet.safetensors")
+    rc, out, err = run(capsys, "upload-model", str(weights), "--arch", "lenet-300-100", "--name", "my lenet")
+    assert (rc, err) == (0, "")
+    model_id = re.fullmatch(r"model (\S+)", out.splitlines()[0])[1]  # type: ignore[index]
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert out.splitlines()[1:] == [
+        "  name          my lenet",
+        "  format        safetensors",
+        "  architecture  lenet-300-100",
+        "  parameters    266,610",
+        f"  size          {weights.stat().st_size:,} bytes",
+        f"  sha256        {sha}",
+    ]
+
+    rc, out, err = run(capsys, "upload-data", "--builtin", "digits")
+    assert (rc, err) == (0, "")
+    dataset_id = re.fullmatch(r"dataset (\S+)", out.splitlines()[0])[1]  # type: ignore[index]
+    assert "  kind          built-in digits" in out.splitlines()
+
+    rc, out, err = run(capsys, "submit", model_id, dataset_id, "--target", "5", "--max-drop", "100",
+                       "--iterations", "300", "--seed", "0", "--codec", "int8", "--watch")  # fmt: skip
+    assert (rc, err) == (0, ""), out
+    job_id = re.match(r"job (\S+) queued: dns to 5x within 100 pp, 300 iterations\n", out)[1]  # type: ignore[index]
+    assert out.count(f"job {job_id} queued") == 1 and f"job {job_id} running\n" in out  # each state once
+    assert re.search(r"succeeded .* 300/300 .*val \d+\.\d\d%\s+\d+\.\dx", out), out  # the final progress bar
+    assert re.search(r"│ fc1 +│ +\d[\d,]* │ 235,500 │ +\d+\.\d\d │\n", out), out  # the per-layer table
+    done = re.search(rf"job {job_id} succeeded: (\d+\.\d)x, validation accuracy \d+\.\d\d%, 300 iterations", out)
+    assert done and 4.5 <= float(done[1]) <= 5.5, out
+
+    rc, out, err = run(capsys, "jobs")
+    assert (rc, err) == (0, "")
+    row = next(line for line in out.splitlines() if job_id in line)
+    assert re.search(rf"{job_id} │ succeeded │ +300/300 │ +{done[1]}x │ +\d+\.\d\d% │ \d{{4}}-\d\d-\d\d ", row), row
+    assert run(capsys, "jobs", "--state", "failed") == (0, "no failed jobs\n", "")
+
+    out_dir = tmp_path / "dl"
+    rc, out, err = run(capsys, "download", job_id, "--out", str(out_dir))
+    assert (rc, err) == (0, "")
+    with service.client() as c:
+        listed = {a["name"]: a for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]}
+    assert set(listed) == {"model.safetensors", "model.sparse.safetensors", "model.sparse.int8.safetensors",
+                           "report.json"}  # fmt: skip
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(listed)
+    lines = out.splitlines()
+    assert len(lines) == len(listed)
+    for name, art in listed.items():
+        path = out_dir / name
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == art["sha256"]
+        assert any(re.fullmatch(rf"{re.escape(str(path))} +{art['size_bytes']:,} bytes  sha256 verified", x)
+                   for x in lines), out  # fmt: skip
+
+
+def test_upload_data_file_and_a_job_that_fails(
+    service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "wrong.npz", inputs=g.normal(size=(64, 3, 5, 5)).astype(np.float32),
+             targets=g.integers(0, 10, 64))  # fmt: skip
+    rc, out, err = run(capsys, "upload-data", str(tmp_path / "wrong.npz"), "--name", "wrong shape", "-q")
+    assert rc == 0 and err == ""
+    dataset_id = out.strip()
+    rc, out, err = run(capsys, "upload-model", str(zoo_file(tmp_path / "m.safetensors")), "-q")  # arch from header
+    model_id = out.strip()
+    rc, out, err = run(capsys, "submit", model_id, dataset_id, "--target", "5", "--iterations", "50", "-q")
+    job_id = out.strip()
+    assert rc == 0 and re.fullmatch(r"[0-9a-f-]{36}", job_id)
+    rc, out, err = run(capsys, "watch", job_id)
+    assert rc == 1
+    assert re.fullmatch(rf"netsurgery: job {job_id} failed: .+\n", err), err
+    assert "Traceback" not in err
+    rc, out, err = run(capsys, "download", job_id)
+    assert rc == 2 and err.startswith(f"netsurgery: cannot download job {job_id}: it failed (")
+    assert err.endswith(") and has no files\n")
+
+
+def test_upload_progress_counts_the_file_bytes(service: Service, tmp_path: Path) -> None:
+    from netsurgery.client import Client
+
+    weights = zoo_file(tmp_path / "lenet.safetensors")
+    size = weights.stat().st_size
+    seen: list[tuple[int, int]] = []
+    with Client(service.url, service.key) as c:
+        m = c.upload_model(weights, progress=lambda done, total: seen.append((done, total)))
+    assert m["size_bytes"] == size and seen[-1] == (size, size) and len(seen) > 2
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and {t for _, t in seen} == {size}
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_errors_are_one_clear_line(
+    service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pickle = tmp_path / "evil.pt"
+    pickle.write_bytes(b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00.")
+    rc, out, err = run(capsys, "upload-model", str(pickle))
+    assert (rc, out) == (2, "")
+    assert re.fullmatch(r"netsurgery: the service refused evil\.pt \(415\): .*is a pickle.*\n", err), err
+
+    wrong = zoo_file(tmp_path / "lenet.safetensors")
+    rc, out, err = run(capsys, "upload-model", str(wrong), "--arch", "lenet-5")
+    assert rc == 2 and re.fullmatch(r"netsurgery: the service refused lenet\.safetensors \(422\): .+\n", err), err
+
+    assert run(capsys, "upload-model", str(tmp_path / "nope.onnx")) == (
+        2, "", f"netsurgery: {tmp_path / 'nope.onnx'}: no such file\n",
+    )  # fmt: skip
+    assert run(capsys, "upload-data", str(tmp_path)) == (2, "", f"netsurgery: {tmp_path}: not a file\n")
+    assert run(capsys, "upload-model", str(wrong), "--config", "{x") == (
+        2, "", "netsurgery: --config is not JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
+               "(char 1)\n",
+    )  # fmt: skip
+    assert run(capsys, "watch", UNKNOWN_JOB) == (2, "", f"netsurgery: job {UNKNOWN_JOB} not found\n")
+    assert run(capsys, "download", UNKNOWN_JOB) == (2, "", f"netsurgery: job {UNKNOWN_JOB} not found\n")
+    assert run(capsys, "watch", "42") == (
+        2, "", "netsurgery: '42' is not a job id (ids look like 3f2b8c1e-…; see `netsurgery jobs`)\n",
+    )  # fmt: skip
+    assert run(capsys, "submit", UNKNOWN_JOB, UNKNOWN_JOB) == (
+        2, "", "netsurgery: --method dns needs --target X (overall compression) or --layer-kept name=fraction,…\n",
+    )  # fmt: skip
+    rc, out, err = run(capsys, "submit", UNKNOWN_JOB, UNKNOWN_JOB, "--target", "5")
+    assert (rc, out) == (2, "") and re.fullmatch(rf"netsurgery: model {UNKNOWN_JOB} not found\n", err), err
+
+
+def test_download_before_the_job_succeeded_and_ctrl_c_does_not_cancel(
+    service: Service,
+    logged_in: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rc, out, _ = run(capsys, "upload-model", str(zoo_file(tmp_path / "m.safetensors")), "-q")
+    model_id = out.strip()
+    rc, out, _ = run(capsys, "upload-data", "--builtin", "digits", "-q")
+    rc, out, _ = run(capsys, "submit", model_id, out.strip(), "--target", "5", "--iterations", "1000000", "-q")
+    job_id = out.strip()
+
+    rc, out, err = run(capsys, "download", job_id, "--out", str(tmp_path / "dl"))
+    assert (rc, out) == (2, "")
+    assert re.fullmatch(
+        rf"netsurgery: cannot download job {job_id}: it is (queued|running) \(iteration [\d,]+ of 1,000,000\): its "
+        rf"files come when it has succeeded \(`netsurgery watch {job_id}`\)\n",
+        err,
+    ), err
+    assert not (tmp_path / "dl").exists()
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("netsurgery.client_cli.time.sleep", interrupt)
+        rc, out, err = run(capsys, "watch", job_id)
+    assert rc == 130
+    assert re.fullmatch(
+        rf"stopped watching; job {job_id} is still (queued|running) \(it was not cancelled\): "
+        rf"`netsurgery watch {job_id}` to follow it again\n",
+        err,
+    ), err
+    with service.client() as c:
+        assert c.get(f"/v1/jobs/{job_id}").json()["state"] in ("queued", "running")
+        assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    rc, out, err = run(capsys, "watch", job_id)
+    assert (rc, err) == (1, f"netsurgery: job {job_id} was cancelled\n")
+
+
+# --------------------------------------------------------------------- watch through a flaky service
+
+
+def _flaky(answers: list[int]) -> httpx.MockTransport:
+    """GET /v1/jobs/{id}: the statuses in ``answers`` in turn (200: the job, one iteration further each time)."""
+    calls = {"n": 0}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        n = calls["n"] = calls["n"] + 1
+        status = answers[min(n, len(answers)) - 1]
+        if status != 200:
+            return httpx.Response(status, json={"error": "unavailable", "detail": "the database cannot be reached"})
+        done = n >= len(answers)
+        return httpx.Response(200, json={
+            "id": UNKNOWN_JOB, "state": "succeeded" if done else "running", "iteration": 100 if done else n,
+            "total_iterations": 100, "loss": 0.5, "val_accuracy": 90.0, "compression": 3.0, "error": None,
+            "layers": {"iteration": n, "layers": [{"layer": "fc1", "kept": 10, "total": 40}]},
+            "started_at": None, "finished_at": None,
+        })  # fmt: skip
+
+    return httpx.MockTransport(handle)
+
+
+def test_watch_rides_out_a_service_that_stops_answering_for_a_while(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from netsurgery.client import Client
+
+    monkeypatch.setattr(client_cli, "POLL_SECONDS", 0.0)
+    with Client("http://svc", "k", transport=_flaky([200, 503, 429, 200, 200])) as c:
+        assert client_cli._watch(c, UNKNOWN_JOB) == 0
+    out = capsys.readouterr().out
+    assert f"job {UNKNOWN_JOB} succeeded: 3.0x, validation accuracy 90.00%, 100 iterations\n" in out
+    assert re.search(r"│ fc1 +│ +10 │ +40 │ +25\.00 │", out), out
+
+    monkeypatch.setattr(client_cli, "RECONNECT_SECONDS", 0.0)
+    with Client("http://svc", "k", transport=_flaky([200, 503])) as c, pytest.raises(CliError) as e:
+        client_cli._watch(c, UNKNOWN_JOB)
+    assert str(e.value) == "503 unavailable: the database cannot be reached (gave up watching after 0 s)"
