@@ -1,7 +1,9 @@
 """The FastAPI application: :func:`create_app` builds it, and everything it uses, from the settings.
 
 Routes live under ``/v1`` (one router per resource, :mod:`api.routes`), the OpenAPI description at
-``/openapi.json`` and ``/docs``, probes at ``/healthz`` and ``/readyz``. The engine, session
+``/openapi.json`` and ``/docs``, probes at ``/healthz`` and ``/readyz``, Prometheus metrics at
+``/metrics`` (:mod:`api.metrics`), the web dashboard at ``/dashboard/`` (``/`` redirects there;
+:mod:`api.routes.dashboard`). The engine, session
 factory, blob store, Celery app and upload folder are built here and kept on ``app.state``; the
 dependencies in :mod:`api.deps` read them from there, so tests build an app from their own
 settings (or override a dependency) and nothing is a module-level global.
@@ -34,8 +36,9 @@ from api.database import make_engine, make_session_factory
 from api.deps import AuthCache
 from api.errors import AppError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 from api.limits import make_rate_limiter
+from api.metrics import Metrics, RequestMetrics
 from api.queue import make_celery
-from api.routes import health, v1
+from api.routes import dashboard, health, metrics, v1
 from api.settings import Settings, get_settings
 from api.storage import Storage
 from api.upload import remove_stale
@@ -104,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.upload_root = upload_root
     app.state.auth_cache = AuthCache(settings.auth_cache_seconds) if settings.auth_cache_seconds > 0 else None
     app.state.rate_limiter = rate_limiter
+    app.state.metrics = Metrics(settings, app.state.session_factory)
 
     for exc_class in (
         AppError,
@@ -116,8 +120,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.add_exception_handler(exc_class, render_error)
     app.add_middleware(BodyLimit, limit=MAX_JSON_BODY, exempt=UPLOAD_ROUTES)
+    # outside BodyLimit, so its refusals are timed too
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
     return app
 
 
@@ -162,7 +170,9 @@ async def render_error(request: Request, exc: Exception) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # FastAPI has one route per method: Starlette names only the first
-            headers["Allow"] = ", ".join(_allowed_methods(request))
+            allowed = _allowed_methods(request)  # from the OpenAPI paths; static routes are not in them
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
         return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code, headers=headers)
     error = as_app_error(exc)
     if error is None:

@@ -661,3 +661,46 @@ def stored_bytes(session: Session, tenant_id: uuid.UUID) -> int:
     )
     total = session.scalar(select(models.scalar_subquery() + datasets.scalar_subquery() + artifacts.scalar_subquery()))
     return int(total or 0)
+
+
+# ------------------------------------------------------------------------------ service figures
+
+
+def count_jobs_by_state(session: Session) -> dict[str, int]:
+    """Jobs of all tenants in each state (every state present, 0 where none), for ``/metrics``."""
+    counts = dict.fromkeys(JOB_STATES, 0)
+    for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+        counts[state] = n
+    return counts
+
+
+@dataclass(frozen=True, slots=True)
+class RunningProgress:
+    """A running job, the worker holding its lease, and its newest progress points of the live attempt."""
+
+    job_id: uuid.UUID
+    lease_owner: str | None
+    #: ``(iteration, at)``, newest iteration first
+    points: list[tuple[int, datetime]]
+
+
+def running_jobs_progress(session: Session, *, points: int = 200, max_jobs: int = MAX_PAGE) -> list[RunningProgress]:
+    """Each running job (at most ``max_jobs``) with the ``points`` newest progress points of its live attempt.
+
+    One index range scan (the points' primary key, backwards) per job; running jobs are as many as
+    busy workers.
+    """
+    _check_page(points, 0)
+    running = session.execute(
+        select(Job.id, Job.lease_owner, Job.attempt).where(Job.state == "running").order_by(Job.id).limit(max_jobs)
+    ).all()
+    out = []
+    for job_id, owner, attempt in running:
+        rows = session.execute(
+            select(ProgressPoint.iteration, ProgressPoint.at)
+            .where(ProgressPoint.job_id == job_id, ProgressPoint.attempt == attempt)
+            .order_by(ProgressPoint.iteration.desc())
+            .limit(points)
+        )
+        out.append(RunningProgress(job_id, owner, [(iteration, at) for iteration, at in rows]))
+    return out

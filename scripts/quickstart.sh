@@ -7,10 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${NETSURGERY_FASHION_MNIST:-}" ]; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get install -y -q dataset-fashion-mnist >/dev/null || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
-    else
-        sudo apt-get install -y dataset-fashion-mnist
-    fi
+    scripts/apt.sh dataset-fashion-mnist
 fi
 exec .venv/bin/netsurgery demo "$@"

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# the dashboard test drives Debian's Chromium (Playwright's own browser download does not work offline)
+scripts/apt.sh chromium chromium-driver
 .venv/bin/ruff check .
 .venv/bin/mypy
 .venv/bin/pytest "$@"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes import artifacts, datasets, health, jobs, models
+from api.routes import artifacts, dashboard, datasets, events, health, jobs, metrics, models
 
 v1 = APIRouter(prefix="/v1")
 v1.include_router(models.router)
 v1.include_router(datasets.router)
 v1.include_router(jobs.router)
+v1.include_router(events.router)
 v1.include_router(artifacts.router)
 
-__all__ = ["health", "v1"]
+__all__ = ["dashboard", "health", "metrics", "v1"]

@@ -14,12 +14,13 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, Annotated, Final
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api import repository
 from api.deps import SessionDep, StorageDep, TenantDep
 from api.errors import NotFound, RangeNotSatisfiable
+from api.metrics import metrics_of
 from api.routes.common import responses
 from api.schemas import ArtifactList, ArtifactRead
 from api.storage import StorageError
@@ -117,6 +118,7 @@ def list_artifacts(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) ->
 def download_artifact(
     job_id: uuid.UUID,
     name: str,
+    request: Request,
     tenant: TenantDep,
     session: SessionDep,
     storage: StorageDep,
@@ -154,8 +156,11 @@ def download_artifact(
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     suffix = name[name.rfind(".") :] if "." in name else ""
+    chunks = _chunks(f, start, length)
+    if (metrics := metrics_of(request.app)) is not None:
+        chunks = metrics.counted_download(chunks, artifact.kind)
     return StreamingResponse(
-        _chunks(f, start, length),
+        chunks,
         status_code=status,
         headers=headers,
         media_type=_MEDIA_TYPES.get(suffix, "application/octet-stream"),

@@ -28,6 +28,7 @@ from api.errors import (
     UnsupportedFormat,
 )
 from api.inspect import DatasetFacts, inspect_dataset
+from api.metrics import metrics_of
 from api.routes.common import (
     Limit,
     Offset,
@@ -167,6 +168,8 @@ async def create_dataset(
         dataset = await run_in_threadpool(_create_builtin, session, tenant.tenant_id, body)
     else:
         dataset = await _upload(request, tenant, session, settings, storage, upload_root)
+        if (metrics := metrics_of(request.app)) is not None:
+            metrics.record_upload("dataset", dataset.size_bytes or 0)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return DatasetRead.model_validate(dataset)
 

@@ -26,6 +26,7 @@ from api.errors import (
     UnsupportedFormat,
 )
 from api.inspect import ModelFacts, inspect_model
+from api.metrics import metrics_of
 from api.routes.common import (
     Limit,
     Offset,
@@ -158,6 +159,8 @@ async def upload_model(
             config_text=form.fields.get("config"),
         )
         model = await run_in_threadpool(_store, session, storage, tenant.tenant_id, upload, name, facts)
+    if (metrics := metrics_of(request.app)) is not None:
+        metrics.record_upload("model", model.size_bytes)
     response.headers["Location"] = f"/v1/models/{model.id}"
     return ModelRead.model_validate(model)
 

@@ -1,0 +1,898 @@
+/*
+ * netsurgery dashboard: one page, no build step, no dependencies.
+ *
+ * Views (chosen by the URL's hash):
+ *   (no key)      the key form; the key is kept in sessionStorage (this tab only)
+ *   #/            the job list (refreshed every 2 s) and the form that starts a job
+ *   #/jobs/<id>   one job: summary, live charts, per-layer bars, error, artifacts, cancel
+ *
+ * Everything comes from the /v1 REST API, with "Authorization: Bearer <key>" on every request.
+ * While a job is queued or running its page polls, every second, GET /v1/jobs/<id> and the new
+ * points of /progress and /layers (cursors: ?after=next_after). Charts are SVG drawn here.
+ * Server text is only ever put in the page with textContent, never parsed as HTML.
+ */
+"use strict";
+
+(function () {
+  const KEY_STORAGE = "netsurgery.apiKey";
+  // the page is served at <root>/dashboard/: API paths are relative to <root>, so a path prefix works
+  const ROOT = new URL("..", document.baseURI);
+  const POLL_JOB_MS = 1000;
+  const POLL_LIST_MS = 2000;
+  const PROGRESS_PAGE = 500;
+  const LAYERS_PAGE = 100;
+  const MAX_DRAWN_POINTS = 1000;
+  const ACTIVE = new Set(["queued", "running"]);
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const JOB_HASH = /^#\/jobs\/([0-9a-fA-F-]{36})$/;
+
+  const $ = (selector) => document.querySelector(selector);
+
+  // ------------------------------------------------------------------------------------ the API
+
+  class ApiError extends Error {
+    constructor(status, code, detail) {
+      super(detail);
+      this.status = status;
+      this.code = code;
+      this.detail = detail;
+    }
+  }
+
+  function apiKey() {
+    return sessionStorage.getItem(KEY_STORAGE);
+  }
+
+  /** fetch(ROOT + path) with the key; JSON back (or the Response with raw); ApiError on failure. */
+  async function api(path, options = {}) {
+    const headers = new Headers(options.headers || {});
+    headers.set("Authorization", "Bearer " + (apiKey() || ""));
+    let body;
+    if (options.json !== undefined) {
+      headers.set("Content-Type", "application/json");
+      body = JSON.stringify(options.json);
+    }
+    let response;
+    try {
+      response = await fetch(new URL(path, ROOT), {
+        method: options.method || "GET",
+        headers,
+        body,
+        cache: "no-store",
+        credentials: "omit",
+      });
+    } catch (e) {
+      throw new ApiError(0, "network", "the service cannot be reached");
+    }
+    if (!response.ok) {
+      let code = "http_" + response.status;
+      let detail = response.statusText || code;
+      try {
+        const err = await response.json();
+        code = err.error || code;
+        detail = err.detail || detail;
+      } catch (e) {
+        /* not JSON: keep the status text */
+      }
+      if (response.status === 401) {
+        forgetKey("The API key was not accepted (" + detail + ").");
+      }
+      throw new ApiError(response.status, code, detail);
+    }
+    if (options.raw) return response;
+    return response.status === 204 ? null : response.json();
+  }
+
+  function describe(error) {
+    if (error instanceof ApiError) {
+      if (error.status === 429) return "rate limited; retrying";
+      return error.detail;
+    }
+    return String(error);
+  }
+
+  // -------------------------------------------------------------------------------- formatting
+
+  const intFmt = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+
+  function fmtInt(n) {
+    return n === null || n === undefined ? "–" : intFmt.format(n);
+  }
+
+  function fmtNum(n, digits) {
+    return n === null || n === undefined ? "–" : Number(n).toFixed(digits);
+  }
+
+  function fmtCompression(x) {
+    return x === null || x === undefined ? "–" : fmtNum(x, 2) + "×";
+  }
+
+  function fmtAccuracy(percent) {
+    return percent === null || percent === undefined ? "–" : fmtNum(percent, 2) + " %";
+  }
+
+  function fmtTime(iso) {
+    if (!iso) return "–";
+    const d = new Date(iso);
+    return d.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
+  }
+
+  function fmtDuration(fromIso, toIso) {
+    if (!fromIso) return "–";
+    const s = Math.max(0, Math.round(((toIso ? new Date(toIso) : new Date()) - new Date(fromIso)) / 1000));
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+  }
+
+  function fmtBytes(n) {
+    if (n < 1024) return n + " B";
+    const units = ["KiB", "MiB", "GiB", "TiB"];
+    let v = n;
+    let i = -1;
+    do {
+      v /= 1024;
+      i += 1;
+    } while (v >= 1024 && i < units.length - 1);
+    return v.toFixed(v < 10 ? 1 : 0) + " " + units[i];
+  }
+
+  function fmtTarget(job) {
+    const t = job.target || {};
+    const parts = [];
+    if (t.compression !== undefined) parts.push(t.compression + "×");
+    if (t.layer_kept) parts.push(Object.keys(t.layer_kept).length + " layer fractions");
+    if (t.max_accuracy_drop !== undefined) parts.push("drop ≤ " + t.max_accuracy_drop + " pt");
+    return parts.length ? parts.join(" · ") : "–";
+  }
+
+  function fmtIteration(job) {
+    return fmtInt(job.iteration) + (job.total_iterations ? " / " + fmtInt(job.total_iterations) : "");
+  }
+
+  function randomKey() {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    return "dashboard-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  // ---------------------------------------------------------------------------------- the DOM
+
+  /** An HTML element: el("td", {class: "num"}, "text", child, …). Strings become text nodes. */
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    setAttrs(node, attrs);
+    node.append(...children.filter((c) => c !== null && c !== undefined));
+    return node;
+  }
+
+  /** An SVG element, the same way. */
+  function svgEl(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    setAttrs(node, attrs);
+    node.append(...children.filter((c) => c !== null && c !== undefined));
+    return node;
+  }
+
+  function setAttrs(node, attrs) {
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v !== null && v !== undefined && v !== false) node.setAttribute(k, v === true ? "" : String(v));
+    }
+  }
+
+  function setStatus(text, isError) {
+    const line = $("#status-line");
+    line.textContent = text;
+    line.classList.toggle("error", Boolean(isError));
+  }
+
+  function showView(id) {
+    for (const view of ["key-view", "list-view", "job-view"]) {
+      document.getElementById(view).hidden = view !== id;
+    }
+  }
+
+  // ------------------------------------------------------------------------- views and polling
+
+  let generation = 0; // bumped on every view change: loops and fetches of an older view stop
+  let timer = null;
+
+  /** Call fn now and then every ms while the view is the same and fn does not return false. */
+  function every(ms, fn) {
+    const gen = generation;
+    const loop = async () => {
+      if (gen !== generation) return;
+      let again = true;
+      try {
+        again = (await fn(gen)) !== false;
+      } catch (e) {
+        if (gen === generation && apiKey()) setStatus(describe(e), true);
+      }
+      if (again && gen === generation) timer = setTimeout(loop, ms);
+    };
+    loop();
+  }
+
+  function route() {
+    generation += 1;
+    clearTimeout(timer);
+    if (!apiKey()) {
+      showKeyView();
+      return;
+    }
+    $("#forget-key").hidden = false;
+    const match = location.hash.match(JOB_HASH);
+    if (match) showJob(match[1].toLowerCase());
+    else showList();
+  }
+
+  // ------------------------------------------------------------------------------------ the key
+
+  function showKeyView(message) {
+    showView("key-view");
+    $("#forget-key").hidden = true;
+    setStatus("");
+    const error = $("#key-error");
+    error.textContent = message || "";
+    error.hidden = !message;
+    $("#key-input").focus();
+  }
+
+  function forgetKey(message) {
+    sessionStorage.removeItem(KEY_STORAGE);
+    generation += 1;
+    clearTimeout(timer);
+    showKeyView(message);
+  }
+
+  async function submitKey(event) {
+    event.preventDefault();
+    const input = $("#key-input");
+    const key = input.value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY_STORAGE, key);
+    const button = $("#key-submit");
+    button.disabled = true;
+    try {
+      await api("v1/jobs?limit=1"); // checks the key (a 401 brings the form back with the reason)
+      input.value = "";
+      route();
+    } catch (e) {
+      if (e.status !== 401) {
+        sessionStorage.removeItem(KEY_STORAGE);
+        showKeyView("Could not check the key: " + describe(e));
+      }
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // ------------------------------------------------------------------------------- the job list
+
+  function showList() {
+    showView("list-view");
+    loadChoices(generation).catch((e) => setStatus(describe(e), true));
+    every(POLL_LIST_MS, refreshJobs);
+  }
+
+  async function refreshJobs(gen) {
+    const page = await api("v1/jobs?limit=50");
+    if (gen !== generation) return false;
+    const rows = page.items.map((job) => {
+      const link = el("a", { href: "#/jobs/" + job.id, title: job.id }, el("code", {}, job.id.slice(0, 8)));
+      const state = el("span", { class: "state", "data-state": job.state }, job.state);
+      const cancelling = job.cancel_requested && ACTIVE.has(job.state) ? " · cancelling" : "";
+      return el(
+        "tr",
+        { "data-job-id": job.id, "data-state": job.state },
+        el("td", { "data-field": "id" }, link),
+        el("td", { "data-field": "state" }, state, cancelling),
+        el("td", { "data-field": "method" }, job.method),
+        el("td", { "data-field": "iteration", class: "num" }, fmtIteration(job)),
+        el("td", { "data-field": "compression", class: "num" }, fmtCompression(job.compression)),
+        el("td", { "data-field": "val_accuracy", class: "num" }, fmtAccuracy(job.val_accuracy)),
+        el("td", { "data-field": "created" }, fmtTime(job.created_at)),
+      );
+    });
+    if (!rows.length) {
+      rows.push(el("tr", {}, el("td", { class: "empty", colspan: 7 }, "No jobs yet: start one with the form.")));
+    }
+    $("#jobs-table tbody").replaceChildren(...rows);
+    $("#jobs-total").textContent =
+      page.total > page.items.length ? `newest ${page.items.length} of ${page.total}` : `${page.total} in all`;
+    setStatus("updated " + new Date().toLocaleTimeString());
+    return true;
+  }
+
+  // --------------------------------------------------------------------------- the new-job form
+
+  let formKey = randomKey(); // Idempotency-Key of the form as filled in now: a double submit makes one job
+
+  async function loadChoices(gen) {
+    const [models, datasets] = await Promise.all([api("v1/models?limit=1000"), api("v1/datasets?limit=1000")]);
+    if (gen !== generation) return;
+    fillSelect($("#model-select"), models.items, (m) => {
+      const kind = m.architecture || m.format;
+      return `${m.name} (${kind}, ${fmtInt(m.parameter_count)} parameters)`;
+    }, "No models uploaded yet");
+    fillSelect($("#dataset-select"), datasets.items, (d) => {
+      const kind = d.builtin_name ? "built-in " + d.builtin_name : `${d.kind}, ${fmtInt(d.n_examples)} examples`;
+      return `${d.name} (${kind})`;
+    }, "No data uploaded yet");
+    $("#start-job").disabled = !(models.items.length && datasets.items.length);
+  }
+
+  function fillSelect(select, items, label, emptyText) {
+    const previous = select.value;
+    if (!items.length) {
+      select.replaceChildren(el("option", { value: "", disabled: true, selected: true }, emptyText));
+      return;
+    }
+    select.replaceChildren(...items.map((item) => el("option", { value: item.id }, label(item))));
+    if (items.some((item) => item.id === previous)) select.value = previous;
+  }
+
+  function syncMethodFields() {
+    // dns-fixed-crates is driven by its crates: its target may carry only the accuracy budget
+    const fixed = $("#method-select").value === "dns-fixed-crates";
+    const compression = $("#target-compression");
+    compression.disabled = fixed;
+    compression.required = !fixed;
+  }
+
+  async function submitJob(event) {
+    event.preventDefault();
+    const method = $("#method-select").value;
+    const body = {
+      model_id: $("#model-select").value,
+      dataset_id: $("#dataset-select").value,
+      method,
+      settings: {},
+    };
+    const target = {};
+    if (method !== "dns-fixed-crates") target.compression = Number($("#target-compression").value);
+    const drop = $("#max-accuracy-drop").value.trim();
+    if (drop !== "") target.max_accuracy_drop = Number(drop);
+    if (Object.keys(target).length) body.target = target;
+    const iterations = $("#iterations").value.trim();
+    if (iterations !== "") body.settings.iterations = Number(iterations);
+
+    const error = $("#form-error");
+    const button = $("#start-job");
+    error.hidden = true;
+    button.disabled = true;
+    try {
+      const job = await api("v1/jobs", { method: "POST", json: body, headers: { "Idempotency-Key": formKey } });
+      formKey = randomKey();
+      location.hash = "#/jobs/" + job.id;
+    } catch (e) {
+      if (e.status !== 401) {
+        error.textContent = "Not started: " + describe(e);
+        error.hidden = false;
+      }
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // --------------------------------------------------------------------------------- a job page
+
+  let current = null; // the job page's data: {id, job, progress, progressAfter, layers, layersAfter, artifacts, names}
+
+  function showJob(id) {
+    showView("job-view");
+    current = { id, job: null, progress: [], progressAfter: -1, layers: [], layersAfter: -1, artifacts: null, names: null };
+    $("#job-id").textContent = id;
+    $("#job-state").textContent = "loading…";
+    $("#job-state").removeAttribute("data-state");
+    $("#cancel-button").hidden = true;
+    $("#job-summary").replaceChildren();
+    $("#job-error-box").hidden = true;
+    $("#artifacts").replaceChildren();
+    $("#artifacts-note").textContent = "";
+    renderCharts(current);
+    const view = current;
+    every(POLL_JOB_MS, (gen) => pollJob(view, gen));
+  }
+
+  async function pollJob(view, gen) {
+    let job;
+    try {
+      job = await api("v1/jobs/" + view.id);
+    } catch (e) {
+      if (e.status === 404 && gen === generation) {
+        $("#job-state").textContent = "not found";
+        $("#job-error").textContent = e.detail;
+        $("#job-error-box").hidden = false;
+        return false;
+      }
+      throw e;
+    }
+    if (gen !== generation) return false;
+    const finished = !ACTIVE.has(job.state);
+    await fetchHistory(view, gen); // after the job: once it is finished, its history is complete
+    if (gen !== generation) return false;
+    view.job = job;
+    if (view.names === null) {
+      view.names = await inputNames(job);
+      if (gen !== generation) return false;
+    }
+    if (finished && view.artifacts === null) {
+      view.artifacts = (await api(`v1/jobs/${view.id}/artifacts`)).items;
+      if (gen !== generation) return false;
+    }
+    renderJob(view);
+    setStatus((finished ? "finished; " : "live; ") + "updated " + new Date().toLocaleTimeString());
+    return !finished;
+  }
+
+  /** The names of the job's model and data (their ids if they cannot be read, e.g. deleted). */
+  async function inputNames(job) {
+    const name = async (path, id, label) => {
+      try {
+        return label(await api(path + id));
+      } catch (e) {
+        if (e.status !== 404) throw e; // a passing failure: the next poll asks again
+        return id;
+      }
+    };
+    const [model, dataset] = await Promise.all([
+      name("v1/models/", job.model_id, (m) => `${m.name} (${m.architecture || m.format})`),
+      name("v1/datasets/", job.dataset_id, (d) => (d.builtin_name ? `${d.name} (built-in)` : `${d.name} (${d.kind})`)),
+    ]);
+    return { model, dataset };
+  }
+
+  async function fetchHistory(view, gen) {
+    for (;;) {
+      const page = await api(`v1/jobs/${view.id}/progress?after=${view.progressAfter}&limit=${PROGRESS_PAGE}`);
+      if (gen !== generation) return;
+      view.progress.push(...page.items);
+      view.progressAfter = page.next_after;
+      if (page.items.length < PROGRESS_PAGE) break;
+    }
+    for (;;) {
+      const page = await api(`v1/jobs/${view.id}/layers?after=${view.layersAfter}&limit=${LAYERS_PAGE}`);
+      if (gen !== generation) return;
+      view.layers.push(...page.items);
+      view.layersAfter = page.next_after;
+      if (page.items.length < LAYERS_PAGE) break;
+    }
+  }
+
+  function renderJob(view) {
+    const job = view.job;
+    const state = $("#job-state");
+    state.textContent = job.cancel_requested && ACTIVE.has(job.state) ? job.state + " · cancelling" : job.state;
+    state.dataset.state = job.state;
+
+    const cancel = $("#cancel-button");
+    cancel.hidden = !ACTIVE.has(job.state);
+    if (!cancel.classList.contains("confirm")) {
+      cancel.disabled = job.cancel_requested;
+      cancel.textContent = job.cancel_requested ? "Cancelling…" : "Cancel job";
+    }
+
+    const fraction = job.total_iterations ? Math.min(1, job.iteration / job.total_iterations) : 0;
+    $("#job-progress-bar").style.width = (job.state === "succeeded" ? 100 : fraction * 100).toFixed(1) + "%";
+
+    const fields = [
+      ["state", "State", job.state],
+      ["method", "Method", job.method],
+      ["target", "Target", fmtTarget(job)],
+      ["iteration", "Iteration", fmtIteration(job)],
+      ["compression", "Compression", fmtCompression(job.compression)],
+      ["val_accuracy", "Validation accuracy", fmtAccuracy(job.val_accuracy)],
+      ["loss", "Loss", job.loss !== null ? fmtNum(job.loss, 4) : "–"],
+      ["attempt", "Attempt", String(job.attempt)],
+      ["created", "Created", fmtTime(job.created_at)],
+      ["started", "Started", fmtTime(job.started_at)],
+      ["finished", "Finished", fmtTime(job.finished_at)],
+      ["duration", "Run time", fmtDuration(job.started_at, job.finished_at)],
+      ["model", "Model", view.names ? view.names.model : job.model_id],
+      ["dataset", "Data", view.names ? view.names.dataset : job.dataset_id],
+    ];
+    $("#job-summary").replaceChildren(
+      ...fields.map(([key, label, value]) => el("div", { "data-field": key }, el("dt", {}, label), el("dd", {}, value))),
+    );
+
+    $("#job-error").textContent = job.error || "";
+    $("#job-error-box").hidden = !job.error;
+
+    renderCharts(view);
+    renderArtifacts(view);
+  }
+
+  function renderCharts(view) {
+    const job = view.job;
+    const total = job && job.total_iterations ? job.total_iterations : 0;
+    const compression = view.progress.filter((p) => p.compression !== null).map((p) => [p.iteration, p.compression]);
+    const accuracy = view.progress.filter((p) => p.val_accuracy !== null).map((p) => [p.iteration, p.val_accuracy]);
+    const target = job && job.target && job.target.compression ? job.target.compression : null;
+    const empty = job && !ACTIVE.has(job.state) ? "no progress was recorded" : "waiting for the first progress points…";
+
+    lineChart($("#chart-compression"), {
+      series: [{ name: "compression", points: compression }],
+      xMax: total,
+      xLabel: "iteration",
+      yLabel: "compression (×)",
+      yMin: 1,
+      refs: target ? [{ y: target, label: "target " + target + "×" }] : [],
+      empty,
+    });
+    lineChart($("#chart-accuracy"), {
+      series: [{ name: "val_accuracy", points: accuracy }],
+      xMax: total,
+      xLabel: "iteration",
+      yLabel: "validation accuracy (%)",
+      clamp: [0, 100],
+      empty,
+    });
+    const last = (points) => (points.length ? points[points.length - 1][1] : null);
+    $("#compression-now").textContent = compression.length ? fmtCompression(last(compression)) : "";
+    $("#accuracy-now").textContent = accuracy.length ? fmtAccuracy(last(accuracy)) : "";
+
+    // per-layer: kept fraction over iterations, and the latest kept of total as bars
+    const names = [];
+    const byLayer = new Map();
+    for (const snapshot of view.layers) {
+      for (const l of snapshot.layers) {
+        if (!byLayer.has(l.layer)) {
+          byLayer.set(l.layer, []);
+          names.push(l.layer);
+        }
+        byLayer.get(l.layer).push([snapshot.iteration, l.total ? (100 * l.kept) / l.total : 0]);
+      }
+    }
+    lineChart($("#chart-layer-history"), {
+      series: names.map((name) => ({ name, points: byLayer.get(name) })),
+      xMax: total,
+      xLabel: "iteration",
+      yLabel: "kept (%)",
+      yMin: 0,
+      yMax: 100,
+      empty,
+    });
+    $("#layer-history-legend").replaceChildren(
+      ...names.map((name, i) => el("span", {}, el("i", { class: "swatch s" + (i % 6) }), name)),
+    );
+    const latest = view.layers.length ? view.layers[view.layers.length - 1] : job ? job.layers : null;
+    const noLayers = job && !ACTIVE.has(job.state) ? "no per-layer figures were recorded" : "no per-layer figures yet";
+    layersChart($("#layers-chart"), latest, noLayers);
+    $("#layers-at").textContent = latest ? "at iteration " + fmtInt(latest.iteration) : "";
+  }
+
+  // --------------------------------------------------------------------------- cancel, download
+
+  let cancelArmed = null;
+
+  async function clickCancel() {
+    const button = $("#cancel-button");
+    const view = current;
+    if (!view) return;
+    if (!cancelArmed) {
+      // two clicks: a long job is not lost to a stray one
+      button.classList.add("confirm");
+      button.textContent = "Click again to cancel";
+      cancelArmed = setTimeout(disarmCancel, 4000);
+      return;
+    }
+    disarmCancel();
+    button.disabled = true;
+    button.textContent = "Cancelling…";
+    try {
+      await api(`v1/jobs/${view.id}/cancel`, { method: "POST" });
+    } catch (e) {
+      setStatus("Cancel failed: " + describe(e), true);
+      button.disabled = false;
+    }
+  }
+
+  function disarmCancel() {
+    clearTimeout(cancelArmed);
+    cancelArmed = null;
+    const button = $("#cancel-button");
+    button.classList.remove("confirm");
+    button.textContent = "Cancel job";
+  }
+
+  function renderArtifacts(view) {
+    const list = $("#artifacts");
+    const note = $("#artifacts-note");
+    if (view.artifacts === null) {
+      note.textContent = "The compressed model and the report appear here when the job succeeds.";
+      return;
+    }
+    if (list.childElementCount === view.artifacts.length && view.artifacts.length) return; // already drawn
+    note.textContent = view.artifacts.length
+      ? "Downloads are fetched with your key, checked against their SHA-256, then saved."
+      : "This job produced no artifacts.";
+    list.replaceChildren(
+      ...view.artifacts.map((art) => {
+        const path = `v1/jobs/${view.id}/artifacts/${encodeURIComponent(art.name)}`;
+        const status = el("span", { class: "muted small", "data-role": "status" });
+        const href = new URL(path, ROOT).href;
+        const link = el("a", { href, class: "artifact-link", "data-artifact": art.name }, art.name);
+        link.addEventListener("click", (event) => {
+          event.preventDefault(); // a plain link cannot send the Authorization header
+          download(path, art, status);
+        });
+        return el(
+          "li",
+          { "data-artifact": art.name },
+          link,
+          el("span", { class: "muted" }, art.kind),
+          el("span", {}, fmtBytes(art.size_bytes)),
+          el("code", { title: "sha256 " + art.sha256 }, "sha256 " + art.sha256.slice(0, 12) + "…"),
+          status,
+        );
+      }),
+    );
+  }
+
+  async function download(path, art, status) {
+    status.textContent = "downloading…";
+    status.classList.remove("error");
+    try {
+      const response = await api(path, { raw: true });
+      const blob = await response.blob();
+      let checked = "";
+      if (window.crypto && crypto.subtle) {
+        // only in secure contexts (https, localhost); elsewhere the file is saved unchecked
+        const digest = await crypto.subtle.digest("SHA-256", await blob.arrayBuffer());
+        const hex = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+        if (hex !== art.sha256) {
+          status.textContent = "checksum mismatch: not saved";
+          status.classList.add("error");
+          return;
+        }
+        checked = ", sha256 checked";
+      }
+      const url = URL.createObjectURL(blob);
+      const a = el("a", { href: url, download: art.name, hidden: true });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+      status.textContent = "saved" + checked;
+    } catch (e) {
+      status.textContent = "download failed: " + describe(e);
+      status.classList.add("error");
+    }
+  }
+
+  // ------------------------------------------------------------------------------------- charts
+
+  const CHART_W = 600;
+  const CHART_H = 280;
+  const MARGIN = { left: 62, right: 20, top: 16, bottom: 46 };
+  const MIDDLE = { "dominant-baseline": "middle" };
+
+  /** A "nice" step (1, 2 or 5 × 10^k) that cuts span into about count parts. */
+  function niceStep(span, count) {
+    const raw = span / Math.max(count, 1);
+    const magnitude = Math.pow(10, Math.floor(Math.log10(raw)));
+    const norm = raw / magnitude;
+    return (norm < 1.5 ? 1 : norm < 3 ? 2 : norm < 7 ? 5 : 10) * magnitude;
+  }
+
+  function ticks(lo, hi, step) {
+    const out = [];
+    const first = Math.ceil(lo / step - 1e-9);
+    const last = Math.floor(hi / step + 1e-9);
+    for (let i = first; i <= last; i += 1) out.push(i * step + 0); // + 0: no "-0" label
+    return out;
+  }
+
+  function tickFormatter(step) {
+    const decimals = Math.min(4, Math.max(0, -Math.floor(Math.log10(step) + 1e-9)));
+    return (v) => {
+      if (Math.abs(v) >= 10000 && decimals === 0) {
+        return (v / 1000).toLocaleString(undefined, { maximumFractionDigits: 1 }) + "k";
+      }
+      return v.toLocaleString(undefined, { minimumFractionDigits: decimals, maximumFractionDigits: decimals });
+    };
+  }
+
+  /** Keep at most max points: every k-th, and always the last. */
+  function thin(points, max) {
+    if (points.length <= max) return points;
+    const k = Math.ceil(points.length / max);
+    const out = points.filter((_, i) => i % k === 0);
+    if (out[out.length - 1] !== points[points.length - 1]) out.push(points[points.length - 1]);
+    return out;
+  }
+
+  /**
+   * A line chart with axes, ticks, grid and labels.
+   * spec: {series: [{name, points: [[x, y], …]}], xMax, xLabel, yLabel, yMin?, yMax?, clamp?: [lo, hi],
+   *        refs?: [{y, label}], empty?: text shown without points}. Each series is a <path class="series" data-points="n">.
+   */
+  function lineChart(svg, spec) {
+    const W = CHART_W;
+    const H = CHART_H;
+    const plotW = W - MARGIN.left - MARGIN.right;
+    const plotH = H - MARGIN.top - MARGIN.bottom;
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    const parts = [];
+    const points = spec.series.flatMap((s) => s.points);
+    const refs = spec.refs || [];
+
+    // x: iterations from 0 to the job's total (or the last point seen)
+    const xHi = Math.max(spec.xMax || 0, ...points.map((p) => p[0]), 1);
+    const xStep = niceStep(xHi, 6);
+    const sx = (x) => MARGIN.left + (x / xHi) * plotW;
+
+    // y: the data (and reference lines), padded, widened to whole ticks
+    const ys = points.map((p) => p[1]).concat(refs.map((r) => r.y));
+    let lo = spec.yMin !== undefined ? Math.min(spec.yMin, ...ys) : ys.length ? Math.min(...ys) : 0;
+    let hi = spec.yMax !== undefined ? Math.max(spec.yMax, ...ys) : ys.length ? Math.max(...ys) : 1;
+    if (spec.yMin === undefined || spec.yMax === undefined) {
+      const pad = hi > lo ? (hi - lo) * 0.08 : Math.max(Math.abs(hi) * 0.05, 1);
+      if (spec.yMin === undefined) lo -= pad;
+      if (spec.yMax === undefined) hi += pad;
+    }
+    if (spec.clamp) {
+      lo = Math.max(lo, spec.clamp[0]);
+      hi = Math.min(hi, spec.clamp[1]);
+      if (!ys.length) [lo, hi] = spec.clamp; // nothing yet: the whole range
+    }
+    const yStep = niceStep(hi - lo || 1, 5);
+    if (spec.yMin === undefined) lo = Math.floor(lo / yStep + 1e-9) * yStep;
+    if (spec.yMax === undefined) hi = Math.ceil(hi / yStep - 1e-9) * yStep;
+    if (spec.clamp) {
+      lo = Math.max(lo, spec.clamp[0]);
+      hi = Math.min(hi, spec.clamp[1]);
+    }
+    if (hi <= lo) hi = lo + yStep;
+    const sy = (y) => MARGIN.top + plotH - ((y - lo) / (hi - lo)) * plotH;
+
+    // grid and y ticks
+    const yFmt = tickFormatter(yStep);
+    const yAxis = svgEl("g", { class: "axis axis-y" });
+    const yTicks = ticks(lo, hi, yStep);
+    if (!yTicks.length || yTicks[0] - lo > yStep * 0.3) yTicks.unshift(lo); // a fixed floor (1×) is labelled too
+    for (const v of yTicks) {
+      const y = sy(v).toFixed(1);
+      parts.push(svgEl("line", { class: "gridline", x1: MARGIN.left, x2: W - MARGIN.right, y1: y, y2: y }));
+      yAxis.append(
+        svgEl("line", { x1: MARGIN.left - 5, x2: MARGIN.left, y1: y, y2: y }),
+        svgEl("text", { class: "tick-label", x: MARGIN.left - 8, y, "text-anchor": "end", ...MIDDLE }, yFmt(v)),
+      );
+    }
+    yAxis.append(svgEl("line", { x1: MARGIN.left, x2: MARGIN.left, y1: MARGIN.top, y2: MARGIN.top + plotH }));
+    // x ticks
+    const xFmt = tickFormatter(xStep);
+    const xAxis = svgEl("g", { class: "axis axis-x" });
+    const base = MARGIN.top + plotH;
+    for (const v of ticks(0, xHi, xStep)) {
+      const x = sx(v).toFixed(1);
+      xAxis.append(
+        svgEl("line", { x1: x, x2: x, y1: base, y2: base + 5 }),
+        svgEl("text", { class: "tick-label", x, y: base + 18, "text-anchor": "middle" }, xFmt(v)),
+      );
+    }
+    xAxis.append(svgEl("line", { x1: MARGIN.left, x2: W - MARGIN.right, y1: base, y2: base }));
+    parts.push(yAxis, xAxis);
+    parts.push(
+      svgEl("text", { class: "axis-label", x: MARGIN.left + plotW / 2, y: H - 6, "text-anchor": "middle" }, spec.xLabel),
+      svgEl(
+        "text",
+        {
+          class: "axis-label",
+          x: 0,
+          y: 0,
+          "text-anchor": "middle",
+          transform: `translate(14 ${MARGIN.top + plotH / 2}) rotate(-90)`,
+        },
+        spec.yLabel,
+      ),
+    );
+
+    for (const ref of refs) {
+      const y = sy(ref.y).toFixed(1);
+      parts.push(
+        svgEl("line", { class: "ref-line", x1: MARGIN.left, x2: W - MARGIN.right, y1: y, y2: y }),
+        svgEl("text", { class: "ref-label", x: W - MARGIN.right - 4, y: Number(y) - 5, "text-anchor": "end" }, ref.label),
+      );
+    }
+
+    spec.series.forEach((series, i) => {
+      if (!series.points.length) return;
+      const cls = "s" + (i % 6);
+      const drawn = thin(series.points, MAX_DRAWN_POINTS);
+      const d = drawn.map((p, j) => (j ? "L" : "M") + sx(p[0]).toFixed(1) + " " + sy(p[1]).toFixed(1)).join(" ");
+      const lastPoint = drawn[drawn.length - 1];
+      parts.push(
+        svgEl("path", { class: "series " + cls, d, "data-series": series.name, "data-points": series.points.length }),
+        svgEl(
+          "circle",
+          { class: "series-dot dot-" + cls, cx: sx(lastPoint[0]).toFixed(1), cy: sy(lastPoint[1]).toFixed(1), r: 3.5 },
+          svgEl("title", {}, `${series.name} at iteration ${fmtInt(lastPoint[0])}: ${fmtNum(lastPoint[1], 2)}`),
+        ),
+      );
+    });
+    if (!points.length) {
+      parts.push(
+        svgEl(
+          "text",
+          { class: "chart-empty", x: MARGIN.left + plotW / 2, y: MARGIN.top + plotH / 2, "text-anchor": "middle" },
+          spec.empty || "",
+        ),
+      );
+    }
+    svg.replaceChildren(...parts);
+    svg.dataset.points = String(points.length);
+  }
+
+  /**
+   * Kept of total weights per layer: the whole bar is the layer's weights before surgery, the
+   * filled part those kept after it, with the kept percentage.
+   */
+  function layersChart(svg, snapshot, emptyText) {
+    const layers = snapshot ? snapshot.layers : [];
+    const W = CHART_W;
+    const rowH = 30;
+    const gap = 14;
+    const longest = Math.max(4, ...layers.map((l) => Math.min(l.layer.length, 22)));
+    const labelW = Math.min(170, 12 + longest * 7.2);
+    const valueW = 150;
+    const barX = labelW + 8;
+    const barW = W - barX - valueW - 10;
+    const H = Math.max(60, 8 + layers.length * (rowH + gap));
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    if (!layers.length) {
+      svg.replaceChildren(svgEl("text", { class: "chart-empty", x: W / 2, y: H / 2, "text-anchor": "middle" }, emptyText));
+      return;
+    }
+    const rows = layers.map((l, i) => {
+      const y = 4 + i * (rowH + gap);
+      const fraction = l.total ? l.kept / l.total : 0;
+      const keptW = barW * fraction;
+      const pct = (100 * fraction).toFixed(1) + "%";
+      const name = l.layer.length > 22 ? l.layer.slice(0, 21) + "…" : l.layer;
+      const inside = keptW > 48;
+      return svgEl(
+        "g",
+        { class: "layer-bar", "data-layer": l.layer, "data-kept": l.kept, "data-total": l.total },
+        svgEl("title", {}, `${l.layer}: ${fmtInt(l.kept)} of ${fmtInt(l.total)} weights kept (${pct})`),
+        svgEl("text", { class: "bar-label", x: barX - 8, y: y + rowH / 2, "text-anchor": "end", ...MIDDLE }, name),
+        svgEl("rect", { class: "bar-total", x: barX, y, width: barW.toFixed(1), height: rowH, rx: 3, "data-role": "before" }),
+        svgEl("rect", { class: "bar-kept", x: barX, y, width: keptW.toFixed(1), height: rowH, rx: 3, "data-role": "after" }),
+        svgEl(
+          "text",
+          {
+            class: inside ? "bar-pct" : "bar-value",
+            x: inside ? barX + keptW - 6 : barX + keptW + 6,
+            y: y + rowH / 2,
+            "text-anchor": inside ? "end" : "start",
+            "dominant-baseline": "middle",
+          },
+          pct,
+        ),
+        svgEl(
+          "text",
+          { class: "bar-value", x: barX + barW + 10, y: y + rowH / 2, "dominant-baseline": "middle" },
+          `${fmtInt(l.kept)} / ${fmtInt(l.total)}`,
+        ),
+      );
+    });
+    svg.replaceChildren(...rows);
+  }
+
+  // -------------------------------------------------------------------------------------- start
+
+  document.addEventListener("DOMContentLoaded", () => {
+    $("#key-form").addEventListener("submit", submitKey);
+    $("#forget-key").addEventListener("click", () => forgetKey());
+    $("#new-job-form").addEventListener("submit", submitJob);
+    $("#new-job-form").addEventListener("input", () => {
+      formKey = randomKey(); // a changed request is a new job
+    });
+    $("#method-select").addEventListener("change", syncMethodFields);
+    $("#cancel-button").addEventListener("click", clickCancel);
+    syncMethodFields();
+    window.addEventListener("hashchange", route);
+    route();
+  });
+})();

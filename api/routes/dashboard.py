@@ -1,0 +1,76 @@
+"""The web dashboard: ``GET /`` redirects to ``/dashboard/``, which serves three static files.
+
+The files (``api/dashboard/index.html``, ``app.js``, ``style.css``) are hand-written and need no
+build step; they are found beside this package through ``Path(__file__)``. They hold no data and
+need no key: the page asks for an API key once, keeps it in the tab's ``sessionStorage``, and
+sends it as ``Authorization: Bearer`` on every call to the ``/v1`` API, which does all the checking.
+
+Only the named files are served (no directory walk). The pages are left out of the OpenAPI
+description: they are not part of the API a client programs against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, RedirectResponse
+
+from api.errors import NotFound
+
+router = APIRouter(include_in_schema=False)
+
+#: Where the dashboard's static files live.
+DASHBOARD_DIR: Final = Path(__file__).resolve().parent.parent / "dashboard"
+
+#: The files served under ``/dashboard/``, with their media types.
+FILES: Final = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+
+#: The page loads only its own script and style, and talks only to its own origin.
+CONTENT_SECURITY_POLICY: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def _static(name: str) -> FileResponse:
+    media_type = FILES.get(name)
+    if media_type is None:
+        raise NotFound(f"the dashboard has no file {name!r}")
+    headers = {
+        "Cache-Control": "no-cache",  # revalidate (ETag / Last-Modified), so an upgrade is seen at once
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+    if name == "index.html":
+        headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    return FileResponse(DASHBOARD_DIR / name, media_type=media_type, headers=headers)
+
+
+@router.api_route("/", methods=["GET", "HEAD"])
+def root() -> RedirectResponse:
+    """The service's front page is the dashboard."""
+    return RedirectResponse("dashboard/", status_code=307)  # relative: right behind a path prefix too
+
+
+@router.api_route("/dashboard", methods=["GET", "HEAD"])
+def dashboard_redirect() -> RedirectResponse:
+    """``/dashboard`` → ``/dashboard/``, so the page's relative links resolve under it."""
+    return RedirectResponse("dashboard/", status_code=307)
+
+
+@router.api_route("/dashboard/", methods=["GET", "HEAD"])
+def dashboard_index() -> FileResponse:
+    """The dashboard's single page."""
+    return _static("index.html")
+
+
+@router.api_route("/dashboard/{name}", methods=["GET", "HEAD"])
+def dashboard_file(name: str) -> FileResponse:
+    """The page's script and style sheet (404 for any other name)."""
+    return _static(name)

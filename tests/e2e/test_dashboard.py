@@ -1,0 +1,367 @@
+"""The web dashboard in a real browser: headless Chromium, driven by Selenium, against the real service.
+
+A job is started through the page's form and followed on its page while a worker runs it: the
+compression chart grows while the job runs, the job reaches ``succeeded``, the per-layer bars show
+fc1/fc2/fc3 with fewer weights kept than there were, and the artifacts are listed and download.
+A screenshot of the finished job's page is saved under ``$NETSURGERY_TEST_ARTIFACTS`` (a folder;
+default ``<repo>/test-artifacts``) and in the test's tmp folder.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``, ``/usr/bin/chromedriver``)
+and the ``selenium`` package; skipped without them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import pytest
+
+from tests.e2e.conftest import Service
+from tests.e2e.test_service import _zoo_file, upload
+
+if TYPE_CHECKING:
+    from selenium.webdriver.chrome.webdriver import WebDriver
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+REPO = Path(__file__).resolve().parents[2]
+ITERATIONS = 2000  # 4 s of an idle 2-core CPU worker: the page polls the running job a few times
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+def _missing() -> str | None:
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        return f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install -y chromium chromium-driver); not found"
+    if importlib.util.find_spec("selenium") is None:
+        return "needs the selenium package (pip install selenium)"
+    return None
+
+
+pytestmark = pytest.mark.slow
+# a mark, so the test is skipped before the (costly) service fixture starts, not inside it
+needs_browser = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+T = TypeVar("T")
+
+
+def artifacts_dir() -> Path:
+    """Where the screenshots go: ``$NETSURGERY_TEST_ARTIFACTS`` if set, else ``<repo>/test-artifacts``."""
+    folder = Path(os.environ.get("NETSURGERY_TEST_ARTIFACTS") or REPO / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    """Headless Chromium with a fresh profile that reaches nothing but the service (no background traffic)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    with tempfile.TemporaryDirectory(prefix="netsurgery-chromium-") as profile:
+        for flag in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--window-size=1280,1000",
+            "--lang=en-US",  # the page formats numbers in the browser's locale
+        ):
+            options.add_argument(flag)
+        options.add_experimental_option(
+            "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+        )
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        driver = webdriver.Chrome(service=DriverService(executable_path=str(CHROMEDRIVER)), options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def wait(driver: WebDriver, what: str, condition: Callable[[WebDriver], T | Literal[False]], timeout: float = 30) -> T:
+    """``condition``'s first truthy answer within ``timeout`` s; on a timeout the page's status line says why."""
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(
+            driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+        ).until(condition)
+    except TimeoutException:
+        status = driver.execute_script("return document.querySelector('#status-line')?.textContent")
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; status line: {status!r}") from None
+
+
+def chart_points(driver: WebDriver, chart: str) -> int:
+    """Points in the chart's line: its ``data-points``, checked against the vertices of its path."""
+    found: dict[str, Any] | None = driver.execute_script(
+        """const p = document.querySelector(arguments[0] + ' path.series');
+        return p ? {n: Number(p.dataset.points), d: p.getAttribute('d')} : null;""",
+        chart,
+    )
+    if found is None:
+        return 0
+    assert len(re.findall(r"[ML]", found["d"])) == found["n"]  # every point is drawn (fewer than 1000 here)
+    return int(found["n"])
+
+
+def page_state(driver: WebDriver) -> str | None:
+    state: str | None = driver.execute_script("return document.querySelector('#job-state').dataset.state || null")
+    return state
+
+
+def save_screenshot(driver: WebDriver, name: str, tmp_path: Path, width: int = 1280) -> Path:
+    """The whole page as PNG in the artifacts folder and in ``tmp_path``; the former's path."""
+    driver.set_window_size(width, 800)
+    height = int(driver.execute_script("window.scrollTo(0, 0); return document.documentElement.scrollHeight"))
+    driver.set_window_size(width, max(height + 160, 800))  # the window's height includes its frame
+    time.sleep(0.3)  # let the resize lay out
+    out = artifacts_dir() / name
+    assert driver.save_screenshot(str(out))
+    assert driver.save_screenshot(str(tmp_path / name))
+    return out
+
+
+@needs_browser
+def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    started = time.monotonic()
+    with service.client() as c:
+        model = upload(c, "/v1/models", _zoo_file(tmp_path / "lenet.safetensors"), architecture="lenet-300-100")
+        r = c.post("/v1/datasets", json={"builtin": "digits", "name": "digits"})
+        assert r.status_code == 201, r.text
+        dataset = r.json()
+
+    # the front page is the dashboard, and the HTML itself needs no key
+    browser.get(service.url + "/")
+    assert browser.current_url == service.url + "/dashboard/"
+    key_input = browser.find_element(By.ID, "key-input")
+    wait(browser, "the key form", lambda d: key_input.is_displayed())
+
+    # a wrong key is refused with the reason, the right one opens the job list
+    key_input.send_keys("ns_not-a-key")
+    browser.find_element(By.ID, "key-submit").click()
+    error = wait(browser, "the refusal", lambda d: d.find_element(By.ID, "key-error").text)
+    assert "not accepted" in error
+    key_input.clear()
+    key_input.send_keys(service.key)
+    browser.find_element(By.ID, "key-submit").click()
+    wait(browser, "the job list", lambda d: d.find_element(By.ID, "list-view").is_displayed())
+    assert browser.execute_script("return sessionStorage.getItem('netsurgery.apiKey')") == service.key
+
+    # the form, with the choices the API lists
+    wait(
+        browser,
+        "the model and data choices",
+        lambda d: (
+            d.execute_script(
+                "return [...document.querySelectorAll('#model-select option, #dataset-select option')]"
+                ".map(o => o.value)"
+            )
+            == [model["id"], dataset["id"]]
+        ),
+    )
+    Select(browser.find_element(By.ID, "model-select")).select_by_value(model["id"])
+    Select(browser.find_element(By.ID, "dataset-select")).select_by_value(dataset["id"])
+    Select(browser.find_element(By.ID, "method-select")).select_by_value("dns")
+    for field, value in (("target-compression", "8"), ("max-accuracy-drop", "10"), ("iterations", str(ITERATIONS))):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "start-job").click()
+
+    # the page of the job it started
+    match = wait(browser, "the job's page", lambda d: re.search(r"#/jobs/([0-9a-f-]{36})$", d.current_url) or False)
+    job_id = match.group(1)
+    with service.client() as c:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+    assert (job["model_id"], job["dataset_id"], job["method"]) == (model["id"], dataset["id"], "dns")
+    assert job["target"] == {"compression": 8, "max_accuracy_drop": 10}
+    assert job["settings"]["iterations"] == ITERATIONS
+    assert job["idempotency_key"].startswith("dashboard-")
+
+    # watch the compression chart while the job runs: (points, state shown) every 0.2 s until it finishes
+    seen: list[tuple[int, str | None]] = []
+    deadline = time.monotonic() + 180  # a busy machine
+    while True:
+        seen.append((chart_points(browser, "#chart-compression"), page_state(browser)))
+        if seen[-1][1] in FINISHED:
+            break
+        if time.monotonic() > deadline:
+            with service.client() as c:
+                now = c.get(f"/v1/jobs/{job_id}").json()
+            status = browser.find_element(By.ID, "status-line").text
+            worker_log = (service.folder / "w1.log").read_text()[-3000:]
+            raise AssertionError(f"the page shows {seen[-3:]} (status {status!r}); the API: {now}\n{worker_log}")
+        time.sleep(0.2)
+    running = [n for n, state in seen if state == "running" and n > 0]
+    print(f"compression chart points while running: {sorted(set(running))}")
+    assert len(set(running)) >= 2 and running == sorted(running), f"the chart did not grow while running: {seen}"
+    assert seen[-1][1] == "succeeded", browser.find_element(By.ID, "job-error").text
+
+    # the finished page: charts hold every progress point, the layer bars, the artifacts
+    with service.client() as c:
+        progress = c.get(f"/v1/jobs/{job_id}/progress", params={"limit": 1000}).json()["items"]
+        listing = c.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+    assert chart_points(browser, "#chart-compression") == sum(p["compression"] is not None for p in progress)
+    assert chart_points(browser, "#chart-accuracy") == sum(p["val_accuracy"] is not None for p in progress) > 0
+    assert chart_points(browser, "#chart-layer-history") > 0
+    assert browser.find_element(By.CSS_SELECTOR, '#job-summary [data-field="iteration"] dd').text.replace(",", "") == (
+        f"{ITERATIONS} / {ITERATIONS}"
+    )
+    assert browser.find_element(By.ID, "job-error-box").is_displayed() is False
+    assert browser.find_element(By.ID, "cancel-button").is_displayed() is False
+
+    bars = browser.execute_script(
+        """return [...document.querySelectorAll('#layers-chart g.layer-bar')].map(g => ({
+            layer: g.dataset.layer, kept: Number(g.dataset.kept), total: Number(g.dataset.total),
+            before: Number(g.querySelector('rect.bar-total').getAttribute('width')),
+            after: Number(g.querySelector('rect.bar-kept').getAttribute('width')),
+            text: g.textContent}))"""
+    )
+    assert [b["layer"] for b in bars] == ["fc1", "fc2", "fc3"], bars
+    for bar in bars:
+        assert 0 < bar["kept"] < bar["total"] and 0 < bar["after"] < bar["before"], bar
+        assert f"{100 * bar['kept'] / bar['total']:.1f}%" in bar["text"], bar
+    assert [b["total"] for b in bars] == [784 * 300 + 300, 300 * 100 + 100, 100 * 10 + 10]  # weights and biases
+
+    links = wait(
+        browser, "the artifact links", lambda d: d.find_elements(By.CSS_SELECTOR, "#artifacts a.artifact-link")
+    )
+    names = {link.get_attribute("data-artifact") for link in links}
+    assert names == {a["name"] for a in listing} and {"model.safetensors", "report.json"} <= names
+    # a download goes through fetch with the key, is checked against its sha256, then saved from a Blob URL
+    report_link = next(link for link in links if link.get_attribute("data-artifact") == "report.json")
+    report_link.click()
+    saving = browser.find_element(By.CSS_SELECTOR, '#artifacts li[data-artifact="report.json"] [data-role="status"]')
+    wait(browser, "the download", lambda d: saving.text not in ("", "downloading…"))
+    assert saving.text == "saved, sha256 checked"
+    saved = tmp_path / "downloads" / "report.json"
+    wait(browser, "the saved file", lambda d: saved.exists() and saved.stat().st_size > 0, timeout=10)
+    assert json.loads(saved.read_text())["inputs"]["model"]["sha256"] == model["sha256"]
+
+    shot = save_screenshot(browser, "dashboard.png", tmp_path)
+
+    # the job list shows it, finished
+    browser.get(service.url + "/dashboard/#/")
+    row = wait(
+        browser, "the job's row", lambda d: d.find_elements(By.CSS_SELECTOR, f'#jobs-table tr[data-job-id="{job_id}"]')
+    )
+    assert row[0].get_attribute("data-state") == "succeeded"
+    cells = {td.get_attribute("data-field"): td.text for td in row[0].find_elements(By.TAG_NAME, "td")}
+    assert cells["state"] == "succeeded" and cells["method"] == "dns"
+    assert cells["iteration"].replace(",", "") == f"{ITERATIONS} / {ITERATIONS}"
+    assert cells["compression"].endswith("×") and cells["val_accuracy"].endswith("%")
+    save_screenshot(browser, "dashboard-jobs.png", tmp_path)
+
+    for png in (shot, tmp_path / "dashboard.png"):
+        data = png.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, (png, len(data))
+    # no script error, refused resource or policy violation on the way (the wrong key's 401 was on purpose)
+    logs: list[dict[str, Any]] = browser.get_log("browser")  # type: ignore[no-untyped-call]  # untyped in selenium
+    problems = [e for e in logs if e["level"] == "SEVERE" and "401" not in e["message"]]
+    assert not problems, problems
+    print(f"dashboard test: {time.monotonic() - started:.1f}s, screenshot {shot}")
+
+
+def sign_in(driver: WebDriver, service: Service) -> None:
+    """Open the dashboard and give it the key through its form."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(service.url + "/dashboard/")
+    key_input = wait(driver, "the key form", lambda d: d.find_element(By.ID, "key-input"))
+    key_input.send_keys(service.key)
+    driver.find_element(By.ID, "key-submit").click()
+    wait(driver, "the job list", lambda d: d.find_element(By.ID, "list-view").is_displayed())
+
+
+@needs_browser
+def test_dashboard_shows_a_failure_and_cancels_a_running_job(
+    service: Service, browser: WebDriver, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    np = pytest.importorskip("numpy")
+    # data that does not fit the model: the worker fails the job with a sentence
+    np.savez(tmp_path / "wrong.npz", inputs=np.zeros((50, 3, 32, 32), np.float32), targets=np.zeros(50, np.int64))
+    with service.client() as c:
+        model = upload(c, "/v1/models", _zoo_file(tmp_path / "m.safetensors"), architecture="lenet-300-100")
+        wrong = upload(c, "/v1/datasets", tmp_path / "wrong.npz")
+        digits = c.post("/v1/datasets", json={"builtin": "digits"}).json()
+        body = {"model_id": model["id"], "method": "dns", "target": {"compression": 5}}
+        failing = c.post("/v1/jobs", json=body | {"dataset_id": wrong["id"], "settings": {"iterations": 50}}).json()
+        long = c.post("/v1/jobs", json=body | {"dataset_id": digits["id"], "settings": {"iterations": 10**6}}).json()
+
+    sign_in(browser, service)
+    browser.get(f"{service.url}/dashboard/#/jobs/{failing['id']}")
+    wait(browser, "the failure", lambda d: page_state(d) == "failed", timeout=60)
+    box = browser.find_element(By.ID, "job-error-box")
+    assert box.is_displayed() and "do not fit the model" in browser.find_element(By.ID, "job-error").text
+    assert not browser.find_element(By.ID, "cancel-button").is_displayed()
+    assert wait(browser, "the artifacts note", lambda d: d.find_element(By.ID, "artifacts-note").text) == (
+        "This job produced no artifacts."
+    )
+    save_screenshot(browser, "dashboard-failed-narrow.png", tmp_path, width=420)  # the phone-width layout
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+    # a running job, cancelled from its page: two clicks (the first only arms the button)
+    browser.set_window_size(1280, 1000)
+    browser.get(f"{service.url}/dashboard/#/jobs/{long['id']}")
+    wait(browser, "the job running", lambda d: page_state(d) == "running", timeout=60)
+    cancel = browser.find_element(By.ID, "cancel-button")
+    wait(browser, "the cancel button", lambda d: cancel.is_displayed())
+    cancel.click()
+    assert cancel.text == "Click again to cancel" and page_state(browser) == "running"
+    cancel.click()
+    wait(browser, "the job cancelled", lambda d: page_state(d) == "cancelled", timeout=30)
+    assert not browser.find_element(By.ID, "cancel-button").is_displayed()
+    with service.client() as c:
+        assert c.get(f"/v1/jobs/{long['id']}").json()["state"] == "cancelled"
+
+
+def test_dashboard_files_are_served_without_a_key_and_nothing_else(service: Service) -> None:
+    import httpx
+
+    with httpx.Client(base_url=service.url, timeout=10) as c:  # no Authorization header
+        assert c.get("/").headers["location"] == "dashboard/"
+        assert c.get("/dashboard").headers["location"] == "dashboard/"
+        page = c.get("/", follow_redirects=True)
+        assert page.status_code == 200 and str(page.url) == service.url + "/dashboard/"
+        assert page.headers["content-type"].startswith("text/html") and 'id="jobs-table"' in page.text
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "connect-src 'self'" in csp
+        for name, media_type in (("app.js", "text/javascript"), ("style.css", "text/css")):
+            r = c.get(f"/dashboard/{name}")
+            assert r.status_code == 200 and r.headers["content-type"].startswith(media_type), name
+            assert r.headers["x-content-type-options"] == "nosniff"
+        # only those files: no directory walk, no other file of the package
+        for path in (
+            "/dashboard/../app.py",
+            "/dashboard/%2e%2e%2fapp.py",
+            "/dashboard/nothing.js",
+            "/dashboard/x/app.js",
+        ):
+            r = c.get(path)
+            assert r.status_code == 404 and r.json()["error"] == "not_found", path
+        # the data is not: the API still wants its key
+        assert c.get("/v1/jobs").status_code == 401
+        assert "/dashboard/" not in c.get("/openapi.json").json()["paths"]
