@@ -105,6 +105,12 @@ def compress(
         "iterations": result.iterations,
         "seconds": result.seconds,
         "backoffs": result.backoffs,
+        # the accuracy budget on validation data: met, broken, or None when there was none to check
+        "budget_met": (
+            None
+            if target is None or target.max_accuracy_drop is None or ref_val is None or val_acc is None
+            else ref_val - val_acc <= target.max_accuracy_drop
+        ),
         "restored_last_good": result.restored_last_good,
         "train": asdict(config),
         "settings": _jsonable(asdict(settings or MethodSettings())),

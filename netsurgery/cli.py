@@ -282,6 +282,11 @@ def _print_report(r: dict[str, Any]) -> None:
         ref, acc = r.get(f"reference_{split}_acc"), r.get(f"{split}_acc")
         if ref is not None and acc is not None:
             console.print(f"{split} accuracy: {ref:.2f}% → {acc:.2f}% ({acc - ref:+.2f} pp)")
+    if r.get("budget_met") is False:
+        console.print(
+            f"[bold yellow]the accuracy budget ({r['target']['max_accuracy_drop']} pp on validation) was not met[/]"
+            f" ({r['backoffs']} back-off(s)); see report.json"
+        )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

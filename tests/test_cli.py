@@ -56,6 +56,7 @@ def test_compress_on_digits_writes_model_and_report(tmp_path: Path, capsys: pyte
         assert report["outputs"][name] == {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
     assert report["versions"]["torch"] == version("torch") and report["versions"]["onnx"] == version("onnx")
     assert report["train"]["seed"] == 0
+    assert report["budget_met"] == (report["reference_val_acc"] - report["val_acc"] <= 5)
 
     assert main(["pack", str(out / "model.safetensors"), "--out", str(tmp_path / "p.safetensors")]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
