@@ -6,6 +6,8 @@ The command line and the service worker both go through :func:`load_model_file` 
 - ``model.onnx`` or ``model.safetensors``: the pruned model, dense with zeros, in the upload's format;
 - ``model.sparse.safetensors``: only the kept values and a compact index (docs/sparse-format.md);
 - ``model.sparse.<codec>.safetensors``: the same with compressed values, when a codec is asked for;
+- ``report.html``: the report for people, one self-contained page (inline CSS, SVG charts), and
+  ``compression.png``, ``accuracy.png``, ``layers.png``: its charts as images;
 - ``report.json``: per-layer kept/total, accuracy before/after (and after the codec), compression in
   parameters and bytes, iterations, settings, seed, package versions, and the sha256 of every input
   and every other output.
@@ -28,12 +30,16 @@ from torch import nn
 
 from . import uploads
 from .io import load_model, save_model
+from .report_html import render_chart_pngs, render_report_html
 from .sparse import PackStats, load_sparse, save_sparse
 
 DENSE_SAFETENSORS = "model.safetensors"
 DENSE_ONNX = "model.onnx"
 SPARSE = "model.sparse.safetensors"
 REPORT = "report.json"
+#: what a report consists of: the JSON, the page and its charts
+REPORT_FILES = ("report.json", "report.html", "compression.png", "accuracy.png", "layers.png")
+REPORT_HTML = "report.html"
 _PACKAGES = ("netsurgery", "torch", "numpy", "safetensors", "onnx", "onnxruntime")
 
 
@@ -117,7 +123,7 @@ def save_dense(loaded: LoadedModel, module: nn.Module, out_dir: str | os.PathLik
 @dataclass
 class Artifacts:
     report: dict[str, Any]
-    files: dict[str, Path]  # name -> path, report.json included
+    files: dict[str, Path]  # name -> path, report.html, the PNG charts and report.json included
     packed: PackStats
 
 
@@ -182,8 +188,15 @@ def write_artifacts(
             entry |= evaluate(rebuilt)
         full["value_codec"] = entry
     full["inputs"] = {k: v if isinstance(v, dict) else file_record(v) for k, v in (inputs or {}).items()}
-    full["outputs"] = {k: file_record(v) for k, v in files.items()}
     full["versions"] = package_versions()
+    # the readable report: the charts first, then the page, whose files table lists everything before it
+    for name, png in render_chart_pngs(_jsonable(full)).items():
+        (out / name).write_bytes(png)
+        files[name] = out / name
+    full["outputs"] = {k: file_record(v) for k, v in files.items()}
+    (out / REPORT_HTML).write_text(render_report_html(_jsonable(full)), encoding="utf-8")
+    files[REPORT_HTML] = out / REPORT_HTML
+    full["outputs"] = {k: file_record(v) for k, v in files.items()}
     (out / REPORT).write_text(json.dumps(_jsonable(full), indent=2))
     files[REPORT] = out / REPORT
     return Artifacts(full, files, packed)

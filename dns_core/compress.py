@@ -17,7 +17,10 @@ from torch import nn
 from .data import Dataset
 from .methods import MethodSettings, make_surgery
 from .surgery import ScheduledSurgery, Target
-from .train import AccuracyBudget, Callbacks, TrainConfig, agreement, evaluate, fit
+from .train import AccuracyBudget, Callbacks, Progress, TrainConfig, agreement, evaluate, fit
+
+#: At most this many points of the training history go into the report.
+HISTORY_POINTS = 200
 
 
 @dataclass
@@ -113,10 +116,53 @@ def compress(
         ),
         "restored_last_good": result.restored_last_good,
         "train": asdict(config),
+        "history": compact_history(result.history),
         "settings": _jsonable(asdict(settings or MethodSettings())),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     return CompressResult(model, report)
+
+
+def compact_history(history: list[Progress], limit: int = HISTORY_POINTS) -> list[dict[str, Any]]:
+    """At most ``limit`` points of ``history`` as plain dicts, for the report and its charts.
+
+    Evaluations and back-offs are kept first (evenly thinned only if they alone exceed ``limit``),
+    then plain progress points evenly spread over the run fill the rest; the last point always stays.
+    """
+    if not history:
+        return []
+    n = len(history)
+    keep: set[int] = set()
+    if n <= limit:
+        keep = set(range(n))
+    else:
+        keep.add(n - 1)
+        evals = [i for i, p in enumerate(history) if p.event != "progress"]
+        keep.update(_spread(evals, limit - len(keep)))
+        rest = [i for i in range(n) if i not in keep]
+        keep.update(_spread(rest, limit - len(keep)))
+    return [
+        {
+            "iteration": p.iteration,
+            "event": p.event,
+            "loss": p.loss,
+            "val_acc": p.val_acc,
+            "compression": p.compression,
+            "layers": {r.name: r.kept for r in p.layers},
+        }
+        for p in (history[i] for i in sorted(keep))
+    ]
+
+
+def _spread(items: list[int], k: int) -> list[int]:
+    """``k`` of ``items`` evenly spaced, first and last included (all of them when ``k`` suffices)."""
+    if k <= 0:
+        return []
+    if len(items) <= k:
+        return items
+    if k == 1:
+        return [items[-1]]
+    return [items[round(j * (len(items) - 1) / (k - 1))] for j in range(k)]
 
 
 def _jsonable(obj: Any) -> Any:

@@ -172,7 +172,14 @@ def test_an_onnx_model_comes_back_as_onnx_that_onnxruntime_runs(
             "--iterations", "120", "--target", "3", "--max-drop", "100", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["format"] == "onnx" and set(report["outputs"]) == {"model.onnx", "model.sparse.safetensors"}
+    assert report["format"] == "onnx" and set(report["outputs"]) == {
+        "model.onnx",
+        "model.sparse.safetensors",
+        "report.html",
+        "compression.png",
+        "accuracy.png",
+        "layers.png",
+    }
     exported = (out / "model.onnx").read_bytes()
     back = onnx.load_from_string(exported)
     assert [i.name for i in back.graph.input] == ["x"] and [o.name for o in back.graph.output] == ["logits"]

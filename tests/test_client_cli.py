@@ -25,6 +25,7 @@ import torch
 
 from api.migrate import upgrade
 from dns_core import models
+from dns_core.artifacts import REPORT_FILES
 from dns_core.io import save_model
 from netsurgery import client_cli
 from netsurgery.cli import CliError, main
@@ -240,7 +241,7 @@ def test_upload_submit_watch_list_download(
     with service.client() as c:
         listed = {a["name"]: a for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]}
     assert set(listed) == {"model.safetensors", "model.sparse.safetensors", "model.sparse.int8.safetensors",
-                           "report.json"}  # fmt: skip
+                           *REPORT_FILES}  # fmt: skip
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(listed)
     lines = out.splitlines()
     assert len(lines) == len(listed)

@@ -393,7 +393,7 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
 
 
 def _kind(name: str) -> str:
-    if name == "report.json":
+    if name.startswith("report.") or name.endswith(".png"):
         return "report"
     if ".sparse." in name:
         return "sparse"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dns_core.artifacts import REPORT_FILES
 from tests.e2e.conftest import Service
 from tests.e2e.test_service import _zoo_file, upload
 
@@ -72,7 +73,7 @@ def _chaos(service: Service, tmp_path: Path, jobs: int, kill_every: float, seed:
             iters = [p["iteration"] for p in points]
             assert len(iters) == len(set(iters)) and iters == sorted(iters)
             names = [a["name"] for a in c.get(f"/v1/jobs/{job}/artifacts").json()["items"]]
-            assert sorted(names) == ["model.safetensors", "model.sparse.safetensors", "report.json"]
+            assert sorted(names) == sorted(["model.safetensors", "model.sparse.safetensors", *REPORT_FILES])
             final = c.get(f"/v1/jobs/{job}").json()
             assert final["iteration"] == iters[-1]
             attempts.append(final["attempt"])

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from dns_core import models
+from dns_core.artifacts import REPORT_FILES
 from dns_core.data import load_digits
 from dns_core.io import load_model, save_model
 from dns_core.onnx_io import check_with_onnxruntime, load_onnx
@@ -95,7 +96,7 @@ def test_zoo_model_compressed_by_a_worker_and_downloaded(service: Service, tmp_p
         assert iters == sorted(iters) and iters[-1] == 400
         files = download_all(c, job["id"], tmp_path)
     assert set(files) == {"model.safetensors", "model.sparse.safetensors", "model.sparse.shared.safetensors",
-                          "report.json"}  # fmt: skip
+                          *REPORT_FILES}  # fmt: skip
     report = json.loads(files["report.json"].read_text())
     assert report["inputs"]["model"]["sha256"] == model["sha256"]
     pruned, _ = load_model(files["model.safetensors"])
@@ -127,7 +128,7 @@ def test_onnx_model_compressed_and_returned_as_onnx(service: Service, tmp_path: 
         job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"})
         assert job["state"] == "succeeded", job
         files = download_all(c, job["id"], tmp_path)
-    assert set(files) == {"model.onnx", "model.sparse.safetensors", "report.json"}
+    assert set(files) == {"model.onnx", "model.sparse.safetensors", *REPORT_FILES}
     exported = files["model.onnx"].read_bytes()
     module = load_onnx(exported)
     assert check_with_onnxruntime(module, exported, n=4, atol=1e-4) <= 1e-4

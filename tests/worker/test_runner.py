@@ -94,7 +94,16 @@ def test_a_job_runs_to_succeeded_with_progress_layers_and_artifacts(ctx: WorkerC
         }
     assert iters == sorted(iters) and iters[-1] == 300 and len(iters) >= 5
     assert layers == {"fc1", "fc2", "fc3"}
-    names = {"model.safetensors", "model.sparse.safetensors", "model.sparse.int8.safetensors", "report.json"}
+    names = {
+        "model.safetensors",
+        "model.sparse.safetensors",
+        "model.sparse.int8.safetensors",
+        "report.json",
+        "report.html",
+        "compression.png",
+        "accuracy.png",
+        "layers.png",
+    }
     assert set(arts) == names
     for uri, size, sha in arts.values():
         with ctx.storage.open(uri) as f:
