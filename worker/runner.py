@@ -326,6 +326,12 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
     except JobInputError as e:
         return _finish(ctx, job_id, attempt, "failed", error=str(e))
 
+    def announce() -> bool:  # the job's total, for progress bars, once it is known
+        with session_scope(ctx.sessions) as session:
+            return jobstate.update_live(session, job_id, attempt, total_iterations=iterations)
+
+    if not _retrying(f"start {job_id}", announce):
+        raise LostLease(f"job {job_id} attempt {attempt} was superseded before it started")
     recorder = _Recorder(ctx, job_id, attempt)
     with tempfile.TemporaryDirectory(prefix=f"netsurgery-{job_id}-") as tmp:
         work = Path(tmp)
@@ -386,9 +392,13 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
             if not _retrying(f"artifact {name}", record):
                 raise LostLease(f"job {job_id} attempt {attempt}: superseded while publishing")
     rep = made.report
+    # the final model's layers: after a fall-back to the last state within the budget they differ
+    # from the last progress report's
+    layers = {"iteration": iterations, "layers": [{"layer": r["name"], "kept": r["kept"], "total": r["total"]}
+                                                  for r in rep["layers"]]}  # fmt: skip
     return _finish(
         ctx, job_id, attempt, "succeeded", iteration=iterations, compression=rep["compression"],
-        val_accuracy=rep.get("val_acc"),
+        val_accuracy=rep.get("val_acc"), layers=layers,
     )  # fmt: skip
 
 

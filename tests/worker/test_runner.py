@@ -114,6 +114,9 @@ def test_a_job_runs_to_succeeded_with_progress_layers_and_artifacts(ctx: WorkerC
     assert report["inputs"]["model"]["sha256"] == hashlib.sha256(zoo_file.read_bytes()).hexdigest()
     assert report["outputs"]["model.safetensors"]["sha256"] == arts["model.safetensors"][2]
     assert report["value_codec"]["codec"] == "int8" and report["attempt"] == 1
+    # the job's summary describes the final model (the report's layers), and knows its total
+    assert job.total_iterations == 300 and job.layers is not None
+    assert [(x["layer"], x["kept"]) for x in job.layers["layers"]] == [(r["name"], r["kept"]) for r in report["layers"]]
     assert run_job(ctx, job_id) == "skipped"  # a duplicate delivery of a finished job does nothing
 
 
