@@ -19,13 +19,17 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+#: How often :meth:`Client.events` tries to reconnect a dropped stream (with back-off) before it gives up.
+EVENT_RETRIES = 4
+EVENT_BACKOFF_SECONDS = 0.5
+EVENT_TIMEOUT = httpx.Timeout(30, read=60)  # the service sends a ping comment every 15 s
 
 
 class ApiError(Exception):
@@ -197,6 +201,50 @@ class Client:
                 raise ApiError(f"job {job_id} still {job['state']} after {timeout} s")
             time.sleep(poll)
 
+    def events(
+        self, job_id: str, last_event_id: str | None = None
+    ) -> Generator[tuple[str, str | None, dict[str, Any]], None, None]:
+        """Follow the job's Server-Sent Events: ``(event type, event id, data)`` for each ``state``,
+        ``progress`` and ``layers`` event, until a terminal ``state`` event (or a 204 on reconnecting).
+
+        A dropped connection is reopened with ``Last-Event-ID`` (the last id received, else
+        ``last_event_id``), so nothing is missed or repeated; after :data:`EVENT_RETRIES` failed tries
+        in a row, :class:`ApiError` is raised. So is an error answer (404 from an older service, or an
+        unknown job), and an answer that is not an event stream.
+        """
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_event_id:
+                headers["Last-Event-ID"] = last_event_id
+            try:
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=EVENT_TIMEOUT) as r:
+                    if r.status_code == 204:
+                        return
+                    if r.status_code >= 400:
+                        r.read()
+                        raise _error(r)
+                    if not r.headers.get("content-type", "").startswith("text/event-stream"):
+                        raise ApiError(
+                            f"the service at {self.url} does not stream events ({r.status_code})", r.status_code
+                        )
+                    for kind, event_id, data in _parse_sse(r.iter_lines()):
+                        if event_id is not None:
+                            last_event_id = event_id
+                        failures = 0
+                        if kind in ("state", "progress", "layers"):
+                            parsed = json.loads(data)
+                            yield kind, event_id, parsed
+                            if kind == "state" and parsed.get("state") in TERMINAL:
+                                return
+                error = f"the event stream of job {job_id} ended early"
+            except httpx.TransportError as e:
+                error = f"lost the event stream of job {job_id} at {self.url}: {e}"
+            failures += 1
+            if failures > EVENT_RETRIES:
+                raise ApiError(error)
+            time.sleep(EVENT_BACKOFF_SECONDS * 2 ** (failures - 1))
+
     # --- artifacts -------------------------------------------------------------------------------
 
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:
@@ -287,6 +335,30 @@ class _CountingReader:
 
     def fileno(self) -> int:
         return self._f.fileno()
+
+
+def _parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, str | None, str]]:
+    """Server-Sent Events from a stream's lines: ``(event type, id, data)``; comments are skipped.
+
+    An event ends with a blank line; one cut off before it is dropped. ``id`` is the last one seen.
+    """
+    kind, event_id, data = "", None, list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield kind or "message", event_id, "\n".join(data)
+            kind, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            kind = value
+        elif field == "data":
+            data.append(value)
+        elif field == "id" and "\0" not in value:
+            event_id = value
 
 
 def _error(r: httpx.Response) -> ApiError:

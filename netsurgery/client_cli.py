@@ -20,8 +20,8 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -524,6 +524,7 @@ def _transient(e: ApiError) -> bool:
 def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
     """Follow the job until it ends: 0 when it succeeded, 1 when it failed or was cancelled.
 
+    Follows the job's event stream; polls instead where the service has none (or it keeps failing).
     Each change of state is a line of its own (``shown_state``: the state already printed, if any).
     """
     from rich.live import Live
@@ -536,8 +537,19 @@ def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
     view.update(job)
     try:
         with Live(get_renderable=view.render, console=console, refresh_per_second=4) as live:
+
+            def show(latest: dict[str, Any]) -> None:
+                nonlocal job
+                if latest["state"] != job["state"]:
+                    live.console.print(f"job {job_id} {latest['state']}")
+                job = latest
+                view.update(job)
+
             if job["state"] != shown_state:
                 live.console.print(f"job {job_id} {job['state']}")
+            if job["state"] not in TERMINAL:
+                with suppress(ApiError):  # no event stream (an older service), or it kept failing: poll instead
+                    _follow_events(c, job_id, job, show)
             failing_since: float | None = None
             while job["state"] not in TERMINAL:
                 time.sleep(POLL_SECONDS)
@@ -553,10 +565,7 @@ def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
                     view.update(job)
                     continue
                 failing_since, view.note = None, ""
-                if latest["state"] != job["state"]:
-                    live.console.print(f"job {job_id} {latest['state']}")
-                job = latest
-                view.update(job)
+                show(latest)
             live.refresh()
         if not console.is_terminal:
             console.line()  # rich ends the last frame with a newline only on a terminal
@@ -568,6 +577,29 @@ def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
         )
         return 130
     return _outcome(job)
+
+
+def _follow_events(c: Client, job_id: str, job: dict[str, Any], show: Callable[[dict[str, Any]], None]) -> None:
+    """Pass ``show`` the job as its events change it, from snapshot ``job`` on, until a terminal state
+    (or the end of the stream). ``state`` events carry the whole job; ``progress`` events its iteration,
+    loss, accuracy and compression; ``layers`` events its per-layer table."""
+    from netsurgery.client import TERMINAL
+
+    # resume after what the snapshot already shows (the state is sent again, as a fresh snapshot)
+    layers = (job.get("layers") or {}).get("iteration", -1)
+    cursor = f"{job['iteration'] if job['iteration'] > 0 else -1}:{layers}:"
+    with closing(c.events(job_id, last_event_id=cursor)) as events:
+        for kind, _, data in events:
+            if kind == "state":
+                job = data
+            elif kind == "progress":
+                summary = {k: data[k] for k in ("loss", "val_accuracy", "compression") if data.get(k) is not None}
+                job = job | summary | {"iteration": data["iteration"]}
+            else:
+                job = job | {"layers": data}
+            show(job)
+            if job["state"] in TERMINAL:
+                return
 
 
 def _outcome(job: dict[str, Any]) -> int:

@@ -345,11 +345,15 @@ def test_download_before_the_job_succeeded_and_ctrl_c_does_not_cancel(
     ), err
     assert not (tmp_path / "dl").exists()
 
-    def interrupt(seconds: float) -> None:
-        raise KeyboardInterrupt
+    shown = client_cli._JobView.update
+
+    def interrupt(view: client_cli._JobView, job: dict[str, object]) -> None:
+        if view.job is not None:  # the first change after the first snapshot: Ctrl-C then
+            raise KeyboardInterrupt
+        shown(view, job)
 
     with monkeypatch.context() as m:
-        m.setattr("netsurgery.client_cli.time.sleep", interrupt)
+        m.setattr(client_cli._JobView, "update", interrupt)
         rc, out, err = run(capsys, "watch", job_id)
     assert rc == 130
     assert re.fullmatch(
@@ -403,3 +407,123 @@ def test_watch_rides_out_a_service_that_stops_answering_for_a_while(
     with Client("http://svc", "k", transport=_flaky([200, 503])) as c, pytest.raises(CliError) as e:
         client_cli._watch(c, UNKNOWN_JOB)
     assert str(e.value) == "503 unavailable: the database cannot be reached (gave up watching after 0 s)"
+
+
+# ------------------------------------------------------------------------------------ the event stream
+
+
+def test_events_of_a_finished_job_in_order_and_resumed_after_any_one(service: Service, tmp_path: Path) -> None:
+    from netsurgery.client import Client
+
+    with Client(service.url, service.key) as c:
+        model = c.upload_model(zoo_file(tmp_path / "m.safetensors"))
+        data = c.builtin_data("digits")
+        job = c.wait(c.submit(model["id"], data["id"], compression=5, iterations=200, seed=0)["id"], poll=0.2)
+        assert job["state"] == "succeeded"
+        events = list(c.events(job["id"]))
+        progress = c._json("GET", f"/v1/jobs/{job['id']}/progress")["items"]
+        layers = c._json("GET", f"/v1/jobs/{job['id']}/layers")["items"]
+
+        # every point, progress before layers at one iteration, then the terminal state (and the stream ends)
+        expected = sorted([(p["iteration"], 0) for p in progress] + [(s["iteration"], 1) for s in layers])
+        got = [(d["iteration"], 0 if k == "progress" else 1) for k, _, d in events[:-1]]
+        assert got == expected and len(got) >= 4
+        assert [d for k, _, d in events if k == "progress"] == progress
+        assert [d for k, _, d in events if k == "layers"] == layers
+        kind, last_id, final = events[-1]
+        assert (kind, final["state"], final["iteration"]) == ("state", "succeeded", job["iteration"])
+        assert last_id == f"{progress[-1]['iteration']}:{layers[-1]['iteration']}:succeeded"
+        assert len({i for _, i, _ in events}) == len(events)
+
+        # reconnecting after the third event: the rest, no gap, no repeat; after the last one: nothing (204)
+        assert list(c.events(job["id"], last_event_id=events[2][1])) == events[3:]
+        assert list(c.events(job["id"], last_event_id=last_id)) == []
+
+
+def _streaming(chunks: list[list[bytes]], seen: list[httpx.Request], events: int = 200) -> httpx.MockTransport:
+    """GET /v1/jobs/{id}: the job, running; GET …/events: the ``chunks`` of one answer after another (an
+    answer that ends without a terminal event breaks off, as a dropped connection); ``events``: its status."""
+    job = {"id": UNKNOWN_JOB, "state": "running", "iteration": 10, "total_iterations": 100, "loss": 0.9,
+           "val_accuracy": None, "compression": 1.0, "error": None, "layers": None,
+           "started_at": "2024-01-01T00:00:00+00:00", "finished_at": None}  # fmt: skip
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if not request.url.path.endswith("/events"):
+            return httpx.Response(200, json=job)
+        if events != 200:
+            return httpx.Response(events, json={"error": "not_found", "detail": "Not Found"})
+        answer = chunks.pop(0)
+
+        def body() -> Iterator[bytes]:
+            yield from answer
+            if b"succeeded" not in b"".join(answer):
+                raise httpx.RemoteProtocolError("peer closed connection")
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    return httpx.MockTransport(handle)
+
+
+def test_watch_follows_the_event_stream_and_resumes_it_when_it_breaks_off(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from netsurgery import client
+
+    monkeypatch.setattr(client, "EVENT_BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(client_cli, "POLL_SECONDS", 3600.0)  # it must not poll
+    done = {"id": UNKNOWN_JOB, "state": "succeeded", "iteration": 100, "total_iterations": 100, "loss": 0.2,
+            "val_accuracy": 91.5, "compression": 4.0, "error": None,
+            "layers": {"iteration": 100, "layers": [{"layer": "fc1", "kept": 10, "total": 40}]},
+            "started_at": "2024-01-01T00:00:00+00:00", "finished_at": "2024-01-01T00:01:00+00:00"}  # fmt: skip
+    first = [
+        b": ping\n\n",
+        b'event: state\nid: 10:-1:running\ndata: {"id": "x", "state": "running", "iteration": 10, '
+        b'"total_iterations": 100, "loss": 0.9, "val_accuracy": null, "compression": 1.0, "layers": null}\n\n',
+        b'event: progress\nid: 50:-1:running\ndata: {"iteration": 50, "loss": 0.5, "val_accuracy": 80.0,\n',
+        b'data: "compression": 2.0}\n\n',
+        b'event: layers\nid: 50:50:running\ndata: {"iteration": 50, ',  # cut off: dropped, sent again
+    ]
+    rest = [
+        b'event: layers\nid: 50:50:running\ndata: {"iteration": 50, "layers": [{"layer": "fc1", '
+        b'"kept": 20, "total": 40}]}\n\n',
+        f"event: state\nid: 50:50:succeeded\ndata: {json.dumps(done)}\n\n".encode(),
+    ]
+    seen: list[httpx.Request] = []
+    with client.Client("http://svc", "k", transport=_streaming([first, rest], seen)) as c:
+        assert client_cli._watch(c, UNKNOWN_JOB) == 0
+    out = capsys.readouterr().out
+    assert f"job {UNKNOWN_JOB} running\n" in out and out.count("running\n") == 1
+    assert f"job {UNKNOWN_JOB} succeeded: 4.0x, validation accuracy 91.50%, 100 iterations, in 60 s\n" in out
+    assert re.search(r"│ fc1 +│ +10 │ +40 │ +25\.00 │", out), out
+    assert [(r.url.path, r.headers.get("Last-Event-ID")) for r in seen] == [
+        (f"/v1/jobs/{UNKNOWN_JOB}", None),
+        (f"/v1/jobs/{UNKNOWN_JOB}/events", "10:-1:"),  # after what the snapshot shows
+        (f"/v1/jobs/{UNKNOWN_JOB}/events", "50:-1:running"),  # after the last whole event
+    ]
+    assert seen[1].headers["Accept"] == "text/event-stream"
+
+
+def test_watch_polls_a_service_without_the_event_stream(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from netsurgery.client import Client
+
+    monkeypatch.setattr(client_cli, "POLL_SECONDS", 0.0)
+    seen: list[httpx.Request] = []
+    polls = {"n": 0}
+    transport = _streaming([], seen, events=404)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        r = transport.handle_request(request)
+        if not request.url.path.endswith("/events"):
+            polls["n"] += 1
+            if polls["n"] == 3:
+                body = r.read()
+                return httpx.Response(200, json=json.loads(body) | {"state": "cancelled"})
+        return r
+
+    with Client("http://svc", "k", transport=httpx.MockTransport(handle)) as c:
+        assert client_cli._watch(c, UNKNOWN_JOB) == 1
+    assert capsys.readouterr().err == f"netsurgery: job {UNKNOWN_JOB} was cancelled\n"
+    assert [r.url.path.rsplit("/", 1)[-1] for r in seen] == [UNKNOWN_JOB, "events", UNKNOWN_JOB, UNKNOWN_JOB]

@@ -7,8 +7,11 @@
  *   #/jobs/<id>   one job: summary, live charts, per-layer bars, error, artifacts, cancel
  *
  * Everything comes from the /v1 REST API, with "Authorization: Bearer <key>" on every request.
- * While a job is queued or running its page polls, every second, GET /v1/jobs/<id> and the new
- * points of /progress and /layers (cursors: ?after=next_after). Charts are SVG drawn here.
+ * While a job is queued or running its page follows GET /v1/jobs/<id>/events (Server-Sent Events,
+ * read with fetch so that the key can be sent; resumed with Last-Event-ID after a drop). Where
+ * the stream cannot be had (no ReadableStream, a refusal, repeated drops) the page polls instead,
+ * every second, GET /v1/jobs/<id> and the new points of /progress and /layers (cursors:
+ * ?after=next_after). document.body.dataset.live says which: "sse" or "poll". Charts are SVG drawn here.
  * Server text is only ever put in the page with textContent, never parsed as HTML.
  */
 "use strict";
@@ -25,6 +28,9 @@
   const ACTIVE = new Set(["queued", "running"]);
   const SVG_NS = "http://www.w3.org/2000/svg";
   const JOB_HASH = /^#\/jobs\/([0-9a-fA-F-]{36})$/;
+  const STREAM_RECONNECTS = 3; // drops in a row (no event in between) before the page falls back to polling
+  const STREAM_RETRY_MS = 1000;
+  const RENDER_MS = 100; // events are drawn at most this often
 
   const $ = (selector) => document.querySelector(selector);
 
@@ -216,6 +222,7 @@
   function route() {
     generation += 1;
     clearTimeout(timer);
+    stopStream();
     if (!apiKey()) {
       showKeyView();
       return;
@@ -242,6 +249,7 @@
     sessionStorage.removeItem(KEY_STORAGE);
     generation += 1;
     clearTimeout(timer);
+    stopStream();
     showKeyView(message);
   }
 
@@ -392,7 +400,236 @@
     $("#artifacts-note").textContent = "";
     renderCharts(current);
     const view = current;
+    if (streamSupported()) followStream(view, generation);
+    else startPolling(view);
+  }
+
+  function startPolling(view) {
+    document.body.dataset.live = "poll";
     every(POLL_JOB_MS, (gen) => pollJob(view, gen));
+  }
+
+  // ------------------------------------------------------------------------- the event stream
+
+  let streamAbort = null; // aborts the open stream's fetch
+
+  function stopStream() {
+    if (streamAbort) streamAbort.abort();
+    streamAbort = null;
+    delete document.body.dataset.live;
+  }
+
+  function streamSupported() {
+    return (
+      typeof ReadableStream === "function" &&
+      typeof TextDecoder === "function" &&
+      typeof AbortController === "function" &&
+      typeof Response === "function" &&
+      "body" in Response.prototype
+    );
+  }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  /**
+   * A Server-Sent Events parser: feed it decoded text, it returns the events completed so far as
+   * {event, id, data}. Lines end with CRLF, LF or CR; a blank line ends an event; ':' starts a comment.
+   */
+  function sseParser() {
+    let buffer = "";
+    let data = [];
+    let event = "";
+    let lastId = null; // as in EventSource: the last id seen, carried by later events without one
+    let out = [];
+    const line = (text) => {
+      if (text === "") {
+        if (data.length) out.push({ event: event || "message", id: lastId, data: data.join("\n") });
+        data = [];
+        event = "";
+        return;
+      }
+      if (text[0] === ":") return;
+      const colon = text.indexOf(":");
+      const field = colon < 0 ? text : text.slice(0, colon);
+      let value = colon < 0 ? "" : text.slice(colon + 1);
+      if (value[0] === " ") value = value.slice(1);
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+      else if (field === "id" && !value.includes("\0")) lastId = value;
+    };
+    return (chunk) => {
+      buffer += chunk;
+      const eol = /\r\n|\r|\n/g;
+      let start = 0;
+      let m;
+      while ((m = eol.exec(buffer))) {
+        if (m[0] === "\r" && m.index === buffer.length - 1) break; // maybe the first half of a CRLF
+        line(buffer.slice(start, m.index));
+        start = eol.lastIndex;
+      }
+      buffer = buffer.slice(start);
+      const events = out;
+      out = [];
+      return events;
+    };
+  }
+
+  /**
+   * Follow the job through its event stream until a terminal state; reconnect with Last-Event-ID
+   * after a drop; poll instead when the stream is refused or drops too often.
+   */
+  async function followStream(view, gen) {
+    document.body.dataset.live = "sse";
+    let lastId = null;
+    let drops = 0;
+    while (gen === generation) {
+      const controller = new AbortController();
+      streamAbort = controller;
+      const headers = new Headers({ Authorization: "Bearer " + (apiKey() || ""), Accept: "text/event-stream" });
+      if (lastId !== null) headers.set("Last-Event-ID", lastId);
+      let response = null;
+      try {
+        response = await fetch(new URL(`v1/jobs/${view.id}/events`, ROOT), {
+          headers,
+          cache: "no-store",
+          credentials: "omit",
+          signal: controller.signal,
+        });
+      } catch (e) {
+        response = null; // network error: retried below
+      }
+      if (gen !== generation) return;
+      if (response && response.status === 204) {
+        // nothing after the terminal event that was received
+        if (view.job && !ACTIVE.has(view.job.state)) await finishStream(view, gen);
+        else break;
+        return;
+      }
+      if (response && response.status === 401) {
+        forgetKey("The API key was not accepted.");
+        return;
+      }
+      if (response && response.status === 404) {
+        $("#job-state").textContent = "not found";
+        $("#job-error").textContent = "job " + view.id + " not found";
+        $("#job-error-box").hidden = false;
+        setStatus("");
+        return;
+      }
+      if (response && (!response.ok || !response.body)) break; // refused: poll instead
+      if (response) {
+        let received = false;
+        try {
+          const reader = response.body.getReader();
+          const decoder = new TextDecoder();
+          const parse = sseParser();
+          for (;;) {
+            const { value, done } = await reader.read();
+            if (gen !== generation) {
+              reader.cancel().catch(() => {});
+              return;
+            }
+            const events = parse(done ? decoder.decode() : decoder.decode(value, { stream: true }));
+            for (const ev of events) {
+              if (ev.id !== null) lastId = ev.id;
+              received = true;
+              if (applyEvent(view, ev)) {
+                reader.cancel().catch(() => {});
+                await finishStream(view, gen);
+                return;
+              }
+            }
+            if (events.length) scheduleRender(view, gen);
+            if (done) break;
+          }
+        } catch (e) {
+          if (gen !== generation) return; // aborted by a view change
+        }
+        if (received) drops = 0;
+      }
+      // the stream ended before the terminal state, or could not be opened: try again, a few times
+      drops += 1;
+      if (drops > STREAM_RECONNECTS) break;
+      setStatus("live stream lost; reconnecting…", true);
+      await sleep(STREAM_RETRY_MS * drops);
+    }
+    if (gen !== generation) return;
+    if (streamAbort) streamAbort.abort();
+    streamAbort = null;
+    startPolling(view);
+  }
+
+  /** Take one event into the view; true when it is the terminal state. */
+  function applyEvent(view, ev) {
+    let data;
+    try {
+      data = JSON.parse(ev.data);
+    } catch (e) {
+      return false;
+    }
+    if (ev.event === "state") {
+      view.job = data;
+      return !ACTIVE.has(data.state);
+    }
+    if (ev.event === "progress") {
+      view.progress.push(data);
+      view.progressAfter = data.iteration;
+      const job = view.job;
+      if (job) {
+        // the summary follows the points between state events
+        job.iteration = Math.max(job.iteration || 0, data.iteration);
+        for (const key of ["compression", "val_accuracy", "loss"]) if (data[key] !== null) job[key] = data[key];
+      }
+    } else if (ev.event === "layers") {
+      view.layers.push(data);
+      view.layersAfter = data.iteration;
+      if (view.job) view.job.layers = data;
+    }
+    return false;
+  }
+
+  let renderTimer = null;
+
+  /** Draw the view soon (at most every RENDER_MS), after the names of its inputs are known. */
+  function scheduleRender(view, gen) {
+    if (renderTimer !== null) return;
+    renderTimer = setTimeout(async () => {
+      renderTimer = null;
+      if (gen !== generation || !view.job) return;
+      try {
+        if (view.names === null) {
+          view.names = await inputNames(view.job);
+          if (gen !== generation) return;
+        }
+        renderJob(view);
+        setStatus("live (stream); updated " + new Date().toLocaleTimeString());
+      } catch (e) {
+        if (gen === generation && apiKey()) setStatus(describe(e), true);
+      }
+    }, RENDER_MS);
+  }
+
+  /** The terminal state arrived (after every point): the artifacts, and the page as polling leaves it. */
+  async function finishStream(view, gen) {
+    streamAbort = null;
+    clearTimeout(renderTimer);
+    renderTimer = null;
+    try {
+      if (view.names === null) {
+        view.names = await inputNames(view.job);
+        if (gen !== generation) return;
+      }
+      if (view.artifacts === null) {
+        view.artifacts = (await api(`v1/jobs/${view.id}/artifacts`)).items;
+        if (gen !== generation) return;
+      }
+    } catch (e) {
+      if (gen === generation && apiKey()) startPolling(view); // polling asks again (its cursors are current)
+      return;
+    }
+    if (gen !== generation) return;
+    renderJob(view);
+    setStatus("finished; updated " + new Date().toLocaleTimeString());
   }
 
   async function pollJob(view, gen) {

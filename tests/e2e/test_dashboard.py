@@ -1,8 +1,9 @@
 """The web dashboard in a real browser: headless Chromium, driven by Selenium, against the real service.
 
 A job is started through the page's form and followed on its page while a worker runs it: the
-compression chart grows while the job runs, the job reaches ``succeeded``, the per-layer bars show
-fc1/fc2/fc3 with fewer weights kept than there were, and the artifacts are listed and download.
+compression chart grows while the job runs, followed through its event stream (``document.body.dataset.live``
+is ``"sse"``, not the polling fallback), the job reaches ``succeeded``, the per-layer bars show fc1/fc2/fc3
+with fewer weights kept than there were, and the artifacts are listed and download.
 A screenshot of the finished job's page is saved under ``$NETSURGERY_TEST_ARTIFACTS`` (a folder;
 default ``<repo>/test-artifacts``) and in the test's tmp folder.
 
@@ -122,6 +123,12 @@ def chart_points(driver: WebDriver, chart: str) -> int:
     return int(found["n"])
 
 
+def live_path(driver: WebDriver) -> str | None:
+    """How the job page follows its job: ``"sse"`` (the event stream) or ``"poll"`` (the fallback)."""
+    path: str | None = driver.execute_script("return document.body.dataset.live || null")
+    return path
+
+
 def page_state(driver: WebDriver) -> str | None:
     state: str | None = driver.execute_script("return document.querySelector('#job-state').dataset.state || null")
     return state
@@ -199,11 +206,14 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
     assert job["settings"]["iterations"] == ITERATIONS
     assert job["idempotency_key"].startswith("dashboard-")
 
-    # watch the compression chart while the job runs: (points, state shown) every 0.2 s until it finishes
+    # watch the compression chart while the job runs: (points, state shown) every 0.2 s until it finishes,
+    # and which way the page follows it (its event stream, or polling as the fallback)
     seen: list[tuple[int, str | None]] = []
+    live: list[tuple[str | None, str | None]] = []
     deadline = time.monotonic() + 180  # a busy machine
     while True:
         seen.append((chart_points(browser, "#chart-compression"), page_state(browser)))
+        live.append((seen[-1][1], live_path(browser)))
         if seen[-1][1] in FINISHED:
             break
         if time.monotonic() > deadline:
@@ -217,6 +227,10 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
     print(f"compression chart points while running: {sorted(set(running))}")
     assert len(set(running)) >= 2 and running == sorted(running), f"the chart did not grow while running: {seen}"
     assert seen[-1][1] == "succeeded", browser.find_element(By.ID, "job-error").text
+    # the running job was followed through its event stream, never by the polling fallback
+    assert any(state == "running" for state, _ in live), live
+    assert {path for state, path in live if state == "running"} == {"sse"}, live
+    assert live_path(browser) == "sse"
 
     # the finished page: charts hold every progress point, the layer bars, the artifacts
     with service.client() as c:
