@@ -98,9 +98,8 @@ def load_model_file(
 
 
 def _header_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from .io import read_safetensors
-
-    meta, _ = read_safetensors(path)
+    """The config in the file's header (load_model checked it); reads the header only, no tensors."""
+    meta = uploads.validate_safetensors(path).metadata
     value = json.loads(meta.get("netsurgery.config", "{}"))
     return value if isinstance(value, dict) else {}
 

@@ -17,7 +17,7 @@ import torch
 
 from . import models
 from .compress import compress
-from .data import Dataset, load_fashion_mnist
+from .data import Dataset, fashion_mnist_splits
 from .methods import MethodSettings
 from .reference import cached_reference
 from .surgery import Target
@@ -46,12 +46,6 @@ PLANS: dict[str, ModelPlan] = {
 }
 
 TABLE_METHODS = ("dns-fixed-crates", "dns", "han", "one-shot", "agp", "dns@1/3")
-
-
-def fashion_splits(n_valid: int = 5000, seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
-    """55K train / 5K validation (carved with ``seed``) / the 10K test set."""
-    train, valid = load_fashion_mnist("train").split(n_valid, seed=seed)
-    return train, valid, load_fashion_mnist("test")
 
 
 def run_row(
@@ -116,7 +110,7 @@ def table(
     on_progress: Callable[[Any], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every method from the same converged reference per architecture; return the rows."""
-    data = fashion_splits(seed=seed)
+    data = fashion_mnist_splits(seed=seed)
     ref_epochs = 2 if quick else 20
     rows = []
     for arch in archs:

@@ -108,6 +108,12 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike[str] | None
     return Dataset(x.unsqueeze(1), read_idx(labels).to(torch.int64))
 
 
+def fashion_mnist_splits(n_valid: int = 5000, seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
+    """55K train / 5K validation (carved with ``seed``) / the 10K test set."""
+    train, valid = load_fashion_mnist("train").split(n_valid, seed=seed)
+    return train, valid, load_fashion_mnist("test")
+
+
 def load_digits() -> tuple[Dataset, Dataset]:
     """scikit-learn's 8x8 digits (1,797 images), padded to 1×28×28 and split 1,497 / 300."""
     from sklearn.datasets import load_digits as _load  # optional dependency, tests only
@@ -258,9 +264,7 @@ def load_data_file(
 def load_builtin(name: str) -> tuple[Dataset, Dataset, Dataset | None]:
     """A built-in set by name: (train, validation, test or None)."""
     if name == "fashion-mnist":
-        full = load_fashion_mnist("train")
-        train, valid = full.split(5000, seed=0)
-        return train, valid, load_fashion_mnist("test")
+        return fashion_mnist_splits()
     if name == "digits":
         train, valid = load_digits()
         return train, valid, None

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import stat
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from dns_core.io import save_model
 from netsurgery import client_cli
 from netsurgery.cli import CliError, main
 from tests.api.conftest import _postgres_database
-from tests.e2e.conftest import Service, free_port, service_env, wait_until_up
+from tests.e2e.conftest import Service, _redis, free_port, running_service
 
 pytestmark = pytest.mark.slow
 
@@ -41,37 +40,14 @@ UNKNOWN_JOB = "00000000-0000-0000-0000-000000000000"
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """API (uvicorn) + one worker process on a fresh Postgres database and this module's Redis database."""
-    import redis
-
-    broker = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        broker.ping()
-    except redis.exceptions.ConnectionError as e:
-        pytest.skip(f"Redis unreachable at {REDIS_URL} (set NETSURGERY_TEST_REDIS_CLI): {e}")
+    broker = _redis(REDIS_URL)
     broker.flushdb()
-    folder = tmp_path_factory.mktemp("service")
     with _postgres_database() as db_url:
         upgrade(db_url)
-        env = service_env(folder, db_url) | {"NETSURGERY_BROKER_URL": REDIS_URL}
-        made = subprocess.run(
-            [sys.executable, "-m", "netsurgery", "admin", "create-tenant", "cli"],
-            env=env, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        port = free_port()
-        svc = Service(f"http://127.0.0.1:{port}", made.stdout.strip().splitlines()[-1], env, folder)
-        log = open(folder / "api.log", "ab")  # noqa: SIM115 - closed with the process
-        svc.procs["api"] = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        svc.start_worker("cli")
         try:
-            wait_until_up(f"{svc.url}/healthz", svc.procs["api"], folder / "api.log")
-            yield svc
+            with running_service(tmp_path_factory.mktemp("service"), db_url, REDIS_URL, "cli", "cli") as svc:
+                yield svc
         finally:
-            for name in list(svc.procs):
-                svc.stop(name)
             broker.flushdb()
 
 

@@ -13,8 +13,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,14 +33,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _redis() -> object:
+def _redis(url: str = REDIS_URL) -> Any:
+    """A client of the test's Redis database; skips the test with a reason when Redis is unreachable."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    client = redis.Redis.from_url(url, socket_timeout=2)
     try:
         client.ping()
     except redis.exceptions.ConnectionError as e:
-        pytest.skip(f"Redis unreachable at {REDIS_URL} (set NETSURGERY_TEST_REDIS): {e}")
+        pytest.skip(f"Redis unreachable at {url} (set NETSURGERY_TEST_REDIS): {e}")
     return client
 
 
@@ -108,33 +111,45 @@ def service_env(folder: Path, database_url: str) -> dict[str, str]:
     }
 
 
+@contextmanager
+def running_service(
+    folder: Path, database_url: str, broker_url: str, tenant: str, worker: str | None = "w1"
+) -> Iterator[Service]:
+    """The API under uvicorn and (unless ``worker`` is None) one worker process, on a migrated
+    database; a tenant ``tenant`` made with ``netsurgery admin``. Stops every process on exit."""
+    env = service_env(folder, database_url) | {"NETSURGERY_BROKER_URL": broker_url}
+    made = subprocess.run(
+        [sys.executable, "-m", "netsurgery", "admin", "create-tenant", tenant],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    port = free_port()
+    svc = Service(f"http://127.0.0.1:{port}", made.stdout.strip().splitlines()[-1], env, folder)
+    log = open(folder / "api.log", "ab")  # noqa: SIM115 - closed with the process
+    svc.procs["api"] = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    if worker is not None:
+        svc.start_worker(worker)
+    try:
+        wait_until_up(f"{svc.url}/healthz", svc.procs["api"], folder / "api.log")
+        yield svc
+    finally:
+        for name in list(svc.procs):
+            svc.stop(name)
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """API + one worker on a fresh Postgres database and Redis; torn down after the module."""
     client = _redis()
-    client.flushdb()  # type: ignore[attr-defined]
+    client.flushdb()
     folder = tmp_path_factory.mktemp("service")
     with _postgres_database() as db_url:
         upgrade(db_url)
-        env = service_env(folder, db_url)
-        made = subprocess.run(
-            [sys.executable, "-m", "netsurgery", "admin", "create-tenant", "e2e"],
-            env=env, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        key = made.stdout.strip().splitlines()[-1]
-        port = free_port()
-        svc = Service(f"http://127.0.0.1:{port}", key, env, folder)
-        log = open(folder / "api.log", "ab")  # noqa: SIM115
-        svc.procs["api"] = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        svc.start_worker("w1")
         try:
-            wait_until_up(f"{svc.url}/healthz", svc.procs["api"], folder / "api.log")
-            yield svc
+            with running_service(folder, db_url, REDIS_URL, "e2e") as svc:
+                yield svc
         finally:
-            for name in list(svc.procs):
-                svc.stop(name)
-            client.flushdb()  # type: ignore[attr-defined]
+            client.flushdb()

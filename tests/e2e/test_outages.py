@@ -4,8 +4,6 @@ workers retry), and a Redis restart that loses every queued message (every accep
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ import redis
 
 from api.migrate import upgrade
 from tests.api.conftest import _postgres_database
-from tests.e2e.conftest import REDIS_URL, Service, _redis, free_port, service_env, wait_until_up
+from tests.e2e.conftest import REDIS_URL, Service, _redis, running_service
 from tests.e2e.proxy import Proxy
 from tests.e2e.test_service import _zoo_file, upload, wait_for_state
 
@@ -53,24 +51,10 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
         db = Proxy(real.hostname or "127.0.0.1", real.port or 5432)
         rurl = urlsplit(REDIS_URL)
         broker = Proxy(rurl.hostname or "127.0.0.1", rurl.port or 6379)
-        env = service_env(folder, _via(db_url, db.port))
-        env["NETSURGERY_BROKER_URL"] = _via(REDIS_URL, broker.port)
-        made = subprocess.run([sys.executable, "-m", "netsurgery", "admin", "create-tenant", "outage"], env=env,
-                              capture_output=True, text=True, check=True)  # fmt: skip
-        port = free_port()
-        svc = Service(f"http://127.0.0.1:{port}", made.stdout.strip().splitlines()[-1], env, folder)
-        log = open(folder / "api.log", "ab")  # noqa: SIM115
-        svc.procs["api"] = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
         try:
-            wait_until_up(f"{svc.url}/healthz", svc.procs["api"], folder / "api.log")
-            yield Proxied(svc, db, broker, client)
+            with running_service(folder, _via(db_url, db.port), _via(REDIS_URL, broker.port), "outage", None) as svc:
+                yield Proxied(svc, db, broker, client)
         finally:
-            for name in list(svc.procs):
-                svc.stop(name)
             db.close()
             broker.close()
             client.flushdb()
