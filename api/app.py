@@ -16,6 +16,7 @@ same shape there; anything else is a 500 with the same shape (and a logged trace
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -84,6 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # What is loaded by now (the modules, torch among them: ~280K objects) lives as long as the
+        # process. Frozen, it is out of the collector's reach: otherwise every full collection walks
+        # all of it, stalling every request in flight for 100-200 ms on a small machine.
+        gc.collect()
+        gc.freeze()
         yield
         celery.close()
         engine.dispose()

@@ -301,6 +301,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         figures = bench_service.run(log=lambda s: print(s, file=sys.stderr, flush=True))
         print(json.dumps(figures))
         return 0
+    if args.which == "versus":
+        arch = args.models.split(",")[0]  # one model: the first of --models
+        if arch not in bench.PLANS:
+            raise CliError(f"unknown model {arch}; choose from {', '.join(bench.PLANS)}")
+        result = bench.versus(
+            arch,
+            agp_target=args.agp_target,
+            ratio=args.ratio,
+            seeds=range(args.seeds),
+            iterations=args.iterations,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
+        for method, m in result["summary"].items():
+            print(f"{method:4} {m['compression']:5.1f}x  test drop {m['mean_drop']:+.2f} ± {m['sd_drop']:.2f} pp "
+                  f"(validation {m['mean_val_drop']:+.2f}) over {len(result['seeds'])} seeds")  # fmt: skip
+        print(json.dumps(result))
+        return 0
     archs = args.models.split(",")
     unknown = [a for a in archs if a not in bench.PLANS]
     if unknown:
@@ -381,12 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_pack)
 
     b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead, the service's figures")
-    b.add_argument("which", choices=["table", "overhead", "service"])
+    b.add_argument("which", choices=["table", "overhead", "service", "versus"])
     b.add_argument("--quick", action="store_true", help="a small run (under 5 minutes on 2 cores)")
     b.add_argument("--models", default="lenet-300-100,lenet-5")
     b.add_argument("--methods", default=None, help="subset of methods (default: all rows)")
     b.add_argument("--iterations", type=int, default=None, help="iteration budget per method")
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
+    b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
+    b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
+    b.add_argument("--seeds", type=int, default=5, help="versus: training seeds 0..N-1")
     b.set_defaults(func=cmd_bench)
 
     from netsurgery.client_cli import add_client_commands  # light: httpx and rich load only when one runs

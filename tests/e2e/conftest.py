@@ -113,11 +113,17 @@ def service_env(folder: Path, database_url: str) -> dict[str, str]:
 
 @contextmanager
 def running_service(
-    folder: Path, database_url: str, broker_url: str, tenant: str, worker: str | None = "w1"
+    folder: Path,
+    database_url: str,
+    broker_url: str,
+    tenant: str,
+    worker: str | None = "w1",
+    env: dict[str, str] | None = None,
 ) -> Iterator[Service]:
     """The API under uvicorn and (unless ``worker`` is None) one worker process, on a migrated
-    database; a tenant ``tenant`` made with ``netsurgery admin``. Stops every process on exit."""
-    env = service_env(folder, database_url) | {"NETSURGERY_BROKER_URL": broker_url}
+    database; a tenant ``tenant`` made with ``netsurgery admin``; ``env`` adds to or overrides the
+    settings. Stops every process on exit."""
+    env = service_env(folder, database_url) | {"NETSURGERY_BROKER_URL": broker_url} | (env or {})
     made = subprocess.run(
         [sys.executable, "-m", "netsurgery", "admin", "create-tenant", tenant],
         env=env, capture_output=True, text=True, check=True,
