@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .methods import MethodSettings, make_surgery
+from .methods import MethodSettings, default_schedule, make_surgery
 from .surgery import ScheduledSurgery, Target
 from .train import AccuracyBudget, Callbacks, Progress, TrainConfig, agreement, evaluate, fit
 
@@ -117,10 +117,19 @@ def compress(
         "restored_last_good": result.restored_last_good,
         "train": asdict(config),
         "history": compact_history(result.history),
-        "settings": _jsonable(asdict(settings or MethodSettings())),
+        "settings": _settings_record(method, settings),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     return CompressResult(model, report)
+
+
+def _settings_record(method: str, settings: MethodSettings | None) -> dict[str, Any]:
+    """The settings as run: the method's own schedule filled in where none was given."""
+    s = settings or MethodSettings()
+    record = asdict(s)
+    record["schedule"] = asdict(s.schedule or default_schedule(method))
+    out: dict[str, Any] = _jsonable(record)
+    return out
 
 
 def compact_history(history: list[Progress], limit: int = HISTORY_POINTS) -> list[dict[str, Any]]:
