@@ -331,7 +331,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(bench.format_table(rows))
-    print(json.dumps({"rows": [{k: v for k, v in r.items() if k not in ("layers", "backoffs", "val_drop")} for r in rows]}))
+    extra = ("layers", "backoffs", "val_drop")  # the last line keeps the keys only
+    print(json.dumps({"rows": [{k: v for k, v in r.items() if k not in extra} for r in rows]}))
     return 0
 
 

@@ -248,3 +248,16 @@ def test_scheduled_surgery_stops_at_iter_stop() -> None:
     s.step(20)
     assert s.frozen
     assert all(torch.equal(a, layer.mask("weight")) for a, layer in zip(before, s.layers, strict=True))
+
+
+def test_each_method_runs_at_its_own_timing_unless_a_schedule_is_given() -> None:
+    target = Target(compression=10.0)
+    dns = make_surgery("dns", models.build("lenet-300-100"), 1000, target)
+    agp = make_surgery("agp", models.build("lenet-300-100"), 1000, target)
+    assert isinstance(dns, ScheduledSurgery) and isinstance(agp, ScheduledSurgery)
+    # DNS: target reached at 30% of the budget, surgery until 50%; AGP: ramp over the first half
+    assert (dns.ramp.t1, dns.iter_stop) == (300, 500)
+    assert (agp.ramp.t1, agp.iter_stop) == (500, 501)
+    given = make_surgery("dns", models.build("lenet-300-100"), 1000, target,
+                         MethodSettings(schedule=Schedule(ramp_end=0.6, surgery_end=0.8)))  # fmt: skip
+    assert isinstance(given, ScheduledSurgery) and (given.ramp.t1, given.iter_stop) == (600, 800)

@@ -83,6 +83,9 @@ def test_target_controller_hits_its_target(digits: tuple[Dataset, Dataset], digi
     )
     assert result.report["compression"] == pytest.approx(25.0, rel=0.05)
     assert result.report["val_acc"] > 80.0
+    # the report says which timing ran: DNS's own, as no schedule was given
+    assert result.report["settings"]["schedule"]["ramp_end"] == 0.3
+    assert result.report["settings"]["schedule"]["surgery_end"] == 0.5
     assert sum(p.numel() for p in result.model.parameters() if p.ndim > 1) > 0
 
 
