@@ -140,6 +140,7 @@ def versus(
     ratio: float = 1.25,
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     iterations: int | None = None,
+    quick: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Target-driven DNS at ``ratio`` × AGP's compression against AGP, over several training seeds.
@@ -151,7 +152,7 @@ def versus(
     table is after, hence the repetitions.
     """
     data = fashion_mnist_splits(seed=0)
-    reference, _ = cached_reference(arch, data[0], tag="fashion-55k", epochs=20, seed=0)
+    reference, _ = cached_reference(arch, data[0], tag="fashion-55k", epochs=2 if quick else 20, seed=0)
     ref_acc = evaluate(reference, data[2])
     plan = replace(PLANS[arch], max_drop=None)
     budget = iterations or plan.iterations

@@ -311,6 +311,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ratio=args.ratio,
             seeds=range(args.seeds),
             iterations=args.iterations,
+            quick=args.quick,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )
         for method, m in result["summary"].items():

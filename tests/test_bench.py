@@ -54,3 +54,22 @@ def test_bench_overhead_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["model"] == "lenet-5"
     assert result["dense_step_ms"] > 0 and result["surgery_step_ms"] > 0
     assert result["ratio"] == pytest.approx(result["surgery_step_ms"] / result["dense_step_ms"], rel=0.01)
+
+
+def test_bench_versus_compares_dns_at_the_ratio_with_agp_over_seeds(
+    fake_fashion: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "versus", "--quick", "--models", "lenet-300-100", "--agp-target", "8", "--seeds", "2"]
+    assert main([*argv, "--iterations", "60"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    rows = result["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("dns", 0), ("agp", 0), ("dns", 1), ("agp", 1)]
+    assert {r["compression"] for r in rows if r["method"] == "dns"} == {10.0}  # 1.25 × 8, held: no budget
+    assert {r["compression"] for r in rows if r["method"] == "agp"} == {8.0}
+    for method in ("dns", "agp"):
+        drops = [r["ref_acc"] - r["acc"] for r in rows if r["method"] == method]
+        assert result["summary"][method]["mean_drop"] == pytest.approx(sum(drops) / 2, abs=1e-3)
+    summary = result["summary"]
+    assert result["dns_at_ratio_no_worse"] is (summary["dns"]["mean_drop"] <= summary["agp"]["mean_drop"])
+    assert out[0].startswith("dns   10.0x") and out[1].startswith("agp    8.0x")
