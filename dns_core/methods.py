@@ -53,7 +53,7 @@ class MethodSettings:
 
 
 #: Each method's default schedule. DNS: a 3-seed sweep on LeNet-300-100 at 50x gave a mean test
-#: drop of 0.38 points with the ramp over 30% and surgery until 50%, against 0.66 with AGP's 50%/70%;
+#: drop of 0.38 points with the ramp over 30% and surgery until 50%, against 0.66 at the 50%/70% once shared;
 #: AGP at 40x did worse with the 30% ramp (0.68 against 0.53).
 SCHEDULES: dict[str, Schedule] = {"dns": Schedule(ramp_end=0.3, surgery_end=0.5)}
 
