@@ -133,13 +133,17 @@ def test_a_checkpoint_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp
     code = f"""
 import torch
 from dns_core.checkpoint import save_state
+print("ready", flush=True)
 i = 0
 while True:
     save_state({str(path)!r}, {{"iteration": i, "w": torch.full((2_000_000,), float(i))}})
     i += 1
 """
-    for delay in (0.3, 0.55, 0.8, 1.1, 1.7):
-        proc = subprocess.Popen([sys.executable, "-c", code])
+    # delays count from the moment the writer has imported torch and starts writing (the import alone
+    # takes 1-2 s on a slow machine, which fixed delays from process start used to spend)
+    for delay in (0.05, 0.3, 0.55, 0.8, 1.1):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
