@@ -680,21 +680,21 @@
     return { model, dataset };
   }
 
+  // Every page of one history ("progress" or "layers") after view[<what>After], appended to
+  // view[<what>]; false when the shown job changed meanwhile.
+  async function fetchPages(view, gen, what, size) {
+    const after = `${what}After`;
+    for (;;) {
+      const page = await api(`v1/jobs/${view.id}/${what}?after=${view[after]}&limit=${size}`);
+      if (gen !== generation) return false;
+      view[what].push(...page.items);
+      view[after] = page.next_after;
+      if (page.items.length < size) return true;
+    }
+  }
+
   async function fetchHistory(view, gen) {
-    for (;;) {
-      const page = await api(`v1/jobs/${view.id}/progress?after=${view.progressAfter}&limit=${PROGRESS_PAGE}`);
-      if (gen !== generation) return;
-      view.progress.push(...page.items);
-      view.progressAfter = page.next_after;
-      if (page.items.length < PROGRESS_PAGE) break;
-    }
-    for (;;) {
-      const page = await api(`v1/jobs/${view.id}/layers?after=${view.layersAfter}&limit=${LAYERS_PAGE}`);
-      if (gen !== generation) return;
-      view.layers.push(...page.items);
-      view.layersAfter = page.next_after;
-      if (page.items.length < LAYERS_PAGE) break;
-    }
+    if (await fetchPages(view, gen, "progress", PROGRESS_PAGE)) await fetchPages(view, gen, "layers", LAYERS_PAGE);
   }
 
   function renderJob(view) {
