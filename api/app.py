@@ -16,6 +16,8 @@ same shape there; anything else is a 500 with the same shape (and a logged trace
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import re
@@ -33,9 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import dns_core
-from api.database import make_engine, make_session_factory
+from api.database import Reader, libpq_conninfo, make_engine, make_session_factory
 from api.deps import AuthCache
 from api.errors import AppError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from api.jobcache import JobCache
 from api.limits import make_rate_limiter
 from api.metrics import Metrics, RequestMetrics
 from api.queue import make_celery
@@ -82,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     upload_root.mkdir(parents=True, exist_ok=True)
     remove_stale(upload_root)
     rate_limiter = make_rate_limiter(settings)
+    postgres = make_url(settings.database_url).get_backend_name() == "postgresql"
+    job_cache = JobCache(settings.job_cache_size) if postgres and settings.job_cache_size > 0 else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,7 +95,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # all of it, stalling every request in flight for 100-200 ms on a small machine.
         gc.collect()
         gc.freeze()
+        await app.state.reader.start()
+        listener = None
+        if job_cache is not None:
+            listener = asyncio.create_task(job_cache.run(libpq_conninfo(settings.database_url), DB_CONNECT_TIMEOUT_S))
         yield
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        await app.state.reader.close()
         celery.close()
         engine.dispose()
         if rate_limiter is not None:
@@ -108,11 +122,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.reader = Reader(settings.database_url, app.state.session_factory, connect_timeout=DB_CONNECT_TIMEOUT_S,
+                              pool_timeout=DB_POOL_TIMEOUT_S)  # fmt: skip
     app.state.storage = Storage(settings.storage_url)
     app.state.celery = celery
     app.state.upload_root = upload_root
     app.state.auth_cache = AuthCache(settings.auth_cache_seconds) if settings.auth_cache_seconds > 0 else None
     app.state.rate_limiter = rate_limiter
+    app.state.job_cache = job_cache
     app.state.metrics = Metrics(settings, app.state.session_factory)
 
     for exc_class in (

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 import redis
+from fastapi.concurrency import run_in_threadpool
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy.orm import Session
@@ -107,6 +108,8 @@ class RateLimiter(Protocol):
 
     def hit(self, key: str) -> Decision: ...
 
+    async def ahit(self, key: str) -> Decision: ...
+
     def close(self) -> None: ...
 
 
@@ -144,6 +147,9 @@ class LocalRateLimiter:
                     self._forget_full(now)
                 self._tat[key] = tat
             return decision
+
+    async def ahit(self, key: str) -> Decision:
+        return self.hit(key)  # no I/O: answered on the event loop
 
     def _forget_full(self, now: float) -> None:
         # a TAT in the past means a full bucket, the same as no entry: dropping those changes nothing
@@ -197,6 +203,13 @@ class RedisRateLimiter:
             )
             return ALLOWED
         return ALLOWED if allowed else Decision(False, int(wait_us) / 1e6)
+
+    async def ahit(self, key: str) -> Decision:
+        if time.monotonic() < self._down_until:
+            return ALLOWED
+        # a blocking client on a pool thread: an asyncio client's connections belong to the event
+        # loop that opened them, and an application may be served from more than one loop (tests)
+        return await run_in_threadpool(self.hit, key)
 
     def close(self) -> None:
         self._client.close()

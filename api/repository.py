@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Insert, Select, case, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, Insert, Select, bindparam, case, delete, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -349,6 +349,13 @@ def create_job(
     existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
     assert existing is not None, "conflicting idempotency key vanished"
     return existing, False
+
+
+#: The tenant's job as one plain row (every column, no ORM object), for :class:`api.database.Reader`;
+#: parameters ``tenant_id`` and ``job_id``.
+JOB_ROW: Final = select(*Job.__table__.columns).where(
+    Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id")
+)
 
 
 def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job | None:

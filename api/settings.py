@@ -65,6 +65,13 @@ class Settings(BaseSettings):
         description="How long an API process trusts a verified key without asking the database again "
         "(a revoked key stops working within this time); 0 turns the cache off.",
     )
+    job_cache_size: int = Field(
+        default=10_000,
+        ge=0,
+        description="Jobs each API process keeps in memory for GET /v1/jobs/{id}, each dropped as soon as "
+        "PostgreSQL announces a change to it (LISTEN/NOTIFY; see api/jobcache.py). 0 turns the cache off; "
+        "on SQLite it is always off.",
+    )
     lease_seconds: float = Field(
         default=120.0,
         gt=0,

@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import repository
 from api.db import JOB_STATES, TERMINAL_STATES, Job
-from api.deps import SessionDep, TenantDep, get_session_factory
+from api.deps import SessionDep, TenantDep
 from api.errors import NotFound
 from api.metrics import metrics_of
 from api.routes.common import responses
@@ -291,5 +291,5 @@ def job_events(
         and not repository.list_layer_points(session, job_id, after_iteration=cursor.layers, limit=1)
     ):
         return Response(status_code=204)
-    factory = get_session_factory(request)
+    factory: sessionmaker[Session] = request.app.state.session_factory
     return EventSourceResponse(event_stream(request, factory, tenant.tenant_id, job_id, cursor), ping=PING_SECONDS)

@@ -33,7 +33,7 @@ def database_reachable(factory: sessionmaker[Session]) -> bool:
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")
-def healthz() -> Health:
+async def healthz() -> Health:
     """200 whenever the process can answer; checks nothing else."""
     return Health(status="ok")
 

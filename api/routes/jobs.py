@@ -19,12 +19,14 @@ import logging
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 
 from api import jobstate, repository
+from api.database import Reader
 from api.db import TERMINAL_STATES, Job
-from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.deps import CeleryDep, JobCacheDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import BadRequest, Conflict, NotFound, QuotaExceeded
+from api.jobcache import JobCache
 from api.limits import check_job_quota
 from api.queue import enqueue_job
 from api.routes.common import Limit, Offset, remove_blobs, responses
@@ -135,9 +137,24 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobRead, summary="Get a job", responses=responses(NotFound))
-def get_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> JobRead:
+async def get_job(job_id: uuid.UUID, tenant: TenantDep, request: Request) -> JobRead:
     """State, iteration of total, latest loss, validation accuracy, compression and per-layer kept/total."""
-    return JobRead.model_validate(_job(session, tenant, job_id))
+    # the route clients poll: served from memory until the row changes (api.jobcache), else one read
+    # on the event loop (api.database.Reader); no session, no thread. Cache and reader come straight
+    # from app.state: as dependencies they cost ~7% of this route's rate in a closed loop.
+    cache: JobCache | None = request.app.state.job_cache
+    reader: Reader = request.app.state.reader
+    if cache is not None and (hit := cache.get(job_id, tenant.tenant_id)) is not None:
+        answer: JobRead = hit
+        return answer
+    token = cache.token() if cache is not None else 0
+    row = await reader.first(repository.JOB_ROW, tenant_id=tenant.tenant_id, job_id=job_id)
+    if row is None:
+        raise NotFound(f"job {job_id} not found")
+    answer = JobRead.model_validate(row)
+    if cache is not None:
+        cache.put(job_id, tenant.tenant_id, answer, token)
+    return answer
 
 
 @router.get(
@@ -186,7 +203,7 @@ def get_layers(
     summary="Cancel a job",
     responses=responses(NotFound, Conflict),
 )
-def cancel_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> JobRead:
+def cancel_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep, cache: JobCacheDep) -> JobRead:
     """A queued job is cancelled at once; a running one is flagged (``cancel_requested``) and stops at its
     worker's next check. 409 if the job already finished.
     """
@@ -199,17 +216,23 @@ def cancel_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> Job
     if state in TERMINAL_STATES and state != "cancelled":
         raise Conflict(f"job {job_id} is already {state}")
     session.commit()
+    if cache is not None:  # the database's notice follows within milliseconds; this one is at once
+        cache.invalidate(job_id)
     session.refresh(job)
     return JobRead.model_validate(job)
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a job", responses=responses(NotFound, Conflict))
-def delete_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep, storage: StorageDep) -> Response:
+def delete_job(
+    job_id: uuid.UUID, tenant: TenantDep, session: SessionDep, storage: StorageDep, cache: JobCacheDep
+) -> Response:
     """Delete a finished job, its history and its artifacts (409 while it is queued or running)."""
     keys = [a.uri for a in repository.list_artifacts(session, tenant.tenant_id, job_id)]
     if not repository.delete_job(session, tenant.tenant_id, job_id):
         raise NotFound(f"job {job_id} not found")
     session.commit()
+    if cache is not None:
+        cache.invalidate(job_id)
     for key in keys:
         try:
             storage.delete(key)
