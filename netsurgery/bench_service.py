@@ -10,7 +10,9 @@ Redis database index, then measures, from this (second) process over loopback:
    rate taken from progress timestamps between the first and the last report;
 3. **GET /v1/jobs/{id} latency** at 50 concurrent clients (p50, p99): 50 pollers each asking every
    0.5 s, as watching clients do; and, as a stress figure, 50 connections in a closed loop with
-   wrk (each asks again as soon as it has its answer), when wrk is installed;
+   wrk (each asks again as soon as it has its answer), when wrk is installed; the closed loop again
+   on a second API process with the job cache off (:mod:`api.jobcache`), every answer read from
+   Postgres;
 4. **API resident memory** while a 200 MB model upload streams in (peak growth over the idle RSS).
 
 The last output line is one JSON object with every figure.
@@ -228,6 +230,21 @@ def _upload_rss(url: str, key: str, api_pid: int, folder: Path, megabytes: int) 
     }
 
 
+def _api(env: dict[str, str], port: int, logs: Any) -> subprocess.Popen[bytes]:
+    """One API process (uvicorn) on ``port`` with the settings in ``env``."""
+    return subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host",
+                             "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env,
+                            stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_interval: float = 0.5,
         poll_seconds: float = 20.0, upload_mb: int = 200, log: Any = print) -> dict[str, Any]:  # fmt: skip
     import redis
@@ -256,9 +273,7 @@ def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_inte
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         logs = open(folder / "procs.log", "ab")  # noqa: SIM115
-        api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host",
-                                "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env,
-                               stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
+        api = _api(env, port, logs)
         worker = subprocess.Popen([sys.executable, "-m", "netsurgery", "worker", "--loglevel", "WARNING"], env=env,
                                   stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
         try:
@@ -319,15 +334,21 @@ def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_inte
                 }  # fmt: skip
                 log(f"GET /v1/jobs/{{id}}: {clients} connections in a closed loop (wrk), 10 s")
                 result["get_job_latency_closed_loop_ms"] = _wrk_latency(f"{url}/v1/jobs/{last_job}", key, clients, 10)
+                log("the same closed loop on a second API process without the job cache (every answer read)")
+                uncached_port = free_port()
+                uncached = _api(env | {"NETSURGERY_JOB_CACHE_SIZE": "0"}, uncached_port, logs)
+                try:
+                    wait_for_http(f"http://127.0.0.1:{uncached_port}/healthz", timeout=60)
+                    result["get_job_latency_closed_loop_uncached_ms"] = _wrk_latency(
+                        f"http://127.0.0.1:{uncached_port}/v1/jobs/{last_job}", key, clients, 10
+                    )
+                finally:
+                    _stop(uncached)
 
             log(f"API memory during a {upload_mb} MB model upload")
             result["upload"] = _upload_rss(url, key, api.pid, folder, upload_mb)
         finally:
             for proc in (api, worker):
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                _stop(proc)
             broker.flushdb()
     return result
