@@ -122,8 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
-    app.state.reader = Reader(settings.database_url, app.state.session_factory, connect_timeout=DB_CONNECT_TIMEOUT_S,
-                              pool_timeout=DB_POOL_TIMEOUT_S)  # fmt: skip
+    app.state.reader = Reader(settings.database_url, app.state.session_factory, connect_timeout=DB_CONNECT_TIMEOUT_S)
     app.state.storage = Storage(settings.storage_url)
     app.state.celery = celery
     app.state.upload_root = upload_root

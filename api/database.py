@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -23,6 +25,8 @@ from api.errors import ServiceUnavailable
 from api.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+#: While reads fail, seconds between attempts to connect (every other read is answered 503 at once).
+PROBE_EVERY_S = 0.25
 _PG_DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -77,7 +81,9 @@ class Reader:
     pool and no ORM, which on a small machine cost several times the query itself (a closed loop of
     50 clients on ``GET /v1/jobs/{id}``: ~500 answers a second through a session on a pool thread,
     see docs/service.md). A connection that broke (the database restarted) is replaced and the
-    statement tried once more; a database that cannot be reached is a :class:`ServiceUnavailable`.
+    statement tried once more; a database that cannot be reached is a :class:`ServiceUnavailable`,
+    answered within ``connect_timeout`` (a read waits that long at most for a pooled connection),
+    and at once while reads are failing, until a probe connects again (:meth:`_probe`).
 
     The pool is opened by :meth:`start` on the loop that serves the application and closed by
     :meth:`close`. Before :meth:`start`, and on SQLite (the embedded default), statements run on the
@@ -86,36 +92,41 @@ class Reader:
     """
 
     def __init__(self, url: str, factory: sessionmaker[Session], *, connect_timeout: float = 3.0,
-                 pool_timeout: float = 10.0, max_size: int = 10) -> None:  # fmt: skip
+                 max_size: int = 10) -> None:  # fmt: skip
         self.url, self.factory = make_url(url), factory
-        self.connect_timeout, self.pool_timeout, self.max_size = connect_timeout, pool_timeout, max_size
+        self.connect_timeout, self.max_size = connect_timeout, max_size
         self.pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] | None = None
         self._sql: dict[int, str] = {}
+        self._failing = False
+        self._next_probe = 0.0
+        self._retired: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        if self.url.get_backend_name() != "postgresql" or self.pool is not None:
-            return
-        conninfo = libpq_conninfo(self.url)
+    def _connect_kwargs(self) -> dict[str, Any]:
+        return {"autocommit": True, "row_factory": dict_row, "connect_timeout": max(1, int(self.connect_timeout)),
+                "options": "-c TimeZone=UTC"}  # fmt: skip
+
+    async def _open_pool(self) -> None:
         self.pool = AsyncConnectionPool(
-            conninfo,
+            libpq_conninfo(self.url),
             min_size=1,
             max_size=self.max_size,
-            timeout=self.pool_timeout,
-            kwargs={
-                "autocommit": True,
-                "row_factory": dict_row,
-                "connect_timeout": int(self.connect_timeout),
-                "options": "-c TimeZone=UTC",
-            },
+            timeout=self.connect_timeout,
+            kwargs=self._connect_kwargs(),
             connection_class=AsyncConnection[dict[str, Any]],
             open=False,
         )
         await self.pool.open(wait=False)
 
+    async def start(self) -> None:
+        if self.url.get_backend_name() == "postgresql" and self.pool is None:
+            await self._open_pool()
+
     async def close(self) -> None:
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
+        for task in list(self._retired):
+            await task
 
     async def first(self, statement: Select[Any], **params: Any) -> dict[str, Any] | None:
         """The first row of ``statement`` (with its bound ``params``) as a dict by column name, or None."""
@@ -124,17 +135,48 @@ class Reader:
         sql = self._sql.get(id(statement))
         if sql is None:
             sql = self._sql[id(statement)] = str(statement.compile(dialect=_PG_DIALECT))
+        if self._failing:
+            await self._probe()
         for attempt in (1, 2):
             try:
                 async with self.pool.connection() as connection:
                     cursor = await connection.execute(sql, params)
                     return await cursor.fetchone()
             except PoolTimeout as exc:
+                self._failing = True
                 raise ServiceUnavailable("the database cannot be reached; retry later") from exc
-            except psycopg.OperationalError as exc:  # the pool drops the broken connection
+            except psycopg.OperationalError as exc:  # a broken connection: the database restarted, or is away
+                self._failing = True
                 if attempt == 2:
                     raise ServiceUnavailable("the database cannot be reached; retry later") from exc
+                self._next_probe = 0.0
+                await self._probe()  # 503 at once if it is away; else a new pool, and one more try
         raise AssertionError("unreachable")
+
+    async def _probe(self) -> None:
+        """While reads fail: answer 503 at once, except one connection attempt every :data:`PROBE_EVERY_S`.
+
+        The pool keeps reconnecting by itself, but with a growing back-off (1 s, 2 s, 4 s …); a
+        probe that connects ends the outage at once: a new pool takes the old one's place.
+        """
+        now = time.monotonic()
+        if now < self._next_probe:
+            raise ServiceUnavailable("the database cannot be reached; retry later")
+        self._next_probe = now + PROBE_EVERY_S
+        try:
+            probe = await AsyncConnection.connect(libpq_conninfo(self.url), **self._connect_kwargs())
+            await probe.close()
+        except psycopg.OperationalError as exc:
+            raise ServiceUnavailable("the database cannot be reached; retry later") from exc
+        if not self._failing:  # another request's probe got there first
+            return
+        self._failing = False
+        old = self.pool
+        await self._open_pool()
+        if old is not None:
+            task = asyncio.create_task(old.close())
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
 
     def _first_sync(self, statement: Select[Any], params: dict[str, Any]) -> dict[str, Any] | None:
         with self.factory() as session:

@@ -256,7 +256,7 @@ def test_concurrent_misses_of_one_key_share_one_lookup() -> None:
 
 def test_reader_on_a_database_that_cannot_be_reached(tmp_path: Path) -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x"
-    reader = Reader(url, make_session_factory(make_engine(url)), connect_timeout=1, pool_timeout=1)
+    reader = Reader(url, make_session_factory(make_engine(url)), connect_timeout=1)
 
     async def scenario() -> None:
         await reader.start()

@@ -162,7 +162,10 @@ def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -
                                 stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
     try:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, log)
-        key = re.search(r"API key: (\S+)", log.read_text())
+        # the key is printed once the server answers: the health check may win that race by a few ms
+        deadline = time.monotonic() + 10
+        while (key := re.search(r"API key: (\S+)", log.read_text())) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert key is not None, log.read_text()
         headers = {"Authorization": f"Bearer {key.group(1)}"}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as c:
