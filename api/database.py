@@ -96,7 +96,7 @@ class Reader:
         self.url, self.factory = make_url(url), factory
         self.connect_timeout, self.max_size = connect_timeout, max_size
         self.pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] | None = None
-        self._sql: dict[int, str] = {}
+        self._sql: dict[int, tuple[Select[Any], str]] = {}
         self._failing = False
         self._next_probe = 0.0
         self._retired: set[asyncio.Task[None]] = set()
@@ -132,9 +132,10 @@ class Reader:
         """The first row of ``statement`` (with its bound ``params``) as a dict by column name, or None."""
         if self.pool is None:
             return await run_in_threadpool(self._first_sync, statement, params)
-        sql = self._sql.get(id(statement))
-        if sql is None:
-            sql = self._sql[id(statement)] = str(statement.compile(dialect=_PG_DIALECT))
+        compiled = self._sql.get(id(statement))
+        if compiled is None or compiled[0] is not statement:  # kept with its SQL: an id is not reused
+            compiled = self._sql[id(statement)] = (statement, str(statement.compile(dialect=_PG_DIALECT)))
+        sql = compiled[1]
         if self._failing:
             await self._probe()
         for attempt in (1, 2):
