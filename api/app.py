@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery.close()
         engine.dispose()
         if rate_limiter is not None:
-            rate_limiter.close()
+            await rate_limiter.aclose()
 
     app = FastAPI(
         title="netsurgery",

@@ -36,16 +36,20 @@ unknown keys cannot fill Redis.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 import redis
-from fastapi.concurrency import run_in_threadpool
+from redis import asyncio as redis_async
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.retry import Retry
 from sqlalchemy.orm import Session
 
@@ -112,6 +116,8 @@ class RateLimiter(Protocol):
 
     def close(self) -> None: ...
 
+    async def aclose(self) -> None: ...
+
 
 def gcra(tat: float | None, now: float, interval: float, tolerance: float) -> tuple[Decision, float | None]:
     """One GCRA step: the decision, and the new TAT to keep (None: keep the old one).
@@ -151,6 +157,9 @@ class LocalRateLimiter:
     async def ahit(self, key: str) -> Decision:
         return self.hit(key)  # no I/O: answered on the event loop
 
+    async def aclose(self) -> None:
+        pass
+
     def _forget_full(self, now: float) -> None:
         # a TAT in the past means a full bucket, the same as no entry: dropping those changes nothing
         self._tat = {k: v for k, v in self._tat.items() if v > now}
@@ -184,6 +193,10 @@ class RedisRateLimiter:
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1)
         )
         self._script = self._client.register_script(_GCRA_LUA)
+        self.url, self.timeout = url, timeout
+        self._async_scripts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncScript] = (
+            weakref.WeakKeyDictionary()
+        )
         self._down_until = 0.0
 
     def hit(self, key: str) -> Decision:
@@ -194,25 +207,55 @@ class RedisRateLimiter:
                 keys=[REDIS_PREFIX + key], args=[f"{self.interval_us:.3f}", f"{self.tolerance_us:.3f}"]
             )
         except (redis.RedisError, OSError) as exc:
-            self._down_until = time.monotonic() + self.backoff
-            log.warning(
-                "rate limit: Redis failed (%s: %s); letting requests through unlimited for %.0f s",
-                type(exc).__name__,
-                exc,
-                self.backoff,
-            )
-            return ALLOWED
+            return self._failed(exc)
         return ALLOWED if allowed else Decision(False, int(wait_us) / 1e6)
 
     async def ahit(self, key: str) -> Decision:
+        """:meth:`hit` on the event loop: the same script through an asyncio client of this loop."""
         if time.monotonic() < self._down_until:
             return ALLOWED
-        # a blocking client on a pool thread: an asyncio client's connections belong to the event
-        # loop that opened them, and an application may be served from more than one loop (tests)
-        return await run_in_threadpool(self.hit, key)
+        try:
+            allowed, wait_us = await self._async_script()(
+                keys=[REDIS_PREFIX + key], args=[f"{self.interval_us:.3f}", f"{self.tolerance_us:.3f}"]
+            )
+        except (redis.RedisError, OSError) as exc:
+            return self._failed(exc)
+        return ALLOWED if allowed else Decision(False, int(wait_us) / 1e6)
+
+    def _async_script(self) -> AsyncScript:
+        # an asyncio client's connections belong to the loop that opened them, and one application
+        # may be served from more than one loop (tests do): one client per loop
+        loop = asyncio.get_running_loop()
+        script = self._async_scripts.get(loop)
+        if script is None:
+            client = redis_async.Redis.from_url(
+                self.url,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                retry=AsyncRetry(NoBackoff(), 1),
+            )
+            script = self._async_scripts[loop] = client.register_script(_GCRA_LUA)
+        return script
+
+    def _failed(self, exc: BaseException) -> Decision:
+        self._down_until = time.monotonic() + self.backoff
+        log.warning(
+            "rate limit: Redis failed (%s: %s); letting requests through unlimited for %.0f s",
+            type(exc).__name__,
+            exc,
+            self.backoff,
+        )
+        return ALLOWED
 
     def close(self) -> None:
         self._client.close()
+
+    async def aclose(self) -> None:
+        """Close this loop's asyncio client (and the blocking one)."""
+        script = self._async_scripts.pop(asyncio.get_running_loop(), None)
+        if script is not None:
+            await script.registered_client.aclose()
+        self.close()
 
 
 def make_rate_limiter(settings: Settings) -> RateLimiter | None:
