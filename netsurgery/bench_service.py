@@ -11,8 +11,9 @@ Redis database index, then measures, from this (second) process over loopback:
 3. **GET /v1/jobs/{id} latency** at 50 concurrent clients (p50, p99): 50 pollers each asking every
    0.5 s, as watching clients do; and, as a stress figure, 50 connections in a closed loop with
    wrk (each asks again as soon as it has its answer), when wrk is installed; the closed loop again
-   on a second API process with the job cache off (:mod:`api.jobcache`), every answer read from
-   Postgres;
+   on API processes with the job cache off (:mod:`api.jobcache`: every answer read from Postgres)
+   and with the per-key rate limit on (one Redis round trip per request), as
+   :data:`CLOSED_LOOP_VARIANTS`;
 4. **API resident memory** while a 200 MB model upload streams in (peak growth over the idle RSS).
 
 The last output line is one JSON object with every figure.
@@ -230,6 +231,15 @@ def _upload_rss(url: str, key: str, api_pid: int, folder: Path, megabytes: int) 
     }
 
 
+#: Closed loops on API processes with other settings: (result key, what differs, environment).
+CLOSED_LOOP_VARIANTS = (
+    ("get_job_latency_closed_loop_uncached_ms", "with the job cache off (every answer read from Postgres)",
+     {"NETSURGERY_JOB_CACHE_SIZE": "0"}),
+    ("get_job_latency_closed_loop_rate_limited_ms", "with the per-key rate limit on (Redis), set above the load",
+     {"NETSURGERY_RATE_LIMIT_PER_SECOND": "1000000", "NETSURGERY_RATE_LIMIT_BURST": "1000000"}),
+)  # fmt: skip
+
+
 def _api(env: dict[str, str], port: int, logs: Any) -> subprocess.Popen[bytes]:
     """One API process (uvicorn) on ``port`` with the settings in ``env``."""
     return subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host",
@@ -334,16 +344,17 @@ def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_inte
                 }  # fmt: skip
                 log(f"GET /v1/jobs/{{id}}: {clients} connections in a closed loop (wrk), 10 s")
                 result["get_job_latency_closed_loop_ms"] = _wrk_latency(f"{url}/v1/jobs/{last_job}", key, clients, 10)
-                log("the same closed loop on a second API process without the job cache (every answer read)")
-                uncached_port = free_port()
-                uncached = _api(env | {"NETSURGERY_JOB_CACHE_SIZE": "0"}, uncached_port, logs)
-                try:
-                    wait_for_http(f"http://127.0.0.1:{uncached_port}/healthz", timeout=60)
-                    result["get_job_latency_closed_loop_uncached_ms"] = _wrk_latency(
-                        f"http://127.0.0.1:{uncached_port}/v1/jobs/{last_job}", key, clients, 10
-                    )
-                finally:
-                    _stop(uncached)
+                for name, what, extra in CLOSED_LOOP_VARIANTS:
+                    log(f"the same closed loop on another API process, {what}")
+                    other_port = free_port()
+                    other = _api(env | extra, other_port, logs)
+                    try:
+                        wait_for_http(f"http://127.0.0.1:{other_port}/healthz", timeout=60)
+                        result[name] = _wrk_latency(
+                            f"http://127.0.0.1:{other_port}/v1/jobs/{last_job}", key, clients, 10
+                        )
+                    finally:
+                        _stop(other)
 
             log(f"API memory during a {upload_mb} MB model upload")
             result["upload"] = _upload_rss(url, key, api.pid, folder, upload_mb)

@@ -11,6 +11,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,12 @@ def test_lying_content_length(live: LiveServer, tenant: str) -> None:
     )
     answer = _raw_exchange(live, tenant, head, [body])
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    # with httptools the 400 is the server's own (the bytes past the declared length do not parse as
+    # a next request) and may come while the application is still refusing the truncated form: what
+    # must hold is that nothing is left once it has done so
+    deadline = time.monotonic() + 5
+    while list(live.upload_root.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert live.stored_files() == before and list(live.upload_root.iterdir()) == []
 
     async def lie() -> httpx.Response:
