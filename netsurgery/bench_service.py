@@ -1,7 +1,8 @@
 """``netsurgery bench service``: the service's figures, measured in one run on this machine.
 
-Starts the API (uvicorn) and one worker as separate processes on a fresh Postgres database and a
-Redis database index, then measures, from this (second) process over loopback:
+Starts the API (uvicorn with :data:`API_WORKERS` processes, as docker-compose.yml runs it) and one
+worker as separate processes on a fresh Postgres database and a Redis database index, then
+measures, from this (second) process over loopback:
 
 1. **submit → running**: with the worker idle, the time from a job's creation to its claim
    (``started_at − created_at``, both stamped by the service), over several jobs;
@@ -11,10 +12,11 @@ Redis database index, then measures, from this (second) process over loopback:
 3. **GET /v1/jobs/{id} latency** at 50 concurrent clients (p50, p99): 50 pollers each asking every
    0.5 s, as watching clients do; and, as a stress figure, 50 connections in a closed loop with
    wrk (each asks again as soon as it has its answer), when wrk is installed; the closed loop again
-   on API processes with the job cache off (:mod:`api.jobcache`: every answer read from Postgres)
-   and with the per-key rate limit on (one Redis round trip per request), as
+   on an API of one process, with the job cache off (:mod:`api.jobcache`: every answer read from
+   Postgres) and with the per-key rate limit on (one Redis round trip per request), as
    :data:`CLOSED_LOOP_VARIANTS`;
-4. **API resident memory** while a 200 MB model upload streams in (peak growth over the idle RSS).
+4. **API resident memory** (all its processes) while a 200 MB model upload streams in (peak growth
+   over the idle RSS).
 
 The last output line is one JSON object with every figure.
 """
@@ -41,6 +43,8 @@ import httpx
 
 ADMIN_URL = os.environ.get("NETSURGERY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("NETSURGERY_BENCH_REDIS", "redis://127.0.0.1:6379/11")
+#: uvicorn processes of the API, as docker-compose.yml runs it (one per core on these 2-core machines)
+API_WORKERS = 2
 
 
 @contextmanager
@@ -70,9 +74,14 @@ def free_port() -> int:
 
 
 def _rss_kib(pid: int) -> int:
+    """Resident memory of ``pid`` and its children (uvicorn's worker processes), KiB."""
+    total = 0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else ():
+        total += _rss_kib(int(child))
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+            return total + int(line.split()[1])
     raise RuntimeError("no VmRSS")
 
 
@@ -231,20 +240,22 @@ def _upload_rss(url: str, key: str, api_pid: int, folder: Path, megabytes: int) 
     }
 
 
-#: Closed loops on API processes with other settings: (result key, what differs, environment).
-CLOSED_LOOP_VARIANTS = (
+#: Closed loops on other APIs: (result key, what differs, environment, uvicorn processes or 0 for as many
+#: as the main API).
+CLOSED_LOOP_VARIANTS: tuple[tuple[str, str, dict[str, str], int], ...] = (
+    ("get_job_latency_closed_loop_one_process_ms", "one process", {}, 1),
     ("get_job_latency_closed_loop_uncached_ms", "with the job cache off (every answer read from Postgres)",
-     {"NETSURGERY_JOB_CACHE_SIZE": "0"}),
+     {"NETSURGERY_JOB_CACHE_SIZE": "0"}, 0),
     ("get_job_latency_closed_loop_rate_limited_ms", "with the per-key rate limit on (Redis), set above the load",
-     {"NETSURGERY_RATE_LIMIT_PER_SECOND": "1000000", "NETSURGERY_RATE_LIMIT_BURST": "1000000"}),
+     {"NETSURGERY_RATE_LIMIT_PER_SECOND": "1000000", "NETSURGERY_RATE_LIMIT_BURST": "1000000"}, 0),
 )  # fmt: skip
 
 
-def _api(env: dict[str, str], port: int, logs: Any) -> subprocess.Popen[bytes]:
-    """One API process (uvicorn) on ``port`` with the settings in ``env``."""
+def _api(env: dict[str, str], port: int, logs: Any, workers: int) -> subprocess.Popen[bytes]:
+    """The API (uvicorn with ``workers`` processes) on ``port`` with the settings in ``env``."""
     return subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host",
-                             "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
+                             "127.0.0.1", "--port", str(port), "--log-level", "warning", "--workers", str(workers)],
+                            env=env, stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -256,7 +267,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_interval: float = 0.5,
-        poll_seconds: float = 20.0, upload_mb: int = 200, log: Any = print) -> dict[str, Any]:  # fmt: skip
+        poll_seconds: float = 20.0, upload_mb: int = 200, api_workers: int = API_WORKERS,
+        log: Any = print) -> dict[str, Any]:  # fmt: skip
     import redis
 
     from api import repository
@@ -267,7 +279,7 @@ def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_inte
 
     broker = redis.Redis.from_url(REDIS_URL)
     broker.flushdb()
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"api_processes": api_workers}
     with _database() as db_url, tempfile.TemporaryDirectory(prefix="netsurgery-bench-") as tmp:
         folder = Path(tmp)
         upgrade(db_url)
@@ -283,7 +295,7 @@ def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_inte
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         logs = open(folder / "procs.log", "ab")  # noqa: SIM115
-        api = _api(env, port, logs)
+        api = _api(env, port, logs, api_workers)
         worker = subprocess.Popen([sys.executable, "-m", "netsurgery", "worker", "--loglevel", "WARNING"], env=env,
                                   stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
         try:
@@ -344,10 +356,10 @@ def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_inte
                 }  # fmt: skip
                 log(f"GET /v1/jobs/{{id}}: {clients} connections in a closed loop (wrk), 10 s")
                 result["get_job_latency_closed_loop_ms"] = _wrk_latency(f"{url}/v1/jobs/{last_job}", key, clients, 10)
-                for name, what, extra in CLOSED_LOOP_VARIANTS:
-                    log(f"the same closed loop on another API process, {what}")
+                for name, what, extra, workers in CLOSED_LOOP_VARIANTS:
+                    log(f"the same closed loop on another API, {what}")
                     other_port = free_port()
-                    other = _api(env | extra, other_port, logs)
+                    other = _api(env | extra, other_port, logs, workers or api_workers)
                     try:
                         wait_for_http(f"http://127.0.0.1:{other_port}/healthz", timeout=60)
                         result[name] = _wrk_latency(
