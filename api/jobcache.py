@@ -91,20 +91,30 @@ class JobCache:
         self.live = live
 
     async def run(self, conninfo: str, connect_timeout: float = 3.0) -> None:
-        """Listen for changes until cancelled; while not listening nothing is served from memory."""
+        """Listen for changes until cancelled; while not listening nothing is served from memory.
+
+        A lost or refused connection is logged once per outage, then tried again every
+        :data:`RETRY_SECONDS`.
+        """
+        quiet = False
         while True:
             try:
                 connection = await psycopg.AsyncConnection.connect(
                     conninfo, autocommit=True, connect_timeout=max(1, int(connect_timeout))
                 )
             except psycopg.Error as exc:
-                log.warning("job cache: cannot connect to listen (%s); reading every job from the database", exc)
+                if not quiet:
+                    log.warning("job cache: cannot connect to listen (%s); reading every job from the database", exc)
+                    quiet = True
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
             try:
                 async with connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
                     self._clear(live=True)
+                    if quiet:
+                        log.info("job cache: listening again")
+                        quiet = False
                     async for notice in connection.notifies():
                         try:
                             self.invalidate(uuid.UUID(notice.payload))
@@ -112,6 +122,7 @@ class JobCache:
                             self._clear(live=True)
             except psycopg.Error as exc:
                 log.warning("job cache: listening connection lost (%s); reading every job from the database", exc)
+                quiet = True
             finally:
                 self._clear(live=False)
             await asyncio.sleep(RETRY_SECONDS)
