@@ -305,6 +305,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         arch = args.models.split(",")[0]  # one model: the first of --models
         if arch not in bench.PLANS:
             raise CliError(f"unknown model {arch}; choose from {', '.join(bench.PLANS)}")
+        names = args.pair.split(",")
+        known = {m.partition("@")[0] for m in bench.TABLE_METHODS}
+        if len(names) != 2 or any(n.partition("@")[0] not in known for n in names):
+            raise CliError(f"--pair takes two methods among {', '.join(sorted(known))} (e.g. dns@1/3,han)")
+        pair = (names[0], names[1])
         result = bench.versus(
             arch,
             agp_target=args.agp_target,
@@ -312,6 +317,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seeds=range(args.seeds),
             iterations=args.iterations,
             quick=args.quick,
+            pair=pair,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )
         for method, m in result["summary"].items():
@@ -409,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
     b.add_argument("--seeds", type=int, default=5, help="versus: training seeds 0..N-1")
+    b.add_argument("--pair", default="dns,agp", help="versus: the two methods; the first is asked for ratio × the "
+                   "second's compression (e.g. dns@1/3,han with --ratio 1)")  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
     from netsurgery.client_cli import add_client_commands  # light: httpx and rich load only when one runs

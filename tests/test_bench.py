@@ -73,3 +73,15 @@ def test_bench_versus_compares_dns_at_the_ratio_with_agp_over_seeds(
     summary = result["summary"]
     assert result["dns_at_ratio_no_worse"] is (summary["dns"]["mean_drop"] <= summary["agp"]["mean_drop"])
     assert out[0].startswith("dns   10.0x") and out[1].startswith("agp    8.0x")
+
+
+def test_bench_versus_takes_any_pair_of_methods(fake_fashion: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "versus", "--quick", "--models", "lenet-300-100", "--agp-target", "6", "--ratio", "1"]
+    assert main([*argv, "--seeds", "2", "--iterations", "60", "--pair", "dns@1/3,han"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = result["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("dns@1/3", 0), ("han", 0), ("dns@1/3", 1), ("han", 1)]
+    assert {(r["method"], r["iterations"], r["compression"]) for r in rows} == {("dns@1/3", 20, 6.0), ("han", 60, 6.0)}
+    assert result["pair"] == ["dns@1/3", "han"] and set(result["summary"]) == {"dns@1/3", "han"}
+    assert main([*argv, "--pair", "dns,magic"]) == 2
+    assert "--pair takes two methods" in capsys.readouterr().err
