@@ -314,7 +314,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             arch,
             agp_target=args.agp_target,
             ratio=args.ratio,
-            seeds=range(args.seeds),
+            seeds=range(args.first_seed, args.first_seed + args.seeds),
             iterations=args.iterations,
             quick=args.quick,
             pair=pair,
@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
-    b.add_argument("--seeds", type=int, default=5, help="versus: training seeds 0..N-1")
+    b.add_argument("--seeds", type=int, default=5, help="versus: training seeds 0..N-1 (from --first-seed)")
+    b.add_argument("--first-seed", type=int, default=0, help="versus: the first training seed (to extend a run)")
     b.add_argument("--pair", default="dns,agp", help="versus: the two methods; the first is asked for ratio × the "
                    "second's compression (e.g. dns@1/3,han with --ratio 1)")  # fmt: skip
     b.set_defaults(func=cmd_bench)

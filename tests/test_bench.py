@@ -83,5 +83,7 @@ def test_bench_versus_takes_any_pair_of_methods(fake_fashion: Path, capsys: pyte
     assert [(r["method"], r["seed"]) for r in rows] == [("dns@1/3", 0), ("han", 0), ("dns@1/3", 1), ("han", 1)]
     assert {(r["method"], r["iterations"], r["compression"]) for r in rows} == {("dns@1/3", 20, 6.0), ("han", 60, 6.0)}
     assert result["pair"] == ["dns@1/3", "han"] and set(result["summary"]) == {"dns@1/3", "han"}
+    assert main([*argv, "--seeds", "1", "--first-seed", "3", "--iterations", "60"]) == 0
+    assert [r["seed"] for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]] == [3, 3]
     assert main([*argv, "--pair", "dns,magic"]) == 2
     assert "--pair takes two methods" in capsys.readouterr().err
