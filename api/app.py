@@ -163,7 +163,7 @@ def as_app_error(exc: Exception) -> AppError | None:
         summary = "; ".join(f"{'.'.join(str(p) for p in f['loc'])}: {f['msg']}" for f in fields[:5])
         return InvalidRequest(f"invalid request: {summary}", extra={"fields": fields})
     if _database_unreachable(exc):
-        return ServiceUnavailable("the database cannot be reached; retry later")
+        return ServiceUnavailable.database()
     return None
 
 

@@ -68,6 +68,12 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+@lru_cache(maxsize=64)
+def _postgres_sql(statement: Select[Any]) -> str:
+    """``statement`` compiled for psycopg, once (the cache holds the statement, so its key stays its own)."""
+    return str(statement.compile(dialect=_PG_DIALECT))
+
+
 def libpq_conninfo(url: str | URL) -> str:
     """The libpq connection string (``postgresql://…``) of a SQLAlchemy PostgreSQL URL, for psycopg itself."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -96,7 +102,6 @@ class Reader:
         self.url, self.factory = make_url(url), factory
         self.connect_timeout, self.max_size = connect_timeout, max_size
         self.pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] | None = None
-        self._sql: dict[int, tuple[Select[Any], str]] = {}
         self._failing = False
         self._next_probe = 0.0
         self._retired: set[asyncio.Task[None]] = set()
@@ -132,10 +137,7 @@ class Reader:
         """The first row of ``statement`` (with its bound ``params``) as a dict by column name, or None."""
         if self.pool is None:
             return await run_in_threadpool(self._first_sync, statement, params)
-        compiled = self._sql.get(id(statement))
-        if compiled is None or compiled[0] is not statement:  # kept with its SQL: an id is not reused
-            compiled = self._sql[id(statement)] = (statement, str(statement.compile(dialect=_PG_DIALECT)))
-        sql = compiled[1]
+        sql = _postgres_sql(statement)
         if self._failing:
             await self._probe()
         for attempt in (1, 2):
@@ -145,11 +147,11 @@ class Reader:
                     return await cursor.fetchone()
             except PoolTimeout as exc:
                 self._failing = True
-                raise ServiceUnavailable("the database cannot be reached; retry later") from exc
+                raise ServiceUnavailable.database() from exc
             except psycopg.OperationalError as exc:  # a broken connection: the database restarted, or is away
                 self._failing = True
                 if attempt == 2:
-                    raise ServiceUnavailable("the database cannot be reached; retry later") from exc
+                    raise ServiceUnavailable.database() from exc
                 self._next_probe = 0.0
                 await self._probe()  # 503 at once if it is away; else a new pool, and one more try
         raise AssertionError("unreachable")
@@ -162,13 +164,13 @@ class Reader:
         """
         now = time.monotonic()
         if now < self._next_probe:
-            raise ServiceUnavailable("the database cannot be reached; retry later")
+            raise ServiceUnavailable.database()
         self._next_probe = now + PROBE_EVERY_S
         try:
             probe = await AsyncConnection.connect(libpq_conninfo(self.url), **self._connect_kwargs())
             await probe.close()
         except psycopg.OperationalError as exc:
-            raise ServiceUnavailable("the database cannot be reached; retry later") from exc
+            raise ServiceUnavailable.database() from exc
         if not self._failing:  # another request's probe got there first
             return
         self._failing = False

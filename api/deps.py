@@ -8,7 +8,6 @@ build an app from its own settings, or replace any of these through ``app.depend
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -146,13 +145,13 @@ class AuthCache:
     Polling clients call the API many times a second; the cache saves a database round trip per
     call. A revoked key keeps working in one API process for at most ``ttl`` seconds. Only keys
     that verified are kept, so unknown keys cannot fill it; it holds at most ``size`` entries.
+    Used on the application's event loop only (:func:`get_tenant`), so it needs no lock.
     """
 
     def __init__(self, ttl: float, size: int = 10_000) -> None:
         self.ttl, self.size = ttl, size
         self._entries: dict[str, tuple[float, Principal]] = {}
         self._pending: dict[str, asyncio.Future[Principal | None]] = {}
-        self._lock = threading.Lock()
 
     async def resolve(self, digest: str, lookup: Callable[[], Awaitable[Principal | None]]) -> Principal | None:
         """The cached tenant of the key, else ``lookup()``'s answer (kept when not None).
@@ -181,13 +180,12 @@ class AuthCache:
         return entry[1]
 
     def put(self, digest: str, principal: Principal) -> None:
-        with self._lock:
+        if len(self._entries) >= self.size:
+            now = time.monotonic()
+            self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
             if len(self._entries) >= self.size:
-                now = time.monotonic()
-                self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
-                if len(self._entries) >= self.size:
-                    self._entries.clear()
-            self._entries[digest] = (time.monotonic() + self.ttl, principal)
+                self._entries.clear()
+        self._entries[digest] = (time.monotonic() + self.ttl, principal)
 
 
 TenantDep = Annotated[Principal, Depends(get_tenant)]

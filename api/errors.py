@@ -144,3 +144,8 @@ class ServiceUnavailable(AppError):
     status_code = 503
     code = "unavailable"
     description = "The database or the broker cannot be reached; retry later."
+
+    @classmethod
+    def database(cls) -> ServiceUnavailable:
+        """The answer while the database cannot be reached."""
+        return cls("the database cannot be reached; retry later")

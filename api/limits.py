@@ -194,6 +194,7 @@ class RedisRateLimiter:
         )
         self._script = self._client.register_script(_GCRA_LUA)
         self.url, self.timeout = url, timeout
+        self._script_args = [f"{self.interval_us:.3f}", f"{self.tolerance_us:.3f}"]
         self._async_scripts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncScript] = (
             weakref.WeakKeyDictionary()
         )
@@ -203,9 +204,7 @@ class RedisRateLimiter:
         if time.monotonic() < self._down_until:
             return ALLOWED
         try:
-            allowed, wait_us = self._script(
-                keys=[REDIS_PREFIX + key], args=[f"{self.interval_us:.3f}", f"{self.tolerance_us:.3f}"]
-            )
+            allowed, wait_us = self._script(keys=[REDIS_PREFIX + key], args=self._script_args)
         except (redis.RedisError, OSError) as exc:
             return self._failed(exc)
         return ALLOWED if allowed else Decision(False, int(wait_us) / 1e6)
@@ -215,9 +214,7 @@ class RedisRateLimiter:
         if time.monotonic() < self._down_until:
             return ALLOWED
         try:
-            allowed, wait_us = await self._async_script()(
-                keys=[REDIS_PREFIX + key], args=[f"{self.interval_us:.3f}", f"{self.tolerance_us:.3f}"]
-            )
+            allowed, wait_us = await self._async_script()(keys=[REDIS_PREFIX + key], args=self._script_args)
         except (redis.RedisError, OSError) as exc:
             return self._failed(exc)
         return ALLOWED if allowed else Decision(False, int(wait_us) / 1e6)
