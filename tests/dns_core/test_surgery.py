@@ -166,23 +166,72 @@ def test_squash_equals_masked_weights() -> None:
     x = torch.randn(5, 1, 8, 8)
     out_masked = m(x)
     s.squash()
-    assert not any(".parametrizations." in k for k in m.state_dict())
+    assert not any(k.endswith(("_orig", "_mask")) for k in m.state_dict())
+    assert [type(x) for x in m] == [type(x) for x in tiny()]
     for k, v in m.state_dict().items():
         assert torch.equal(v, expected[k]), k
     assert torch.allclose(m(x), out_masked)
     assert isinstance(m[3].weight, nn.Parameter)
 
 
+def test_masks_live_in_the_state_dict_under_prune_style_names() -> None:
+    m = tiny()
+    dense_weight = m[3].weight
+    s = DNS(m, crate=0.5, iter_stop=100, prune_bias=False)
+    keys = list(m.state_dict())
+    assert keys == ["0.bias", "0.weight_orig", "0.weight_mask", "3.bias", "3.weight_orig", "3.weight_mask"]
+    assert s.layers[1].dense("weight") is dense_weight  # the optimizer keeps stepping the same tensor
+    assert s.model_total() == sum(p.numel() for p in tiny().parameters())  # masks are buffers, not parameters
+    with pytest.raises(SurgeryError, match="already has masks"):
+        DNS(m)
+
+
+def test_squash_restores_the_layer_class_and_parameter_order() -> None:
+    m = tiny()
+    before = [(n, type(p)) for n, p in m.named_parameters()]
+    s = DNS(m, crate=0.5, iter_stop=100)
+    s.step(0)
+    s.squash()
+    assert [(n, type(p)) for n, p in m.named_parameters()] == before
+    assert type(m[0]) is nn.Conv2d and type(m[3]) is nn.Linear
+    DNS(m, crate=0.5)  # a squashed model can take masks again
+
+
+def test_checkpoints_from_parametrize_masks_still_load() -> None:
+    """Model state written when masks were torch.nn.utils.parametrize modules (before 2026-11-30)."""
+    from torch.nn.utils import parametrize
+
+    class OldMask(nn.Module):
+        def __init__(self, like: torch.Tensor) -> None:
+            super().__init__()
+            self.mask: torch.Tensor
+            self.register_buffer("mask", (torch.rand_like(like) > 0.5).to(like.dtype))
+
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * self.mask
+
+    old = tiny()
+    for i in (0, 3):
+        for t in ("weight", "bias"):
+            parametrize.register_parametrization(old[i], t, OldMask(getattr(old[i], t)), unsafe=True)
+    state = old.state_dict()
+    assert "3.parametrizations.weight.original" in state and "3.parametrizations.weight.0.mask" in state
+
+    m = tiny()
+    s = DNS(m, crate=0.5, iter_stop=100)
+    m.load_state_dict(state)
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(m(x), old(x))
+    assert torch.equal(s.layers[1].mask("weight"), state["3.parametrizations.weight.0.mask"])
+
+
 def test_state_dict_round_trip_keeps_statistics_masks_and_rng() -> None:
     m = tiny()
+    m2 = copy.deepcopy(m)  # the same dense weights, no masks
     s = DNS(m, crate=0.5, gamma=1e-2, iter_stop=100, seed=3)
     for t in range(5):
         s.step(t)
     state = copy.deepcopy(s.state_dict())
-    m2 = copy.deepcopy(m)
-    for name in ("weight", "bias"):
-        for i in (0, 3):
-            torch.nn.utils.parametrize.remove_parametrizations(m2[i], name, leave_parametrized=False)
     s2 = DNS(m2, crate=0.5, gamma=1e-2, iter_stop=100, seed=99)
     s2.load_state_dict(state)
     assert s2.stats == s.stats
