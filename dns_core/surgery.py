@@ -11,8 +11,8 @@ methods is only
 - how and when masks change (:meth:`Surgery.step`).
 
 The masked tensors are properties of a subclass the layer's class is swapped to (what
-``torch.nn.utils.parametrize`` does too, without its module-per-tensor layers, which cost a
-third of the surgery step's overhead on LeNet-5). Serialize through ``state_dict()``.
+``torch.nn.utils.parametrize`` does too, without its module-per-tensor layers, which cost about
+a fifth of the surgery step's overhead on LeNet-5). Serialize through ``state_dict()``.
 
 Lifecycle, as in ``torch.ao.pruning``: construct (prepare) → ``step(t)`` before each training
 iteration → ``state_dict()`` / ``load_state_dict()`` for checkpoints → ``squash()`` to get the
