@@ -80,7 +80,7 @@ def _masked_class(cls: type, tensors: tuple[str, ...], straight_through: bool) -
 
 def attach_masks(module: nn.Module, tensors: Sequence[str], straight_through: bool) -> None:
     """Move each tensor W of ``module`` to ``<name>_orig``, add an all-ones ``<name>_mask``."""
-    if type(module) in {c for c in _MASKED_CLASSES.values()}:
+    if type(module) in _MASKED_CLASSES.values():
         raise SurgeryError(f"{type(module).__name__} already has masks: squash or rebuild the model first")
     order = list(module._parameters)
     for t in tensors:
