@@ -101,8 +101,9 @@ def detach_masks(module: nn.Module, tensors: Sequence[str]) -> None:
             param = module._parameters[t + ORIG]
             assert param is not None
             param.mul_(module._buffers.pop(t + MASK))  # type: ignore[arg-type]
-    params = {(k[: -len(ORIG)] if k.endswith(ORIG) and k[: -len(ORIG)] in tensors else k): v
-              for k, v in module._parameters.items()}  # fmt: skip
+    params = dict(module._parameters)
+    for t in tensors:
+        params[t] = params.pop(t + ORIG)
     module._parameters.clear()
     module._parameters.update({k: params[k] for k in order})
 
