@@ -305,10 +305,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         arch = args.models.split(",")[0]  # one model: the first of --models
         if arch not in bench.PLANS:
             raise CliError(f"unknown model {arch}; choose from {', '.join(bench.PLANS)}")
+        from dns_core.methods import METHODS
+
         names = args.pair.split(",")
-        known = {m.partition("@")[0] for m in bench.TABLE_METHODS}
-        if len(names) != 2 or any(n.partition("@")[0] not in known for n in names):
-            raise CliError(f"--pair takes two methods among {', '.join(sorted(known))} (e.g. dns@1/3,han)")
+        if len(names) != 2 or any(n.partition("@")[0] not in METHODS for n in names):
+            raise CliError(f"--pair takes two methods among {', '.join(sorted(METHODS))} (e.g. dns@1/3,han)")
         pair = (names[0], names[1])
         result = bench.versus(
             arch,
