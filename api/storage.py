@@ -5,6 +5,10 @@ key first and are moved into place only when complete, so a reader (or a downloa
 partial file, and a writer killed midway leaves the previous version intact. On a local folder the
 move is an ``os.replace``; on object stores a put is already all-or-nothing and the temporary key
 is a plain upload followed by a copy.
+
+A writer that dies without running its clean-up (SIGKILL, out of memory, a lost machine) leaves its
+temporary key behind; :meth:`Storage.remove_temporaries` deletes those under a prefix once no
+writer can be working there any more (the worker calls it when it takes over a job).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import fsspec
+
+TEMPORARY_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}$")  # what writer() appends to a key
 
 
 class StorageError(OSError):
@@ -132,6 +139,25 @@ class Storage:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(key))
+
+    def remove_temporaries(self, prefix: str) -> list[str]:
+        """Delete the temporary blobs that writers killed midway left under ``prefix/``; their keys.
+
+        Only for a prefix no live writer uses: a temporary being written would be lost with it.
+        """
+        base = self.path(prefix)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        stale = [
+            str(path)[len(self.root) + 1 :]
+            for path in found
+            if str(path).startswith(self.root + "/") and TEMPORARY_SUFFIX.search(str(path))
+        ]
+        for key in stale:
+            self.delete(key)
+        return stale
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove every blob under ``prefix/`` (a model's, a dataset's or a job's folder)."""

@@ -3,13 +3,16 @@
 A nested state (dicts, lists, numbers, strings, tensors) is flattened: every tensor goes into the
 safetensors body under a path key, and the rest of the tree, with ``{"__tensor__": key}``
 placeholders, goes into the header's metadata as JSON. Loading it back runs no code from the file.
-Writes are atomic: a temporary file in the same folder, fsync, then ``os.replace``.
+Writes are atomic: the file is written in a temporary folder beside the target, fsync'ed, then
+moved into place with ``os.replace``.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,16 +62,31 @@ def save_state(path: str | os.PathLike[str], state: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     tree = _flatten(state, "", tensors)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # a folder of our own, so that safetensors' own temporary file (it writes through one) lands in
+    # it too: a writer killed midway leaves one name that remove_stale_temporaries recognises
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(tree)})
-        with open(tmp, "rb") as f:
+        save_file(tensors, tmp / path.name, metadata={_META_KEY: json.dumps(tree)})
+        with open(tmp / path.name, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp / path.name, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries that :func:`save_state` calls killed midway left beside ``path``.
+
+    Only for a path no live writer uses (a resumed job's checkpoint, once its lease is held).
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for tmp in stale:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return stale
 
 
 def load_state(path: str | os.PathLike[str]) -> Any:

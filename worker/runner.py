@@ -5,7 +5,8 @@ directly. What one call does:
 
 1. **Claim** the job with a lease (:func:`api.jobstate.claim`): a new attempt number, or nothing to
    do (the job finished, was cancelled, or another worker holds a live lease). A duplicate
-   delivery therefore costs one database round trip.
+   delivery therefore costs one database round trip. An attempt after the first removes the
+   temporary files that an earlier one, killed mid-write, left in the job's folder.
 2. **Heartbeat** in a background thread every ``heartbeat_seconds``; a heartbeat that finds the
    attempt superseded marks the run *lost*, and the loop stops at its next cancellation check
    without writing anything more.
@@ -332,6 +333,8 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
 
     if not _retrying(f"start {job_id}", announce):
         raise LostLease(f"job {job_id} attempt {attempt} was superseded before it started")
+    if attempt > 1:
+        _remove_temporaries(ctx, job_id)
     recorder = _Recorder(ctx, job_id, attempt)
     with tempfile.TemporaryDirectory(prefix=f"netsurgery-{job_id}-") as tmp:
         work = Path(tmp)
@@ -408,6 +411,25 @@ def _kind(name: str) -> str:
     if ".sparse." in name:
         return "sparse"
     return "dense"
+
+
+def _remove_temporaries(ctx: WorkerContext, job_id: uuid.UUID) -> None:
+    """Delete what an earlier attempt killed mid-write left in the job's folder.
+
+    The lease this attempt holds fences every earlier one out, so no live writer uses those names.
+    """
+    from dns_core.checkpoint import remove_stale_temporaries
+
+    stale: list[Any] = []
+    try:
+        stale += ctx.storage.remove_temporaries(job_prefix(job_id))
+        local = ctx.storage.local_path(checkpoint_key(job_id))
+        if local is not None:
+            stale += remove_stale_temporaries(local)
+    except OSError as e:  # clutter, not a reason to fail the job: the next attempt or a delete clears it
+        log.warning("job %s: could not remove temporary files: %s", job_id, e)
+    if stale:
+        log.info("job %s: removed %d temporary files left by an earlier attempt", job_id, len(stale))
 
 
 def _local_checkpoint(ctx: WorkerContext, job_id: uuid.UUID, work: Path) -> Path:

@@ -41,6 +41,23 @@ def test_a_failed_write_leaves_the_previous_blob(store: Storage) -> None:
     assert store.fs.ls(store.path("a"), detail=False) == [store.path("a/b")]  # no temporary left behind
 
 
+def test_remove_temporaries_deletes_only_what_killed_writers_left_under_the_prefix(store: Storage) -> None:
+    def plant(key: str) -> None:  # what writer() leaves when its process dies before the move
+        store.fs.makedirs(store.path(key).rsplit("/", 1)[0], exist_ok=True)
+        store.fs.pipe(store.path(key), b"partial")
+
+    with store.writer("jobs/1/checkpoint.safetensors") as f:
+        f.write(b"whole")
+    stale = ["jobs/1/checkpoint.safetensors.tmp-" + "a" * 32, "jobs/1/artifacts/m.safetensors.tmp-" + "0f" * 16]
+    kept = ["jobs/1/notes.tmp-draft", "jobs/10/checkpoint.safetensors.tmp-" + "b" * 32]
+    for key in stale + kept:
+        plant(key)
+    assert sorted(store.remove_temporaries("jobs/1")) == sorted(stale)
+    assert not any(store.exists(k) for k in stale)
+    assert all(store.exists(k) for k in kept) and store.exists("jobs/1/checkpoint.safetensors")
+    assert store.remove_temporaries("jobs/1") == [] and store.remove_temporaries("jobs/404") == []
+
+
 @pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/./b", "a/../../b", "", "a\\b"])
 def test_keys_cannot_escape(store: Storage, key: str) -> None:
     with pytest.raises(ValueError, match="bad storage key"):

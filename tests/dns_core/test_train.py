@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dns_core import DNS, Callbacks, Cancelled, Progress, Target, TrainConfig, evaluate, fit, models
-from dns_core.checkpoint import load_state, save_state
+from dns_core.checkpoint import load_state, remove_stale_temporaries, save_state
 from dns_core.compress import compress
 from dns_core.data import BatchStream, Dataset, synthetic_classification
 from dns_core.reference import train_reference
@@ -60,6 +60,21 @@ def test_checkpoint_files_hold_no_pickle(tmp_path: Path) -> None:
     assert torch.equal(back["b"][4]["c"], torch.ones(2))
     assert back[4] is True
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_remove_stale_temporaries_leaves_the_checkpoint_and_other_files(tmp_path: Path) -> None:
+    save_state(tmp_path / "s.ckpt", {"a": torch.ones(1)})
+    stale = [tmp_path / ".s.ckpt.k3x_9q1z.tmp", tmp_path / ".s.ckpt.0a1b2c3d.tmp"]  # killed save_state calls
+    kept = [tmp_path / ".other.ckpt.0a1b2c3d.tmp", tmp_path / "s.ckpt.tmp", tmp_path / ".s.ckptX.0a1b2c3d.tmp"]
+    for p in stale + kept:
+        p.write_bytes(b"partial")
+    folder = tmp_path / ".s.ckpt.zz9w8v7u.tmp"  # save_state's folder, safetensors' own temporary inside
+    folder.mkdir()
+    (folder / ".tmpAb3dEf").write_bytes(b"partial")
+    stale.append(folder)
+    assert remove_stale_temporaries(tmp_path / "s.ckpt") == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert load_state(tmp_path / "s.ckpt")["a"].item() == 1
 
 
 def test_batch_stream_is_a_function_of_t() -> None:

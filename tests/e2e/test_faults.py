@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dns_core.artifacts import REPORT_FILES
-from dns_core.checkpoint import load_state
+from dns_core.checkpoint import load_state, remove_stale_temporaries
 from dns_core.sparse import load_sparse
 from tests.e2e.conftest import Service
 from tests.e2e.test_service import _zoo_file, download_all, upload, wait_for_state
@@ -153,8 +153,12 @@ while True:
         assert torch.equal(state["w"], torch.full((2_000_000,), float(state["iteration"])))
     assert path.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != path.name]
-    # only orphaned temporaries (ours: .<name>.<random>.tmp; safetensors' own: .tmp<random>), never a torn file
-    assert all(name.startswith(".") and ".tmp" in name for name in leftovers), leftovers
+    # only orphaned temporary folders (safetensors' own temporary file inside), never a torn file,
+    # and all of them are what a resumed job's clean-up removes
+    assert all(name.startswith(f".{path.name}.") and name.endswith(".tmp") for name in leftovers), leftovers
+    assert sorted(p.name for p in remove_stale_temporaries(path)) == sorted(leftovers)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    load_state(path)
 
 
 class _Payload:

@@ -203,8 +203,15 @@ def test_a_superseded_attempt_stops_and_the_next_resumes_from_the_checkpoint(
     with session_scope(ctx.sessions) as s:
         assert not list(s.scalars(select(Artifact).where(Artifact.job_id == job_id)))
     time.sleep(0.05)  # the takeover's lease (0.01 s) has expired: the "other worker" died too
+    # what the dead attempts would leave if killed mid-write: the next one removes them
+    stale = [ckpt.with_name(f".{ckpt.name}.x1y2z3w4.tmp"), ckpt.with_name(f"{ckpt.name}.tmp-{uuid.uuid4().hex}"),
+             ckpt.parent / "artifacts" / f"model.safetensors.tmp-{uuid.uuid4().hex}"]  # fmt: skip
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
     before = _row(ctx, job_id).iteration
     assert run_job(ctx, job_id) == "succeeded"
+    assert not [p for p in stale if p.exists()]
     job = _row(ctx, job_id)
     assert job.attempt == 3 and job.iteration == 400 and before >= 150
     with session_scope(ctx.sessions) as s:
