@@ -8,6 +8,7 @@ fresh Postgres database and a Redis database index of their own.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -83,6 +84,12 @@ class Service:
         )  # fmt: skip
         self.procs[name] = proc
         return proc
+
+    def worker_ready(self, name: str) -> bool:
+        """Whether worker ``name`` has started consuming (Celery logs ``<hostname> ready.``)."""
+        log = self.folder / f"{name}.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return re.search(rf"\b{re.escape(name)}@\S+ ready\.", text) is not None
 
     def stop(self, name: str, sig: int = 15) -> None:
         proc = self.procs.pop(name)
