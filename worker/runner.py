@@ -416,7 +416,9 @@ def _kind(name: str) -> str:
 def _remove_temporaries(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     """Delete what an earlier attempt killed mid-write left in the job's folder.
 
-    The lease this attempt holds fences every earlier one out, so no live writer uses those names.
+    This attempt holds the lease. An earlier attempt still alive (its lease expired under it) stops
+    at its next heartbeat; if it is writing at this moment, losing its temporary only makes that
+    write fail, and a superseded attempt's writes are not wanted anyway.
     """
     from dns_core.checkpoint import remove_stale_temporaries
 
