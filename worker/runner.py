@@ -422,16 +422,16 @@ def _remove_temporaries(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     """
     from dns_core.checkpoint import remove_stale_temporaries
 
-    stale: list[Any] = []
+    removed = 0
     try:
-        stale += ctx.storage.remove_temporaries(job_prefix(job_id))
+        removed += len(ctx.storage.remove_temporaries(job_prefix(job_id)))
         local = ctx.storage.local_path(checkpoint_key(job_id))
         if local is not None:
-            stale += remove_stale_temporaries(local)
+            removed += len(remove_stale_temporaries(local))
     except OSError as e:  # clutter, not a reason to fail the job: the next attempt or a delete clears it
         log.warning("job %s: could not remove temporary files: %s", job_id, e)
-    if stale:
-        log.info("job %s: removed %d temporary files left by an earlier attempt", job_id, len(stale))
+    if removed:
+        log.info("job %s: removed %d temporary files left by an earlier attempt", job_id, removed)
 
 
 def _local_checkpoint(ctx: WorkerContext, job_id: uuid.UUID, work: Path) -> Path:

@@ -27,8 +27,9 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 def _chaos(service: Service, tmp_path: Path, jobs: int, kill_every: float, seed: int) -> None:
     rng = random.Random(seed)
-    service.start_worker("c2")
-    workers = ["w1", "c2"]
+    starting = "c2"  # the newest worker: the next kill is armed once it is ready
+    service.start_worker(starting)
+    workers = ["w1", starting]
     spawned = 2
     with service.client() as c:
         model = upload(c, "/v1/models", _zoo_file(tmp_path / "m.safetensors"), architecture="lenet-300-100")
@@ -43,8 +44,7 @@ def _chaos(service: Service, tmp_path: Path, jobs: int, kill_every: float, seed:
         seen: dict[str, list[int]] = {job: [] for job in ids}
         states: dict[str, str] = {}
         kills = 0
-        next_kill: float | None = None  # armed once the newest worker is ready
-        starting = "c2"
+        next_kill: float | None = None
         deadline = time.monotonic() + 600
         while len(states) < jobs:
             assert time.monotonic() < deadline, f"not all terminal: {states}"
