@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -247,3 +249,54 @@ def overhead(
         "surgery_step_ms": round(s * 1e3, 3),
         "ratio": round(s / d, 3),
     }
+
+
+def write_results(
+    path: str | os.PathLike[str],
+    kind: str,
+    arguments: Mapping[str, Any],
+    results: Any,
+    command: Sequence[str] | None = None,
+) -> Path:
+    """Write one bench run's raw results to ``path`` as JSON (folders made as needed); return the path.
+
+    The file records what ran (``kind``, the ``command`` line, by default this process's, and its
+    parsed ``arguments``), what it measured (``results``: the rows or figures as the bench returns
+    them) and where: the versions of Python, torch and netsurgery, the machine's CPU count and
+    model, torch's thread count, and a UTC timestamp. It is replaced whole, never left half-written.
+    """
+    import platform
+    import sys
+    from datetime import UTC, datetime
+    from importlib import metadata
+
+    try:
+        version = metadata.version("netsurgery")
+    except metadata.PackageNotFoundError:
+        from . import __version__ as version
+    cpu_model = platform.processor() or None
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else ():
+        if line.startswith("model name"):
+            cpu_model = line.partition(":")[2].strip()
+            break
+    record = {
+        "kind": kind,
+        "command": list(sys.argv if command is None else command),
+        "arguments": dict(arguments),
+        "results": results,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "netsurgery": version},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model,
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(out)
+    return out
