@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError
+
 _META_KEY = "netsurgery.state"
 
 
@@ -96,5 +98,5 @@ def load_state(path: str | os.PathLike[str]) -> Any:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if _META_KEY not in meta:
-        raise ValueError(f"{path} is not a netsurgery checkpoint")
+        raise InputError(f"{path} is not a netsurgery checkpoint")
     return _unflatten(json.loads(meta[_META_KEY]), load_file(str(path)))

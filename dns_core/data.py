@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError, InputError
+from .spec import BUILTIN_SETS
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "NETSURGERY_FASHION_MNIST"
 #: Per-pixel mean and std of the Fashion-MNIST training images (after scaling to [0, 1]).
@@ -30,7 +33,7 @@ _IDX_DTYPES = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data file or data set cannot be used; the message says why."""
 
 
@@ -144,7 +147,7 @@ class BatchStream:
 
     def __init__(self, data: Dataset, batch_size: int, seed: int = 0, device: torch.device | str = "cpu") -> None:
         if batch_size <= 0:
-            raise ValueError("batch_size must be positive")
+            raise ConfigError("batch_size must be positive")
         self.inputs = data.inputs.to(device)
         self.targets = None if data.targets is None else data.targets.to(device)
         self.batch_size = min(batch_size, len(data))
@@ -165,8 +168,6 @@ class BatchStream:
 
 # --------------------------------------------------------------------------------------------------
 # Data files a user brings (untrusted): safetensors, .npz (no pickles), IDX pairs
-
-BUILTIN_SETS = ("fashion-mnist", "digits")
 
 
 def _as_inputs(x: torch.Tensor, where: str) -> torch.Tensor:

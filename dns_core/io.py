@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import models
+from .errors import ModelError
 
 
 def save_model(
@@ -69,12 +70,12 @@ def load_model(
     meta, state = read_safetensors(path)
     name = arch or meta.get("netsurgery.arch")
     if name is None:
-        raise ValueError(f"{Path(path).name}: no architecture named in the file; pass one (e.g. lenet-5)")
+        raise ModelError(f"{Path(path).name}: no architecture named in the file; pass one (e.g. lenet-5)")
     if config is None:
         try:
             config = json.loads(meta.get("netsurgery.config", "{}"))
         except json.JSONDecodeError:
-            raise ValueError(f"{Path(path).name}: the netsurgery.config header is not JSON") from None
+            raise ModelError(f"{Path(path).name}: the netsurgery.config header is not JSON") from None
     model = models.build(name, **models.check_config(name, config))
     check_state_dict(model, state)
     model.load_state_dict(state)
@@ -82,7 +83,7 @@ def load_model(
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Raise a ValueError listing missing, unexpected and mis-shaped keys."""
+    """Raise a ModelError listing missing, unexpected and mis-shaped keys."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(want) - set(got))
@@ -96,4 +97,4 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             parts.append("unexpected " + ", ".join(unexpected))
         if shapes:
             parts.append("mis-shaped " + "; ".join(shapes))
-        raise ValueError("weights do not match the architecture: " + " | ".join(parts))
+        raise ModelError("weights do not match the architecture: " + " | ".join(parts))

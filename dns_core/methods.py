@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .spec import CRATE, CRATE_DRIVEN, GAMMA, METHODS, POWER
 from .surgery import DNS, Ramp, ScheduledSurgery, Surgery, SurgeryError, Target
-
-METHODS = ("dns", "dns-fixed-crates", "han", "one-shot", "agp")
 
 
 @dataclass
@@ -39,10 +38,10 @@ class Schedule:
 class MethodSettings:
     """Expert knobs; anything left at None takes the method's default."""
 
-    crate: float = 1.0
+    crate: float = CRATE
     crates: Mapping[str, float] | None = None
-    gamma: float = 1e-4
-    power: float = 1.0
+    gamma: float = GAMMA
+    power: float = POWER
     iter_stop: int | None = None
     phases: Sequence[str] | None = None
     include: Sequence[str] = ("*",)
@@ -73,7 +72,7 @@ def make_surgery(
     """Attach the masks of ``method`` to ``model`` (in place) for a run of ``iterations``."""
     s = settings or MethodSettings()
     sched = s.schedule or default_schedule(method)
-    if method == "dns-fixed-crates":
+    if method == CRATE_DRIVEN:
         iter_stop = s.iter_stop if s.iter_stop is not None else int(sched.surgery_end * iterations)
         phase_length = iter_stop // len(s.phases) if s.phases else None
         return DNS(

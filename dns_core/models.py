@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ModelError
+
 
 class LeNet300100(nn.Module):
     """LeNet-300-100: a 784-300-100-10 MLP with ReLU (266,610 parameters)."""
@@ -170,7 +172,7 @@ def build(name: str, **config: Any) -> nn.Module:
     try:
         factory = ZOO[name]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ZOO))}") from None
+        raise ModelError(f"unknown architecture {name!r}; known: {', '.join(sorted(ZOO))}") from None
     return factory(**config)
 
 
@@ -200,9 +202,9 @@ def check_config(name: str, config: Any) -> dict[str, Any]:
     Returns the config ready for :func:`build`; raises ``ValueError`` naming every problem.
     """
     if name not in CONFIG_SCHEMA:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ZOO))}")
+        raise ModelError(f"unknown architecture {name!r}; known: {', '.join(sorted(ZOO))}")
     if not isinstance(config, dict):
-        raise ValueError(f"config for {name} must be a JSON object, got {type(config).__name__}")
+        raise ModelError(f"config for {name} must be a JSON object, got {type(config).__name__}")
     schema = CONFIG_SCHEMA[name]
     problems = [f"unknown key {k!r} (allowed: {', '.join(schema)})" for k in config if k not in schema]
     out: dict[str, Any] = {}
@@ -223,5 +225,5 @@ def check_config(name: str, config: Any) -> dict[str, Any]:
             else:
                 out[key] = tuple(value)
     if problems:
-        raise ValueError(f"bad config for {name}: " + "; ".join(problems))
+        raise ModelError(f"bad config for {name}: " + "; ".join(problems))
     return out

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 from torch import nn
 
+from .errors import InputError
+
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "OPSET_RANGE",
@@ -87,7 +89,7 @@ _OTHER_FLOATS = {"FLOAT16", "DOUBLE", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNU
                  "FLOAT4E2M1", "FLOAT8E8M0", "COMPLEX64", "COMPLEX128"}  # fmt: skip
 
 
-class OnnxFormatError(ValueError):
+class OnnxFormatError(InputError):
     """An ONNX file (or something pretending to be one) that netsurgery does not accept."""
 
 

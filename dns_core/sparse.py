@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .errors import InputError
 from .io import read_safetensors
+from .spec import CODECS
 
 FORMAT_VERSION = 1
 CODEC_VERSION = 2  # the format version of files that use a value codec
-CODECS = ("float16", "int8", "shared")
 META_KEY = "netsurgery.sparse"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
@@ -47,7 +48,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class SparseFormatError(ValueError):
+class SparseFormatError(InputError):
     """A sparse weights file that is malformed or inconsistent."""
 
 

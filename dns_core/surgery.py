@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from . import rule
+from .errors import ConfigError
 
 
-class SurgeryError(ValueError):
+class SurgeryError(ConfigError):
     """Bad surgery settings (empty selection, unknown layer names, out-of-range knobs)."""
 
 

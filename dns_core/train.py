@@ -19,6 +19,8 @@ from torch import nn
 
 from .checkpoint import load_state, save_state
 from .data import BatchStream, Dataset
+from .errors import ConfigError
+from .spec import BATCH_SIZE, LR, OBJECTIVES
 from .surgery import LayerReport, ScheduledSurgery, Surgery
 
 
@@ -41,8 +43,8 @@ class TrainConfig:
     """
 
     iterations: int
-    batch_size: int = 64
-    lr: float = 0.01
+    batch_size: int = BATCH_SIZE
+    lr: float = LR
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
@@ -59,13 +61,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
-            raise ValueError("iterations must be ≥ 0")
+            raise ConfigError("iterations must be ≥ 0")
         if self.lr <= 0:
-            raise ValueError("lr must be positive")
-        if self.objective not in ("ce", "distill", "ce+distill"):
-            raise ValueError(f"unknown objective {self.objective!r}")
+            raise ConfigError("lr must be positive")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}")
         if self.lr_schedule not in ("cosine", "constant", "step"):
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}")
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}")
 
     def lr_at(self, t: int) -> float:
         if self.warmup and t < self.warmup:
@@ -281,7 +283,7 @@ def _check_resumable(state: dict[str, Any], cfg: TrainConfig, surgery: Surgery |
     if state.get("method") != method:
         diff.append(f"method ({state.get('method')} ≠ {method})")
     if diff:
-        raise ValueError(f"checkpoint belongs to a different run: {', '.join(diff)} differ")
+        raise ConfigError(f"checkpoint belongs to a different run: {', '.join(diff)} differ")
 
 
 def _objective(
@@ -290,7 +292,7 @@ def _objective(
     losses = []
     if cfg.objective in ("ce", "ce+distill"):
         if y is None:
-            raise ValueError("the cross-entropy objective needs labels; use objective='distill'")
+            raise ConfigError("the cross-entropy objective needs labels; use objective='distill'")
         losses.append(nn.functional.cross_entropy(out, y))
     if cfg.objective in ("distill", "ce+distill"):
         assert teacher_out is not None

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 #: Default caps; callers (the service settings, the command line) may pass their own.
 MAX_FILE_BYTES = 512 * 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -40,7 +42,7 @@ CONVERT_WEIGHTS = (
 )
 
 
-class UploadError(ValueError):
+class UploadError(InputError):
     """A file that cannot be used; the message says why and what to do."""
 
 

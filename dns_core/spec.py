@@ -1,0 +1,218 @@
+"""What a compression run is asked to do, and the lists of what it may ask for.
+
+:class:`CompressSpec` is the one mapping from a job's JSON spec (``{"method": …, "target": {…},
+"settings": {…}}``, as the service stores it) or the command line's options to the engine's
+configuration: a :class:`~dns_core.surgery.Target`, :class:`~dns_core.methods.MethodSettings`
+and a :class:`~dns_core.train.TrainConfig`, with every default in this module.
+
+Importing this module does not import torch (the service's API reads the lists); the engine's
+objects are built by :meth:`CompressSpec.build`, which imports them when called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .compress import CompressResult
+    from .data import Dataset
+    from .methods import MethodSettings
+    from .surgery import Target
+    from .train import TrainConfig
+
+Method = Literal["dns", "dns-fixed-crates", "han", "one-shot", "agp"]
+Codec = Literal["float16", "int8", "shared"]
+BuiltinSet = Literal["fashion-mnist", "digits"]
+Objective = Literal["ce", "distill", "ce+distill"]
+
+#: The compression methods (see :func:`dns_core.methods.make_surgery`).
+METHODS: tuple[str, ...] = get_args(Method)
+#: The value codecs of the compact sparse file (see :mod:`dns_core.sparse`).
+CODECS: tuple[str, ...] = get_args(Codec)
+#: The data sets that ship by name (see :func:`dns_core.data.load_builtin`).
+BUILTIN_SETS: tuple[str, ...] = get_args(BuiltinSet)
+#: Training objectives (see :class:`dns_core.train.TrainConfig`).
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+#: The method driven by its crates alone: it takes no target, whatever the spec holds.
+CRATE_DRIVEN = "dns-fixed-crates"
+
+# The defaults, here once: MethodSettings and TrainConfig take theirs from these.
+CRATE = 1.0  # c_k: a layer's threshold is max(μ_k + c_k·σ_k, 0)
+GAMMA = 1e-4  # γ: the surgery probability is (1 + γ·t)^(−power)
+POWER = 1.0
+LR = 0.01
+BATCH_SIZE = 64
+ITERATIONS = 25_000  # the paper's budget for LeNet-300-100
+#: evaluations on validation data per run, and at most this many iterations between progress reports
+EVALUATIONS = 25
+LOG_EVERY = 100
+
+#: The keys a job's JSON spec may hold in ``target`` and in ``settings``.
+TARGET_KEYS = ("compression", "layer_kept", "max_accuracy_drop")
+SETTING_KEYS = ("crate", "crates", "gamma", "power", "iter_stop", "iterations", "lr", "batch_size", "seed", "codec")
+
+_NUMBERS: dict[str, type[float] | type[int]] = {
+    "compression": float, "max_accuracy_drop": float, "crate": float, "gamma": float, "power": float,
+    "lr": float, "iter_stop": int, "iterations": int, "batch_size": int, "seed": int,
+    "eval_every": int, "log_every": int, "checkpoint_every": int,
+}  # fmt: skip
+
+
+class EngineConfig(NamedTuple):
+    """The engine's objects for one run (``target`` is None for the crate-driven method)."""
+
+    target: Target | None
+    settings: MethodSettings
+    config: TrainConfig
+
+
+@dataclass(frozen=True)
+class CompressSpec:
+    """One compression run's settings, checked; anything not given takes this module's default.
+
+    ``eval_every`` and ``log_every`` left at None follow the budget: :data:`EVALUATIONS`
+    evaluations per run, and a progress report at least every :data:`LOG_EVERY` iterations (50
+    per run when that is fewer).
+    """
+
+    method: str = "dns"
+    # the target (ignored by the crate-driven method)
+    compression: float | None = None
+    layer_kept: Mapping[str, float] | None = None
+    max_accuracy_drop: float | None = None
+    # the method's knobs (the paper's names)
+    crate: float = CRATE
+    crates: Mapping[str, float] | None = None
+    gamma: float = GAMMA
+    power: float = POWER
+    iter_stop: int | None = None
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    # training
+    iterations: int = ITERATIONS
+    batch_size: int = BATCH_SIZE
+    lr: float = LR
+    objective: str = "ce"
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int | None = None
+    log_every: int | None = None
+    checkpoint_every: int = 0
+    # the value codec of the extra compact sparse file, if any
+    codec: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _NUMBERS.get(f.name)
+            if kind is not None and value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise ConfigError(f"{f.name} must be a number, got {value!r}")
+                try:
+                    object.__setattr__(self, f.name, kind(value))
+                except ValueError:
+                    raise ConfigError(f"{f.name} must be a number, got {value!r}") from None
+        for name in ("layer_kept", "crates"):
+            object.__setattr__(self, name, _number_map(name, getattr(self, name)))
+        for name in ("include", "exclude"):
+            object.__setattr__(self, name, tuple(str(p) for p in getattr(self, name)))
+        _choose("method", self.method, METHODS)
+        _choose("objective", self.objective, OBJECTIVES)
+        if self.codec is not None:
+            _choose("codec", self.codec, CODECS)
+
+    @classmethod
+    def from_json(cls, spec: Mapping[str, Any], **defaults: Any) -> CompressSpec:
+        """The spec of a job stored as JSON: ``{"method": …, "target": {…}, "settings": {…}}``.
+
+        A key left out or null takes its value from ``defaults`` (the caller's, such as the
+        service's device and iteration budget), then from this class. Unknown keys are refused.
+        """
+        _known("job spec", spec, ("method", "target", "settings"))
+        values = dict(defaults)
+        for part, keys in (("target", TARGET_KEYS), ("settings", SETTING_KEYS)):
+            given = spec.get(part) or {}
+            if not isinstance(given, Mapping):
+                raise ConfigError(f"{part} must be a JSON object, got {type(given).__name__}")
+            _known(part, given, keys)
+            values.update({k: v for k, v in given.items() if v is not None})
+        if spec.get("method") is not None:
+            values["method"] = spec["method"]
+        return cls(**values)
+
+    def target(self) -> Target | None:
+        """What to reach; None for the crate-driven method. ConfigError if the target is incomplete."""
+        if self.method == CRATE_DRIVEN:
+            return None
+        from .surgery import Target
+
+        layer_kept = dict(self.layer_kept) if self.layer_kept is not None else None
+        return Target(compression=self.compression, layer_kept=layer_kept, max_accuracy_drop=self.max_accuracy_drop)
+
+    def method_settings(self) -> MethodSettings:
+        from .methods import MethodSettings
+
+        return MethodSettings(
+            crate=self.crate, crates=self.crates, gamma=self.gamma, power=self.power, iter_stop=self.iter_stop,
+            include=self.include, exclude=self.exclude,
+        )  # fmt: skip
+
+    def train_config(self) -> TrainConfig:
+        from .train import TrainConfig
+
+        n = self.iterations
+        return TrainConfig(
+            iterations=n,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            objective=self.objective,
+            seed=self.seed,
+            device=self.device,
+            eval_every=self.eval_every if self.eval_every is not None else max(n // EVALUATIONS, 1),
+            log_every=self.log_every if self.log_every is not None else max(min(LOG_EVERY, n // 50), 1),
+            checkpoint_every=self.checkpoint_every,
+        )
+
+    def build(self) -> EngineConfig:
+        """The engine's objects; ConfigError (an InputError) if the settings cannot work together."""
+        return EngineConfig(self.target(), self.method_settings(), self.train_config())
+
+    def compress(self, model: nn.Module, train: Dataset, valid: Dataset, **kwargs: Any) -> CompressResult:
+        """Run :func:`dns_core.compress.compress` with this spec (``kwargs``: test, callbacks, checkpoint)."""
+        from .compress import compress
+
+        target, settings, config = self.build()
+        return compress(
+            model, train, valid, method=self.method, target=target, config=config, settings=settings, **kwargs
+        )
+
+
+def _choose(what: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _known(what: str, given: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    unknown = sorted(str(k) for k in given if k not in keys)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in the {what}: {', '.join(unknown)}; known: {', '.join(keys)}")
+
+
+def _number_map(what: str, value: object) -> dict[str, float] | None:
+    """``{name: number}`` as a plain dict of floats; ConfigError for anything else."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what} must map layer names to numbers, got {type(value).__name__}")
+    out = {}
+    for name, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"{what}[{name!r}] must be a number, got {number!r}")
+        out[str(name)] = float(number)
+    return out
