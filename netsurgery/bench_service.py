@@ -271,11 +271,11 @@ def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_inte
         log: Any = print) -> dict[str, Any]:  # fmt: skip
     import redis
 
-    from api import repository
-    from api.database import make_engine, make_session_factory, session_scope
-    from api.migrate import upgrade
     from dns_core import models
     from dns_core.io import save_model
+    from service.database import make_engine, make_session_factory, session_scope
+    from service.migrate import upgrade
+    from service.repositories import tenants as repository
 
     broker = redis.Redis.from_url(REDIS_URL)
     broker.flushdb()
@@ -299,7 +299,7 @@ def run(*, rounds: int = 2, iterations: int = 3000, clients: int = 50, poll_inte
         worker = subprocess.Popen([sys.executable, "-m", "netsurgery", "worker", "--loglevel", "WARNING"], env=env,
                                   stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
         try:
-            from netsurgery.service import wait_for_http
+            from netsurgery.service_cli import wait_for_http
 
             wait_for_http(f"{url}/healthz", timeout=60)
             with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:

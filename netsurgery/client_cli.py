@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from netsurgery.cli import CliError, _pairs
+from netsurgery.common import CliError, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.progress import Progress, TaskID
 
     from netsurgery.client import ApiError, Client
+    from netsurgery.common import Subcommands
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 NOT_LOGGED_IN = "not logged in: run `netsurgery login`"
@@ -295,9 +296,21 @@ def _ask_key() -> str:
 # ------------------------------------------------------------------------------------------ uploads
 
 
-def cmd_upload_model(args: argparse.Namespace) -> int:
+def _upload(path: Path, send: Callable[[Callable[[int, int], None]], dict[str, Any]]) -> dict[str, Any]:
+    """``send(progress)`` uploads ``path`` under a byte-progress bar; a refusal or an unreadable file is a
+    :class:`CliError`."""
     from netsurgery.client import ApiError
 
+    with _Transfers() as bars:
+        try:
+            return send(lambda done, total: bars.update(path.name, done, total))
+        except ApiError as e:
+            raise _refused(path, e) from None
+        except OSError as e:
+            raise CliError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+
+
+def cmd_upload_model(args: argparse.Namespace) -> int:
     path = _local_file(args.file)
     config = None
     if args.config:
@@ -307,14 +320,9 @@ def cmd_upload_model(args: argparse.Namespace) -> int:
             raise CliError(f"--config is not JSON: {e}") from None
         if not isinstance(config, dict):
             raise CliError("--config must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    with _client() as c, _Transfers() as bars:
-        try:
-            m = c.upload_model(path, architecture=args.arch, config=config, name=args.name,
-                               progress=lambda done, total: bars.update(path.name, done, total))  # fmt: skip
-        except ApiError as e:
-            raise _refused(path, e) from None
-        except OSError as e:
-            raise CliError(f"cannot read {path}: {e.strerror or e}") from None
+    with _client() as c:
+        m = _upload(path, lambda progress: c.upload_model(path, architecture=args.arch, config=config,
+                                                          name=args.name, progress=progress))  # fmt: skip
     if args.quiet:
         print(m["id"])
         return 0
@@ -328,8 +336,6 @@ def cmd_upload_model(args: argparse.Namespace) -> int:
 
 
 def cmd_upload_data(args: argparse.Namespace) -> int:
-    from netsurgery.client import ApiError
-
     if args.builtin and (args.file or args.targets):
         raise CliError("give either FILE (with --targets) or --builtin, not both")
     if not args.builtin and not args.file:
@@ -340,14 +346,7 @@ def cmd_upload_data(args: argparse.Namespace) -> int:
         if args.builtin:
             d = c.builtin_data(args.builtin, dataset_name=args.name)
         else:
-            with _Transfers() as bars:
-                try:
-                    d = c.upload_data(path, targets=targets, name=args.name,
-                                      progress=lambda done, total: bars.update(path.name, done, total))  # fmt: skip
-                except ApiError as e:
-                    raise _refused(path, e) from None
-                except OSError as e:
-                    raise CliError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+            d = _upload(path, lambda progress: c.upload_data(path, targets=targets, name=args.name, progress=progress))
     if args.quiet:
         print(d["id"])
         return 0
@@ -372,8 +371,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from netsurgery.client import ApiError
 
     model_id, dataset_id = _id(args.model_id, "model"), _id(args.dataset_id, "dataset")
-    layer_kept = _pairs(args.layer_kept, "--layer-kept")
-    crates = _pairs(args.crates, "--crates")
+    layer_kept = parse_pairs(args.layer_kept, "--layer-kept")
+    crates = parse_pairs(args.crates, "--crates")
     if args.method != "dns-fixed-crates" and args.target is None and not layer_kept:
         raise CliError(f"--method {args.method} needs --target X (overall compression) or --layer-kept name=fraction,…")
     with _client() as c:
@@ -459,16 +458,8 @@ class _JobView:
     a per-layer table (kept/total/%)."""
 
     def __init__(self, job_id: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.job_id = job_id
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
-        )
+        self.progress = progress_bar()
         self.task: TaskID | None = None
         self.job: dict[str, Any] | None = None
         self.note = ""
@@ -664,7 +655,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- parser
 
 
-def add_client_commands(sub: Any) -> None:
+def add_client_commands(sub: Subcommands) -> None:
     """Register the client commands on the ``netsurgery`` subparsers."""
     login = sub.add_parser("login", help="check a service URL and API key, and save them for the commands below")
     login.add_argument("--url", default=None, help=f"the service (prompted; default {DEFAULT_URL})")

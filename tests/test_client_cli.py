@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from api.migrate import upgrade
 from dns_core import models
 from dns_core.artifacts import REPORT_FILES
 from dns_core.io import save_model
 from netsurgery import client_cli
-from netsurgery.cli import CliError, main
+from netsurgery.cli import main
+from netsurgery.common import CliError
+from service.migrate import upgrade
 from tests.api.conftest import _postgres_database
 from tests.e2e.conftest import Service, _redis, free_port, running_service
 

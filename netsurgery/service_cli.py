@@ -1,6 +1,7 @@
 """The service's commands: ``serve`` (embedded: API + one worker), ``worker``, ``migrate``, ``admin``.
 
-Imported only by those subcommands, so ``netsurgery compress`` never loads FastAPI or Celery.
+The service's packages (FastAPI, uvicorn, Celery, SQLAlchemy) load only when one of these commands
+runs, so ``netsurgery compress`` never loads them.
 """
 
 from __future__ import annotations
@@ -15,35 +16,36 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from netsurgery.common import CliError, load_data, progress_bar
 
-class ServiceError(Exception):
-    """Printed as one line by the command line."""
+if TYPE_CHECKING:
+    from netsurgery.common import Subcommands
 
 
 def _settings() -> Any:
     from pydantic import ValidationError
 
-    from api.settings import get_settings
+    from service.settings import get_settings
 
     try:
         return get_settings()
     except ValidationError as e:
-        raise ServiceError(f"bad NETSURGERY_* settings: {e}") from None
+        raise CliError(f"bad NETSURGERY_* settings: {e}") from None
 
 
 def _migrate(url: str) -> None:
     from sqlalchemy.exc import OperationalError
 
-    from api.migrate import upgrade
+    from service.migrate import upgrade
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         upgrade(url)
     except OperationalError as e:
-        raise ServiceError(f"cannot reach the database {_redact(url)}: {e.orig}") from None
+        raise CliError(f"cannot reach the database {_redact(url)}: {e.orig}") from None
 
 
 def _redact(url: str) -> str:
@@ -64,17 +66,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def create_tenant(name: str) -> str:
     """A new tenant and its first API key (printed once; only its hash is stored)."""
-    from api import repository
-    from api.database import make_engine, make_session_factory, session_scope
+    from service.database import make_engine, make_session_factory, session_scope
+    from service.repositories import tenants
 
     s = _settings()
     _migrate(s.database_url)
     engine = make_engine(s.database_url)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            if repository.get_tenant_by_name(session, name) is not None:
-                raise ServiceError(f"tenant {name!r} exists already")
-            _, key = repository.create_tenant(session, name)
+            if tenants.get_tenant_by_name(session, name) is not None:
+                raise CliError(f"tenant {name!r} exists already")
+            _, key = tenants.create_tenant(session, name)
     finally:
         engine.dispose()
     return key
@@ -149,7 +151,7 @@ def embedded(host: str, port: int, *, with_worker: bool = True) -> Iterator[tupl
     try:
         while not server.started:
             if not thread.is_alive():
-                raise ServiceError(f"the API could not start on {host}:{port} (port in use?)")
+                raise CliError(f"the API could not start on {host}:{port} (port in use?)")
             time.sleep(0.05)
         yield url, key, s
     finally:
@@ -195,15 +197,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, url: str, key: str) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from dns_core.io import save_model
     from dns_core.reference import cached_reference
-    from netsurgery.cli import _load_data
     from netsurgery.client import ApiError, Client
 
     args.data = "fashion-mnist"
-    train, _, _ = _load_data(args)
+    train, _, _ = load_data(args)
     print("a converged LeNet-300-100 reference (trained once, then cached)")
     model, _ = cached_reference("lenet-300-100", train, tag="fashion-mnist-cli")
     ref = Path(args.out) / "reference.safetensors"
@@ -215,9 +214,7 @@ def _demo(args: argparse.Namespace, url: str, key: str) -> int:
             job = c.submit(uploaded["id"], data["id"], compression=args.target, max_drop=args.max_drop,
                            iterations=args.iterations, seed=0)  # fmt: skip
             print(f"job {job['id']}: dns to {args.target}x within {args.max_drop} pp ({url}/v1/jobs/{job['id']})")
-            columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeRemainingColumn(), TextColumn("{task.fields[status]}"))  # fmt: skip
-            with Progress(*columns) as bar:
+            with progress_bar() as bar:
                 task = bar.add_task(job["state"], total=args.iterations, status="")
 
                 def show(j: dict[str, Any]) -> None:
@@ -231,7 +228,7 @@ def _demo(args: argparse.Namespace, url: str, key: str) -> int:
                 return 1
             files = c.download(job["id"], args.out)
     except ApiError as e:
-        raise ServiceError(str(e)) from None
+        raise CliError(str(e)) from None
     report = json.loads(files["report.json"].read_text())
     print(f"succeeded: {report['compression']:.1f}x ({report['nonzero_parameters']:,} of "
           f"{report['total_parameters']:,} parameters kept); test accuracy {report['reference_test_acc']:.2f}% → "
@@ -244,12 +241,13 @@ def _demo(args: argparse.Namespace, url: str, key: str) -> int:
     return 0
 
 
-def add_commands(sub: Any) -> None:
+def add_service_commands(sub: Subcommands) -> None:
+    """Register serve, demo, worker, migrate and admin on the ``netsurgery`` subparsers."""
     s = sub.add_parser("serve", help="run the service on this machine: API, one worker, SQLite, local files")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--no-worker", action="store_true", help="API only (start workers with `netsurgery worker`)")
-    s.set_defaults(func=lambda a: _run(cmd_serve, a))
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run one compression job through the service end to end and download it")
     d.add_argument("--url", default=None, help="a running service (default: start the embedded one for the job)")
@@ -258,30 +256,21 @@ def add_commands(sub: Any) -> None:
     d.add_argument("--max-drop", type=float, default=0.5)
     d.add_argument("--iterations", type=int, default=25_000)
     d.add_argument("--out", default="out")
-    d.set_defaults(func=lambda a: _run(cmd_demo, a))
+    d.set_defaults(func=cmd_demo)
 
     w = sub.add_parser("worker", help="run one Celery worker process (one per GPU: set CUDA_VISIBLE_DEVICES)")
     w.add_argument("--hostname", default=None, help="Celery node name (default: celery@<host>)")
     w.add_argument("--loglevel", default="INFO")
-    w.set_defaults(func=lambda a: _run(cmd_worker, a))
+    w.set_defaults(func=cmd_worker)
 
     m = sub.add_parser("migrate", help="bring the database (NETSURGERY_DATABASE_URL) to the latest schema")
-    m.set_defaults(func=lambda a: _run(cmd_migrate, a))
+    m.set_defaults(func=cmd_migrate)
 
     a = sub.add_parser("admin", help="administration")
     asub = a.add_subparsers(dest="admin_command", required=True)
     t = asub.add_parser("create-tenant", help="create a tenant and print its API key")
     t.add_argument("name")
-    t.set_defaults(func=lambda a: _run(cmd_admin, a))
-
-
-def _run(fn: Any, args: argparse.Namespace) -> int:
-    from netsurgery.cli import CliError
-
-    try:
-        return int(fn(args))
-    except ServiceError as e:
-        raise CliError(str(e)) from None
+    t.set_defaults(func=cmd_admin)
 
 
 def wait_for_http(url: str, timeout: float = 30.0) -> None:

@@ -1,0 +1,67 @@
+"""What the ``netsurgery`` subcommands share: the one error a person can act on, ``name=value`` lists,
+data loading and the progress bar's columns. Light at import time: only the standard library."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from dns_core.data import Dataset
+
+    #: what ``ArgumentParser.add_subparsers`` returns: each command module adds its subcommands to it
+    Subcommands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+class CliError(Exception):
+    """An error a person can act on: printed as one line, exit status 2."""
+
+
+def parse_pairs(text: str | None, what: str) -> dict[str, float] | None:
+    """Parse ``name=value,name=value``."""
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise CliError(f"{what}: expected name=number, got {item!r}") from None
+        if not sep:
+            raise CliError(f"{what}: expected name=number, got {item!r}")
+    return out
+
+
+def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset | None]:
+    """(train, validation, test or None) from a built-in name or the user's data files."""
+    from dns_core.data import BUILTIN_SETS, DataError, load_builtin, load_data_file, validation_split
+    from dns_core.uploads import UploadError
+
+    name = args.data
+    targets = getattr(args, "targets", None)
+    valid_file = getattr(args, "valid_data", None)
+    if name in BUILTIN_SETS and not Path(name).exists():
+        return load_builtin(name)
+    if not Path(name).exists():
+        raise CliError(f"--data {name}: no such file, and not a built-in set ({', '.join(BUILTIN_SETS)})")
+    try:
+        data = load_data_file(name, targets)
+        valid = load_data_file(valid_file, getattr(args, "valid_targets", None)) if valid_file else None
+        train, valid = validation_split(data, valid, fraction=getattr(args, "valid_fraction", 0.1),
+                                        seed=getattr(args, "seed", 0))  # fmt: skip
+    except (DataError, UploadError) as e:
+        raise CliError(f"cannot use the data: {e}") from None
+    return train, valid, None
+
+
+def progress_bar(**options: Any) -> Progress:
+    """A rich progress bar: description, bar, done/total, time left and a free ``status`` field."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[status]}"))  # fmt: skip
+    return Progress(*columns, **options)

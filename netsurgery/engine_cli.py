@@ -1,0 +1,375 @@
+"""The engine's subcommands: ``compress``, ``train-reference``, ``pack`` and ``bench``.
+
+They need dns_core only (``bench service`` aside, which starts the service); dns_core, torch and rich
+load when a command runs, not when the parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from netsurgery.common import CliError, load_data, parse_pairs, progress_bar
+
+if TYPE_CHECKING:
+    from dns_core.sparse import PackStats
+    from dns_core.train import Progress
+    from netsurgery.common import Subcommands
+
+DEFAULT_ARCH = "lenet-300-100"
+DEFAULT_TARGET = 40.0
+DEFAULT_ITERATIONS = 25_000
+
+
+class _Bar:
+    """A rich progress bar fed by dns_core's progress callback."""
+
+    def __init__(self, description: str, total: int) -> None:
+        self.progress = progress_bar(transient=False)
+        self.task = self.progress.add_task(description, total=total, status="")
+        self.last_acc: float | None = None
+
+    def __enter__(self) -> _Bar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, p: Progress) -> None:
+        if p.val_acc is not None:
+            self.last_acc = p.val_acc
+        parts = [f"loss {p.loss:.3f}"]
+        if self.last_acc is not None:
+            parts.append(f"val {self.last_acc:.2f}%")
+        if p.compression is not None:
+            parts.append(f"{p.compression:.1f}x")
+        self.progress.update(self.task, completed=p.iteration, status="  ".join(parts))
+
+
+def cmd_train_reference(args: argparse.Namespace) -> int:
+    from dns_core.io import save_model
+    from dns_core.reference import train_reference
+    from dns_core.train import Callbacks, evaluate
+
+    train, valid, test = load_data(args)
+    iterations = args.epochs * (len(train) // 64)
+    with _Bar(f"reference {args.arch}", iterations) as bar:
+        model = train_reference(
+            args.arch,
+            train,
+            epochs=args.epochs,
+            seed=args.seed,
+            valid=valid,
+            callbacks=Callbacks(on_progress=bar),
+            device=args.device,
+        )
+    save_model(args.out, model, args.arch)
+    acc = evaluate(model, test if test is not None else valid)
+    print(f"saved {args.out}: {args.arch}, {'test' if test is not None else 'validation'} accuracy {acc:.2f}%")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from dns_core.artifacts import LoadedModel, load_model_file, write_artifacts
+    from dns_core.compress import compress
+    from dns_core.data import DataError, check_fits
+    from dns_core.methods import MethodSettings
+    from dns_core.reference import cached_reference
+    from dns_core.surgery import SurgeryError, Target
+    from dns_core.train import Callbacks, TrainConfig, evaluate
+
+    train, valid, test = load_data(args)
+    model_path = args.model or args.weights
+    inputs: dict[str, str] = {}
+    if model_path:
+        try:
+            config = json.loads(args.config) if args.config else None
+            loaded = load_model_file(model_path, args.arch, config)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--config is not JSON: {e}") from None
+        except (OSError, ValueError) as e:
+            raise CliError(f"cannot load weights from {model_path}: {e}") from None
+        inputs["model"] = model_path
+        label = loaded.arch or Path(model_path).name
+    else:
+        arch = args.arch or DEFAULT_ARCH
+        if args.data not in ("fashion-mnist", "digits"):
+            raise CliError("give --model with your own data (the cached references are trained on built-in sets)")
+        print(f"no --model given: using a converged {arch} reference trained on {args.data} (cached)")
+        with _Bar(f"reference {arch}", 20 * (len(train) // 64)) as bar:
+            module, _ = cached_reference(arch, train, tag=f"{args.data}-cli", callbacks=Callbacks(on_progress=bar))
+        loaded, label = LoadedModel(module, "safetensors", arch=arch), arch
+    for key in ("data", "targets", "valid_data", "valid_targets"):
+        value = getattr(args, key, None)
+        if value and Path(value).exists():
+            inputs[key] = value
+    try:
+        check_fits(loaded.module, valid)
+    except DataError as e:
+        raise CliError(str(e)) from None
+    layer_kept = parse_pairs(args.layer_kept, "--layer-kept")
+    try:
+        target = None
+        if args.method != "dns-fixed-crates":
+            target = Target(
+                compression=None if layer_kept else args.target, layer_kept=layer_kept, max_accuracy_drop=args.max_drop
+            )
+        settings = MethodSettings(
+            crate=args.crate,
+            crates=parse_pairs(args.crates, "--crates"),
+            gamma=args.gamma,
+            power=args.power,
+            iter_stop=args.iter_stop,
+            include=args.include.split(","),
+            exclude=args.exclude.split(",") if args.exclude else (),
+        )
+        cfg = TrainConfig(
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            objective=args.objective,
+            device=args.device,
+            eval_every=max(args.iterations // 25, 1),
+            checkpoint_every=args.checkpoint_every,
+        )
+        with _Bar(f"{args.method} {label}", args.iterations) as bar:
+            result = compress(
+                loaded.module,
+                train,
+                valid,
+                method=args.method,
+                target=target,
+                config=cfg,
+                settings=settings,
+                test=test,
+                callbacks=Callbacks(on_progress=bar),
+                checkpoint=args.checkpoint,
+            )
+    except (SurgeryError, ValueError) as e:
+        raise CliError(str(e)) from None
+
+    def accuracies(m: Any) -> dict[str, float | None]:
+        return {"val_acc": evaluate(m, valid) if valid.targets is not None else None,
+                "test_acc": evaluate(m, test) if test is not None else None}  # fmt: skip
+
+    report = result.report | {"data": args.data}
+    made = write_artifacts(args.out, loaded, result.model, report, inputs=inputs, codec=args.codec,
+                           clusters=args.clusters, evaluate=accuracies)  # fmt: skip
+    _print_report(made.report)
+    dense = next(p for n, p in made.files.items() if n.startswith("model.") and "sparse" not in n)
+    _print_pack(made.packed, dense.stat().st_size)
+    codec = made.report.get("value_codec")
+    if codec:
+        acc = "".join(f", {k} {codec[k]:.2f}%" for k in ("val_acc", "test_acc") if codec.get(k) is not None)
+        print(
+            f"{codec['codec']} values: {codec['bytes']:,} bytes ({codec['compression']:.1f}x smaller than dense){acc}"
+        )
+    print("wrote " + ", ".join(str(p) for p in made.files.values()))
+    return 0
+
+
+def _pack_summary(p: PackStats) -> dict[str, Any]:
+    return {"bytes": p.file_bytes, "kept_values": p.kept, "value_bytes": p.value_bytes,
+            "dense_bytes": p.dense_bytes, "overhead": round(p.overhead, 4)}  # fmt: skip
+
+
+def _print_pack(p: PackStats, dense_file_bytes: int) -> None:
+    print(
+        f"sparse file: {p.file_bytes:,} bytes = {p.overhead:.3f} x (kept values {p.value_bytes:,} B + dense "
+        f"remainder {p.dense_bytes:,} B); the dense file is {dense_file_bytes:,} bytes "
+        f"({dense_file_bytes / p.file_bytes:.1f}x larger)"
+    )
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    import copy
+
+    from dns_core.io import load_model
+    from dns_core.sparse import load_sparse, save_sparse
+
+    try:
+        model, arch = load_model(args.weights)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot load weights from {args.weights}: {e}") from None
+    suffix = f".sparse.{args.codec}.safetensors" if args.codec else ".sparse.safetensors"
+    out = Path(args.out or str(args.weights).replace(".safetensors", "") + suffix)
+    pruned = {n for n, t in model.state_dict().items() if t.dim() >= 2}
+    packed = save_sparse(out, model.state_dict(), {"netsurgery.arch": arch}, codec=args.codec,
+                         codec_tensors=pruned, clusters=args.clusters)  # fmt: skip
+    _print_pack(packed, Path(args.weights).stat().st_size)
+    summary: dict[str, Any] = {"file": str(out), "codec": args.codec} | _pack_summary(packed)
+    if args.data:
+        from dns_core.train import evaluate
+
+        _, _, test = load_data(args)
+        if test is None:
+            raise CliError(f"{args.data} has no test split to measure accuracy on")
+        decoded = copy.deepcopy(model)
+        decoded.load_state_dict(load_sparse(out))
+        summary["test_acc"], summary["test_acc_decoded"] = evaluate(model, test), evaluate(decoded, test)
+        print(f"test accuracy {summary['test_acc']:.2f}% as stored, {summary['test_acc_decoded']:.2f}% decoded "
+              f"from {out.name}")  # fmt: skip
+    print(json.dumps(summary))
+    return 0
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(
+        title=f"{r['method']}: {r['compression']:.1f}x ({r['nonzero_parameters']:,} of {r['total_parameters']:,} kept)"
+    )
+    t.add_column("layer")
+    t.add_column("kept", justify="right")
+    t.add_column("total", justify="right")
+    t.add_column("kept %", justify="right")
+    for layer in r["layers"]:
+        t.add_row(layer["name"], f"{layer['kept']:,}", f"{layer['total']:,}", f"{100 * layer['kept_fraction']:.2f}")
+    console = Console()
+    console.print(t)
+    for split in ("val", "test"):
+        ref, acc = r.get(f"reference_{split}_acc"), r.get(f"{split}_acc")
+        if ref is not None and acc is not None:
+            console.print(f"{split} accuracy: {ref:.2f}% → {acc:.2f}% ({acc - ref:+.2f} pp)")
+    if r.get("budget_met") is False:
+        console.print(
+            f"[bold yellow]the accuracy budget ({r['target']['max_accuracy_drop']} pp on validation) was not met[/]"
+            f" ({r['backoffs']} back-off(s)); see report.json"
+        )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dns_core import bench
+
+    if args.which == "overhead":
+        print(json.dumps(bench.overhead(steps=args.steps)))
+        return 0
+    if args.which == "service":
+        from netsurgery import bench_service
+
+        figures = bench_service.run(log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(json.dumps(figures))
+        return 0
+    if args.which == "versus":
+        arch = args.models.split(",")[0]  # one model: the first of --models
+        if arch not in bench.PLANS:
+            raise CliError(f"unknown model {arch}; choose from {', '.join(bench.PLANS)}")
+        from dns_core.methods import METHODS
+
+        names = args.pair.split(",")
+        if len(names) != 2 or any(n.partition("@")[0] not in METHODS for n in names):
+            raise CliError(f"--pair takes two methods among {', '.join(sorted(METHODS))} (e.g. dns@1/3,han)")
+        pair = (names[0], names[1])
+        result = bench.versus(
+            arch,
+            agp_target=args.agp_target,
+            ratio=args.ratio,
+            seeds=range(args.first_seed, args.first_seed + args.seeds),
+            iterations=args.iterations,
+            quick=args.quick,
+            pair=pair,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
+        for method, m in result["summary"].items():
+            print(f"{method:4} {m['compression']:5.1f}x  test drop {m['mean_drop']:+.2f} ± {m['sd_drop']:.2f} pp "
+                  f"(validation {m['mean_val_drop']:+.2f}) over {len(result['seeds'])} seeds")  # fmt: skip
+        print(json.dumps(result))
+        return 0
+    archs = args.models.split(",")
+    unknown = [a for a in archs if a not in bench.PLANS]
+    if unknown:
+        raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.PLANS)}")
+    methods = args.methods.split(",") if args.methods else bench.TABLE_METHODS
+    rows = bench.table(
+        archs,
+        quick=args.quick,
+        iterations=args.iterations,
+        methods=methods,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    print(bench.format_table(rows))
+    extra = ("layers", "backoffs", "val_drop")  # the last line keeps the issue's keys only
+    print(json.dumps({"rows": [{k: v for k, v in r.items() if k not in extra} for r in rows]}))
+    return 0
+
+
+def add_engine_commands(sub: Subcommands) -> None:
+    """Register compress, train-reference, pack and bench on the ``netsurgery`` subparsers."""
+    c = sub.add_parser("compress", help="prune and splice a model toward a target (local, no service)")
+    c.add_argument("--arch", default=None, help=f"zoo architecture (default {DEFAULT_ARCH})")
+    c.add_argument("--model", help="the dense model: ONNX, or safetensors weights of a zoo --arch (judged by content)")
+    c.add_argument("--weights", help=argparse.SUPPRESS)  # the earlier name of --model
+    c.add_argument("--config", help="JSON config of the zoo architecture, e.g. '{\"num_classes\": 4}'")
+    c.add_argument("--data", default="fashion-mnist",
+                   help="built-in set (fashion-mnist, digits) or a file: .npz/safetensors with inputs[, targets], "
+                        "or IDX inputs")  # fmt: skip
+    c.add_argument("--targets", help="IDX labels for IDX --data")
+    c.add_argument("--valid-data", help="validation file (default: carve --valid-fraction of --data)")
+    c.add_argument("--valid-targets", help="IDX labels for IDX --valid-data")
+    c.add_argument("--valid-fraction", type=float, default=0.1)
+    c.add_argument("--method", default="dns", choices=["dns", "dns-fixed-crates", "han", "one-shot", "agp"])
+    c.add_argument("--target", type=float, default=DEFAULT_TARGET, help="overall compression (x)")
+    c.add_argument("--layer-kept", help="per-layer kept fractions instead: fc1=0.02,fc2=0.05")
+    c.add_argument("--max-drop", type=float, default=0.5, help="accuracy budget in percentage points")
+    c.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
+    c.add_argument("--lr", type=float, default=0.01)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--objective", default="ce", choices=["ce", "distill", "ce+distill"])
+    c.add_argument("--crate", type=float, default=1.0, help="dns-fixed-crates: default crate")
+    c.add_argument("--crates", help="dns-fixed-crates: per-layer crates, conv1=1,fc1=4")
+    c.add_argument("--gamma", type=float, default=1e-4)
+    c.add_argument("--power", type=float, default=1.0)
+    c.add_argument("--iter-stop", type=int, default=None)
+    c.add_argument("--include", default="*", help="layer name patterns to prune (comma-separated)")
+    c.add_argument("--exclude", default="", help="layer name patterns to leave dense")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every, resumed if present")
+    c.add_argument("--checkpoint-every", type=int, default=1000)
+    c.add_argument(
+        "--codec",
+        choices=["float16", "int8", "shared"],
+        default=None,
+        help="also write the sparse file with compressed values (accuracy effect in the report)",
+    )
+    c.add_argument("--clusters", type=int, default=256, help="codebook size of --codec shared (2-256)")
+    c.add_argument("--out", default="out", help="output folder (model, sparse model, report.json)")
+    c.set_defaults(func=cmd_compress)
+
+    r = sub.add_parser("train-reference", help="train a converged dense reference model")
+    r.add_argument("--arch", default=DEFAULT_ARCH)
+    r.add_argument("--data", default="fashion-mnist")
+    r.add_argument("--epochs", type=int, default=20)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--out", default="reference.safetensors")
+    r.set_defaults(func=cmd_train_reference)
+
+    k = sub.add_parser("pack", help="write pruned weights as a compact sparse file and print its size")
+    k.add_argument("weights", help="pruned weights (safetensors, dense with zeros)")
+    k.add_argument("--out", help="output file (default: <weights>.sparse[.<codec>].safetensors)")
+    k.add_argument("--codec", choices=["float16", "int8", "shared"], default=None, help="compress the weight values")
+    k.add_argument("--clusters", type=int, default=256, help="codebook size of --codec shared (2-256)")
+    k.add_argument("--data", default=None, help="built-in set whose test split measures accuracy before and after")
+    k.set_defaults(func=cmd_pack)
+
+    b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead, the service's figures")
+    b.add_argument("which", choices=["table", "overhead", "service", "versus"])
+    b.add_argument("--quick", action="store_true", help="a small run (under 5 minutes on 2 cores)")
+    b.add_argument("--models", default="lenet-300-100,lenet-5")
+    b.add_argument("--methods", default=None, help="subset of methods (default: all rows)")
+    b.add_argument("--iterations", type=int, default=None, help="iteration budget per method")
+    b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
+    b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
+    b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
+    b.add_argument("--seeds", type=int, default=5, help="versus: training seeds 0..N-1 (from --first-seed)")
+    b.add_argument("--first-seed", type=int, default=0, help="versus: the first training seed (to extend a run)")
+    b.add_argument("--pair", default="dns,agp", help="versus: the two methods; the first is asked for ratio × the "
+                   "second's compression (e.g. dns@1/3,han with --ratio 1)")  # fmt: skip
+    b.set_defaults(func=cmd_bench)
