@@ -3,7 +3,7 @@
 The Celery task (:mod:`worker.tasks`) is a thin wrapper around :func:`run_job`; tests call it
 directly. What one call does:
 
-1. **Claim** the job with a lease (:func:`api.jobstate.claim`): a new attempt number, or nothing to
+1. **Claim** the job with a lease (:func:`service.repositories.jobstate.claim`): a new attempt number, or nothing to
    do (the job finished, was cancelled, or another worker holds a live lease). A duplicate
    delivery therefore costs one database round trip. An attempt after the first removes the
    temporary files that an earlier one, killed mid-write, left in the job's folder.
@@ -19,8 +19,11 @@ directly. What one call does:
    inserted, so a listed artifact is always whole; then the job moves to ``succeeded`` in one
    guarded update.
 
-A model or data set that cannot be used fails the job with a sentence saying why; an unexpected
-error fails it with the exception's type and message (the traceback goes to the worker's log).
+The job's spec maps to the engine's settings through :class:`dns_core.spec.CompressSpec`. A model,
+data set or setting that cannot be used (the engine's :class:`~dns_core.errors.InputError`) fails
+the job with a sentence saying why; any other exception is a bug: the job fails as an internal
+error with the exception's type and message, and the traceback goes to the worker's log. Failures
+of the store or the database (:data:`RETRIED`) do not finish the job: its next attempt resumes it.
 """
 
 from __future__ import annotations
@@ -37,30 +40,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import jobstate, repository
-from api.database import make_engine, make_session_factory, session_scope
-from api.db import Dataset, Job, Model
-from api.settings import Settings
-from api.storage import Storage
+from dns_core.errors import InputError
+from dns_core.spec import CompressSpec
+from service.database import make_engine, make_session_factory, session_scope
+from service.keys import CHECKPOINT, artifact_key, checkpoint_key, dataset_targets_key, job_prefix
+from service.orm import Dataset, Job, Model
+from service.repositories import jobs, jobstate
+from service.settings import Settings
+from service.storage import Storage
 
 log = logging.getLogger("netsurgery.worker")
-
-CHECKPOINT = "checkpoint.safetensors"
-
-
-def job_prefix(job_id: uuid.UUID) -> str:
-    return f"jobs/{job_id}"
-
-
-def artifact_key(job_id: uuid.UUID, name: str) -> str:
-    return f"{job_prefix(job_id)}/artifacts/{name}"
-
-
-def checkpoint_key(job_id: uuid.UUID) -> str:
-    return f"{job_prefix(job_id)}/{CHECKPOINT}"
 
 
 @dataclass
@@ -81,8 +73,10 @@ class LostLease(Exception):
     """This attempt was superseded (lease taken over, job re-queued or finished elsewhere)."""
 
 
-class JobInputError(Exception):
-    """The job's model, data or settings cannot be used; the message is for the user."""
+#: Failures of the runner's own side (its lease, the store, the database), raised through the engine
+#: by its callbacks: not the job's fault, so they end the attempt without finishing the job, and the
+#: job goes to a next attempt (or the one that took it over).
+RETRIED = (LostLease, OSError, DBAPIError)
 
 
 class _Watch:
@@ -126,16 +120,12 @@ class _Watch:
             self._last_check = now
             try:
                 with session_scope(self.ctx.sessions) as session:
-                    row = session.execute(
-                        select(Job.cancel_requested, Job.state, Job.attempt).where(Job.id == self.job_id)
-                    ).first()
+                    status = jobstate.attempt_status(session, self.job_id, self.attempt)
             except Exception:
                 log.exception("job %s: cancel check failed; continuing", self.job_id)
                 return False
-            if row is None or row.state != "running" or row.attempt != self.attempt:
-                self.lost = True
-            elif row.cancel_requested:
-                self.cancel = True
+            self.lost = status == "lost"
+            self.cancel = status == "cancel"
         return self.lost or self.cancel
 
 
@@ -144,18 +134,16 @@ class _Recorder:
 
     def __init__(self, ctx: WorkerContext, job_id: uuid.UUID, attempt: int) -> None:
         self.ctx, self.job_id, self.attempt = ctx, job_id, attempt
-        self.points: list[repository.ProgressSample] = []
-        self.layers: list[repository.LayerSample] = []
+        self.points: list[jobs.ProgressSample] = []
+        self.layers: list[jobs.LayerSample] = []
         self._last_flush = time.monotonic()
         self.flushes = 0
 
     def __call__(self, p: Any) -> None:
         self.points.append(
-            repository.ProgressSample(
-                iteration=p.iteration, loss=p.loss, val_accuracy=p.val_acc, compression=p.compression
-            )
+            jobs.ProgressSample(iteration=p.iteration, loss=p.loss, val_accuracy=p.val_acc, compression=p.compression)
         )
-        self.layers.extend(repository.LayerSample(p.iteration, r.name, r.kept, r.total) for r in p.layers)
+        self.layers.extend(jobs.LayerSample(p.iteration, r.name, r.kept, r.total) for r in p.layers)
         if time.monotonic() - self._last_flush >= self.ctx.settings.progress_flush_seconds:
             self.flush()
 
@@ -166,8 +154,8 @@ class _Recorder:
         for attempt in range(5):  # the database may be restarting: retry, then give the batch up to the next flush
             try:
                 with session_scope(self.ctx.sessions) as session:
-                    ok = repository.add_progress(session, self.job_id, self.attempt, points)
-                    ok = ok and repository.add_layer_points(session, self.job_id, self.attempt, layers)
+                    ok = jobs.add_progress(session, self.job_id, self.attempt, points)
+                    ok = ok and jobs.add_layer_points(session, self.job_id, self.attempt, layers)
                     if not ok:
                         session.rollback()
                 break
@@ -187,8 +175,6 @@ class _Recorder:
 
 def _retrying(what: str, fn: Any, tries: int = 6) -> Any:
     """Run a short database step, retrying with back-off while the database is unreachable (a restart)."""
-    from sqlalchemy.exc import DBAPIError
-
     for i in range(tries):
         try:
             return fn()
@@ -201,79 +187,52 @@ def _retrying(what: str, fn: Any, tries: int = 6) -> Any:
 
 
 def _load_inputs(ctx: WorkerContext, model_row: Model, dataset_row: Dataset, seed: int) -> tuple[Any, ...]:
-    """(LoadedModel, train, valid, test, inputs for the report) from the store; JobInputError if unusable."""
+    """(LoadedModel, train, valid, test, inputs for the report) from the store; InputError if unusable."""
     from dns_core.artifacts import file_record, load_model_file
-    from dns_core.data import DataError, check_fits, load_builtin, load_data_file, validation_split
-    from dns_core.uploads import UploadError
+    from dns_core.data import check_fits, load_builtin, load_data_file, validation_split
 
-    stack = contextlib.ExitStack()
-    try:
-        with stack:
-            model_path = stack.enter_context(ctx.storage.fetch(model_row.uri))
-            loaded = load_model_file(model_path, model_row.architecture, model_row.config or {})
-            inputs: dict[str, Any] = {"model": model_path}
-            if dataset_row.kind == "builtin":
-                assert dataset_row.builtin_name is not None
-                train, valid, test = load_builtin(dataset_row.builtin_name)
-            else:
-                assert dataset_row.uri is not None
-                data_path = stack.enter_context(ctx.storage.fetch(dataset_row.uri))
-                targets_uri = f"{dataset_row.uri.rsplit('/', 1)[0]}/targets.idx"  # IDX labels, when uploaded
-                targets = (
-                    stack.enter_context(ctx.storage.fetch(targets_uri)) if ctx.storage.exists(targets_uri) else None
-                )
-                data = load_data_file(data_path, targets)
-                train, valid = validation_split(data, fraction=0.1, seed=seed)
-                test = None
-                inputs["data"] = data_path
-                if targets is not None:
-                    inputs["targets"] = targets
-            check_fits(loaded.module, valid)
-            records = {k: file_record(v) for k, v in inputs.items()}
-    except (UploadError, DataError) as e:
-        raise JobInputError(str(e)) from None
-    except ValueError as e:  # OnnxFormatError, a zoo config or state-dict mismatch
-        raise JobInputError(str(e)) from None
+    with contextlib.ExitStack() as stack:
+        model_path = stack.enter_context(ctx.storage.fetch(model_row.uri))
+        loaded = load_model_file(model_path, model_row.architecture, model_row.config or {})
+        inputs: dict[str, Any] = {"model": model_path}
+        if dataset_row.kind == "builtin":
+            assert dataset_row.builtin_name is not None
+            train, valid, test = load_builtin(dataset_row.builtin_name)
+        else:
+            assert dataset_row.uri is not None
+            data_path = stack.enter_context(ctx.storage.fetch(dataset_row.uri))
+            targets_uri = dataset_targets_key(dataset_row.id)  # IDX labels, when uploaded
+            targets = stack.enter_context(ctx.storage.fetch(targets_uri)) if ctx.storage.exists(targets_uri) else None
+            data = load_data_file(data_path, targets)
+            train, valid = validation_split(data, fraction=0.1, seed=seed)
+            test = None
+            inputs["data"] = data_path
+            if targets is not None:
+                inputs["targets"] = targets
+        check_fits(loaded.module, valid)
+        records = {k: file_record(v) for k, v in inputs.items()}
     return loaded, train, valid, test, records
 
 
-def _configure(job: Job, settings: Settings, seed: int) -> tuple[Any, Any, Any, int]:
-    """(Target, MethodSettings, TrainConfig, iterations) from the job's JSON; JobInputError if invalid."""
-    from dns_core.methods import MethodSettings
-    from dns_core.surgery import SurgeryError, Target
-    from dns_core.train import TrainConfig
+def _configure(job: Job, settings: Settings) -> CompressSpec:
+    """The job's spec, checked against the engine; an InputError says what is wrong with it."""
+    spec = CompressSpec.from_json(
+        {"method": job.method, "target": job.target, "settings": job.settings},
+        iterations=job.total_iterations or settings.default_iterations,
+        device=settings.device,
+        checkpoint_every=settings.checkpoint_every,
+    )
+    spec.build()  # the settings work together: checked before the inputs load
+    return spec
 
-    opts = {k: v for k, v in (job.settings or {}).items() if v is not None}  # None: the default
-    tgt = dict(job.target or {})
-    iterations = int(opts.get("iterations") or job.total_iterations or settings.default_iterations)
-    try:
-        target = None
-        if job.method != "dns-fixed-crates":
-            target = Target(
-                compression=tgt.get("compression"),
-                layer_kept=tgt.get("layer_kept"),
-                max_accuracy_drop=tgt.get("max_accuracy_drop"),
-            )
-        method_settings = MethodSettings(
-            crate=float(opts.get("crate", 1.0)),
-            crates=opts.get("crates"),
-            gamma=float(opts.get("gamma", 1e-4)),
-            power=float(opts.get("power", 1.0)),
-            iter_stop=opts.get("iter_stop"),
-        )
-        config = TrainConfig(
-            iterations=iterations,
-            batch_size=int(opts.get("batch_size", 64)),
-            lr=float(opts.get("lr", 0.01)),
-            seed=seed,
-            device=settings.device,
-            eval_every=max(iterations // 25, 1),
-            log_every=max(min(100, iterations // 50), 1),
-            checkpoint_every=settings.checkpoint_every,
-        )
-    except (SurgeryError, ValueError, TypeError) as e:
-        raise JobInputError(f"bad job settings: {e}") from None
-    return target, method_settings, config, iterations
+
+def _failed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, e: Exception, what: str) -> str:
+    """Fail the job for ``e``: an InputError is the input's fault and its message says why; any other
+    exception is a bug, logged with its traceback and reported as an internal error."""
+    if isinstance(e, InputError):
+        return _finish(ctx, job_id, attempt, "failed", error=f"{what}{e}")
+    log.error("job %s: internal error", job_id, exc_info=e)
+    return _finish(ctx, job_id, attempt, "failed", error=f"internal error: {type(e).__name__}: {e}")
 
 
 def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
@@ -310,22 +269,24 @@ def _finish(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, state: str, **f
 
 def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Watch) -> str:
     from dns_core.artifacts import write_artifacts
-    from dns_core.compress import compress
     from dns_core.train import Callbacks, Cancelled, evaluate
 
     with session_scope(ctx.sessions) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        model_row = session.get(Model, job.model_id)
-        dataset_row = session.get(Dataset, job.dataset_id)
-        assert model_row is not None and dataset_row is not None
+        found = jobs.get_job_inputs(session, job_id)
+        assert found is not None, "a claimed job is running: it cannot be deleted"
+        job, model_row, dataset_row = found
         session.expunge_all()
-    seed = int((job.settings or {}).get("seed") or 0)
     try:
-        target, method_settings, config, iterations = _configure(job, ctx.settings, seed)
-        loaded, train, valid, test, input_records = _load_inputs(ctx, model_row, dataset_row, seed)
-    except JobInputError as e:
-        return _finish(ctx, job_id, attempt, "failed", error=str(e))
+        spec = _configure(job, ctx.settings)
+    except Exception as e:
+        return _failed(ctx, job_id, attempt, e, "bad job settings: ")
+    try:
+        loaded, train, valid, test, input_records = _load_inputs(ctx, model_row, dataset_row, spec.seed)
+    except RETRIED:
+        raise
+    except Exception as e:
+        return _failed(ctx, job_id, attempt, e, "")
+    iterations = spec.iterations
 
     def announce() -> bool:  # the job's total, for progress bars, once it is known
         with session_scope(ctx.sessions) as session:
@@ -347,27 +308,17 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
 
         callbacks = Callbacks(on_progress=recorder, should_cancel=watch.should_stop, on_checkpoint=on_checkpoint)
         try:
-            result = compress(
-                loaded.module,
-                train,
-                valid,
-                method=job.method,
-                target=target,
-                config=config,
-                settings=method_settings,
-                test=test,
-                callbacks=callbacks,
-                checkpoint=ckpt,
-            )
+            result = spec.compress(loaded.module, train, valid, test=test, callbacks=callbacks, checkpoint=ckpt)
         except Cancelled:
             if watch.lost:
                 raise LostLease(f"job {job_id} attempt {attempt}") from None
             recorder.flush()
             return _finish(ctx, job_id, attempt, "cancelled")
-        except (ValueError, RuntimeError) as e:
-            log.exception("job %s: surgery failed", job_id)
+        except RETRIED:
+            raise
+        except Exception as e:
             recorder.flush()
-            return _finish(ctx, job_id, attempt, "failed", error=f"surgery failed: {type(e).__name__}: {e}")
+            return _failed(ctx, job_id, attempt, e, "surgery failed: ")
         recorder.flush()
 
         def accuracies(m: Any) -> dict[str, float | None]:
@@ -378,16 +329,15 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
 
         report = result.report | {"job_id": str(job_id), "attempt": attempt, "model_id": str(job.model_id),
                                   "dataset_id": str(job.dataset_id)}  # fmt: skip
-        codec = (job.settings or {}).get("codec")
         made = write_artifacts(
-            work / "out", loaded, result.model, report, inputs=input_records, codec=codec, evaluate=accuracies
+            work / "out", loaded, result.model, report, inputs=input_records, codec=spec.codec, evaluate=accuracies
         )
         for name, path in made.files.items():
             stored = ctx.storage.put_file(artifact_key(job_id, name), path)
 
             def record(name: str = name, stored: Any = stored) -> bool:
                 with session_scope(ctx.sessions) as session:
-                    return repository.put_artifact(
+                    return jobs.put_artifact(
                         session, job_id, attempt, name=name, kind=_kind(name), uri=stored.key,
                         size_bytes=stored.size, sha256=stored.sha256,
                     )  # fmt: skip

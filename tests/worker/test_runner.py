@@ -18,16 +18,18 @@ from safetensors.torch import load_file
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import jobstate, repository
-from api.database import session_scope
-from api.db import Artifact, Job, LayerPoint, ProgressPoint, utcnow
-from api.settings import Settings
-from api.storage import Storage
 from dns_core import models
 from dns_core.io import save_model
 from dns_core.sparse import load_sparse
+from service import keys
+from service.database import session_scope
+from service.orm import Artifact, Job, LayerPoint, ProgressPoint, utcnow
+from service.repositories import datasets, jobs, jobstate
+from service.repositories import models as model_rows
+from service.settings import Settings
+from service.storage import Storage
 from tests.api.factories import new_tenant
-from worker.runner import WorkerContext, checkpoint_key, run_job
+from worker.runner import WorkerContext, run_job
 
 
 @pytest.fixture
@@ -41,9 +43,9 @@ def ctx(factory: sessionmaker[Session], tmp_path: Path) -> WorkerContext:
 
 def _upload_zoo_model(ctx: WorkerContext, tenant: uuid.UUID, path: Path) -> uuid.UUID:
     model_id = uuid.uuid4()
-    stored = ctx.storage.put_file(f"models/{model_id}/model.safetensors", path)
+    stored = ctx.storage.put_file(keys.model_key(model_id, "safetensors"), path)
     with session_scope(ctx.sessions) as s:
-        repository.create_model(
+        model_rows.create_model(
             s, tenant, name="lenet", format="safetensors", architecture="lenet-300-100", config={},
             parameter_count=266_610, size_bytes=stored.size, sha256=stored.sha256, uri=stored.key,
             model_id=model_id,
@@ -61,8 +63,8 @@ def zoo_file(tmp_path: Path) -> Path:
 
 def _job(ctx: WorkerContext, tenant: uuid.UUID, model_id: uuid.UUID, **settings: Any) -> uuid.UUID:
     with session_scope(ctx.sessions) as s:
-        data = repository.create_dataset(s, tenant, name="digits", kind="builtin", builtin_name="digits")
-        job, _ = repository.create_job(
+        data = datasets.create_dataset(s, tenant, name="digits", kind="builtin", builtin_name="digits")
+        job, _ = jobs.create_job(
             s, tenant, model_id=model_id, dataset_id=data.id, method="dns",
             target={"compression": 5.0, "max_accuracy_drop": 100.0},
             settings={"iterations": 300, "seed": 0} | settings, total_iterations=settings.get("iterations", 300),
@@ -191,7 +193,7 @@ def test_a_superseded_attempt_stops_and_the_next_resumes_from_the_checkpoint(
     job_id = _job(ctx, tenant, model_id, iterations=400)
     out: dict[str, str] = {}
     _start(ctx, job_id, background, out)
-    ckpt = ctx.storage.local_path(checkpoint_key(job_id))
+    ckpt = ctx.storage.local_path(keys.checkpoint_key(job_id))
     assert ckpt is not None
     _wait_for(lambda: ckpt.exists() and _row(ctx, job_id).iteration >= 150)
     with session_scope(ctx.sessions) as s:  # another worker takes over: the lease expired, the attempt moves on
@@ -225,6 +227,54 @@ def test_a_superseded_attempt_stops_and_the_next_resumes_from_the_checkpoint(
         with ctx.storage.fetch(first[name]) as a, ctx.storage.fetch(resumed[name]) as b:
             want, got = load(str(a)), load(str(b))
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+
+
+@pytest.mark.parametrize(
+    ("where", "raised", "reported"),
+    [
+        # the user's mistake: the engine's InputError, reported with its sentence, no traceback logged
+        ("dns_core.compress.compress", "input", "surgery failed: no layer matches 'conv*'"),
+        # bugs: any other exception, even a ValueError, is an internal error with a traceback in the log
+        ("dns_core.compress.compress", "bug", "internal error: TypeError: 'NoneType' object is not iterable"),
+        ("dns_core.artifacts.load_model_file", "bug-value", "internal error: ValueError: too many values to unpack"),
+    ],
+)
+def test_the_engine_s_input_errors_fail_a_job_as_bad_input_and_its_bugs_as_internal_errors(
+    ctx: WorkerContext,
+    zoo_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+    raised: str,
+    reported: str,
+) -> None:
+    from dns_core.surgery import SurgeryError
+
+    error = {
+        "input": SurgeryError("no layer matches 'conv*'"),
+        "bug": TypeError("'NoneType' object is not iterable"),
+        "bug-value": ValueError("too many values to unpack"),
+    }[raised]
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(where, fail)
+    tenant = new_tenant(ctx.sessions)
+    job_id = _job(ctx, tenant, _upload_zoo_model(ctx, tenant, zoo_file))
+    with caplog.at_level("ERROR", logger="netsurgery.worker"):
+        assert run_job(ctx, job_id) == "failed"
+    job = _row(ctx, job_id)
+    assert job.state == "failed" and job.error == reported
+    traced = [r for r in caplog.records if r.exc_info is not None and r.exc_info[1] is error]
+    assert len(traced) == (0 if raised == "input" else 1)
+
+
+def test_settings_that_cannot_work_fail_the_job_as_bad_settings(ctx: WorkerContext, zoo_file: Path) -> None:
+    tenant = new_tenant(ctx.sessions)
+    job_id = _job(ctx, tenant, _upload_zoo_model(ctx, tenant, zoo_file), lr=-1.0)
+    assert run_job(ctx, job_id) == "failed"
+    assert _row(ctx, job_id).error == "bad job settings: lr must be positive"
 
 
 @pytest.mark.gpu
