@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from dns_core.spec import BUILTIN_SETS, CODECS, METHODS
 from netsurgery.common import CliError, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
@@ -41,10 +42,7 @@ NOT_LOGGED_IN = "not logged in: run `netsurgery login`"
 POLL_SECONDS = 0.5
 #: How long ``watch`` keeps polling through a service that stopped answering before it gives up.
 RECONNECT_SECONDS = 30.0
-METHODS = ("dns", "dns-fixed-crates", "han", "one-shot", "agp")
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-BUILTIN_SETS = ("fashion-mnist", "digits")
-CODECS = ("float16", "int8", "shared")
 _STATE_STYLE = {"queued": "dim", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "yellow"}
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dns_core.spec import BATCH_SIZE, BUILTIN_SETS, CODECS, CRATE, GAMMA, ITERATIONS, LR, METHODS, OBJECTIVES, POWER
 from netsurgery.common import CliError, load_data, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 DEFAULT_ARCH = "lenet-300-100"
 DEFAULT_TARGET = 40.0
-DEFAULT_ITERATIONS = 25_000
 
 
 class _Bar:
@@ -97,7 +97,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         label = loaded.arch or Path(model_path).name
     else:
         arch = args.arch or DEFAULT_ARCH
-        if args.data not in ("fashion-mnist", "digits"):
+        if args.data not in BUILTIN_SETS:
             raise CliError("give --model with your own data (the cached references are trained on built-in sets)")
         print(f"no --model given: using a converged {arch} reference trained on {args.data} (cached)")
         with _Bar(f"reference {arch}", 20 * (len(train) // 64)) as bar:
@@ -260,8 +260,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         arch = args.models.split(",")[0]  # one model: the first of --models
         if arch not in bench.PLANS:
             raise CliError(f"unknown model {arch}; choose from {', '.join(bench.PLANS)}")
-        from dns_core.methods import METHODS
-
         names = args.pair.split(",")
         if len(names) != 2 or any(n.partition("@")[0] not in METHODS for n in names):
             raise CliError(f"--pair takes two methods among {', '.join(sorted(METHODS))} (e.g. dns@1/3,han)")
@@ -307,24 +305,24 @@ def add_engine_commands(sub: Subcommands) -> None:
     c.add_argument("--weights", help=argparse.SUPPRESS)  # the earlier name of --model
     c.add_argument("--config", help="JSON config of the zoo architecture, e.g. '{\"num_classes\": 4}'")
     c.add_argument("--data", default="fashion-mnist",
-                   help="built-in set (fashion-mnist, digits) or a file: .npz/safetensors with inputs[, targets], "
+                   help=f"built-in set ({', '.join(BUILTIN_SETS)}) or a file: .npz/safetensors with inputs[, targets], "
                         "or IDX inputs")  # fmt: skip
     c.add_argument("--targets", help="IDX labels for IDX --data")
     c.add_argument("--valid-data", help="validation file (default: carve --valid-fraction of --data)")
     c.add_argument("--valid-targets", help="IDX labels for IDX --valid-data")
     c.add_argument("--valid-fraction", type=float, default=0.1)
-    c.add_argument("--method", default="dns", choices=["dns", "dns-fixed-crates", "han", "one-shot", "agp"])
+    c.add_argument("--method", default="dns", choices=METHODS)
     c.add_argument("--target", type=float, default=DEFAULT_TARGET, help="overall compression (x)")
     c.add_argument("--layer-kept", help="per-layer kept fractions instead: fc1=0.02,fc2=0.05")
     c.add_argument("--max-drop", type=float, default=0.5, help="accuracy budget in percentage points")
-    c.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
-    c.add_argument("--lr", type=float, default=0.01)
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--objective", default="ce", choices=["ce", "distill", "ce+distill"])
-    c.add_argument("--crate", type=float, default=1.0, help="dns-fixed-crates: default crate")
+    c.add_argument("--iterations", type=int, default=ITERATIONS)
+    c.add_argument("--lr", type=float, default=LR)
+    c.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    c.add_argument("--objective", default="ce", choices=OBJECTIVES)
+    c.add_argument("--crate", type=float, default=CRATE, help="dns-fixed-crates: default crate")
     c.add_argument("--crates", help="dns-fixed-crates: per-layer crates, conv1=1,fc1=4")
-    c.add_argument("--gamma", type=float, default=1e-4)
-    c.add_argument("--power", type=float, default=1.0)
+    c.add_argument("--gamma", type=float, default=GAMMA)
+    c.add_argument("--power", type=float, default=POWER)
     c.add_argument("--iter-stop", type=int, default=None)
     c.add_argument("--include", default="*", help="layer name patterns to prune (comma-separated)")
     c.add_argument("--exclude", default="", help="layer name patterns to leave dense")
@@ -334,7 +332,7 @@ def add_engine_commands(sub: Subcommands) -> None:
     c.add_argument("--checkpoint-every", type=int, default=1000)
     c.add_argument(
         "--codec",
-        choices=["float16", "int8", "shared"],
+        choices=CODECS,
         default=None,
         help="also write the sparse file with compressed values (accuracy effect in the report)",
     )
@@ -354,7 +352,7 @@ def add_engine_commands(sub: Subcommands) -> None:
     k = sub.add_parser("pack", help="write pruned weights as a compact sparse file and print its size")
     k.add_argument("weights", help="pruned weights (safetensors, dense with zeros)")
     k.add_argument("--out", help="output file (default: <weights>.sparse[.<codec>].safetensors)")
-    k.add_argument("--codec", choices=["float16", "int8", "shared"], default=None, help="compress the weight values")
+    k.add_argument("--codec", choices=CODECS, default=None, help="compress the weight values")
     k.add_argument("--clusters", type=int, default=256, help="codebook size of --codec shared (2-256)")
     k.add_argument("--data", default=None, help="built-in set whose test split measures accuracy before and after")
     k.set_defaults(func=cmd_pack)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dns_core.spec import ITERATIONS
 from netsurgery.common import CliError, load_data, progress_bar
 
 if TYPE_CHECKING:
@@ -254,7 +255,7 @@ def add_service_commands(sub: Subcommands) -> None:
     d.add_argument("--key", default=None, help="its API key (default: $NETSURGERY_API_KEY or the embedded key)")
     d.add_argument("--target", type=float, default=40.0)
     d.add_argument("--max-drop", type=float, default=0.5)
-    d.add_argument("--iterations", type=int, default=25_000)
+    d.add_argument("--iterations", type=int, default=ITERATIONS)
     d.add_argument("--out", default="out")
     d.set_defaults(func=cmd_demo)
 
