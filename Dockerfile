@@ -10,6 +10,7 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY dns_core dns_core
+COPY service service
 COPY api api
 COPY worker worker
 COPY netsurgery netsurgery

@@ -8,7 +8,7 @@ factory, blob store, Celery app and upload folder are built here and kept on ``a
 dependencies in :mod:`api.deps` read them from there, so tests build an app from their own
 settings (or override a dependency) and nothing is a module-level global.
 
-Errors: every failure a client can act on is an :class:`~api.errors.AppError` and is rendered by
+Errors: every failure a client can act on is an :class:`~service.errors.AppError` and is rendered by
 :func:`render_error` as ``{"error": code, "detail": message}``. Request validation errors, HTTP
 errors from routing (404, 405) and a database that cannot be reached (503) are turned into the
 same shape there; anything else is a 500 with the same shape (and a logged traceback).
@@ -35,17 +35,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import dns_core
-from api.database import Reader, libpq_conninfo, make_engine, make_session_factory
 from api.deps import AuthCache
-from api.errors import AppError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 from api.jobcache import JobCache
 from api.limits import make_rate_limiter
 from api.metrics import Metrics, RequestMetrics
-from api.queue import make_celery
 from api.routes import dashboard, health, metrics, v1
-from api.settings import Settings, get_settings
-from api.storage import Storage
-from api.upload import remove_stale
+from api.uploads import remove_stale
+from service.database import Reader, libpq_conninfo, make_engine, make_session_factory
+from service.errors import AppError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from service.queue import make_celery
+from service.settings import Settings, get_settings
+from service.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _engine_options(url: str) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The application for ``settings`` (default: the environment's, :func:`api.settings.get_settings`)."""
+    """The application for ``settings`` (default: the environment's, :func:`service.settings.get_settings`)."""
     settings = settings or get_settings()
     engine = make_engine(settings.database_url, **_engine_options(settings.database_url))
     celery = make_celery(settings)

@@ -20,12 +20,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repository
-from api.errors import TooManyRequests, Unauthorized
 from api.jobcache import JobCache
 from api.limits import RateLimiter
-from api.settings import Settings
-from api.storage import Storage
+from service.database import session_scope
+from service.errors import TooManyRequests, Unauthorized
+from service.repositories import tenants
+from service.settings import Settings
+from service.storage import Storage
 
 # The small dependencies below are ``async def`` although they do no I/O: FastAPI runs a plain
 # ``def`` dependency in its thread pool, and each such hop costs more than the work itself.
@@ -47,15 +48,8 @@ def get_session(factory: Annotated[sessionmaker[Session], Depends(get_session_fa
     Routes whose side effects must follow the commit (enqueue a job, delete stored blobs) commit
     explicitly first. No connection is taken from the pool until the first query.
     """
-    session = factory()
-    try:
+    with session_scope(factory) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 async def get_job_cache(request: Request) -> JobCache | None:
@@ -106,7 +100,7 @@ async def get_tenant(
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     cache: AuthCache | None = getattr(request.app.state, "auth_cache", None)
-    digest = repository.hash_key(credentials.credentials)
+    digest = tenants.hash_key(credentials.credentials)
     factory = await get_session_factory(request)
 
     async def lookup() -> Principal | None:
@@ -121,7 +115,7 @@ async def get_tenant(
 
 def _lookup_key(factory: sessionmaker[Session], key: str) -> Principal | None:
     with factory() as session:
-        tenant = repository.tenant_for_key(session, key)
+        tenant = tenants.tenant_for_key(session, key)
         return None if tenant is None else Principal(tenant.id, tenant.name)
 
 

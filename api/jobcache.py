@@ -6,7 +6,8 @@ the answer it last read for a job and serves it from memory until the row change
 change from the database itself: a trigger on ``jobs`` (migration 0002) sends
 ``NOTIFY netsurgery_jobs, '<job id>'`` on every update and delete, whichever process made it (a
 worker's progress, the reaper, another API process's cancel), and :meth:`JobCache.run` listens on
-one connection of its own and drops that job's entry.
+one connection of its own (:func:`service.repositories.jobs.listen_to_job_changes`) and drops that
+job's entry.
 
 What makes it safe to serve from memory:
 
@@ -37,10 +38,10 @@ from typing import Any, Final
 
 import psycopg
 
+from service.repositories import jobs
+
 log = logging.getLogger(__name__)
 
-#: The notification channel the trigger of migration 0002 sends job ids on.
-CHANNEL: Final = "netsurgery_jobs"
 #: Seconds between attempts to listen again after the connection broke.
 RETRY_SECONDS: Final = 1.0
 
@@ -99,9 +100,7 @@ class JobCache:
         quiet = False
         while True:
             try:
-                connection = await psycopg.AsyncConnection.connect(
-                    conninfo, autocommit=True, connect_timeout=max(1, int(connect_timeout))
-                )
+                connection = await jobs.connect_listener(conninfo, connect_timeout)
             except psycopg.Error as exc:
                 if not quiet:
                     log.warning("job cache: cannot connect to listen (%s); reading every job from the database", exc)
@@ -110,7 +109,7 @@ class JobCache:
                 continue
             try:
                 async with connection:
-                    await connection.execute(f"LISTEN {CHANNEL}")
+                    await jobs.listen_to_job_changes(connection)
                     self._clear(live=True)
                     if quiet:
                         log.info("job cache: listening again")

@@ -1,4 +1,4 @@
-"""Rate limits per API key and quotas per tenant, answered with 429 and ``Retry-After``.
+"""Rate limits per API key, answered with 429 and ``Retry-After``.
 
 **Rate limit.** Each API key may make ``Settings.rate_limit_burst`` requests at once and
 ``Settings.rate_limit_per_second`` sustained. The algorithm is GCRA (the generic cell rate
@@ -22,16 +22,7 @@ then pushes the TAT one interval later; otherwise it must wait ``TAT - tolerance
 Only keys that authenticated are counted (the limiter runs after the key was verified), so
 unknown keys cannot fill Redis.
 
-**Quotas**, read from Postgres (the source of truth every API process shares):
-
-- active jobs (queued + running) per tenant, checked by :func:`check_job_quota` under a lock on the
-  tenant's row taken in the transaction that inserts the job: two concurrent submits of one tenant
-  are serialised, so they cannot both take the last slot;
-- stored bytes per tenant (models + data sets + job artifacts, as recorded), checked by
-  :func:`check_storage_quota` before an upload's body is read (when ``Content-Length`` is known)
-  and again once it is received, before it is stored. No lock is held across the upload (it may
-  take minutes), so concurrent uploads of one tenant may together pass the quota by at most their
-  own sizes.
+The quotas per tenant (active jobs, stored bytes) are :mod:`service.quotas`.
 """
 
 from __future__ import annotations
@@ -40,7 +31,6 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -51,11 +41,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.retry import Retry
-from sqlalchemy.orm import Session
 
-from api import repository
-from api.errors import QuotaExceeded
-from api.settings import REDIS_SCHEMES, Settings
+from service.settings import REDIS_SCHEMES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +54,6 @@ REDIS_TIMEOUT_S: Final = 0.5
 REDIS_BACKOFF_S: Final = 5.0
 #: Keys the in-process limiter tracks before it forgets those whose bucket is full again.
 LOCAL_MAX_KEYS: Final = 100_000
-#: ``Retry-After`` of a refused job: jobs end or are cancelled on this scale.
-JOB_QUOTA_RETRY_AFTER_S: Final = 30
-#: ``Retry-After`` of a refused upload: space comes back only when the tenant deletes something.
-STORAGE_QUOTA_RETRY_AFTER_S: Final = 60
 
 # KEYS[1]: the key's TAT (µs on Redis's clock); ARGV[1]: interval (µs per request); ARGV[2]: tolerance (µs).
 # Returns {1, 0} when the request passes (and records it), {0, wait_µs} when it must wait.
@@ -262,52 +245,3 @@ def make_rate_limiter(settings: Settings) -> RateLimiter | None:
     if settings.limits_url.startswith(REDIS_SCHEMES):
         return RedisRateLimiter(settings.limits_url, settings.rate_limit_per_second, settings.rate_limit_burst)
     return LocalRateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-
-
-# ---------------------------------------------------------------------------------------- quotas
-
-
-def check_job_quota(session: Session, settings: Settings, tenant_id: uuid.UUID, idempotency_key: str | None) -> None:
-    """:class:`QuotaExceeded` if the tenant already has ``max_active_jobs_per_tenant`` jobs queued or running.
-
-    Locks the tenant's row first, in the session's transaction: call it in the transaction that then
-    inserts the job, and commit that soon; a concurrent submit of the same tenant waits for the
-    commit and then counts the new job. A repeated ``idempotency_key`` creates nothing and passes.
-    """
-    limit = settings.max_active_jobs_per_tenant
-    if limit <= 0:
-        return
-    repository.lock_tenant(session, tenant_id)
-    if idempotency_key is not None and repository.get_job_by_idempotency_key(session, tenant_id, idempotency_key):
-        return
-    active = repository.count_active_jobs(session, tenant_id)
-    if active >= limit:
-        raise QuotaExceeded(
-            f"the tenant has {active} jobs queued or running, its quota is {limit}; wait for one to end or cancel one",
-            retry_after=JOB_QUOTA_RETRY_AFTER_S,
-        )
-
-
-def check_storage_quota(
-    session: Session, settings: Settings, tenant_id: uuid.UUID, incoming: int, *, body_unread: bool = False
-) -> None:
-    """:class:`QuotaExceeded` if the tenant's stored bytes plus ``incoming`` would pass ``max_stored_bytes_per_tenant``.
-
-    Ends the read transaction it opens, so no connection is held while an upload streams in or is
-    copied to storage. ``body_unread``: the request's body was not read, so the answer closes the
-    connection (as a 413 before reading does).
-    """
-    limit = settings.max_stored_bytes_per_tenant
-    if limit <= 0:
-        return
-    try:
-        used = repository.stored_bytes(session, tenant_id)
-    finally:
-        session.commit()
-    if used + incoming > limit:
-        raise QuotaExceeded(
-            f"storing {incoming:,} more bytes would pass the tenant's quota of {limit:,} bytes "
-            f"({used:,} stored in models, data sets and job artifacts); delete some first",
-            retry_after=STORAGE_QUOTA_RETRY_AFTER_S,
-            headers={"Connection": "close"} if body_unread else None,
-        )

@@ -37,10 +37,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import repository
-from api.db import JOB_STATES, utcnow
-from api.queue import QUEUE
-from api.settings import REDIS_SCHEMES, Settings
+from service.orm import JOB_STATES, utcnow
+from service.queue import QUEUE
+from service.repositories import stats
+from service.settings import REDIS_SCHEMES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,12 @@ def metrics_of(app: Any) -> Metrics | None:
     """The app's :class:`Metrics` (None for an app built without them)."""
     metrics: Metrics | None = getattr(app.state, "metrics", None)
     return metrics
+
+
+def record_upload(app: Any, kind: str, size: int) -> None:
+    """Count a stored upload of ``size`` bytes in the app's metrics, if it has them."""
+    if (metrics := metrics_of(app)) is not None:
+        metrics.record_upload(kind, size)
 
 
 # ------------------------------------------------------------------------------------ middleware
@@ -252,8 +258,8 @@ class DatabaseCollector(Collector):
 
     def _from_database(self) -> Iterator[Metric]:
         with self.session_factory() as session:
-            by_state = repository.count_jobs_by_state(session)
-            running = repository.running_jobs_progress(session, points=RATE_POINTS)
+            by_state = stats.count_jobs_by_state(session)
+            running = stats.running_jobs_progress(session, points=RATE_POINTS)
         jobs = _gauge("netsurgery_jobs", "Jobs in each state, all tenants (from the database).", ["state"])
         for state in JOB_STATES:
             jobs.add_metric([state], by_state.get(state, 0))

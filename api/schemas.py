@@ -13,15 +13,13 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from api.db import NAME_LENGTH
+from dns_core.spec import CRATE_DRIVEN, BuiltinSet, Codec, Method
+from service.orm import NAME_LENGTH
+from service.usecases.jobs import JobRequest
 
 T = TypeVar("T")
 
-METHODS = ("dns", "dns-fixed-crates", "han", "one-shot", "agp")
-Method = Literal["dns", "dns-fixed-crates", "han", "one-shot", "agp"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-Codec = Literal["float16", "int8", "shared"]
-BuiltinName = Literal["fashion-mnist", "digits"]
 
 # a layer name or a glob pattern over layer names ("fc1", "conv*")
 LayerName = Annotated[str, StringConstraints(min_length=1, max_length=NAME_LENGTH)]
@@ -84,7 +82,7 @@ ModelPage = Page[ModelRead]
 class BuiltinDatasetCreate(_Create):
     """A built-in data set by name (sent as JSON instead of a file upload)."""
 
-    builtin: BuiltinName
+    builtin: BuiltinSet
     name: Annotated[str, StringConstraints(min_length=1, max_length=NAME_LENGTH)] | None = None
 
 
@@ -170,10 +168,16 @@ class JobCreate(_Create):
     target: Target | None = None
     settings: JobSettings = Field(default_factory=JobSettings)
 
+    def request(self) -> JobRequest:
+        """What the service is asked to run: the knobs (and target values) the client set, nothing else."""
+        target = self.target.model_dump(exclude_none=True) if self.target is not None else {}
+        settings = self.settings.model_dump(exclude_none=True)
+        return JobRequest(self.model_id, self.dataset_id, self.method, target, settings)
+
     @model_validator(mode="after")
     def _target_fits_method(self) -> JobCreate:
         given = self.target is not None and (self.target.compression is not None or self.target.layer_kept is not None)
-        if self.method == "dns-fixed-crates":
+        if self.method == CRATE_DRIVEN:
             if given:
                 raise ValueError("dns-fixed-crates is driven by crates: its target may hold only max_accuracy_drop")
         elif not given:

@@ -8,8 +8,8 @@ from typing import Any
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from api.db import Base, UTCDateTime
-from api.settings import get_settings
+from service.orm import Base, UTCDateTime
+from service.settings import get_settings
 
 config = context.config
 if config.config_file_name is not None:
@@ -23,7 +23,7 @@ def _url() -> str:
 
 
 def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
-    # migrations stay independent of api.db: UTCDateTime is written as the column type it stores
+    # migrations stay independent of service.orm: UTCDateTime is written as the column type it stores
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"
     return False
@@ -50,7 +50,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    # a plain engine, not api.database.make_engine: SQLite must run migrations with foreign keys
+    # a plain engine, not service.database.make_engine: SQLite must run migrations with foreign keys
     # off, or batch mode's DROP TABLE of a copied table would cascade into the tables that refer to it
     engine = create_engine(_url(), poolclass=pool.NullPool)
     try:

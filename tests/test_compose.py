@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from api.settings import Settings
 from netsurgery.cli import build_parser
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_commands_exist_and_order_is_right(compose: dict[str, Any]) -> None:
 def test_the_image_carries_the_whole_project() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     copied = {line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")}
-    for package in ("dns_core", "api", "worker", "netsurgery", "migrations"):
+    for package in ("dns_core", "service", "api", "worker", "netsurgery", "migrations"):
         assert package in copied, package
     assert "alembic.ini" in dockerfile and 'pip install -e ".[s3]"' in dockerfile
     assert "TORCH_VERSION=2.13.0" in dockerfile  # the version the project is tested with

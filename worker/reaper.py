@@ -14,17 +14,14 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from datetime import timedelta
 
 from celery import Celery
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import jobstate
-from api.database import session_scope
-from api.db import Job, utcnow
-from api.queue import enqueue_job, pending_job_ids
-from api.settings import Settings
+from service.database import session_scope
+from service.queue import enqueue_job, pending_job_ids
+from service.repositories import jobstate
+from service.settings import Settings
 
 log = logging.getLogger("netsurgery.reaper")
 
@@ -35,13 +32,8 @@ def reap(
     """One pass: re-queue expired leases, re-send queued jobs whose message was lost; the ids sent."""
     with session_scope(sessions) as session:
         released = [job_id for job_id in jobstate.expired_leases(session) if jobstate.release_expired(session, job_id)]
-    cutoff = utcnow() - timedelta(seconds=stale_queued_seconds)
     with session_scope(sessions) as session:
-        waiting = list(
-            session.scalars(
-                select(Job.id).where(Job.state == "queued", Job.created_at < cutoff).order_by(Job.created_at)
-            )
-        )
+        waiting = jobstate.stale_queued(session, stale_queued_seconds)
     lost: list[uuid.UUID] = []
     if waiting:
         pending = pending_job_ids(app, settings)

@@ -13,8 +13,8 @@ from functools import lru_cache
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from api.queue import RUN_JOB, make_celery
-from api.settings import get_settings
+from service.queue import RUN_JOB, make_celery
+from service.settings import get_settings
 from worker.reaper import Reaper
 from worker.runner import WorkerContext, run_job
 

@@ -17,13 +17,14 @@ from typing import IO, Annotated, Final
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
-from api import repository
 from api.deps import SessionDep, StorageDep, TenantDep
-from api.errors import NotFound, RangeNotSatisfiable
 from api.metrics import metrics_of
 from api.routes.common import responses
 from api.schemas import ArtifactList, ArtifactRead
-from api.storage import StorageError
+from service.errors import NotFound, RangeNotSatisfiable
+from service.repositories import jobs as repository
+from service.storage import StorageError
+from service.usecases.jobs import get_job
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ def _filename(name: str) -> str:
 @router.get("", response_model=ArtifactList, summary="List a job's artifacts", responses=responses(NotFound))
 def list_artifacts(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> ArtifactList:
     """Name, kind, size and sha256 of each file the job produced, by name."""
-    if repository.get_job(session, tenant.tenant_id, job_id) is None:
-        raise NotFound(f"job {job_id} not found")
+    get_job(session, tenant.tenant_id, job_id)
     return ArtifactList(
         items=[ArtifactRead.model_validate(a) for a in repository.list_artifacts(session, tenant.tenant_id, job_id)]
     )

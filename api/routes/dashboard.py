@@ -17,7 +17,7 @@ from typing import Final
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 
-from api.errors import NotFound
+from service.errors import NotFound
 
 router = APIRouter(include_in_schema=False)
 

@@ -1,7 +1,7 @@
 """``/v1/datasets``: a built-in set by name (JSON) or an uploaded file (multipart), read, list, delete.
 
-Stored layout: ``datasets/<id>/inputs.<kind>`` and, for IDX inputs with labels,
-``datasets/<id>/targets.idx`` beside it; ``datasets.uri`` holds the inputs' storage key.
+Stored layout: :func:`service.keys.dataset_inputs_key` and, for IDX inputs with labels,
+:func:`service.keys.dataset_targets_key` beside it; ``datasets.uri`` holds the inputs' storage key.
 ``size_bytes`` counts both files, ``sha256`` is the inputs file's.
 """
 
@@ -11,13 +11,14 @@ import uuid
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api import repository
-from api.db import Dataset
-from api.deps import Principal, SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import (
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.metrics import record_upload
+from api.routes.common import Limit, Offset, UploadRootDep, responses
+from api.schemas import BuiltinDatasetCreate, DatasetPage, DatasetRead
+from api.uploads import multipart_boundary, read_small_body, receive_dataset, upload_folder
+from service.errors import (
     BadRequest,
     Conflict,
     InvalidFile,
@@ -27,21 +28,8 @@ from api.errors import (
     QuotaExceeded,
     UnsupportedFormat,
 )
-from api.inspect import DatasetFacts, inspect_dataset
-from api.metrics import metrics_of
-from api.routes.common import (
-    Limit,
-    Offset,
-    UploadRootDep,
-    check_upload_quota,
-    display_name,
-    remove_blobs,
-    responses,
-)
-from api.schemas import BuiltinDatasetCreate, DatasetPage, DatasetRead
-from api.settings import Settings
-from api.storage import Storage
-from api.upload import ReceivedFile, multipart_boundary, read_small_body, receive_form, upload_folder
+from service.repositories import datasets as repository
+from service.usecases import datasets
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -78,65 +66,19 @@ _CREATE_BODY = {
 }
 
 
-def dataset_prefix(dataset_id: uuid.UUID) -> str:
-    return f"datasets/{dataset_id}"
-
-
-def _store(
-    session: Session,
-    storage: Storage,
-    tenant_id: uuid.UUID,
-    inputs: ReceivedFile,
-    targets: ReceivedFile | None,
-    name: str,
-    facts: DatasetFacts,
-) -> Dataset:
-    """Move the checked files into storage and record them; on any failure neither stays."""
-    dataset_id = uuid.uuid4()
-    prefix = dataset_prefix(dataset_id)
+async def read_builtin_request(request: Request) -> tuple[str, str | None]:
+    """The built-in set and name a JSON body asks for (415 for another content type, 422 for bad values)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedFormat("send JSON {'builtin': …} for a built-in set, or multipart/form-data to upload")
+    body = await read_small_body(request, MAX_JSON_BODY)
     try:
-        stored = storage.put_file(f"{prefix}/inputs.{facts.kind}", inputs.path)
-        size = stored.size
-        if targets is not None:
-            size += storage.put_file(f"{prefix}/targets.idx", targets.path).size
-        dataset = repository.create_dataset(
-            session,
-            tenant_id,
-            name=name,
-            kind=facts.kind,
-            n_examples=facts.n_examples,
-            input_shape=facts.input_shape,
-            has_targets=facts.has_targets,
-            size_bytes=size,
-            sha256=inputs.sha256,
-            uri=stored.key,
-            dataset_id=dataset_id,
-        )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        storage.delete_prefix(prefix)
-        raise
-    return dataset
-
-
-def _create_builtin(session: Session, tenant_id: uuid.UUID, body: bytes) -> Dataset:
-    try:
-        request = BuiltinDatasetCreate.model_validate_json(body)
+        parsed = BuiltinDatasetCreate.model_validate_json(body)
     except ValidationError as e:
         raise InvalidRequest(
             "invalid built-in data set request",
             extra={"fields": e.errors(include_url=False, include_context=False, include_input=False)},
         ) from None
-    dataset = repository.create_dataset(
-        session,
-        tenant_id,
-        name=request.name or request.builtin,
-        kind="builtin",
-        builtin_name=request.builtin,
-    )
-    session.commit()
-    return dataset
+    return parsed.builtin, parsed.name
 
 
 @router.post(
@@ -162,40 +104,15 @@ async def create_dataset(
     An upload that would take the tenant past its stored-bytes quota is a 429 (``quota_exceeded``).
     """
     if multipart_boundary(request) is None:
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-            raise UnsupportedFormat("send JSON {'builtin': …} for a built-in set, or multipart/form-data to upload")
-        body = await read_small_body(request, MAX_JSON_BODY)
-        dataset = await run_in_threadpool(_create_builtin, session, tenant.tenant_id, body)
+        builtin, name = await read_builtin_request(request)
+        dataset = await run_in_threadpool(datasets.add_builtin_dataset, session, tenant.tenant_id, builtin, name)
     else:
-        dataset = await _upload(request, tenant, session, settings, storage, upload_root)
-        if (metrics := metrics_of(request.app)) is not None:
-            metrics.record_upload("dataset", dataset.size_bytes or 0)
+        with upload_folder(upload_root, "dataset-") as folder:
+            upload = await receive_dataset(request, session, settings, tenant.tenant_id, folder)
+            dataset = await run_in_threadpool(datasets.store_dataset, session, storage, tenant.tenant_id, upload)
+        record_upload(request.app, "dataset", dataset.size_bytes or 0)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return DatasetRead.model_validate(dataset)
-
-
-async def _upload(
-    request: Request,
-    tenant: Principal,
-    session: Session,
-    settings: Settings,
-    storage: Storage,
-    upload_root: UploadRootDep,
-) -> Dataset:
-    cap = settings.max_upload_bytes
-    await check_upload_quota(request, session, settings, tenant.tenant_id)
-    with upload_folder(upload_root, "dataset-") as folder:
-        form = await receive_form(
-            request, folder, max_file_bytes=cap, file_fields=("file", "targets"), text_fields=("name",)
-        )
-        await check_upload_quota(request, session, settings, tenant.tenant_id, form)
-        inputs = form.files.get("file")
-        if inputs is None:
-            raise InvalidRequest("the form field 'file' (the inputs) is required")
-        targets = form.files.get("targets")
-        name = display_name(form.fields.get("name"), inputs.filename, "data")
-        facts = await run_in_threadpool(inspect_dataset, inputs.path, targets.path if targets else None, max_bytes=cap)
-        return await run_in_threadpool(_store, session, storage, tenant.tenant_id, inputs, targets, name, facts)
 
 
 @router.get("", response_model=DatasetPage, summary="List data sets", responses=responses())
@@ -209,17 +126,11 @@ def list_datasets(tenant: TenantDep, session: SessionDep, limit: Limit = 50, off
 
 @router.get("/{dataset_id}", response_model=DatasetRead, summary="Get a data set", responses=responses(NotFound))
 def get_dataset(dataset_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> DatasetRead:
-    dataset = repository.get_dataset(session, tenant.tenant_id, dataset_id)
-    if dataset is None:
-        raise NotFound(f"dataset {dataset_id} not found")
-    return DatasetRead.model_validate(dataset)
+    return DatasetRead.model_validate(datasets.get_dataset(session, tenant.tenant_id, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=204, summary="Delete a data set", responses=responses(NotFound, Conflict))
 def delete_dataset(dataset_id: uuid.UUID, tenant: TenantDep, session: SessionDep, storage: StorageDep) -> Response:
     """Delete the data set and its stored files; 409 while a job refers to it (delete the job first)."""
-    if not repository.delete_dataset(session, tenant.tenant_id, dataset_id):
-        raise NotFound(f"dataset {dataset_id} not found")
-    session.commit()
-    remove_blobs(storage, dataset_prefix(dataset_id))
+    datasets.delete_dataset(session, storage, tenant.tenant_id, dataset_id)
     return Response(status_code=204)

@@ -41,13 +41,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api import repository
-from api.db import JOB_STATES, TERMINAL_STATES, Job
 from api.deps import SessionDep, TenantDep
-from api.errors import NotFound
 from api.metrics import metrics_of
 from api.routes.common import responses
 from api.schemas import JobRead, LayerKept, LayerSnapshot, ProgressPointRead
+from service.errors import NotFound
+from service.orm import JOB_STATES, TERMINAL_STATES, Job
+from service.repositories import jobs as repository
+from service.usecases.jobs import get_job
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +281,7 @@ def job_events(
     Reconnect with ``Last-Event-ID`` to resume without gaps or repeats; stop when a ``state`` event
     reports succeeded, failed or cancelled (the server then ends the stream).
     """
-    job = repository.get_job(session, tenant.tenant_id, job_id)
-    if job is None:
-        raise NotFound(f"job {job_id} not found")
+    job = get_job(session, tenant.tenant_id, job_id)
     cursor = Cursor.parse(last_event_id)
     if (
         job.state in TERMINAL_STATES

@@ -6,14 +6,14 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import CeleryDep, get_session_factory
-from api.errors import ServiceUnavailable
-from api.queue import broker_reachable
 from api.routes.common import responses
 from api.schemas import Health, Readiness
+from service.errors import ServiceUnavailable
+from service.queue import broker_reachable
+from service.repositories import ping
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ BROKER_TIMEOUT_S = 1.0
 def database_reachable(factory: sessionmaker[Session]) -> bool:
     try:
         with factory() as session:
-            session.execute(text("SELECT 1"))
+            ping(session)
         return True
     except Exception as e:  # any failure to run SELECT 1 means "not ready"
         log.warning("readiness: database unreachable: %s", e)

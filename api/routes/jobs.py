@@ -7,29 +7,23 @@ characters.
 
 Quota: a tenant may have ``Settings.max_active_jobs_per_tenant`` jobs queued or running; a create past
 it is a 429 (``quota_exceeded``, ``Retry-After``), checked under a lock on the tenant's row in the
-transaction that inserts the job (:func:`api.limits.check_job_quota`). A replayed key passes.
+transaction that inserts the job (:func:`service.quotas.check_job_quota`). A replayed key passes.
 
 Enqueueing happens only after the job row is committed. If the broker cannot take the message,
-the job stays ``queued`` and the answer is still 202: the reaper re-sends queued jobs.
+the job stays ``queued`` and the answer is still 202: the reaper re-sends queued jobs
+(:func:`service.usecases.jobs.create_job`).
 """
 
 from __future__ import annotations
 
-import logging
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from api import jobstate, repository
-from api.database import Reader
-from api.db import TERMINAL_STATES, Job
 from api.deps import CeleryDep, JobCacheDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import BadRequest, Conflict, NotFound, QuotaExceeded
 from api.jobcache import JobCache
-from api.limits import check_job_quota
-from api.queue import enqueue_job
-from api.routes.common import Limit, Offset, remove_blobs, responses
+from api.routes.common import Limit, Offset, responses
 from api.schemas import (
     JobCreate,
     JobPage,
@@ -41,8 +35,11 @@ from api.schemas import (
     ProgressPointRead,
     ProgressRead,
 )
-
-log = logging.getLogger(__name__)
+from service.database import Reader
+from service.errors import BadRequest, Conflict, NotFound, QuotaExceeded
+from service.repositories import MAX_PAGE
+from service.repositories import jobs as repository
+from service.usecases import jobs
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -56,17 +53,6 @@ IdempotencyKey = Annotated[
     ),
 ]
 After = Annotated[int, Query(ge=-1, description="Cursor: return iterations after this one (-1: from the start).")]
-
-
-def job_prefix(job_id: uuid.UUID) -> str:
-    return f"jobs/{job_id}"
-
-
-def _job(session: SessionDep, tenant: TenantDep, job_id: uuid.UUID) -> Job:
-    job = repository.get_job(session, tenant.tenant_id, job_id)
-    if job is None:
-        raise NotFound(f"job {job_id} not found")
-    return job
 
 
 @router.post(
@@ -93,32 +79,10 @@ def create_job(
     The answer (202) is the queued job; poll ``GET /v1/jobs/{id}``. 429 (``quota_exceeded``) while the
     tenant already has its quota of jobs queued or running.
     """
-    check_job_quota(session, app_settings, tenant.tenant_id, idempotency_key)
-    target: dict[str, Any] = body.target.model_dump(exclude_none=True) if body.target is not None else {}
-    settings = body.settings.model_dump(exclude_none=True)
-    job, created = repository.create_job(
-        session,
-        tenant.tenant_id,
-        model_id=body.model_id,
-        dataset_id=body.dataset_id,
-        method=body.method,
-        target=target,
-        settings=settings,
-        total_iterations=body.settings.iterations,
-        idempotency_key=idempotency_key,
-    )
+    job, created = jobs.create_job(session, celery, app_settings, tenant.tenant_id, body.request(), idempotency_key)
     if not created:
-        first = (job.model_id, job.dataset_id, job.method, job.target, job.settings)
-        if first != (body.model_id, body.dataset_id, body.method, target, settings):
-            raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different job request")
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    else:
-        session.commit()  # the task must find the row: enqueue only after the commit
-        try:
-            enqueue_job(celery, job.id)
-        except Exception:  # the broker is down: the job stays queued and the reaper sends it later
-            log.warning("job %s committed but not enqueued; the reaper will re-send it", job.id, exc_info=True)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobRead.model_validate(job)
 
@@ -140,7 +104,7 @@ def list_jobs(
 async def get_job(job_id: uuid.UUID, tenant: TenantDep, request: Request) -> JobRead:
     """State, iteration of total, latest loss, validation accuracy, compression and per-layer kept/total."""
     # the route clients poll: served from memory until the row changes (api.jobcache), else one read
-    # on the event loop (api.database.Reader); no session, no thread. Cache and reader come straight
+    # on the event loop (service.database.Reader); no session, no thread. Cache and reader come straight
     # from app.state: as dependencies they cost ~7% of this route's rate in a closed loop.
     cache: JobCache | None = request.app.state.job_cache
     reader: Reader = request.app.state.reader
@@ -165,10 +129,10 @@ def get_progress(
     tenant: TenantDep,
     session: SessionDep,
     after: After = -1,
-    limit: Annotated[int, Query(ge=1, le=repository.MAX_PAGE, description="Points per page.")] = 500,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Points per page.")] = 500,
 ) -> ProgressRead:
     """Logged iterations after ``after``, oldest first; poll with ``after=next_after`` for new ones."""
-    _job(session, tenant, job_id)
+    jobs.get_job(session, tenant.tenant_id, job_id)
     points = repository.list_progress(session, job_id, after_iteration=after, limit=limit)
     return ProgressRead(
         items=[ProgressPointRead.model_validate(p) for p in points],
@@ -184,10 +148,10 @@ def get_layers(
     tenant: TenantDep,
     session: SessionDep,
     after: After = -1,
-    limit: Annotated[int, Query(ge=1, le=repository.MAX_PAGE, description="Iterations per page.")] = 100,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Iterations per page.")] = 100,
 ) -> LayerHistoryRead:
     """Per-layer kept/total at each logged iteration after ``after``; a page never splits an iteration."""
-    _job(session, tenant, job_id)
+    jobs.get_job(session, tenant.tenant_id, job_id)
     snapshots: list[LayerSnapshot] = []
     for p in repository.list_layer_history(session, job_id, after_iteration=after, iterations=limit):
         if not snapshots or snapshots[-1].iteration != p.iteration:
@@ -207,18 +171,9 @@ def cancel_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep, cache:
     """A queued job is cancelled at once; a running one is flagged (``cancel_requested``) and stops at its
     worker's next check. 409 if the job already finished.
     """
-    job = _job(session, tenant, job_id)
-    if job.state in TERMINAL_STATES:
-        raise Conflict(f"job {job_id} is already {job.state}")
-    state = jobstate.request_cancel(session, job_id)
-    if state is None:
-        raise NotFound(f"job {job_id} not found")
-    if state in TERMINAL_STATES and state != "cancelled":
-        raise Conflict(f"job {job_id} is already {state}")
-    session.commit()
+    job = jobs.cancel_job(session, tenant.tenant_id, job_id)
     if cache is not None:  # the database's notice follows within milliseconds; this one is at once
         cache.invalidate(job_id)
-    session.refresh(job)
     return JobRead.model_validate(job)
 
 
@@ -227,16 +182,7 @@ def delete_job(
     job_id: uuid.UUID, tenant: TenantDep, session: SessionDep, storage: StorageDep, cache: JobCacheDep
 ) -> Response:
     """Delete a finished job, its history and its artifacts (409 while it is queued or running)."""
-    keys = [a.uri for a in repository.list_artifacts(session, tenant.tenant_id, job_id)]
-    if not repository.delete_job(session, tenant.tenant_id, job_id):
-        raise NotFound(f"job {job_id} not found")
-    session.commit()
+    jobs.delete_job(session, storage, tenant.tenant_id, job_id)
     if cache is not None:
         cache.invalidate(job_id)
-    for key in keys:
-        try:
-            storage.delete(key)
-        except (ValueError, OSError):
-            log.warning("could not remove artifact %s of deleted job %s", key, job_id, exc_info=True)
-    remove_blobs(storage, job_prefix(job_id))
     return Response(status_code=204)

@@ -1,7 +1,7 @@
 """PostgreSQL only: every update or delete of a job sends ``NOTIFY netsurgery_jobs, '<job id>'``.
 
 API processes listen on that channel to drop a job from their in-memory cache when it changes
-(:mod:`api.jobcache`). A trigger rather than a call in the code that writes, so that no writer
+(``api/jobcache.py``). A trigger rather than a call in the code that writes, so that no writer
 (worker, reaper, API, an operator's SQL) can forget it. SQLite has no ``NOTIFY``: nothing to do there.
 
 Revision ID: 0002

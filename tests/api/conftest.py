@@ -23,11 +23,11 @@ from psycopg import sql
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repository
-from api.database import make_engine, make_session_factory, session_scope
-from api.migrate import upgrade
-from api.queue import QUEUE
-from api.settings import Settings
+from service.database import make_engine, make_session_factory, session_scope
+from service.migrate import upgrade
+from service.queue import QUEUE
+from service.repositories import tenants
+from service.settings import Settings
 from tests.api.factories import new_job, new_tenant
 
 # libpq URL of a Postgres server where the tests may create and drop databases
@@ -186,7 +186,7 @@ class LiveServer:
     def new_tenant(self) -> tuple[uuid.UUID, str]:
         """A committed tenant and its plaintext API key."""
         with session_scope(self.factory) as session:
-            tenant, key = repository.create_tenant(session, f"http-{uuid.uuid4().hex[:12]}")
+            tenant, key = tenants.create_tenant(session, f"http-{uuid.uuid4().hex[:12]}")
             return tenant.id, key
 
     def client(self, key: str | None = None) -> httpx.Client:

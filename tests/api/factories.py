@@ -7,21 +7,21 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repository
-from api.database import session_scope
+from service.database import session_scope
+from service.repositories import datasets, jobs, models, tenants
 
 
 def new_tenant(factory: sessionmaker[Session]) -> uuid.UUID:
     """A committed tenant with a unique name."""
     with session_scope(factory) as session:
-        tenant, _ = repository.create_tenant(session, f"tenant-{uuid.uuid4().hex[:12]}")
+        tenant, _ = tenants.create_tenant(session, f"tenant-{uuid.uuid4().hex[:12]}")
         return tenant.id
 
 
 def new_job(factory: sessionmaker[Session], tenant_id: uuid.UUID, **job: Any) -> uuid.UUID:
     """A committed queued job of ``tenant_id``, on a new ONNX model and built-in dataset."""
     with session_scope(factory) as session:
-        model = repository.create_model(
+        model = models.create_model(
             session,
             tenant_id,
             name="lenet",
@@ -31,8 +31,8 @@ def new_job(factory: sessionmaker[Session], tenant_id: uuid.UUID, **job: Any) ->
             sha256="0" * 64,
             uri="file:///tmp/model.onnx",
         )
-        dataset = repository.create_dataset(session, tenant_id, name="digits", kind="builtin", builtin_name="digits")
-        created, _ = repository.create_job(
+        dataset = datasets.create_dataset(session, tenant_id, name="digits", kind="builtin", builtin_name="digits")
+        created, _ = jobs.create_job(
             session,
             tenant_id,
             model_id=model.id,

@@ -1,7 +1,7 @@
 """Job event streams (``GET /v1/jobs/{id}/events``) over real HTTP, with Postgres.
 
 No worker runs: the tests write progress and per-layer points through the repository, in one
-transaction per batch, as a worker's flush does, and move the job's state through :mod:`api.jobstate`.
+transaction per batch, as a worker's flush does, and move the job's state through :mod:`service.repositories.jobstate`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from api import jobstate, repository
-from api.database import session_scope
-from api.repository import LayerSample, ProgressSample
 from api.routes import events
 from api.routes.events import Cursor
+from service.database import session_scope
+from service.repositories import jobs, jobstate
+from service.repositories.jobs import LayerSample, ProgressSample
 from tests.api.conftest import LiveServer
 from tests.api.test_http_jobs import Account, claim, job_body, new_account
 
@@ -96,9 +96,9 @@ def write(live: LiveServer, job_id: str, attempt: int, iterations: range) -> Non
     with session_scope(live.factory) as session:
         job = uuid.UUID(job_id)
         points = [ProgressSample(i, loss=1 / (i + 1), compression=1 + i / 10) for i in iterations]
-        assert repository.add_progress(session, job, attempt, points)
+        assert jobs.add_progress(session, job, attempt, points)
         layers = [LayerSample(i, name, 100 - i, 100) for i in iterations if i % 2 == 0 for name in LAYERS]
-        assert repository.add_layer_points(session, job, attempt, layers)
+        assert jobs.add_layer_points(session, job, attempt, layers)
 
 
 def finish(live: LiveServer, job_id: str, attempt: int, state: str = "succeeded") -> None:

@@ -21,12 +21,12 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from api import jobstate, repository
 from api.app import create_app
-from api.database import session_scope
-from api.db import ApiKey
-from api.queue import QUEUE, RUN_JOB
-from api.repository import LayerSample, ProgressSample
+from service.database import session_scope
+from service.orm import ApiKey
+from service.queue import QUEUE, RUN_JOB
+from service.repositories import jobs, jobstate, tenants
+from service.repositories.jobs import LayerSample, ProgressSample
 from tests.api.conftest import AUTH_CACHE_SECONDS, REDIS_TEST_URL, LiveServer, closed_port, http_settings, serve
 from tests.api.test_http_uploads import onnx_mlp
 
@@ -102,7 +102,7 @@ def test_auth(live: LiveServer, account: Account) -> None:
         assert c.get("/v1/models").status_code == 200
         with session_scope(live.factory) as session:
             key_id = session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tenant_id))
-            assert key_id is not None and repository.revoke_api_key(session, tenant_id, key_id)
+            assert key_id is not None and tenants.revoke_api_key(session, tenant_id, key_id)
         # a verified key is trusted for auth_cache_seconds by each API process; after that it is refused
         time.sleep(AUTH_CACHE_SECONDS + 0.1)
         r = c.get("/v1/models")
@@ -120,7 +120,7 @@ def test_other_tenants_see_nothing(live: LiveServer, account: Account) -> None:
     with live.app.state.storage.writer(key_of_blob) as f:
         f.write(b"{}")
     with session_scope(live.factory) as session:
-        assert repository.put_artifact(
+        assert jobs.put_artifact(
             session, uuid.UUID(job["id"]), attempt, name="report.json", kind="report", uri=key_of_blob,
             size_bytes=2, sha256=hashlib.sha256(b"{}").hexdigest(),
         )  # fmt: skip
@@ -289,9 +289,9 @@ def test_progress_and_layers(live: LiveServer, client: httpx.Client, account: Ac
     with session_scope(live.factory) as session:
         points = [ProgressSample(i, loss=1.0 / (i + 1), compression=1 + i / 100) for i in range(0, 300, 10)]
         points[-1] = ProgressSample(290, loss=0.01, val_accuracy=97.5, compression=3.9)
-        assert repository.add_progress(session, uuid.UUID(job_id), attempt, points)
+        assert jobs.add_progress(session, uuid.UUID(job_id), attempt, points)
         layers = [LayerSample(i, name, 100 - i // 10, 100) for i in (100, 200, 300) for name in ("W1", "W2", "W3")]
-        assert repository.add_layer_points(session, uuid.UUID(job_id), attempt, layers)
+        assert jobs.add_layer_points(session, uuid.UUID(job_id), attempt, layers)
 
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert (job["state"], job["attempt"], job["iteration"], job["total_iterations"]) == ("running", 1, 290, 300)
@@ -348,7 +348,7 @@ def test_artifacts(live: LiveServer, client: httpx.Client, account: Account) -> 
     key = f"jobs/{job_id}/weights.sparse.safetensors"
     live.app.state.storage.put_file(key, stored)
     with session_scope(live.factory) as session:
-        assert repository.put_artifact(
+        assert jobs.put_artifact(
             session, uuid.UUID(job_id), attempt, name="weights.sparse.safetensors", kind="sparse", uri=key,
             size_bytes=len(content), sha256=digest,
         )  # fmt: skip

@@ -24,11 +24,11 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from api import jobstate, repository
 from api.app import create_app
-from api.database import session_scope
 from api.limits import REDIS_PREFIX, LocalRateLimiter, RedisRateLimiter
-from api.settings import Settings
+from service.database import session_scope
+from service.repositories import jobstate, tenants
+from service.settings import Settings
 from tests.api.conftest import LiveServer, closed_port, http_settings, serve
 from tests.api.test_http_uploads import npz_bytes, onnx_mlp
 
@@ -105,7 +105,7 @@ def test_two_api_processes_share_one_key_budget(
         assert isinstance(a.app.state.rate_limiter, RedisRateLimiter)
         tenant_id, key = a.new_tenant()
         with session_scope(a.factory) as session:
-            _, other_key = repository.create_api_key(session, tenant_id)
+            _, other_key = tenants.create_api_key(session, tenant_id)
         with a.client(key) as ca, b.client(key) as cb:
             passed, refused, elapsed = requests_until_refused([ca, cb])
             assert_budget_spent(passed, elapsed)
@@ -118,9 +118,9 @@ def test_two_api_processes_share_one_key_budget(
 
             # kept in Redis under the key's sha256, never the key itself, and expiring
             names = set(limits_redis.scan_iter(match=f"{REDIS_PREFIX}*"))
-            assert f"{REDIS_PREFIX}{repository.hash_key(key)}".encode() in names
+            assert f"{REDIS_PREFIX}{tenants.hash_key(key)}".encode() in names
             assert not any(key.encode() in name or other_key.encode() in name for name in names)
-            assert 0 < limits_redis.pttl(f"{REDIS_PREFIX}{repository.hash_key(key)}") <= (BURST + 1) / RATE * 1000
+            assert 0 < limits_redis.pttl(f"{REDIS_PREFIX}{tenants.hash_key(key)}") <= (BURST + 1) / RATE * 1000
 
             # still refused on both servers until Retry-After has passed; then it works again
             assert_limited(cb.get("/v1/models") if passed % 2 == 0 else ca.get("/v1/models"))
@@ -152,7 +152,7 @@ def test_in_process_limiter_without_redis(
         # unauthenticated probes are not limited
         with httpx.Client(base_url=srv.url) as anonymous:
             assert {anonymous.get("/healthz").status_code for _ in range(BURST + 2)} == {200}
-    assert not limits_redis.exists(f"{REDIS_PREFIX}{repository.hash_key(key)}")
+    assert not limits_redis.exists(f"{REDIS_PREFIX}{tenants.hash_key(key)}")
 
 
 def test_unreachable_redis_lets_requests_through(

@@ -18,13 +18,13 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from api import jobstate, repository
 from api.app import create_app
-from api.database import session_scope
-from api.db import Job, utcnow
 from api.metrics import STALE_SECONDS, iteration_rate
-from api.queue import QUEUE
-from api.repository import ProgressSample
+from service.database import session_scope
+from service.orm import Job, utcnow
+from service.queue import QUEUE
+from service.repositories import jobs, jobstate
+from service.repositories.jobs import ProgressSample
 from tests.api.conftest import LiveServer, closed_port, http_settings, serve
 from tests.api.test_http_jobs import Account, job_body, new_account
 from tests.api.test_http_uploads import npz_bytes, onnx_mlp
@@ -81,7 +81,7 @@ def test_request_latency_and_byte_counters(live: LiveServer, account: Account) -
         with live.app.state.storage.writer(key) as f:
             f.write(content)
         with session_scope(live.factory) as session:
-            assert repository.put_artifact(
+            assert jobs.put_artifact(
                 session, uuid.UUID(job_id), attempt, name="weights.bin", kind="sparse", uri=key,
                 size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest(),
             )  # fmt: skip
@@ -138,7 +138,7 @@ def test_figures_from_the_database(live: LiveServer, account: Account, redis_que
         # five flushes a second apart, 25 iterations each: 25 iterations per second
         now = utcnow()
         points = [ProgressSample(25 * k, loss=1.0, at=now - timedelta(seconds=4 - k)) for k in range(5)]
-        assert repository.add_progress(session, uuid.UUID(running), attempt, points)
+        assert jobs.add_progress(session, uuid.UUID(running), attempt, points)
 
     samples = scrape(live.url)
     with live.factory() as session:

@@ -2,7 +2,7 @@
 
 The cache's rules on their own (no database), its listener against a real Postgres (migration 0002's
 trigger, a killed listening connection), the answers over real HTTP after other processes write,
-the shared key lookup of :class:`api.deps.AuthCache`, and :class:`api.database.Reader` itself.
+the shared key lookup of :class:`api.deps.AuthCache`, and :class:`service.database.Reader` itself.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repository
 from api.app import create_app
-from api.database import Reader, libpq_conninfo, make_engine, make_session_factory, session_scope
-from api.db import Job
 from api.deps import AuthCache, Principal
-from api.errors import ServiceUnavailable
 from api.jobcache import JobCache
-from api.migrate import upgrade
 from api.schemas import JobRead
+from service.database import Reader, libpq_conninfo, make_engine, make_session_factory, session_scope
+from service.errors import ServiceUnavailable
+from service.migrate import upgrade
+from service.orm import Job
+from service.repositories import jobs, tenants
 from tests.api.conftest import REDIS_TEST_URL, LiveServer, closed_port, http_settings, serve
 from tests.api.factories import new_job, new_tenant
 
@@ -70,12 +70,12 @@ def test_a_read_that_raced_a_change_is_not_kept() -> None:
 
 def test_size_and_age_are_bounded() -> None:
     cache = live_cache(size=3, max_age=0.2)
-    jobs = [uuid.uuid4() for _ in range(4)]
-    for i, job in enumerate(jobs):
+    job_ids = [uuid.uuid4() for _ in range(4)]
+    for i, job in enumerate(job_ids):
         cache.put(job, A, i, cache.token())
-    assert [cache.get(job, A) for job in jobs] == [None, 1, 2, 3]  # the oldest went first
+    assert [cache.get(job, A) for job in job_ids] == [None, 1, 2, 3]  # the oldest went first
     time.sleep(0.25)
-    assert all(cache.get(job, A) is None for job in jobs)
+    assert all(cache.get(job, A) is None for job in job_ids)
 
 
 # -- the listener on a real Postgres --------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_changes_from_any_writer_drop_the_entry(migrated: tuple[str, sessionmake
 
 
 def test_the_trigger_goes_with_a_downgrade(migrated: tuple[str, sessionmaker[Session]]) -> None:
-    from api.migrate import downgrade
+    from service.migrate import downgrade
 
     url, _ = migrated
     with psycopg.connect(libpq_conninfo(url), autocommit=True) as conn:
@@ -205,7 +205,7 @@ def test_answer_is_the_same_from_every_path(live: LiveServer, tmp_path: Path, sq
                 iteration=5, loss=0.25, layers={"iteration": 5, "layers": [{"layer": "fc1", "kept": 3, "total": 9}]}
             )
         )
-        expected = JobRead.model_validate(repository.get_job(s, tenant, job)).model_dump(mode="json")
+        expected = JobRead.model_validate(jobs.get_job(s, tenant, job)).model_dump(mode="json")
     with live.client(key) as c:
         assert c.get(f"/v1/jobs/{job}").json() == expected
         assert c.get(f"/v1/jobs/{job}").json() == expected
@@ -217,10 +217,10 @@ def test_answer_is_the_same_from_every_path(live: LiveServer, tmp_path: Path, sq
     factory = app.state.session_factory
     sqlite_tenant = new_tenant(factory)
     with session_scope(factory) as s:
-        _, sqlite_key = repository.create_api_key(s, sqlite_tenant)
+        _, sqlite_key = tenants.create_api_key(s, sqlite_tenant)
     sqlite_job = new_job(factory, sqlite_tenant)
     with session_scope(factory) as s:
-        expected = JobRead.model_validate(repository.get_job(s, sqlite_tenant, sqlite_job)).model_dump(mode="json")
+        expected = JobRead.model_validate(jobs.get_job(s, sqlite_tenant, sqlite_job)).model_dump(mode="json")
     with serve(app) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {sqlite_key}"}) as c:
         assert c.get(f"/v1/jobs/{sqlite_job}").json() == expected
 
@@ -263,7 +263,7 @@ def test_reader_on_a_database_that_cannot_be_reached(tmp_path: Path) -> None:
         try:
             start = time.monotonic()
             with pytest.raises(ServiceUnavailable):
-                await reader.first(repository.JOB_ROW, tenant_id=A, job_id=B)
+                await reader.first(jobs.JOB_ROW, tenant_id=A, job_id=B)
             assert time.monotonic() - start < 5
         finally:
             await reader.close()
@@ -279,7 +279,7 @@ def test_get_job_survives_postgres_killing_its_connections(tmp_path: Path, postg
     factory = app.state.session_factory
     tenant = new_tenant(factory)
     with session_scope(factory) as s:
-        _, key = repository.create_api_key(s, tenant)
+        _, key = tenants.create_api_key(s, tenant)
     job = new_job(factory, tenant)
     with serve(app) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
         assert c.get(f"/v1/jobs/{job}").status_code == 200

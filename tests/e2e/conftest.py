@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.migrate import upgrade
+from service.migrate import upgrade
 from tests.api.conftest import _postgres_database
 
 REDIS_URL = os.environ.get("NETSURGERY_TEST_REDIS", "redis://127.0.0.1:6379/12")

@@ -107,8 +107,8 @@ def test_cancel_a_running_job_within_five_seconds_and_the_worker_takes_the_next(
 
 def test_the_same_task_delivered_twice_runs_once(service: Service, inputs: tuple[str, str]) -> None:
     """Two workers, the job's message sent a second time while it runs: one attempt does the work."""
-    from api.queue import enqueue_job, make_celery
-    from api.settings import Settings
+    from service.queue import enqueue_job, make_celery
+    from service.settings import Settings
 
     model, data = inputs
     service.start_worker("w4")
@@ -176,7 +176,7 @@ class _Payload:
 def test_the_worker_refuses_non_json_task_messages(service: Service, inputs: tuple[str, str], tmp_path: Path) -> None:
     from celery import Celery
 
-    from api.queue import QUEUE, RUN_JOB
+    from service.queue import QUEUE, RUN_JOB
 
     sentinel = tmp_path / "SENTINEL_unpickled"
     if not any(name.startswith("w") for name in service.procs):

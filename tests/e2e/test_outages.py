@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from api.migrate import upgrade
+from service.migrate import upgrade
 from tests.api.conftest import _postgres_database
 from tests.e2e.conftest import REDIS_URL, Service, _redis, running_service
 from tests.e2e.proxy import Proxy

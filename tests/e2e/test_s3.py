@@ -22,10 +22,10 @@ import pytest
 import torch
 from moto.server import ThreadedMotoServer
 
-from api.migrate import upgrade
 from dns_core.artifacts import REPORT_FILES
 from dns_core.checkpoint import load_state
 from dns_core.sparse import load_sparse
+from service.migrate import upgrade
 from tests.api.conftest import _postgres_database
 from tests.e2e.conftest import Service, _redis, free_port, running_service
 from tests.e2e.test_service import _zoo_file, download_all, upload, wait_for_state

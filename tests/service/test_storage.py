@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from api.storage import Storage, StorageError
+from service.storage import Storage, StorageError
 
 
 @pytest.fixture(params=["local", "memory"])

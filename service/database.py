@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -19,10 +21,9 @@ from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
-from api.errors import ServiceUnavailable
-from api.settings import get_settings
+from service.errors import ServiceUnavailable
+from service.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 #: While reads fail, seconds between attempts to connect (every other read is answered 503 at once).
@@ -136,7 +137,7 @@ class Reader:
     async def first(self, statement: Select[Any], **params: Any) -> dict[str, Any] | None:
         """The first row of ``statement`` (with its bound ``params``) as a dict by column name, or None."""
         if self.pool is None:
-            return await run_in_threadpool(self._first_sync, statement, params)
+            return await anyio.to_thread.run_sync(functools.partial(self._first_sync, statement, params))
         sql = _postgres_sql(statement)
         if self._failing:
             await self._probe()

@@ -11,11 +11,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, InvalidRequestError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import jobstate, repository
-from api.database import session_scope
-from api.db import ApiKey, Artifact, Job, LayerPoint, ProgressPoint, Tenant
-from api.errors import Conflict, NotFound
-from api.repository import LayerSample, ProgressSample
+from service.database import session_scope
+from service.errors import Conflict, NotFound
+from service.orm import ApiKey, Artifact, Job, LayerPoint, ProgressPoint, Tenant
+from service.repositories import datasets, jobs, jobstate, models, tenants
+from service.repositories.jobs import LayerSample, ProgressSample
 from tests.api.factories import new_job, new_tenant
 
 
@@ -37,51 +37,51 @@ def _running(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> tuple[uuid
 
 def test_api_key_lookup(factory: sessionmaker[Session]) -> None:
     with session_scope(factory) as session:
-        tenant, key = repository.create_tenant(session, f"acme-{uuid.uuid4().hex[:8]}")
-        other, other_key = repository.create_tenant(session, f"other-{uuid.uuid4().hex[:8]}")
+        tenant, key = tenants.create_tenant(session, f"acme-{uuid.uuid4().hex[:8]}")
+        other, other_key = tenants.create_tenant(session, f"other-{uuid.uuid4().hex[:8]}")
     assert key.startswith("ns_") and len(key) >= 40 and key != other_key
 
     with factory() as session:
-        found = repository.tenant_for_key(session, key)
+        found = tenants.tenant_for_key(session, key)
         assert found is not None and found.id == tenant.id
-        found_other = repository.tenant_for_key(session, other_key)
+        found_other = tenants.tenant_for_key(session, other_key)
         assert found_other is not None and found_other.id == other.id
         for wrong in [key[:-1] + ("A" if key[-1] != "A" else "B"), key + "x", "ns_", "", key[3:], "x" * 10_000]:
-            assert repository.tenant_for_key(session, wrong) is None
+            assert tenants.tenant_for_key(session, wrong) is None
 
 
 def test_keys_are_stored_hashed(factory: sessionmaker[Session]) -> None:
     with session_scope(factory) as session:
-        tenant, key = repository.create_tenant(session, f"acme-{uuid.uuid4().hex[:8]}")
+        tenant, key = tenants.create_tenant(session, f"acme-{uuid.uuid4().hex[:8]}")
     with factory() as session:
         row = session.execute(select(ApiKey.__table__).where(ApiKey.tenant_id == tenant.id)).one()
     assert row.key_hash == hashlib.sha256(key.encode()).hexdigest()
-    assert row.prefix == key[: repository.DISPLAY_PREFIX_LENGTH]
+    assert row.prefix == key[: tenants.DISPLAY_PREFIX_LENGTH]
     assert all(key not in str(value) for value in row)
 
 
 def test_revoked_key_is_refused(factory: sessionmaker[Session]) -> None:
     with session_scope(factory) as session:
-        tenant, key = repository.create_tenant(session, f"acme-{uuid.uuid4().hex[:8]}")
-        second, second_key = repository.create_api_key(session, tenant.id)
+        tenant, key = tenants.create_tenant(session, f"acme-{uuid.uuid4().hex[:8]}")
+        second, second_key = tenants.create_api_key(session, tenant.id)
         first_id = session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tenant.id, ApiKey.id != second.id))
     assert first_id is not None
     with session_scope(factory) as session:
-        assert not repository.revoke_api_key(session, uuid.uuid4(), first_id)  # another tenant cannot
-        assert repository.revoke_api_key(session, tenant.id, first_id)
-        assert not repository.revoke_api_key(session, tenant.id, first_id)  # already revoked
+        assert not tenants.revoke_api_key(session, uuid.uuid4(), first_id)  # another tenant cannot
+        assert tenants.revoke_api_key(session, tenant.id, first_id)
+        assert not tenants.revoke_api_key(session, tenant.id, first_id)  # already revoked
     with factory() as session:
-        assert repository.tenant_for_key(session, key) is None
-        found = repository.tenant_for_key(session, second_key)
+        assert tenants.tenant_for_key(session, key) is None
+        found = tenants.tenant_for_key(session, second_key)
         assert found is not None and found.id == tenant.id
 
 
 def test_tenant_names_are_unique(factory: sessionmaker[Session]) -> None:
     name = f"acme-{uuid.uuid4().hex[:8]}"
     with session_scope(factory) as session:
-        repository.create_tenant(session, name)
+        tenants.create_tenant(session, name)
     with pytest.raises(Conflict), session_scope(factory) as session:
-        repository.create_tenant(session, name)
+        tenants.create_tenant(session, name)
 
 
 # -------------------------------------------------------------------------------------- scoping
@@ -91,60 +91,60 @@ def test_another_tenants_rows_are_invisible(factory: sessionmaker[Session], tena
     intruder = new_tenant(factory)
     job_id, attempt = _running(factory, tenant_id)
     with session_scope(factory) as session:
-        assert repository.put_artifact(
+        assert jobs.put_artifact(
             session, job_id, attempt, name="report.json", kind="report", uri="file:///r", size_bytes=2, sha256="b" * 64
         )
-        job = repository.get_job(session, tenant_id, job_id)
+        job = jobs.get_job(session, tenant_id, job_id)
         assert job is not None
         model_id, dataset_id = job.model_id, job.dataset_id
 
     with factory() as session:
-        assert repository.get_model(session, intruder, model_id) is None
-        assert repository.get_dataset(session, intruder, dataset_id) is None
-        assert repository.get_job(session, intruder, job_id) is None
-        assert repository.get_artifact(session, intruder, job_id, "report.json") is None
-        assert repository.list_artifacts(session, intruder, job_id) == []
-        assert repository.list_models(session, intruder).total == 0
-        assert repository.list_datasets(session, intruder).total == 0
-        assert repository.list_jobs(session, intruder).total == 0
+        assert models.get_model(session, intruder, model_id) is None
+        assert datasets.get_dataset(session, intruder, dataset_id) is None
+        assert jobs.get_job(session, intruder, job_id) is None
+        assert jobs.get_artifact(session, intruder, job_id, "report.json") is None
+        assert jobs.list_artifacts(session, intruder, job_id) == []
+        assert models.list_models(session, intruder).total == 0
+        assert datasets.list_datasets(session, intruder).total == 0
+        assert jobs.list_jobs(session, intruder).total == 0
         # the owner sees them
-        assert repository.get_model(session, tenant_id, model_id) is not None
-        artifact = repository.get_artifact(session, tenant_id, job_id, "report.json")
+        assert models.get_model(session, tenant_id, model_id) is not None
+        artifact = jobs.get_artifact(session, tenant_id, job_id, "report.json")
         assert artifact is not None and artifact.size_bytes == 2
 
     with session_scope(factory) as session:
-        assert not repository.delete_model(session, intruder, model_id)
-        assert not repository.delete_dataset(session, intruder, dataset_id)
-        assert not repository.delete_job(session, intruder, job_id)
+        assert not models.delete_model(session, intruder, model_id)
+        assert not datasets.delete_dataset(session, intruder, dataset_id)
+        assert not jobs.delete_job(session, intruder, job_id)
         with pytest.raises(NotFound):  # a job cannot be built on another tenant's model
-            repository.create_job(
+            jobs.create_job(
                 session, intruder, model_id=model_id, dataset_id=dataset_id, method="dns", target={}, settings={}
             )
     with factory() as session:
-        assert repository.get_job(session, tenant_id, job_id) is not None
+        assert jobs.get_job(session, tenant_id, job_id) is not None
 
 
 def test_list_jobs_filters_pages_and_counts(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
-    jobs = [new_job(factory, tenant_id) for _ in range(5)]
+    job_ids = [new_job(factory, tenant_id) for _ in range(5)]
     with session_scope(factory) as session:
-        for job_id in jobs[:2]:
+        for job_id in job_ids[:2]:
             assert jobstate.transition(session, job_id, "queued", "cancelled")
     with factory() as session:
-        page = repository.list_jobs(session, tenant_id, limit=2, offset=0)
+        page = jobs.list_jobs(session, tenant_id, limit=2, offset=0)
         assert page.total == 5 and len(page.items) == 2
-        everything = [j.id for j in repository.list_jobs(session, tenant_id, limit=100).items]
-        assert sorted(everything) == sorted(jobs)
-        created = [j.created_at for j in repository.list_jobs(session, tenant_id, limit=100).items]
+        everything = [j.id for j in jobs.list_jobs(session, tenant_id, limit=100).items]
+        assert sorted(everything) == sorted(job_ids)
+        created = [j.created_at for j in jobs.list_jobs(session, tenant_id, limit=100).items]
         assert created == sorted(created, reverse=True)
-        second = repository.list_jobs(session, tenant_id, limit=2, offset=2)
+        second = jobs.list_jobs(session, tenant_id, limit=2, offset=2)
         assert {j.id for j in second.items}.isdisjoint(j.id for j in page.items)
-        cancelled = repository.list_jobs(session, tenant_id, state="cancelled")
-        assert cancelled.total == 2 and {j.id for j in cancelled.items} == set(jobs[:2])
-        assert repository.list_jobs(session, tenant_id, state="queued").total == 3
+        cancelled = jobs.list_jobs(session, tenant_id, state="cancelled")
+        assert cancelled.total == 2 and {j.id for j in cancelled.items} == set(job_ids[:2])
+        assert jobs.list_jobs(session, tenant_id, state="queued").total == 3
         with pytest.raises(ValueError):
-            repository.list_jobs(session, tenant_id, state="paused")
+            jobs.list_jobs(session, tenant_id, state="paused")
         with pytest.raises(ValueError):
-            repository.list_jobs(session, tenant_id, limit=0)
+            jobs.list_jobs(session, tenant_id, limit=0)
 
 
 def test_timestamps_are_aware_utc_and_relationships_never_lazy_load(
@@ -172,17 +172,17 @@ def test_idempotency_key_returns_the_first_job(factory: sessionmaker[Session], t
     assert model_id is not None and dataset_id is not None
     kwargs = {"model_id": model_id, "dataset_id": dataset_id, "method": "dns", "target": {}, "settings": {}}
     with session_scope(factory) as session:
-        again, created = repository.create_job(session, tenant_id, idempotency_key="req-1", **kwargs)  # type: ignore[arg-type]
+        again, created = jobs.create_job(session, tenant_id, idempotency_key="req-1", **kwargs)  # type: ignore[arg-type]
         assert (again.id, created) == (first, False)
-        other, created = repository.create_job(session, tenant_id, idempotency_key="req-2", **kwargs)  # type: ignore[arg-type]
+        other, created = jobs.create_job(session, tenant_id, idempotency_key="req-2", **kwargs)  # type: ignore[arg-type]
         assert created and other.id != first
-        plain_a, _ = repository.create_job(session, tenant_id, **kwargs)  # type: ignore[arg-type]
-        plain_b, _ = repository.create_job(session, tenant_id, **kwargs)  # type: ignore[arg-type]
+        plain_a, _ = jobs.create_job(session, tenant_id, **kwargs)  # type: ignore[arg-type]
+        plain_b, _ = jobs.create_job(session, tenant_id, **kwargs)  # type: ignore[arg-type]
         assert plain_a.id != plain_b.id  # no key: never deduplicated
     # another tenant may use the same key
     assert new_job(factory, new_tenant(factory), idempotency_key="req-1") != first
     with factory() as session:
-        assert repository.list_jobs(session, tenant_id).total == 4
+        assert jobs.list_jobs(session, tenant_id).total == 4
 
 
 # -------------------------------------------------------------------------------------- progress
@@ -192,20 +192,20 @@ def test_add_progress_ignores_duplicate_iterations(factory: sessionmaker[Session
     job_id, attempt = _running(factory, tenant_id)
     with session_scope(factory) as session:
         first = [ProgressSample(i, loss=10.0 - i, compression=float(i)) for i in (1, 2, 3)]
-        assert repository.add_progress(session, job_id, attempt, first)
+        assert jobs.add_progress(session, job_id, attempt, first)
     with session_scope(factory) as session:
         again = [ProgressSample(i, loss=-1.0) for i in (2, 3)] + [ProgressSample(4, loss=6.0, val_accuracy=0.9)]
-        assert repository.add_progress(session, job_id, attempt, again)
+        assert jobs.add_progress(session, job_id, attempt, again)
     with factory() as session:
-        points = repository.list_progress(session, job_id)
+        points = jobs.list_progress(session, job_id)
         assert [(p.iteration, p.loss) for p in points] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0)]
-        assert [p.iteration for p in repository.list_progress(session, job_id, after_iteration=2)] == [3, 4]
+        assert [p.iteration for p in jobs.list_progress(session, job_id, after_iteration=2)] == [3, 4]
         job = session.get(Job, job_id)
         assert job is not None
         # the summary takes the latest value of each field; compression last came at iteration 3
         assert (job.iteration, job.loss, job.val_accuracy, job.compression) == (4, 6.0, 0.9, 3.0)
     with session_scope(factory) as session:  # a resumed attempt repeats 2..3: the job's iteration stays at 4
-        assert repository.add_progress(session, job_id, attempt, [ProgressSample(2), ProgressSample(3)])
+        assert jobs.add_progress(session, job_id, attempt, [ProgressSample(2), ProgressSample(3)])
     with factory() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.iteration == 4
@@ -215,30 +215,30 @@ def test_add_layer_points(factory: sessionmaker[Session], tenant_id: uuid.UUID) 
     job_id, attempt = _running(factory, tenant_id)
     samples = [LayerSample(it, name, kept, 100) for it in (10, 20) for name, kept in (("fc1", 50 - it), ("fc2", 90))]
     with session_scope(factory) as session:
-        assert repository.add_layer_points(session, job_id, attempt, samples)
-        assert repository.add_layer_points(session, job_id, attempt, [LayerSample(20, "fc1", 0, 100)])  # duplicate
-        assert not repository.add_layer_points(session, job_id, attempt + 1, [LayerSample(30, "fc1", 1, 100)])
+        assert jobs.add_layer_points(session, job_id, attempt, samples)
+        assert jobs.add_layer_points(session, job_id, attempt, [LayerSample(20, "fc1", 0, 100)])  # duplicate
+        assert not jobs.add_layer_points(session, job_id, attempt + 1, [LayerSample(30, "fc1", 1, 100)])
     with factory() as session:
-        rows = [(p.iteration, p.layer, p.kept) for p in repository.list_layer_points(session, job_id)]
+        rows = [(p.iteration, p.layer, p.kept) for p in jobs.list_layer_points(session, job_id)]
         assert rows == [(10, "fc1", 40), (10, "fc2", 90), (20, "fc1", 30), (20, "fc2", 90)]
         job = session.get(Job, job_id)
         assert job is not None and job.layers is not None
         assert job.layers["iteration"] == 20
     with pytest.raises(IntegrityError), session_scope(factory) as session:  # kept > total
-        repository.add_layer_points(session, job_id, attempt, [LayerSample(40, "fc1", 101, 100)])
+        jobs.add_layer_points(session, job_id, attempt, [LayerSample(40, "fc1", 101, 100)])
 
 
 def test_put_artifact_replaces_by_name(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
     job_id, attempt = _running(factory, tenant_id)
     with session_scope(factory) as session:
-        assert repository.put_artifact(
+        assert jobs.put_artifact(
             session, job_id, attempt, name="weights", kind="sparse", uri="file:///1", size_bytes=1, sha256="1" * 64
         )
-        assert repository.put_artifact(
+        assert jobs.put_artifact(
             session, job_id, attempt, name="weights", kind="sparse", uri="file:///2", size_bytes=2, sha256="2" * 64
         )
     with factory() as session:
-        [artifact] = repository.list_artifacts(session, tenant_id, job_id)
+        [artifact] = jobs.list_artifacts(session, tenant_id, job_id)
         assert (artifact.uri, artifact.size_bytes) == ("file:///2", 2)
 
 
@@ -250,43 +250,43 @@ def test_deletes_refuse_what_is_in_use_and_cascade_to_children(
 ) -> None:
     job_id, attempt = _running(factory, tenant_id)
     with session_scope(factory) as session:
-        assert repository.add_progress(session, job_id, attempt, [ProgressSample(1, loss=1.0)])
-        assert repository.add_layer_points(session, job_id, attempt, [LayerSample(1, "fc1", 1, 2)])
-        assert repository.put_artifact(
+        assert jobs.add_progress(session, job_id, attempt, [ProgressSample(1, loss=1.0)])
+        assert jobs.add_layer_points(session, job_id, attempt, [LayerSample(1, "fc1", 1, 2)])
+        assert jobs.put_artifact(
             session, job_id, attempt, name="weights", kind="sparse", uri="file:///w", size_bytes=1, sha256="c" * 64
         )
-        job = repository.get_job(session, tenant_id, job_id)
+        job = jobs.get_job(session, tenant_id, job_id)
         assert job is not None
         model_id, dataset_id = job.model_id, job.dataset_id
 
     with session_scope(factory) as session:
         with pytest.raises(Conflict):  # running
-            repository.delete_job(session, tenant_id, job_id)
+            jobs.delete_job(session, tenant_id, job_id)
         with pytest.raises(Conflict):  # used by the job
-            repository.delete_model(session, tenant_id, model_id)
+            models.delete_model(session, tenant_id, model_id)
         with pytest.raises(Conflict):
-            repository.delete_dataset(session, tenant_id, dataset_id)
+            datasets.delete_dataset(session, tenant_id, dataset_id)
 
     with session_scope(factory) as session:
         assert jobstate.transition(session, job_id, "running", "succeeded", attempt=attempt)
     with session_scope(factory) as session:
-        assert repository.delete_job(session, tenant_id, job_id)
-        assert not repository.delete_job(session, tenant_id, job_id)
+        assert jobs.delete_job(session, tenant_id, job_id)
+        assert not jobs.delete_job(session, tenant_id, job_id)
     with factory() as session:
         for entity in (ProgressPoint, LayerPoint, Artifact):
             assert _count(session, entity, job_id) == 0
     with session_scope(factory) as session:
-        assert repository.delete_model(session, tenant_id, model_id)
-        assert repository.delete_dataset(session, tenant_id, dataset_id)
-        assert repository.get_model(session, tenant_id, model_id) is None
+        assert models.delete_model(session, tenant_id, model_id)
+        assert datasets.delete_dataset(session, tenant_id, dataset_id)
+        assert models.get_model(session, tenant_id, model_id) is None
 
 
 def test_deleting_a_tenant_removes_everything_it_owns(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
     job_id, attempt = _running(factory, tenant_id)
     with session_scope(factory) as session:
-        assert repository.add_progress(session, job_id, attempt, [ProgressSample(1)])
+        assert jobs.add_progress(session, job_id, attempt, [ProgressSample(1)])
     with session_scope(factory) as session:
-        assert repository.delete_tenant(session, tenant_id)
+        assert tenants.delete_tenant(session, tenant_id)
     with factory() as session:
         assert session.get(Tenant, tenant_id) is None
         assert session.get(Job, job_id) is None
@@ -296,15 +296,15 @@ def test_deleting_a_tenant_removes_everything_it_owns(factory: sessionmaker[Sess
 
 def test_dataset_rows_are_checked(session: Session, tenant_id: uuid.UUID) -> None:
     with pytest.raises(ValueError):
-        repository.create_dataset(session, tenant_id, name="x", kind="builtin")
+        datasets.create_dataset(session, tenant_id, name="x", kind="builtin")
     with pytest.raises(ValueError):
-        repository.create_dataset(session, tenant_id, name="x", kind="npz", builtin_name="digits")
+        datasets.create_dataset(session, tenant_id, name="x", kind="npz", builtin_name="digits")
     with pytest.raises(ValueError):
-        repository.create_model(
+        models.create_model(
             session, tenant_id, name="m", format="pt", parameter_count=1, size_bytes=1, sha256="0" * 64, uri="u"
         )
     # the database refuses it too, whatever the caller skips
-    dataset = repository.create_dataset(session, tenant_id, name="u", kind="npz", uri="file:///d.npz", size_bytes=3)
+    dataset = datasets.create_dataset(session, tenant_id, name="u", kind="npz", uri="file:///d.npz", size_bytes=3)
     dataset.uri = None
     with pytest.raises(IntegrityError):
         session.flush()

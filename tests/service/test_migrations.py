@@ -9,9 +9,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from api.database import make_engine
-from api.db import Base
-from api.migrate import downgrade, upgrade
+from service.database import make_engine
+from service.migrate import downgrade, upgrade
+from service.orm import Base
 
 BACKENDS = ["postgres_url", "sqlite_url"]
 

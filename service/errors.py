@@ -1,8 +1,8 @@
 """The service's one error hierarchy: each expected failure has a class and an HTTP status.
 
-The repository raises these; the HTTP layer renders every :class:`AppError` with one handler
-(:func:`api.app.render_error`) as ``{"error": code, "detail": message}``, so an expected error is
-never a 500. Errors from elsewhere (request validation, the upload checks in ``dns_core``, a
+The repositories and use cases raise these; the HTTP layer renders every :class:`AppError` with
+one handler (``api.app.render_error``) as ``{"error": code, "detail": message}``, so an expected
+error is never a 500. Errors from elsewhere (request validation, the upload checks in ``dns_core``, a
 database that cannot be reached) are translated into these classes first.
 """
 

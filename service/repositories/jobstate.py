@@ -14,6 +14,9 @@ States and the allowed moves (:data:`ALLOWED_TRANSITIONS`)::
 A worker that takes over a running job whose lease expired (:func:`claim`) keeps the state
 ``running`` and gets a new attempt number; the old worker's writes are then fenced out.
 
+The reads that decide a job's fate live here too: a running attempt asks :func:`attempt_status`
+whether to go on, and the reaper scans :func:`expired_leases` and :func:`stale_queued`.
+
 Times are the application's clock in UTC (``now`` may be passed in, which the tests do); hosts
 are expected to keep their clocks in sync (NTP) to well within a lease.
 """
@@ -24,12 +27,12 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from sqlalchemy import ColumnElement, and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.db import JOB_STATES, TERMINAL_STATES, Job, UTCDateTime, utcnow
+from service.orm import JOB_STATES, TERMINAL_STATES, Job, UTCDateTime, utcnow
 
 ALLOWED_TRANSITIONS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
     {
@@ -206,6 +209,13 @@ def expired_leases(session: Session, now: datetime | None = None) -> list[uuid.U
     return list(session.scalars(stmt))
 
 
+def stale_queued(session: Session, seconds: float, *, now: datetime | None = None) -> list[uuid.UUID]:
+    """Ids of jobs queued for longer than ``seconds``, oldest first (the reaper's scan for lost messages)."""
+    cutoff = (now or utcnow()) - timedelta(seconds=seconds)
+    stmt = select(Job.id).where(Job.state == "queued", Job.created_at < cutoff).order_by(Job.created_at)
+    return list(session.scalars(stmt))
+
+
 def release_expired(session: Session, job_id: uuid.UUID, *, now: datetime | None = None) -> bool:
     """Re-queue a running job whose lease is (still) expired; False if a heartbeat or claim got there first.
 
@@ -239,3 +249,14 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> str | None:
         elif _guarded_update(session, [Job.id == job_id, Job.state == "running"], {"cancel_requested": True}):
             return "running"
     raise RuntimeError(f"job {job_id}: state kept changing while a cancel was requested")
+
+
+def attempt_status(session: Session, job_id: uuid.UUID, attempt: int) -> Literal["live", "cancel", "lost"]:
+    """What a running attempt should do: go on (``live``), stop as cancelled (``cancel``: a cancel was
+    requested), or stop without writing anything more (``lost``: the job is gone, or no longer running
+    under ``attempt``).
+    """
+    row = session.execute(select(Job.cancel_requested, Job.state, Job.attempt).where(Job.id == job_id)).first()
+    if row is None or row.state != "running" or row.attempt != attempt:
+        return "lost"
+    return "cancel" if row.cancel_requested else "live"

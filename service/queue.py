@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import Celery
 
-from api.settings import Settings
+from service.settings import Settings
 
 RUN_JOB = "netsurgery.run_job"
 QUEUE = "jobs"

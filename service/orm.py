@@ -212,7 +212,7 @@ class Dataset(Base):
 class Job(Base):
     """A compression job and its live summary.
 
-    ``state`` changes only through :mod:`api.jobstate`. ``attempt`` counts claims: each worker that
+    ``state`` changes only through :mod:`service.repositories.jobstate`. ``attempt`` counts claims: each worker that
     claims the job gets a new attempt number, and every write a worker makes is fenced by it, so
     a worker whose lease was taken over cannot overwrite the live one.
     """

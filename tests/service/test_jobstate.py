@@ -12,11 +12,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import jobstate, repository
-from api.database import session_scope
-from api.db import Job, ProgressPoint, utcnow
-from api.jobstate import IllegalTransition
-from api.repository import ProgressSample
+from service.database import session_scope
+from service.orm import Job, ProgressPoint, utcnow
+from service.repositories import jobs, jobstate
+from service.repositories.jobs import ProgressSample
+from service.repositories.jobstate import IllegalTransition
 from tests.api.factories import new_job
 
 LEASE = 30.0
@@ -144,21 +144,21 @@ def test_expired_lease_is_taken_over_and_the_stale_attempt_is_fenced(
     with session_scope(factory) as session:
         # worker-a wakes up: every write it tries is refused and changes nothing
         assert not jobstate.heartbeat(session, job_id, 1, "worker-a", LEASE, now=later)
-        assert not repository.add_progress(session, job_id, 1, [ProgressSample(iteration=5, loss=9.0)])
+        assert not jobs.add_progress(session, job_id, 1, [ProgressSample(iteration=5, loss=9.0)])
         assert not jobstate.transition(session, job_id, "running", "succeeded", attempt=1)
-        assert not repository.put_artifact(
+        assert not jobs.put_artifact(
             session, job_id, 1, name="weights", kind="sparse", uri="file:///a", size_bytes=1, sha256="a" * 64
         )
     with factory() as session:
         assert session.scalar(select(func.count()).where(ProgressPoint.job_id == job_id)) == 0
-        assert repository.list_artifacts(session, _job(factory, job_id).tenant_id, job_id) == []
+        assert jobs.list_artifacts(session, _job(factory, job_id).tenant_id, job_id) == []
     job = _job(factory, job_id)
     assert (job.state, job.iteration, job.loss, job.lease_owner) == ("running", 0, None, "worker-b")
     assert job.heartbeat_at == later
 
     with session_scope(factory) as session:  # the live attempt goes on
         assert jobstate.heartbeat(session, job_id, 2, "worker-b", LEASE, now=later + timedelta(seconds=5))
-        assert repository.add_progress(session, job_id, 2, [ProgressSample(iteration=5, loss=1.0)])
+        assert jobs.add_progress(session, job_id, 2, [ProgressSample(iteration=5, loss=1.0)])
         assert jobstate.transition(session, job_id, "running", "succeeded", attempt=2, compression=41.0)
     job = _job(factory, job_id)
     assert (job.state, job.iteration, job.loss, job.compression) == ("succeeded", 5, 1.0, 41.0)
@@ -187,7 +187,7 @@ def test_reaper_requeues_an_expired_job_and_a_new_claim_resumes_it(
     job = _job(factory, job_id)
     assert (job.state, job.attempt, job.lease_owner, job.lease_expires_at) == ("queued", 1, None, None)
     with session_scope(factory) as session:  # worker-a is fenced although the attempt number is unchanged
-        assert not repository.add_progress(session, job_id, 1, [ProgressSample(iteration=1)])
+        assert not jobs.add_progress(session, job_id, 1, [ProgressSample(iteration=1)])
         assert not jobstate.heartbeat(session, job_id, 1, "worker-a", LEASE)
     assert _claim(factory, job_id, "worker-b") == 2
 

@@ -1,0 +1,115 @@
+"""The repository layer: every SQL statement the service runs lives in this package.
+
+One module per resource: :mod:`~service.repositories.tenants` (tenants and API keys),
+:mod:`~service.repositories.models`, :mod:`~service.repositories.datasets`,
+:mod:`~service.repositories.jobs` (jobs, progress, per-layer points, artifacts, change notices),
+:mod:`~service.repositories.stats` (quota counts and service figures) and
+:mod:`~service.repositories.jobstate` (every change of a job's state, lease and attempt). This
+module holds what they share: paging and dialect helpers.
+
+Functions take the caller's ``Session`` and flush at most; the request or task scope commits.
+Reads of tenant-owned rows take the ``tenant_id`` and return None for another tenant's row, the
+same as for a missing one. Functions that read a job's children by ``job_id`` alone (progress,
+layer points) expect the caller to have read the job through :func:`~service.repositories.jobs.get_job`
+first.
+
+Deletes: deleting a tenant removes everything it owns (``ON DELETE CASCADE``); deleting a job
+removes its progress, layer points and artifact rows, and is refused (:class:`~service.errors.Conflict`)
+while the job is queued or running; deleting a model or dataset that a job uses is refused. Stored
+files are not touched here: callers read the URIs first and remove the objects after the commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Insert, Select, delete, exists, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict
+from service.orm import Dataset, Model
+
+T = TypeVar("T")
+
+MAX_PAGE: Final = 1000
+
+
+# ---------------------------------------------------------------------------------------- paging
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing and the number of rows across all pages."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+def check_page(limit: int, offset: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must be within 1..{MAX_PAGE}, got {limit}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+
+
+def page(
+    session: Session,
+    entity: type[T],
+    conditions: Sequence[ColumnElement[bool]],
+    order_by: Sequence[Any],
+    limit: int,
+    offset: int,
+) -> Page[T]:
+    check_page(limit, offset)
+    total = session.scalar(select(func.count()).select_from(entity).where(*conditions)) or 0
+    stmt: Select[T] = select(entity).where(*conditions).order_by(*order_by).limit(limit).offset(offset)
+    return Page(items=list(session.scalars(stmt)), total=total, limit=limit, offset=offset)
+
+
+def deleted_any(result: Iterable[Any]) -> bool:
+    """Whether a ``DELETE … RETURNING`` (or a guarded ``UPDATE … RETURNING``) matched a row."""
+    return next(iter(result), None) is not None
+
+
+def delete_unused(
+    session: Session,
+    entity: type[Model] | type[Dataset],
+    row_id: uuid.UUID,
+    tenant_id: uuid.UUID,
+    used_by: ColumnElement[bool],
+) -> bool:
+    """Delete the tenant's model or dataset ``row_id`` unless a job refers to it (``used_by``).
+
+    False if there is no such row; :class:`Conflict` while a job refers to it.
+    """
+    result = session.execute(
+        delete(entity)
+        .where(entity.id == row_id, entity.tenant_id == tenant_id, ~exists().where(used_by))
+        .returning(entity.id)
+    )
+    if deleted_any(result):
+        return True
+    if session.scalar(select(entity.id).where(entity.id == row_id, entity.tenant_id == tenant_id)) is not None:
+        raise Conflict(f"{entity.__tablename__.removesuffix('s')} {row_id} is used by a job; delete the job first")
+    return False
+
+
+def insert_ignoring(session: Session, entity: type[Any], keys: list[str]) -> Insert:
+    """``INSERT INTO entity … ON CONFLICT (keys) DO NOTHING`` in the session's dialect."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(entity).on_conflict_do_nothing(index_elements=keys)
+    if dialect == "sqlite":
+        return sqlite.insert(entity).on_conflict_do_nothing(index_elements=keys)
+    raise NotImplementedError(f"insert-or-ignore on {dialect!r}")  # pragma: no cover
+
+
+def ping(session: Session) -> None:
+    """Run ``SELECT 1``: raises when the database cannot be reached (the readiness probe)."""
+    session.execute(text("SELECT 1"))

@@ -1,0 +1,116 @@
+"""Jobs: create (commit, then enqueue), read, cancel, delete with their files.
+
+Idempotency: a create with an ``idempotency_key`` the tenant used before returns the job that key
+created, and enqueues nothing; the same key with a different request is a
+:class:`~service.errors.Conflict`. Quota: a tenant may have
+``Settings.max_active_jobs_per_tenant`` jobs queued or running
+(:func:`service.quotas.check_job_quota`); a replayed key passes.
+
+Enqueueing happens only after the job row is committed. If the broker cannot take the message,
+the job stays ``queued`` and the create still succeeds: the reaper re-sends queued jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from service import keys, quotas
+from service.errors import Conflict, NotFound
+from service.orm import TERMINAL_STATES, Job
+from service.queue import enqueue_job
+from service.repositories import jobs, jobstate
+from service.settings import Settings
+from service.storage import Storage
+from service.usecases import found, remove_stored
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """What a client asks to run: ``settings`` holds only the knobs it set (``iterations`` among them)."""
+
+    model_id: uuid.UUID
+    dataset_id: uuid.UUID
+    method: str
+    target: dict[str, Any]
+    settings: dict[str, Any]
+
+
+def create_job(
+    session: Session,
+    app: Celery,
+    settings: Settings,
+    tenant_id: uuid.UUID,
+    request: JobRequest,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue a job on one of the tenant's models and data sets: the job, and whether it was created now.
+
+    :class:`~service.errors.NotFound` if the model or data set is not the tenant's,
+    :class:`~service.errors.QuotaExceeded` past the active-jobs quota. A new job is committed, then
+    enqueued; a replayed ``idempotency_key`` returns the job it created (False), or
+    :class:`Conflict` if this request differs from that one.
+    """
+    quotas.check_job_quota(session, settings, tenant_id, idempotency_key)
+    total = request.settings.get("iterations")
+    job, created = jobs.create_job(
+        session, tenant_id, total_iterations=total, idempotency_key=idempotency_key, **asdict(request)
+    )
+    if not created:
+        if JobRequest(job.model_id, job.dataset_id, job.method, job.target, job.settings) != request:
+            raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different job request")
+        return job, False
+    session.commit()  # the task must find the row: enqueue only after the commit
+    try:
+        enqueue_job(app, job.id)
+    except Exception:  # the broker is down: the job stays queued and the reaper sends it later
+        log.warning("job %s committed but not enqueued; the reaper will re-send it", job.id, exc_info=True)
+    return job, True
+
+
+def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """The tenant's job; :class:`NotFound` if missing or another tenant's."""
+    return found(jobs.get_job(session, tenant_id, job_id), "job", job_id)
+
+
+def cancel_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """Ask the tenant's job to stop (committed); the job as it is then.
+
+    A queued job is cancelled at once; a running one is flagged (``cancel_requested``) and stops at
+    its worker's next check. :class:`Conflict` if the job already finished.
+    """
+    job = get_job(session, tenant_id, job_id)
+    if job.state in TERMINAL_STATES:
+        raise Conflict(f"job {job_id} is already {job.state}")
+    state = jobstate.request_cancel(session, job_id)
+    if state is None:
+        raise NotFound(f"job {job_id} not found")
+    if state in TERMINAL_STATES and state != "cancelled":
+        raise Conflict(f"job {job_id} is already {state}")
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def delete_job(session: Session, storage: Storage, tenant_id: uuid.UUID, job_id: uuid.UUID) -> None:
+    """Delete a finished job with its history (committed), then its artifacts and checkpoint.
+
+    :class:`Conflict` while the job is queued or running.
+    """
+    artifact_keys = [a.uri for a in jobs.list_artifacts(session, tenant_id, job_id)]
+    if not jobs.delete_job(session, tenant_id, job_id):
+        raise NotFound(f"job {job_id} not found")
+    session.commit()
+    for key in artifact_keys:
+        try:
+            storage.delete(key)
+        except (ValueError, OSError):
+            log.warning("could not remove artifact %s of deleted job %s", key, job_id, exc_info=True)
+    remove_stored(storage, keys.job_prefix(job_id))
