@@ -18,12 +18,10 @@ from typing import Any
 import torch
 
 from . import models
-from .compress import compress
 from .data import Dataset, fashion_mnist_splits
-from .methods import MethodSettings
 from .reference import cached_reference
-from .surgery import Target
-from .train import Callbacks, TrainConfig, evaluate
+from .spec import CRATE_DRIVEN, CompressSpec
+from .train import Callbacks, evaluate
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ PLANS: dict[str, ModelPlan] = {
     "lenet-5": ModelPlan("lenet-5", 52.0, {"conv1": 1.0, "conv2": 3.0, "fc1": 4.0, "fc2": 2.5}, 20_000),
 }
 
-TABLE_METHODS = ("dns-fixed-crates", "dns", "han", "one-shot", "agp", "dns@1/3")
+TABLE_METHODS = (CRATE_DRIVEN, "dns", "han", "one-shot", "agp", "dns@1/3")
 
 
 def run_row(
@@ -65,23 +63,18 @@ def run_row(
     if frac:
         num, den = frac.split("/")
         iterations = iterations * int(num) // int(den)
-    settings = MethodSettings(crates=plan.crates if base == "dns-fixed-crates" else None)
-    target = None if base == "dns-fixed-crates" else Target(compression=plan.target, max_accuracy_drop=plan.max_drop)
-    cfg = TrainConfig(
-        iterations=iterations, seed=seed, eval_every=max(iterations // 25, 1), log_every=max(iterations // 100, 1)
+    spec = CompressSpec(
+        method=base,
+        compression=plan.target,
+        max_accuracy_drop=plan.max_drop,
+        crates=plan.crates if base == CRATE_DRIVEN else None,
+        iterations=iterations,
+        seed=seed,
+        log_every=max(iterations // 100, 1),  # fewer progress reports in a timed run
     )
     model = copy.deepcopy(reference)
     began = time.perf_counter()
-    result = compress(
-        model,
-        train,
-        valid,
-        method=base,
-        target=target,
-        config=cfg,
-        settings=settings,
-        callbacks=Callbacks(on_progress=on_progress),
-    )
+    result = spec.compress(model, train, valid, callbacks=Callbacks(on_progress=on_progress))
     seconds = time.perf_counter() - began
     acc = evaluate(result.model, test)
     r = result.report
@@ -222,7 +215,8 @@ def overhead(
     y = torch.randint(0, 10, (batch_size,))
     dense = models.build(arch)
     pruned = copy.deepcopy(dense)
-    surgery = make_surgery("dns-fixed-crates", pruned, steps + warmup, None, MethodSettings(crate=0.5, iter_stop=10**9))
+    spec = CompressSpec(method=CRATE_DRIVEN, crate=0.5, iter_stop=10**9, iterations=steps + warmup)
+    surgery = make_surgery(spec.method, pruned, spec.iterations, spec.target(), spec.method_settings())
     opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in (dense, pruned)]
 
     def step(m: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
