@@ -18,7 +18,9 @@ measures, from this (second) process over loopback:
 4. **API resident memory** (all its processes) while a 200 MB model upload streams in (peak growth
    over the idle RSS).
 
-The last output line is one JSON object with every figure.
+The last output line is one JSON object with every figure; ``netsurgery bench service`` also writes
+it, with the command line, versions and machine, to a results file (``docs/results/service.json``
+unless ``--results`` says otherwise) through :func:`dns_core.bench.write_results`.
 """
 
 from __future__ import annotations

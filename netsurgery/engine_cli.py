@@ -244,17 +244,30 @@ def _print_report(r: dict[str, Any]) -> None:
         )
 
 
+def _record_results(args: argparse.Namespace, results: Any) -> None:
+    """Write a bench run's raw results to ``--results`` (default: docs/results/<kind>.json)."""
+    from dns_core import bench
+
+    kind = args.which + ("-quick" if args.quick and args.which in ("table", "versus") else "")
+    arguments = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)}
+    path = bench.write_results(args.results or f"docs/results/{kind}.json", kind, arguments, results)
+    print(f"results written to {path}", file=sys.stderr)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dns_core import bench
 
     if args.which == "overhead":
-        print(json.dumps(bench.overhead(steps=args.steps)))
+        result = bench.overhead(steps=args.steps)
+        print(json.dumps(result))
+        _record_results(args, result)
         return 0
     if args.which == "service":
         from netsurgery import bench_service
 
         figures = bench_service.run(log=lambda s: print(s, file=sys.stderr, flush=True))
         print(json.dumps(figures))
+        _record_results(args, figures)
         return 0
     if args.which == "versus":
         arch = args.models.split(",")[0]  # one model: the first of --models
@@ -278,6 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{method:4} {m['compression']:5.1f}x  test drop {m['mean_drop']:+.2f} ± {m['sd_drop']:.2f} pp "
                   f"(validation {m['mean_val_drop']:+.2f}) over {len(result['seeds'])} seeds")  # fmt: skip
         print(json.dumps(result))
+        _record_results(args, result)
         return 0
     archs = args.models.split(",")
     unknown = [a for a in archs if a not in bench.PLANS]
@@ -294,6 +308,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(bench.format_table(rows))
     extra = ("layers", "backoffs", "val_drop")  # the last line keeps the issue's keys only
     print(json.dumps({"rows": [{k: v for k, v in r.items() if k not in extra} for r in rows]}))
+    _record_results(args, {"rows": rows})  # the file keeps every key
     return 0
 
 
@@ -370,4 +385,11 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--first-seed", type=int, default=0, help="versus: the first training seed (to extend a run)")
     b.add_argument("--pair", default="dns,agp", help="versus: the two methods; the first is asked for ratio × the "
                    "second's compression (e.g. dns@1/3,han with --ratio 1)")  # fmt: skip
+    b.add_argument(
+        "--results",
+        default=None,
+        metavar="PATH",
+        help="the raw results' JSON file (default: docs/results/<kind>.json, "
+        "kind: table, table-quick, versus, versus-quick, overhead, service)",
+    )
     b.set_defaults(func=cmd_bench)

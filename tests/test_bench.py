@@ -2,11 +2,14 @@
 
 import gzip
 import json
+import os
 import struct
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from netsurgery.cli import main
 
@@ -14,6 +17,12 @@ from netsurgery.cli import main
 def _write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
     path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(autouse=True)
+def _results_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench commands write docs/results/<kind>.json under the working directory: a temporary one here."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -87,3 +96,40 @@ def test_bench_versus_takes_any_pair_of_methods(fake_fashion: Path, capsys: pyte
     assert [r["seed"] for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]] == [3, 3]
     assert main([*argv, "--pair", "dns,magic"]) == 2
     assert "--pair takes two methods" in capsys.readouterr().err
+
+
+def test_bench_writes_a_results_file_with_the_run_its_figures_and_the_machine(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    began = datetime.now(UTC)
+    assert main(["bench", "overhead", "--steps", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    record = json.loads(Path("docs/results/overhead.json").read_text())
+    assert record["kind"] == "overhead"
+    assert record["results"] == printed
+    assert record["arguments"]["which"] == "overhead" and record["arguments"]["steps"] == 3
+    assert all(isinstance(part, str) for part in record["command"])
+    assert record["versions"]["torch"] == torch.__version__ and record["versions"]["netsurgery"]
+    assert record["machine"]["cpu_count"] == os.cpu_count()
+    assert record["machine"]["cpu_model"] is None or isinstance(record["machine"]["cpu_model"], str)
+    created = datetime.fromisoformat(record["created_at"])
+    assert created.utcoffset() == timedelta(0)
+    assert began - timedelta(seconds=1) <= created <= datetime.now(UTC)
+    assert main(["bench", "overhead", "--steps", "3", "--results", "elsewhere/o.json"]) == 0
+    assert json.loads(Path("elsewhere/o.json").read_text())["arguments"]["steps"] == 3
+
+
+def test_bench_table_quick_writes_its_rows_to_table_quick_json(
+    fake_fashion: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "table", "--quick", "--models", "lenet-300-100", "--methods", "dns,agp", "--iterations", "20"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    record = json.loads(Path("docs/results/table-quick.json").read_text())
+    assert record["kind"] == "table-quick"
+    rows = record["results"]["rows"]
+    assert [(r["method"], r["compression"], r["acc"]) for r in rows] == [
+        (r["method"], r["compression"], r["acc"]) for r in printed
+    ]
+    assert all("layers" in r and "val_drop" in r for r in rows)  # the file keeps what the printed line leaves out
+    assert not Path("docs/results/table.json").exists()
