@@ -86,7 +86,7 @@ def load_model_file(
     """Load an ONNX graph or zoo safetensors weights, judged by content; refuse everything else."""
     kind = uploads.sniff(path, max_bytes=max_bytes).kind
     if kind == "onnx":
-        from .onnx_io import load_onnx
+        from .onnx_convert import load_onnx
 
         raw = Path(path).read_bytes()
         return LoadedModel(load_onnx(raw, max_bytes=max_bytes), "onnx", onnx_bytes=raw)
@@ -109,7 +109,7 @@ def save_dense(loaded: LoadedModel, module: nn.Module, out_dir: str | os.PathLik
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if loaded.format == "onnx":
-        from .onnx_io import export_onnx
+        from .onnx_export import export_onnx
 
         path = out / DENSE_ONNX
         path.write_bytes(export_onnx(module))  # type: ignore[arg-type]

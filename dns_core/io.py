@@ -64,7 +64,7 @@ def load_model(
     if kind != "safetensors":
         raise uploads.RefusedFormat(
             f"{Path(path).name} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} file, not safetensors weights"
-            + ("; load ONNX models with dns_core.onnx_io" if kind == "onnx" else "")
+            + ("; load ONNX models with dns_core.onnx_convert" if kind == "onnx" else "")
         )
     uploads.validate_safetensors(path, max_bytes=cap)
     meta, state = read_safetensors(path)

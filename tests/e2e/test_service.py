@@ -27,7 +27,8 @@ from dns_core import models
 from dns_core.artifacts import REPORT_FILES
 from dns_core.data import load_digits
 from dns_core.io import load_model, save_model
-from dns_core.onnx_io import check_with_onnxruntime, load_onnx
+from dns_core.onnx_convert import load_onnx
+from dns_core.onnx_export import check_with_onnxruntime
 from dns_core.sparse import load_sparse
 from tests.e2e.conftest import Service, free_port, wait_until_up
 
@@ -111,7 +112,7 @@ def test_zoo_model_compressed_by_a_worker_and_downloaded(service: Service, tmp_p
 
 
 def test_onnx_model_compressed_and_returned_as_onnx(service: Service, tmp_path: Path) -> None:
-    from tests.dns_core.test_onnx_io import cnn_model
+    from tests.dns_core.test_onnx import cnn_model
 
     onnx.save(cnn_model(c=8, classes=10, size=12), str(tmp_path / "cnn.onnx"))
     g = np.random.default_rng(0)

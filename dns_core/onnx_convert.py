@@ -1,24 +1,12 @@
-"""ONNX models in and out, safely enough for untrusted uploads.
+"""An accepted ONNX graph as a trainable ``nn.Module``.
 
-Reading (:func:`load_onnx`) happens in two steps:
-
-1. :func:`validate_onnx`: a byte-size cap, a sniff for files that are not ONNX at all (pickles,
-   zip archives, …), a protobuf parse of the bytes (never a path, so external data is never
-   resolved), then refusals in pure Python before any C++ checker sees the model: tensors with
-   external data, model-local functions, training info, sparse initializers, opsets outside
-   :data:`OPSET_RANGE`, custom domains, operators outside :data:`SUPPORTED_OPS`, subgraphs;
-   then ``onnx.checker.check_model`` on the proto, and float32-only element types.
-2. Conversion to :class:`OnnxModule`, a trainable ``nn.Module`` that evaluates the graph node by
-   node. Conv weights become real ``nn.Conv1d/2d/3d``, Gemm and MatMul weights real ``nn.Linear``
-   and BatchNormalization an ``nn.BatchNorm1d/2d/3d``, so that :mod:`dns_core.surgery` selects and
-   prunes them like any other model's layers.
-
-Writing (:func:`export_onnx`) takes the original graph and replaces the initializers that were
-turned into layer parameters or buffers (:attr:`OnnxModule.initializer_map`) with the module's
-current values (W ⊙ T after surgery); everything else stays as it was.
-
-Every refusal raises :class:`OnnxFormatError` (a ``ValueError``) with a message that says what is
-wrong and how to fix or convert the model.
+:func:`load_onnx` validates the file (:mod:`dns_core.onnx_validate`) and converts it to an
+:class:`OnnxModule`, which evaluates the graph node by node. Conv weights become real
+``nn.Conv1d/2d/3d``, Gemm and MatMul weights real ``nn.Linear`` and BatchNormalization an
+``nn.BatchNorm1d/2d/3d``, so that :mod:`dns_core.surgery` selects and prunes them like any other
+model's layers. :attr:`OnnxModule.initializer_map` records where each initializer went, for
+:func:`dns_core.onnx_export.export_onnx`. What the converter cannot take raises
+:class:`~dns_core.onnx_validate.OnnxFormatError`.
 """
 
 from __future__ import annotations
@@ -27,74 +15,37 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numpy as np
-import onnx
-import onnxruntime
 import torch
 import torch.nn.functional as F
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
+from onnx import AttributeProto, ModelProto, NodeProto, TensorProto
 from torch import nn
 
-from .errors import InputError
-
-__all__ = [
-    "DEFAULT_MAX_BYTES",
-    "OPSET_RANGE",
-    "SUPPORTED_OPS",
-    "OnnxBinding",
-    "OnnxFormatError",
-    "OnnxMismatchError",
-    "OnnxModule",
-    "check_with_onnxruntime",
-    "export_onnx",
-    "load_onnx",
-    "validate_onnx",
-]
-
-DEFAULT_MAX_BYTES = 512 * 2**20
-OPSET_RANGE = (7, 23)
-"""Accepted versions of the default ONNX domain (both ends included)."""
-
-SUPPORTED_OPS = frozenset(
-    {
-        "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Constant", "Conv", "Div", "Dropout",
-        "Flatten", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Identity", "LeakyRelu", "LogSoftmax",
-        "MatMul", "MaxPool", "Mul", "Relu", "Reshape", "Sigmoid", "Softmax", "Sub", "Tanh", "Transpose",
-    }
-)  # fmt: skip
-"""Operators of the default domain that :class:`OnnxModule` converts."""
-
-EXPORT_HINT = (
-    "export the model on your side with torch.onnx.export(model.eval(), example_input, 'model.onnx') (see docs/onnx.md)"
+from .onnx_validate import (
+    DEFAULT_DOMAINS,
+    DEFAULT_MAX_BYTES,
+    MAX_SPATIAL,
+    NUMPY_TYPES,
+    OnnxFormatError,
+    check_dtype,
+    parse_onnx,
+    short_repr,
+    uses_external_data,
+    validate_proto,
 )
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-_MAX_SPATIAL = 1024  # bound on pads, strides, dilations and pool kernels
+
+__all__ = ["OnnxBinding", "OnnxModule", "load_onnx"]
+
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_NUMPY_TYPES: dict[int, np.dtype[Any]] = {
-    TensorProto.FLOAT: np.dtype("<f4"),
-    TensorProto.INT64: np.dtype("<i8"),
-    TensorProto.INT32: np.dtype("<i4"),
-}
 _TYPED_FIELDS: dict[int, str] = {
     TensorProto.FLOAT: "float_data",
     TensorProto.INT64: "int64_data",
     TensorProto.INT32: "int32_data",
 }
-_OTHER_FLOATS = {"FLOAT16", "DOUBLE", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
-                 "FLOAT4E2M1", "FLOAT8E8M0", "COMPLEX64", "COMPLEX128"}  # fmt: skip
-
-
-class OnnxFormatError(InputError):
-    """An ONNX file (or something pretending to be one) that netsurgery does not accept."""
-
-
-class OnnxMismatchError(OnnxFormatError):
-    """The converted module and onnxruntime disagree on the same inputs."""
 
 
 @dataclass(frozen=True)
@@ -115,303 +66,11 @@ class OnnxBinding:
     source: str = "initializer"
 
 
-# -- reading and validation ---------------------------------------------------------------------
-
-
-def _short(value: object, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _plain(text: str, limit: int = 60) -> str:
-    """An operator or domain name as is when it looks like one, else quoted."""
-    return text if len(text) <= limit and re.fullmatch(r"[A-Za-z0-9_.]+", text) else _short(text, limit)
-
-
-def _listing(items: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
-
-
-def _read(data: bytes | bytearray | memoryview | str | os.PathLike[str], max_bytes: int) -> bytes:
-    too_big = (
-        "the file is larger than the {limit} byte limit ({size} bytes); prune a smaller model or "
-        "raise max_bytes if you trust the source"
-    )
-    if isinstance(data, bytes | bytearray | memoryview):
-        raw = bytes(data)
-        if len(raw) > max_bytes:
-            raise OnnxFormatError(too_big.format(limit=max_bytes, size=len(raw)))
-        return raw
-    with open(os.fspath(data), "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise OnnxFormatError(too_big.format(limit=max_bytes, size=size))
-        raw = f.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise OnnxFormatError(too_big.format(limit=max_bytes, size=f"more than {max_bytes}"))
-    return raw
-
-
-def _sniff(raw: bytes) -> None:
-    """Refuse, by content, well-known formats that are not ONNX."""
-    if not raw:
-        raise OnnxFormatError(f"the file is empty, not an ONNX model; {EXPORT_HINT}")
-    kind = None
-    if raw[:1] == b"\x80" and raw[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        kind = "a Python pickle (torch.save .pt/.pth/.bin/.pkl)"
-    elif raw[:4] == b"PK\x03\x04":
-        kind = "a zip archive (torch.save .pt/.pth, TorchScript, torch.export .pt2 or Keras .keras)"
-    elif raw[:8] == b"\x89HDF\r\n\x1a\n":
-        kind = "an HDF5 file (Keras .h5)"
-    elif raw[:2] == b"\x1f\x8b":
-        kind = "a gzip archive"
-    elif raw[:6] == b"\x93NUMPY":
-        kind = "a NumPy .npy file"
-    elif raw[4:8] == b"TFL3":
-        kind = "a TensorFlow Lite model"
-    elif len(raw) > 9 and raw[8:9] == b"{" and 2 <= int.from_bytes(raw[:8], "little") <= len(raw) - 8:
-        kind = "a safetensors weights file (weights only, no graph)"
-    if kind is not None:
-        raise OnnxFormatError(
-            f"this is not an ONNX model: it looks like {kind}. Uploads are never unpickled or unzipped; {EXPORT_HINT}"
-        )
-
-
-def _parse(raw: bytes) -> ModelProto:
-    model = ModelProto()
-    try:
-        model.ParseFromString(raw)
-    except Exception as e:  # protobuf raises DecodeError, or RuntimeError from upb
-        raise OnnxFormatError(
-            f"this is not an ONNX model: the bytes do not parse as an ONNX protobuf ({_short(str(e), 200)}); "
-            f"{EXPORT_HINT}"
-        ) from None
-    if model.ir_version <= 0 or not model.HasField("graph"):
-        raise OnnxFormatError(
-            f"this is not an ONNX model: it has no IR version or no graph (is it another protobuf, e.g. a "
-            f"TensorFlow .pb?); {EXPORT_HINT}"
-        )
-    return model
-
-
-def _refuse_bad_text(model: ModelProto) -> None:
-    """Refuse string fields that are not valid UTF-8 (protobuf hands those back as bytes)."""
-    stack: list[Any] = [model]  # protobuf messages
-    while stack:
-        message = stack.pop()
-        for fd, value in message.ListFields():
-            repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
-            values = list(value) if repeated else [value]
-            if fd.type == fd.TYPE_STRING and any(not isinstance(v, str) for v in values):
-                raise OnnxFormatError(
-                    f"the model has a {fd.name!r} text field that is not valid UTF-8; the file is corrupt or not ONNX"
-                )
-            if fd.type in (fd.TYPE_MESSAGE, fd.TYPE_GROUP):
-                stack.extend(values)
-
-
-def _uses_external_data(t: TensorProto) -> bool:
-    return t.data_location == TensorProto.EXTERNAL or len(t.external_data) > 0
-
-
-def _node_tensors(node: NodeProto, where: str) -> Iterator[tuple[str, TensorProto]]:
-    for a in node.attribute:
-        here = f"attribute {node.name!r}.{a.name!r} ({node.op_type}) in {where}"  # names may hold braces
-        if a.HasField("t"):
-            yield here, a.t
-        for t in a.tensors:
-            yield here, t
-        sparse = [a.sparse_tensor] if a.HasField("sparse_tensor") else []
-        for st in [*sparse, *a.sparse_tensors]:
-            yield here, st.values
-            yield here, st.indices
-        if a.HasField("g"):
-            yield from _graph_tensors(a.g, f"subgraph {a.name!r}")
-        for g in a.graphs:
-            yield from _graph_tensors(g, f"subgraph {a.name!r}")
-
-
-def _graph_tensors(graph: GraphProto, where: str = "the graph") -> Iterator[tuple[str, TensorProto]]:
-    for t in graph.initializer:
-        yield f"initializer {t.name!r}", t
-    for st in graph.sparse_initializer:
-        yield f"sparse initializer {st.values.name!r}", st.values
-        yield f"sparse initializer {st.values.name!r}", st.indices
-    for node in graph.node:
-        yield from _node_tensors(node, where)
-
-
-def _model_tensors(model: ModelProto) -> Iterator[tuple[str, TensorProto]]:
-    yield from _graph_tensors(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield from _node_tensors(node, f"function {function.name!r}")
-    for info in model.training_info:
-        yield from _graph_tensors(info.initialization, "training info")
-        yield from _graph_tensors(info.algorithm, "training info")
-
-
-def _refuse_external_data(model: ModelProto) -> None:
-    for where, t in _model_tensors(model):
-        if _uses_external_data(t):
-            location = next((e.value for e in t.external_data if e.key == "location"), "")
-            raise OnnxFormatError(
-                f"ONNX with external data is not accepted ({where} points to {_short(location, 80)}); re-save with "
-                "onnx.save(model, path, save_as_external_data=False) so that every weight is inside the one file"
-            )
-
-
-def _default_opset(model: ModelProto) -> int:
-    versions = {int(o.version) for o in model.opset_import if o.domain in _DEFAULT_DOMAINS}
-    lo, hi = OPSET_RANGE
-    if not versions:
-        raise OnnxFormatError(
-            "the model imports no opset of the default ONNX domain; re-export it with torch.onnx.export(..., "
-            "opset_version=17)"
-        )
-    if len(versions) > 1:
-        raise OnnxFormatError(f"the model imports the default ONNX domain twice (opsets {sorted(versions)})")
-    version = versions.pop()
-    if not lo <= version <= hi:
-        raise OnnxFormatError(
-            f"ONNX opset {version} is not supported (accepted: {lo} to {hi}); re-export with "
-            "torch.onnx.export(..., opset_version=17) or convert with "
-            "onnx.version_converter.convert_version(model, 17)"
-        )
-    return version
-
-
-def _check_nodes(model: ModelProto) -> None:
-    graph = model.graph
-    if not graph.node:
-        raise OnnxFormatError("the ONNX graph has no nodes: there is nothing to convert or prune")
-    custom: list[str] = []
-    unknown: list[str] = []
-    nested: list[str] = []
-    for i, node in enumerate(graph.node):
-        name = node.name or f"#{i}"
-        if node.domain not in _DEFAULT_DOMAINS:
-            custom.append(f"{_plain(node.domain)}::{_plain(node.op_type)} (node {_short(name, 60)})")
-        elif node.op_type not in SUPPORTED_OPS:
-            unknown.append(f"{_plain(node.op_type)} (node {_short(name, 60)})")
-        for a in node.attribute:
-            if a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) or a.HasField("g") or len(a.graphs):
-                nested.append(f"{_plain(node.op_type)} (node {_short(name, 60)})")
-    supported = ", ".join(sorted(SUPPORTED_OPS))
-    if custom:
-        raise OnnxFormatError(
-            f"operators from custom domains are not accepted: {_listing(custom)}; export with standard ONNX "
-            f"operators only (supported: {supported})"
-        )
-    if unknown:
-        raise OnnxFormatError(
-            f"unsupported ONNX operator(s): {_listing(unknown)}; netsurgery converts only {supported}. Replace "
-            "those layers with supported ones before exporting, or prune the model in PyTorch directly"
-        )
-    if nested:
-        raise OnnxFormatError(f"subgraphs (control flow) are not accepted: {_listing(nested)}")
-
-
-def _run_checker(model: ModelProto) -> None:
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:  # ValidationError, or ValueError/RuntimeError from the C++ side
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxFormatError(
-            f"the ONNX checker rejected the model: {_short(first, 300)}; re-export it with a current "
-            "torch.onnx.export, or repair it with the onnx tools (onnx.checker.check_model shows the problem)"
-        ) from None
-
-
-def _dtype_name(code: int) -> str:
-    try:
-        return str(TensorProto.DataType.Name(code))
-    except ValueError:
-        return f"type {code}"
-
-
-def _check_dtype(code: int, where: str) -> None:
-    if code in _NUMPY_TYPES:
-        return
-    name = _dtype_name(code)
-    if name in _OTHER_FLOATS:
-        raise OnnxFormatError(
-            f"only float32 models are accepted: {where} is {name}; convert the model to float32 before exporting "
-            "(model.float() in PyTorch)"
-        )
-    raise OnnxFormatError(
-        f"{where} has element type {name}, which is not supported (float32 weights and int64/int32 shape constants "
-        "only; quantized models are not accepted, export the float32 model)"
-    )
-
-
-def _check_types(graph: GraphProto) -> None:
-    init_names = {t.name for t in graph.initializer}
-    for kind, values in (("input", graph.input), ("output", graph.output)):
-        for v in values:
-            if v.name in init_names:
-                continue
-            if not v.type.HasField("tensor_type"):
-                raise OnnxFormatError(f"graph {kind} {v.name!r} is not a tensor; only tensor inputs/outputs work")
-            elem = v.type.tensor_type.elem_type
-            if elem != TensorProto.FLOAT:
-                raise OnnxFormatError(
-                    f"graph {kind} {v.name!r} is {_dtype_name(elem)}; only float32 inputs and outputs are accepted "
-                    "(export the model with float32 example inputs)"
-                )
-    for t in graph.initializer:
-        _check_dtype(t.data_type, f"initializer {t.name!r}")
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                _check_dtype(a.t.data_type, f"attribute {a.name!r} of {node.op_type} node {node.name!r}")
-
-
-def _validate_proto(model: ModelProto) -> int:
-    """All checks on a parsed model; the default-domain opset."""
-    if model.ir_version <= 0 or not model.HasField("graph"):
-        raise OnnxFormatError(f"this is not an ONNX model: it has no IR version or no graph; {EXPORT_HINT}")
-    _refuse_bad_text(model)
-    _refuse_external_data(model)  # before the C++ checker, which would look for the files
-    if len(model.functions):
-        names = [f.name for f in model.functions]
-        raise OnnxFormatError(
-            f"model-local functions are not accepted ({_listing(names)}); inline them before saving with "
-            "onnx.inliner.inline_local_functions(model)"
-        )
-    if len(model.training_info):
-        raise OnnxFormatError("ONNX training info is not accepted; save the inference model only")
-    opset = _default_opset(model)
-    _check_nodes(model)
-    if len(model.graph.sparse_initializer):
-        raise OnnxFormatError("sparse initializers are not accepted; store the weights as dense initializers")
-    _run_checker(model)
-    _check_types(model.graph)
-    return opset
-
-
-def validate_onnx(
-    data: bytes | bytearray | memoryview | str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES
-) -> ModelProto:
-    """The parsed model if netsurgery accepts ``data`` (ONNX bytes or a path), else :class:`OnnxFormatError`.
-
-    A path is read as bytes only: external data next to it is never opened.
-    """
-    raw = _read(data, max_bytes)
-    _sniff(raw)
-    model = _parse(raw)
-    _validate_proto(model)
-    return model
-
-
 def load_onnx(
     data: bytes | bytearray | memoryview | str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> OnnxModule:
     """Validate ``data`` (ONNX bytes or a path) and convert it to a trainable :class:`OnnxModule`."""
-    raw = _read(data, max_bytes)
-    _sniff(raw)
-    return OnnxModule(_parse(raw))
+    return OnnxModule(parse_onnx(data, max_bytes=max_bytes))
 
 
 # -- tensors and attributes ---------------------------------------------------------------------
@@ -419,24 +78,24 @@ def load_onnx(
 
 def _to_torch(t: TensorProto, where: str) -> torch.Tensor:
     """A float32/int64/int32 TensorProto as a tensor; never reads external data."""
-    if _uses_external_data(t) or t.HasField("segment"):
+    if uses_external_data(t) or t.HasField("segment"):
         raise OnnxFormatError(f"{where}: external or segmented tensor data is not accepted")
-    dtype = _NUMPY_TYPES.get(t.data_type)
+    dtype = NUMPY_TYPES.get(t.data_type)
     if dtype is None:
-        _check_dtype(t.data_type, where)
-        raise OnnxFormatError(f"{where}: unsupported element type")  # pragma: no cover - _check_dtype raised
+        check_dtype(t.data_type, where)
+        raise OnnxFormatError(f"{where}: unsupported element type")  # pragma: no cover - check_dtype raised
     dims = [int(d) for d in t.dims]
     if any(d < 0 for d in dims):
-        raise OnnxFormatError(f"{where}: negative dimension in shape {_short(dims)}")
+        raise OnnxFormatError(f"{where}: negative dimension in shape {short_repr(dims)}")
     count = math.prod(dims)
     if t.HasField("raw_data"):
         if len(t.raw_data) != count * dtype.itemsize:
-            raise OnnxFormatError(f"{where}: {len(t.raw_data)} bytes of data for shape {_short(dims)}")
+            raise OnnxFormatError(f"{where}: {len(t.raw_data)} bytes of data for shape {short_repr(dims)}")
         array = np.frombuffer(t.raw_data, dtype=dtype)
     else:
         values = getattr(t, _TYPED_FIELDS[t.data_type])
         if len(values) != count:
-            raise OnnxFormatError(f"{where}: {len(values)} values for shape {_short(dims)}")
+            raise OnnxFormatError(f"{where}: {len(values)} values for shape {short_repr(dims)}")
         array = np.asarray(values, dtype=dtype)
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True).reshape(dims))
 
@@ -562,7 +221,7 @@ class OnnxModule(nn.Module):
 
     def __init__(self, model: ModelProto) -> None:
         super().__init__()
-        opset = _validate_proto(model)
+        opset = validate_proto(model)
         _Converter(self, model, opset).run()
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -623,7 +282,7 @@ class _Converter:
 
     # -- helpers --------------------------------------------------------------------------------
     def label(self, node: NodeProto, index: int) -> str:
-        return f"{node.op_type} node {_short(node.name or f'#{index}', 80)}"
+        return f"{node.op_type} node {short_repr(node.name or f'#{index}', 80)}"
 
     def bindable(self, name: str) -> bool:
         """A float32 constant used exactly once, so it can become a layer's own parameter."""
@@ -680,18 +339,18 @@ class _Converter:
             label = self.label(node, i)
             for n in node.input:
                 if n and n not in known:
-                    raise OnnxFormatError(f"{label} uses {_short(n, 80)} before it is produced")
+                    raise OnnxFormatError(f"{label} uses {short_repr(n, 80)} before it is produced")
             try:
                 if i not in self.absorbed:
                     self.convert(node, i, _Attrs(node, label))
             except OnnxFormatError:
                 raise
             except Exception as e:  # a malformed node the checker let through
-                raise OnnxFormatError(f"cannot convert {label}: {_short(str(e), 300)}") from None
+                raise OnnxFormatError(f"cannot convert {label}: {short_repr(str(e), 300)}") from None
             known.update(o for o in node.output if o)
         for o in g.output:
             if o.name not in known:
-                raise OnnxFormatError(f"graph output {_short(o.name, 80)} is never produced")
+                raise OnnxFormatError(f"graph output {short_repr(o.name, 80)} is never produced")
         self.finish([v.name for v in inputs], shapes)
 
     def finish(self, input_names: list[str], shapes: list[tuple[int | None, ...] | None]) -> None:
@@ -777,13 +436,13 @@ class _Converter:
         elif op == "Transpose":
             perm = a.get_ints("perm", None)
             if perm is not None and sorted(perm) != list(range(len(perm))):
-                raise OnnxFormatError(f"{a.label}: perm {_short(perm)} is not a permutation")
+                raise OnnxFormatError(f"{a.label}: perm {short_repr(perm)} is not a permutation")
             self.step(node, i, node.input[:1], perm=perm)
         elif op == "Concat":
             if "axis" not in a.values:
                 raise OnnxFormatError(f"{a.label}: the axis attribute is required")
             self.step(node, i, [n for n in node.input if n], axis=a.get_int("axis", 0))
-        else:  # pragma: no cover - _check_nodes refused it
+        else:  # pragma: no cover - the validator refused it
             raise OnnxFormatError(f"{a.label}: unsupported operator")
         for o in outputs:
             self.ranks[o] = out_rank
@@ -817,8 +476,8 @@ class _Converter:
         for what, values, n, lo in (("strides", strides, nd, 1), ("dilations", dil, nd, 1), ("pads", pads, 2 * nd, 0)):
             if len(values) != n:
                 raise OnnxFormatError(f"{a.label}: {what} has {len(values)} values, expected {n}")
-            if any(not lo <= v <= _MAX_SPATIAL for v in values):
-                raise OnnxFormatError(f"{a.label}: {what} {_short(values)} out of range ({lo}..{_MAX_SPATIAL})")
+            if any(not lo <= v <= MAX_SPATIAL for v in values):
+                raise OnnxFormatError(f"{a.label}: {what} {short_repr(values)} out of range ({lo}..{MAX_SPATIAL})")
         return strides, dil, pads
 
     def padding(self, a: _Attrs, pads: list[int], nd: int, limit: list[int] | None) -> dict[str, Any]:
@@ -829,7 +488,7 @@ class _Converter:
         if auto == "VALID":
             pads = [0] * 2 * nd
         elif auto != "NOTSET":
-            raise OnnxFormatError(f"{a.label}: auto_pad {_short(auto)} is not supported")
+            raise OnnxFormatError(f"{a.label}: auto_pad {short_repr(auto)} is not supported")
         begins, ends = pads[:nd], pads[nd:]
         if begins == ends and (limit is None or all(b <= lim for b, lim in zip(begins, limit, strict=True))):
             return {"pad_mode": "symmetric", "padding": begins, "fpad": []}
@@ -915,7 +574,7 @@ class _Converter:
         nxt = self.consumers.get(out, [])
         if len(nxt) == 1 and self.uses[out] == 1 and out not in self.graph_outputs:
             add = self.graph.node[nxt[0]]
-            if add.op_type == "Add" and add.domain in _DEFAULT_DOMAINS and len(add.input) == 2:
+            if add.op_type == "Add" and add.domain in DEFAULT_DOMAINS and len(add.input) == 2:
                 other = add.input[1] if add.input[0] == out else add.input[0]
                 c = self.consts.get(other)
                 if c is not None and tuple(c.shape) == (n_out,) and self.bindable(other):
@@ -971,8 +630,8 @@ class _Converter:
         if any(node.output[1:]):
             raise OnnxFormatError(f"{a.label}: the Indices output of MaxPool is not supported")
         kernel = a.get_ints("kernel_shape", None)
-        if kernel is None or len(kernel) not in (1, 2, 3) or any(not 1 <= k <= _MAX_SPATIAL for k in kernel):
-            raise OnnxFormatError(f"{a.label}: kernel_shape must have 1 to 3 values in 1..{_MAX_SPATIAL}")
+        if kernel is None or len(kernel) not in (1, 2, 3) or any(not 1 <= k <= MAX_SPATIAL for k in kernel):
+            raise OnnxFormatError(f"{a.label}: kernel_shape must have 1 to 3 values in 1..{MAX_SPATIAL}")
         nd = len(kernel)
         is_max = node.op_type == "MaxPool"
         strides, dil, pads = self.spatial(a, nd)
@@ -1020,7 +679,7 @@ class _Converter:
         shape = [int(v) for v in shape_t.tolist()]
         allowzero = bool(a.get_int("allowzero", 0))
         if sum(v == -1 for v in shape) > 1 or any(v < -1 for v in shape) or (allowzero and 0 in shape and -1 in shape):
-            raise OnnxFormatError(f"{a.label}: invalid shape {_short(shape)}")
+            raise OnnxFormatError(f"{a.label}: invalid shape {short_repr(shape)}")
         self.step(node, i, node.input[:1], shape=shape, allowzero=allowzero)
         return len(shape)
 
@@ -1192,113 +851,3 @@ _RUNNERS: dict[str, _Runner] = {
     "GlobalMaxPool": _unary(lambda x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True)),
     "LeakyRelu": lambda m, s, args: [F.leaky_relu(args[0], s.attrs["alpha"])],
 }
-
-
-# -- export and checks ----------------------------------------------------------------------------
-
-
-def export_onnx(module: OnnxModule, path: str | os.PathLike[str] | None = None) -> bytes:
-    """The original graph with every bound initializer replaced by the module's current value.
-
-    After surgery that is W ⊙ T (dense, with zeros); BatchNorm running statistics are written back
-    too. Inputs, outputs, nodes and all other initializers are unchanged. Writes ``path`` if given.
-    """
-    model = ModelProto()
-    model.ParseFromString(module._template)
-    targets: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for a in node.attribute:
-                if a.name == "value" and a.type == AttributeProto.TENSOR:
-                    targets.setdefault(node.output[0], a.t)
-    for name in module.initializer_map:
-        tensor = targets[name]
-        tensor.ClearField("float_data")
-        tensor.raw_data = module.exported_tensor(name).tobytes()
-    try:
-        data = model.SerializeToString()
-    except Exception as e:  # protobuf refuses messages over 2 GiB
-        raise OnnxFormatError(f"cannot serialise the exported model: {_short(str(e), 200)}") from None
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(data)
-    return data
-
-
-def _random_inputs(module: OnnxModule, n: int, seed: int) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for name, shape in zip(module.input_names, module.input_shapes, strict=True):
-        if shape is None:
-            raise OnnxFormatError(f"input {name!r} has no declared shape; pass inputs= explicitly")
-        dims = []
-        for k, d in enumerate(shape):
-            if d is None and k > 0:
-                raise OnnxFormatError(
-                    f"input {name!r} has an unknown dimension {k} in {shape}; pass inputs= explicitly"
-                )
-            dims.append(n if d is None else d)
-        out.append(torch.randn(dims, generator=generator))
-    return out
-
-
-def check_with_onnxruntime(
-    module: OnnxModule,
-    onnx_bytes: bytes,
-    n: int = 4,
-    atol: float = 1e-4,
-    *,
-    rtol: float = 0.0,
-    inputs: Sequence[torch.Tensor] | None = None,
-    seed: int = 0,
-) -> float:
-    """Max abs difference between ``module`` (eval mode) and onnxruntime on ``onnx_bytes``.
-
-    Random normal inputs (seeded) use ``n`` for a symbolic batch (first) dimension; other unknown
-    dimensions need explicit ``inputs``. ``onnx_bytes`` is validated before onnxruntime loads it.
-    Raises :class:`OnnxMismatchError` where an output differs by more than ``atol + rtol·|expected|``
-    (equal infinities and NaN in both count as agreeing).
-    """
-    validate_onnx(onnx_bytes, max_bytes=max(len(onnx_bytes), 1))
-    xs = list(inputs) if inputs is not None else _random_inputs(module, n, seed)
-    if len(xs) != len(module.input_names):
-        raise TypeError(f"the model takes {len(module.input_names)} input(s), got {len(xs)}")
-    feeds = {name: x.detach().cpu().to(torch.float32).numpy() for name, x in zip(module.input_names, xs, strict=True)}
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 4  # errors come back as exceptions
-    try:
-        session = onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-        expected = session.run(module.output_names, feeds)
-    except Exception as e:
-        raise OnnxFormatError(f"onnxruntime cannot run the model: {_short(str(e), 300)}") from None
-    device = next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            got = module(*[x.to(device) for x in xs])
-    except Exception as e:
-        raise OnnxMismatchError(f"the converted module fails where onnxruntime runs: {_short(str(e), 300)}") from None
-    finally:
-        module.train(was_training)
-    outputs = (got,) if isinstance(got, torch.Tensor) else got
-    worst, bad = 0.0, []
-    for name, ours, theirs in zip(module.output_names, outputs, expected, strict=True):
-        mine = ours.detach().cpu().numpy().astype(np.float64)
-        ref = np.asarray(theirs, dtype=np.float64)
-        if mine.shape != ref.shape:
-            raise OnnxMismatchError(f"output {name!r}: torch gives shape {mine.shape}, onnxruntime {ref.shape}")
-        same = (mine == ref) | (np.isnan(mine) & np.isnan(ref))
-        with np.errstate(invalid="ignore"):
-            diff = np.where(same, 0.0, np.abs(mine - ref))
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        if diff.size:
-            worst = max(worst, float(diff.max()))
-            if bool((diff > atol + rtol * np.abs(np.nan_to_num(ref))).any()):
-                bad.append(name)
-    if bad:
-        raise OnnxMismatchError(
-            f"the converted module and onnxruntime differ by up to {worst:.3g} on {', '.join(bad)} (atol {atol:g}, "
-            f"rtol {rtol:g}); the conversion does not reproduce this model, please report it"
-        )
-    return worst

@@ -21,16 +21,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from dns_core.onnx_io import (
-    OnnxBinding,
-    OnnxFormatError,
-    OnnxMismatchError,
-    OnnxModule,
-    check_with_onnxruntime,
-    export_onnx,
-    load_onnx,
-    validate_onnx,
-)
+from dns_core.onnx_convert import OnnxBinding, OnnxModule, load_onnx
+from dns_core.onnx_export import OnnxMismatchError, check_with_onnxruntime, export_onnx
+from dns_core.onnx_validate import OnnxFormatError, validate_onnx
 from dns_core.surgery import Ramp, ScheduledSurgery, Target
 
 # -- building models ------------------------------------------------------------------------------
