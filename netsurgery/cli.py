@@ -19,6 +19,10 @@ from netsurgery.common import CliError
 from netsurgery.engine_cli import add_engine_commands
 from netsurgery.service_cli import add_service_commands
 
+#: The extra (``pip install 'netsurgery[...]'``) that brings the packages of each command module.
+EXTRAS = {"netsurgery.service_cli": "service", "netsurgery.client_cli": "client"}
+OWN_PACKAGES = ("dns_core", "service", "api", "worker", "netsurgery")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netsurgery", description="Dynamic Network Surgery: compress neural networks.")
@@ -35,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CliError as e:
         print(f"netsurgery: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get(getattr(args.func, "__module__", ""))
+        if extra is None or e.name is None or e.name.partition(".")[0] in OWN_PACKAGES:
+            raise
+        print(f"netsurgery: {args.command} needs {e.name}, which comes with the [{extra}] extra: "
+              f"pip install 'netsurgery[{extra}]'", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("netsurgery: interrupted", file=sys.stderr)

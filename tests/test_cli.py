@@ -113,6 +113,51 @@ def test_cli_does_not_import_web_packages() -> None:
     assert out.stdout.strip() == "[]"
 
 
+#: What `pip install netsurgery` (no extras) leaves out, and the service's own packages.
+SERVICE_PACKAGES = ("fastapi", "starlette", "uvicorn", "celery", "kombu", "sqlalchemy", "alembic", "psycopg",
+                    "pydantic", "redis", "httpx", "service", "api", "worker")  # fmt: skip
+
+#: ``python -c`` this: an import of any of SERVICE_PACKAGES fails, then ``netsurgery`` runs with the arguments.
+WITHOUT_SERVICE = f"""
+import sys
+from importlib.abc import MetaPathFinder
+
+class Blocked(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {SERVICE_PACKAGES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, Blocked())
+from netsurgery.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_compress_runs_without_the_service_packages(tmp_path: Path) -> None:
+    """`netsurgery compress` (and the parser of every command) works where no service package can load."""
+    import numpy as np
+
+    from dns_core import models
+    from dns_core.data import load_digits
+
+    train, _ = load_digits()
+    np.savez(tmp_path / "data.npz", inputs=train.inputs.numpy(), targets=train.targets.numpy())  # type: ignore[union-attr]
+    torch.manual_seed(0)
+    save_model(tmp_path / "dense.safetensors", models.build("lenet-300-100"), "lenet-300-100")
+    out = tmp_path / "out"
+    argv = ["compress", "--model", str(tmp_path / "dense.safetensors"), "--data", str(tmp_path / "data.npz"),
+            "--iterations", "100", "--target", "4", "--max-drop", "100", "--device", "cpu",
+            "--out", str(out)]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", WITHOUT_SERVICE, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "report.json").read_text())["compression"] > 1
+    for command, extra in (("serve", "service"), ("migrate", "service"), ("jobs", "client")):
+        done = subprocess.run([sys.executable, "-c", WITHOUT_SERVICE, command], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert done.stderr.endswith(f"extra: pip install 'netsurgery[{extra}]'\n"), done.stderr
+
+
 def test_compress_user_files_with_a_codec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A zoo model and .npz data of the user's own, a value codec, and a report that hashes every file."""
     import numpy as np
@@ -159,8 +204,9 @@ def test_an_onnx_model_comes_back_as_onnx_that_onnxruntime_runs(
     import numpy as np
     import onnx
 
-    from dns_core.onnx_io import check_with_onnxruntime, load_onnx
-    from tests.dns_core.test_onnx_io import cnn_model
+    from dns_core.onnx_convert import load_onnx
+    from dns_core.onnx_export import check_with_onnxruntime
+    from tests.dns_core.test_onnx import cnn_model
 
     model = cnn_model(c=8, classes=10, size=12)
     onnx.save(model, str(tmp_path / "cnn.onnx"))

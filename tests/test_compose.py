@@ -73,5 +73,5 @@ def test_the_image_carries_the_whole_project() -> None:
     copied = {line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")}
     for package in ("dns_core", "service", "api", "worker", "netsurgery", "migrations"):
         assert package in copied, package
-    assert "alembic.ini" in dockerfile and 'pip install -e ".[s3]"' in dockerfile
+    assert "alembic.ini" in dockerfile and 'pip install -e ".[service,s3]"' in dockerfile
     assert "TORCH_VERSION=2.13.0" in dockerfile  # the version the project is tested with
