@@ -15,7 +15,7 @@ model is loaded:
 
 - every file is first classified by :func:`dns_core.uploads.sniff` (pickles, ``torch.save`` and
   TorchScript archives, ``.pt2`` and ``torch.package`` are refused there);
-- an ONNX graph is parsed from bytes and checked by :func:`dns_core.onnx_io.validate_onnx`
+- an ONNX graph is parsed from bytes and checked by :func:`dns_core.onnx_validate.validate_onnx`
   (external data is never resolved); its parameter count is the number of elements of its float
   initializers;
 - a safetensors file has only its header read (:func:`dns_core.uploads.validate_safetensors`);
@@ -63,7 +63,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from dns_core import models, uploads
 from dns_core.data import DataError, load_data_file
-from dns_core.onnx_io import OnnxFormatError, validate_onnx
+from dns_core.onnx_validate import OnnxFormatError, validate_onnx
 from service.errors import (
     AppError,
     BadRequest,
