@@ -108,38 +108,33 @@ def _rate(points: list[tuple[int, float]]) -> float:
     return (i1 - i0) / (t1 - t0)
 
 
+def _job_spec(iterations: int) -> dict[str, Any]:
+    """What both sides run: the service job's JSON, which the bare engine maps as the worker does."""
+    return {"method": "dns", "target": {"compression": 8, "max_accuracy_drop": 100},
+            "settings": {"iterations": iterations, "seed": 0}}  # fmt: skip
+
+
 def _bare_rate(iterations: int) -> float:
     import torch
 
     from dns_core import models
-    from dns_core.compress import compress
     from dns_core.data import load_builtin
-    from dns_core.surgery import Target
-    from dns_core.train import Callbacks, TrainConfig
+    from dns_core.spec import CompressSpec
+    from dns_core.train import Callbacks
 
     train, valid, _ = load_builtin("digits")
     torch.manual_seed(0)
     model = models.build("lenet-300-100")
     points: list[tuple[int, float]] = []
-    cfg = TrainConfig(
-        iterations=iterations,
-        seed=0,
-        device="cpu",
-        eval_every=max(iterations // 25, 1),
-        log_every=max(min(100, iterations // 50), 1),
-        checkpoint_every=1000,
-    )  # the worker's settings
+    spec = CompressSpec.from_json(_job_spec(iterations), device="cpu", checkpoint_every=1000)  # the worker's settings
+    callbacks = Callbacks(on_progress=lambda p: points.append((p.iteration, time.time())))
     with tempfile.TemporaryDirectory() as tmp:
-        compress(model, train, valid, target=Target(compression=8.0, max_accuracy_drop=100.0), config=cfg,
-                 callbacks=Callbacks(on_progress=lambda p: points.append((p.iteration, time.time()))),
-                 checkpoint=Path(tmp) / "c.ckpt")  # fmt: skip
+        spec.compress(model, train, valid, callbacks=callbacks, checkpoint=Path(tmp) / "c.ckpt")
     return _rate(points)
 
 
 def _service_rate(c: httpx.Client, model_id: str, data_id: str, iterations: int) -> tuple[float, str]:
-    r = c.post("/v1/jobs", json={"model_id": model_id, "dataset_id": data_id, "method": "dns",
-                                 "target": {"compression": 8, "max_accuracy_drop": 100},
-                                 "settings": {"iterations": iterations, "seed": 0}})  # fmt: skip
+    r = c.post("/v1/jobs", json={"model_id": model_id, "dataset_id": data_id, **_job_spec(iterations)})
     job = _wait_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"})
     if job["state"] != "succeeded":
         raise RuntimeError(f"service job {job['state']}: {job.get('error')}")

@@ -75,12 +75,11 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from dns_core.artifacts import LoadedModel, load_model_file, write_artifacts
-    from dns_core.compress import compress
     from dns_core.data import DataError, check_fits
-    from dns_core.methods import MethodSettings
+    from dns_core.errors import InputError
     from dns_core.reference import cached_reference
-    from dns_core.surgery import SurgeryError, Target
-    from dns_core.train import Callbacks, TrainConfig, evaluate
+    from dns_core.spec import CompressSpec
+    from dns_core.train import Callbacks, evaluate
 
     train, valid, test = load_data(args)
     model_path = args.model or args.weights
@@ -113,44 +112,32 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     layer_kept = parse_pairs(args.layer_kept, "--layer-kept")
     try:
-        target = None
-        if args.method != "dns-fixed-crates":
-            target = Target(
-                compression=None if layer_kept else args.target, layer_kept=layer_kept, max_accuracy_drop=args.max_drop
-            )
-        settings = MethodSettings(
+        spec = CompressSpec(
+            method=args.method,
+            compression=None if layer_kept else args.target,
+            layer_kept=layer_kept,
+            max_accuracy_drop=args.max_drop,
             crate=args.crate,
             crates=parse_pairs(args.crates, "--crates"),
             gamma=args.gamma,
             power=args.power,
             iter_stop=args.iter_stop,
-            include=args.include.split(","),
-            exclude=args.exclude.split(",") if args.exclude else (),
-        )
-        cfg = TrainConfig(
+            include=tuple(args.include.split(",")),
+            exclude=tuple(args.exclude.split(",")) if args.exclude else (),
             iterations=args.iterations,
             batch_size=args.batch_size,
             lr=args.lr,
-            seed=args.seed,
             objective=args.objective,
+            seed=args.seed,
             device=args.device,
-            eval_every=max(args.iterations // 25, 1),
             checkpoint_every=args.checkpoint_every,
+            codec=args.codec,
         )
         with _Bar(f"{args.method} {label}", args.iterations) as bar:
-            result = compress(
-                loaded.module,
-                train,
-                valid,
-                method=args.method,
-                target=target,
-                config=cfg,
-                settings=settings,
-                test=test,
-                callbacks=Callbacks(on_progress=bar),
-                checkpoint=args.checkpoint,
+            result = spec.compress(
+                loaded.module, train, valid, test=test, callbacks=Callbacks(on_progress=bar), checkpoint=args.checkpoint
             )
-    except (SurgeryError, ValueError) as e:
+    except InputError as e:  # the engine's other exceptions are bugs: they keep their traceback
         raise CliError(str(e)) from None
 
     def accuracies(m: Any) -> dict[str, float | None]:
@@ -158,7 +145,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 "test_acc": evaluate(m, test) if test is not None else None}  # fmt: skip
 
     report = result.report | {"data": args.data}
-    made = write_artifacts(args.out, loaded, result.model, report, inputs=inputs, codec=args.codec,
+    made = write_artifacts(args.out, loaded, result.model, report, inputs=inputs, codec=spec.codec,
                            clusters=args.clusters, evaluate=accuracies)  # fmt: skip
     _print_report(made.report)
     dense = next(p for n, p in made.files.items() if n.startswith("model.") and "sparse" not in n)
