@@ -12,13 +12,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .errors import ConfigError, InputError, NetsurgeryError
     from .rule import hysteresis_scores, layer_statistics, surgery_probability, threshold, update_mask
+    from .spec import CompressSpec
     from .surgery import DNS, LayerReport, Ramp, ScheduledSurgery, Surgery, SurgeryError, Target, select_layers
     from .train import AccuracyBudget, Callbacks, Cancelled, Progress, TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
 
 _WHERE = {
+    **dict.fromkeys(["ConfigError", "InputError", "NetsurgeryError"], "errors"),
+    "CompressSpec": "spec",
     **dict.fromkeys(["hysteresis_scores", "layer_statistics", "surgery_probability", "threshold", "update_mask"],
                     "rule"),
     **dict.fromkeys(["DNS", "LayerReport", "Ramp", "ScheduledSurgery", "Surgery", "SurgeryError", "Target",
@@ -32,7 +36,11 @@ __all__ = [
     "AccuracyBudget",
     "Callbacks",
     "Cancelled",
+    "CompressSpec",
+    "ConfigError",
+    "InputError",
     "LayerReport",
+    "NetsurgeryError",
     "Progress",
     "Ramp",
     "ScheduledSurgery",

@@ -1,6 +1,7 @@
 """Compression as one plain function: a dense model and data in, a pruned model and a report out.
 
-The command line, the benchmark and (later) the service worker all call :func:`compress`.
+The command line, the benchmarks and the service's worker all call :func:`compress`, through
+:meth:`dns_core.spec.CompressSpec.compress`, which builds its settings from a job spec.
 """
 
 from __future__ import annotations
