@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from dns_core.spec import CRATE_DRIVEN, BuiltinSet, Codec, Method
+from dns_core.defaults import CRATE_DRIVEN, BuiltinSet, Codec, Method
 from service.orm import NAME_LENGTH
 from service.usecases.jobs import JobRequest
 

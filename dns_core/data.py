@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .defaults import BUILTIN_SETS
 from .errors import ConfigError, InputError
-from .spec import BUILTIN_SETS
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "NETSURGERY_FASHION_MNIST"

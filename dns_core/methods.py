@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .spec import CRATE, CRATE_DRIVEN, GAMMA, METHODS, POWER
+from .defaults import CRATE, CRATE_DRIVEN, GAMMA, METHODS, POWER
 from .surgery import DNS, Ramp, ScheduledSurgery, Surgery, SurgeryError, Target
 
 

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .defaults import CODECS
 from .errors import InputError
 from .io import read_safetensors
-from .spec import CODECS
 
 FORMAT_VERSION = 1
 CODEC_VERSION = 2  # the format version of files that use a value codec

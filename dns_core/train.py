@@ -19,8 +19,8 @@ from torch import nn
 
 from .checkpoint import load_state, save_state
 from .data import BatchStream, Dataset
+from .defaults import BATCH_SIZE, LR, OBJECTIVES
 from .errors import ConfigError
-from .spec import BATCH_SIZE, LR, OBJECTIVES
 from .surgery import LayerReport, ScheduledSurgery, Surgery
 
 

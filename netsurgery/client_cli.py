@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from dns_core.spec import BUILTIN_SETS, CODECS, METHODS
+from dns_core.defaults import BUILTIN_SETS, CODECS, METHODS
 from netsurgery.common import CliError, parse_pairs, progress_bar
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ def parse_pairs(text: str | None, what: str) -> dict[str, float] | None:
 def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset | None]:
     """(train, validation, test or None) from a built-in name or the user's data files."""
     from dns_core.data import DataError, load_builtin, load_data_file, validation_split
-    from dns_core.spec import BUILTIN_SETS
+    from dns_core.defaults import BUILTIN_SETS
     from dns_core.uploads import UploadError
 
     name = args.data

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dns_core.spec import BATCH_SIZE, BUILTIN_SETS, CODECS, CRATE, GAMMA, ITERATIONS, LR, METHODS, OBJECTIVES, POWER
+from dns_core.defaults import BATCH_SIZE, BUILTIN_SETS, CODECS, CRATE, GAMMA, ITERATIONS, LR, METHODS, OBJECTIVES, POWER
 from netsurgery.common import CliError, load_data, parse_pairs, progress_bar
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dns_core.spec import ITERATIONS
+from dns_core.defaults import ITERATIONS
 from netsurgery.common import CliError, load_data, progress_bar
 
 if TYPE_CHECKING:

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from dns_core.defaults import BUILTIN_SETS, CODECS, METHODS
 from dns_core.errors import ConfigError, InputError
-from dns_core.spec import BUILTIN_SETS, CODECS, METHODS, CompressSpec
+from dns_core.spec import CompressSpec
 
 JOB = {"method": "dns", "target": {"compression": 5.0, "max_accuracy_drop": 1.0}, "settings": {"iterations": 300}}
 
@@ -67,7 +68,7 @@ def test_settings_that_cannot_work_together_fail_on_build_as_input_errors(job: d
 
 
 def test_the_lists_and_the_spec_load_without_torch() -> None:
-    code = "import sys, dns_core.spec, dns_core.errors; print('torch' in sys.modules)"
+    code = "import sys, dns_core.spec, dns_core.defaults, dns_core.errors; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert "dns-fixed-crates" in METHODS and "int8" in CODECS and "digits" in BUILTIN_SETS

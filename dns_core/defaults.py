@@ -1,0 +1,42 @@
+"""The lists of what a compression run may ask for, and the engine's defaults, here once.
+
+:class:`dns_core.spec.CompressSpec` reads them, as do
+:class:`~dns_core.methods.MethodSettings`, :class:`~dns_core.train.TrainConfig`, the data loaders
+and the sparse codecs. Nothing here imports torch or another module of the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Method = Literal["dns", "dns-fixed-crates", "han", "one-shot", "agp"]
+Codec = Literal["float16", "int8", "shared"]
+BuiltinSet = Literal["fashion-mnist", "digits"]
+Objective = Literal["ce", "distill", "ce+distill"]
+
+#: The compression methods (see :func:`dns_core.methods.make_surgery`).
+METHODS: tuple[str, ...] = get_args(Method)
+#: The value codecs of the compact sparse file (see :mod:`dns_core.sparse`).
+CODECS: tuple[str, ...] = get_args(Codec)
+#: The data sets that ship by name (see :func:`dns_core.data.load_builtin`).
+BUILTIN_SETS: tuple[str, ...] = get_args(BuiltinSet)
+#: Training objectives (see :class:`dns_core.train.TrainConfig`).
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+#: The method driven by its crates alone: it takes no target, whatever the spec holds.
+CRATE_DRIVEN = "dns-fixed-crates"
+
+# The defaults, here once: MethodSettings and TrainConfig take theirs from these.
+CRATE = 1.0  # c_k: a layer's threshold is max(μ_k + c_k·σ_k, 0)
+GAMMA = 1e-4  # γ: the surgery probability is (1 + γ·t)^(−power)
+POWER = 1.0
+LR = 0.01
+BATCH_SIZE = 64
+ITERATIONS = 25_000  # the paper's budget for LeNet-300-100
+#: evaluations on validation data per run, and at most this many iterations between progress reports
+EVALUATIONS = 25
+LOG_EVERY = 100
+
+#: The keys a job's JSON spec may hold in ``target`` and in ``settings``.
+TARGET_KEYS = ("compression", "layer_kept", "max_accuracy_drop")
+SETTING_KEYS = ("crate", "crates", "gamma", "power", "iter_stop", "iterations", "lr", "batch_size", "seed", "codec")
