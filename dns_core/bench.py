@@ -19,8 +19,9 @@ import torch
 
 from . import models
 from .data import Dataset, fashion_mnist_splits
+from .defaults import CRATE_DRIVEN
 from .reference import cached_reference
-from .spec import CRATE_DRIVEN, CompressSpec
+from .spec import CompressSpec
 from .train import Callbacks, evaluate
 
 
