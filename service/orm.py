@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from sqlalchemy import (
     JSON,
     BigInteger,
-    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
     Float,
     ForeignKey,
     Index,
-    Integer,
     MetaData,
     String,
     Text,
@@ -112,19 +110,23 @@ class Base(DeclarativeBase):
     type_annotation_map = {  # noqa: RUF012 (SQLAlchemy reads it as a class attribute)
         datetime: UTCDateTime(),
         uuid.UUID: Uuid(),
+        float: Float(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
     }
 
 
-def _id() -> Mapped[uuid.UUID]:
-    return mapped_column(Uuid(), primary_key=True, default=uuid.uuid4)
-
-
-def _created() -> Mapped[datetime]:
-    return mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
-
-
-def _tenant_fk() -> Mapped[uuid.UUID]:
-    return mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+# Column types used across the tables (SQLAlchemy 2 ``Annotated`` declarations): a column declared
+# ``Mapped[Name]`` is a ``String(NAME_LENGTH)``, ``Mapped[Name | None]`` the same but nullable.
+Id = Annotated[uuid.UUID, mapped_column(primary_key=True, default=uuid.uuid4)]
+TenantId = Annotated[uuid.UUID, mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))]
+JobKey = Annotated[uuid.UUID, mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)]
+Created = Annotated[datetime, mapped_column(default=utcnow, server_default=func.now())]
+Name = Annotated[str, mapped_column(String(NAME_LENGTH))]
+Code = Annotated[str, mapped_column(String(16))]
+Sha256 = Annotated[str, mapped_column(String(64))]
+Uri = Annotated[str, mapped_column(String(URI_LENGTH))]
+BigInt = Annotated[int, mapped_column(BigInteger)]
 
 
 class Tenant(Base):
@@ -132,9 +134,9 @@ class Tenant(Base):
 
     __tablename__ = "tenants"
 
-    id: Mapped[uuid.UUID] = _id()
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
-    created_at: Mapped[datetime] = _created()
+    id: Mapped[Id]
+    name: Mapped[Name] = mapped_column(unique=True)
+    created_at: Mapped[Created]
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", lazy="raise", passive_deletes=True)
 
@@ -144,12 +146,12 @@ class ApiKey(Base):
 
     __tablename__ = "api_keys"
 
-    id: Mapped[uuid.UUID] = _id()
-    tenant_id: Mapped[uuid.UUID] = _tenant_fk()
+    id: Mapped[Id]
+    tenant_id: Mapped[TenantId] = mapped_column(index=True)
     prefix: Mapped[str] = mapped_column(String(16))
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    created_at: Mapped[datetime] = _created()
-    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    key_hash: Mapped[Sha256] = mapped_column(unique=True)
+    created_at: Mapped[Created]
+    revoked_at: Mapped[datetime | None]
 
     tenant: Mapped[Tenant] = relationship(back_populates="api_keys", lazy="raise")
 
@@ -159,24 +161,24 @@ class Model(Base):
 
     __tablename__ = "models"
     __table_args__ = (
+        Index("ix_models_tenant_id_created_at", "tenant_id", "created_at"),
         CheckConstraint(_in("format", MODEL_FORMATS), name="format"),
         CheckConstraint("format <> 'safetensors' OR architecture IS NOT NULL", name="safetensors_architecture"),
-        Index("ix_models_tenant_id_created_at", "tenant_id", "created_at"),
     )
 
-    id: Mapped[uuid.UUID] = _id()
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
-    format: Mapped[str] = mapped_column(String(16))
+    id: Mapped[Id]
+    tenant_id: Mapped[TenantId]
+    name: Mapped[Name]
+    format: Mapped[Code]
     # name of a built-in architecture (safetensors uploads); None for ONNX graphs
     architecture: Mapped[str | None] = mapped_column(String(64))
     # the schema-checked architecture config (safetensors uploads)
-    config: Mapped[dict[str, Any] | None] = mapped_column(JSON())
-    parameter_count: Mapped[int] = mapped_column(BigInteger)
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    uri: Mapped[str] = mapped_column(String(URI_LENGTH))
-    created_at: Mapped[datetime] = _created()
+    config: Mapped[dict[str, Any] | None]
+    parameter_count: Mapped[BigInt]
+    size_bytes: Mapped[BigInt]
+    sha256: Mapped[Sha256]
+    uri: Mapped[Uri]
+    created_at: Mapped[Created]
 
 
 class Dataset(Base):
@@ -194,19 +196,19 @@ class Dataset(Base):
         Index("ix_datasets_tenant_id_created_at", "tenant_id", "created_at"),
     )
 
-    id: Mapped[uuid.UUID] = _id()
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
-    kind: Mapped[str] = mapped_column(String(16))
+    id: Mapped[Id]
+    tenant_id: Mapped[TenantId]
+    name: Mapped[Name]
+    kind: Mapped[Code]
     builtin_name: Mapped[str | None] = mapped_column(String(64))
-    n_examples: Mapped[int | None] = mapped_column(Integer)
+    n_examples: Mapped[int | None]
     # shape of one example, e.g. [1, 28, 28]
-    input_shape: Mapped[list[Any] | None] = mapped_column(JSON())
-    has_targets: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
-    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    sha256: Mapped[str | None] = mapped_column(String(64))
-    uri: Mapped[str | None] = mapped_column(String(URI_LENGTH))
-    created_at: Mapped[datetime] = _created()
+    input_shape: Mapped[list[Any] | None]
+    has_targets: Mapped[bool] = mapped_column(default=True, server_default=true())
+    size_bytes: Mapped[BigInt | None]
+    sha256: Mapped[Sha256 | None]
+    uri: Mapped[Uri | None]
+    created_at: Mapped[Created]
 
 
 class Job(Base):
@@ -229,38 +231,38 @@ class Job(Base):
         Index("ix_jobs_state_lease_expires_at", "state", "lease_expires_at"),
     )
 
-    id: Mapped[uuid.UUID] = _id()
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    id: Mapped[Id]
+    tenant_id: Mapped[TenantId]
     model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), index=True)
     dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"), index=True)
 
-    state: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    state: Mapped[Code] = mapped_column(default="queued", server_default="queued")
+    cancel_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
     # the compression method, e.g. "dns"
     method: Mapped[str] = mapped_column(String(32))
     # the target: compression and accuracy budget
-    target: Mapped[dict[str, Any]] = mapped_column(JSON())
+    target: Mapped[dict[str, Any]]
     # expert knobs (crates, gamma, power, iter_stop, iterations, lr, batch size, seed …)
-    settings: Mapped[dict[str, Any]] = mapped_column(JSON())
+    settings: Mapped[dict[str, Any]]
 
-    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    lease_owner: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempt: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    lease_owner: Mapped[Name | None]
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
 
-    iteration: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    total_iterations: Mapped[int | None] = mapped_column(Integer)
-    loss: Mapped[float | None] = mapped_column(Float)
-    val_accuracy: Mapped[float | None] = mapped_column(Float)
-    compression: Mapped[float | None] = mapped_column(Float)
+    iteration: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    total_iterations: Mapped[int | None]
+    loss: Mapped[float | None]
+    val_accuracy: Mapped[float | None]
+    compression: Mapped[float | None]
     # latest per-layer sparsity: {"iteration": n, "layers": [{"layer": name, "kept": k, "total": t}, …]}
-    layers: Mapped[dict[str, Any] | None] = mapped_column(JSON())
+    layers: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
-    idempotency_key: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    idempotency_key: Mapped[Name | None]
 
-    created_at: Mapped[datetime] = _created()
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[Created]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
 
     model: Mapped[Model] = relationship(lazy="raise")
     dataset: Mapped[Dataset] = relationship(lazy="raise")
@@ -272,13 +274,13 @@ class ProgressPoint(Base):
 
     __tablename__ = "progress_points"
 
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    iteration: Mapped[int] = mapped_column(Integer, primary_key=True)
-    attempt: Mapped[int] = mapped_column(Integer)
-    loss: Mapped[float | None] = mapped_column(Float)
-    val_accuracy: Mapped[float | None] = mapped_column(Float)
-    compression: Mapped[float | None] = mapped_column(Float)
-    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    job_id: Mapped[JobKey]
+    iteration: Mapped[int] = mapped_column(primary_key=True)
+    attempt: Mapped[int]
+    loss: Mapped[float | None]
+    val_accuracy: Mapped[float | None]
+    compression: Mapped[float | None]
+    at: Mapped[Created]
 
 
 class LayerPoint(Base):
@@ -287,11 +289,11 @@ class LayerPoint(Base):
     __tablename__ = "layer_points"
     __table_args__ = (CheckConstraint("kept >= 0 AND kept <= total", name="kept_within_total"),)
 
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    iteration: Mapped[int] = mapped_column(Integer, primary_key=True)
-    layer: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
-    kept: Mapped[int] = mapped_column(BigInteger)
-    total: Mapped[int] = mapped_column(BigInteger)
+    job_id: Mapped[JobKey]
+    iteration: Mapped[int] = mapped_column(primary_key=True)
+    layer: Mapped[Name] = mapped_column(primary_key=True)
+    kept: Mapped[BigInt]
+    total: Mapped[BigInt]
 
 
 class Artifact(Base):
@@ -300,14 +302,14 @@ class Artifact(Base):
     __tablename__ = "artifacts"
     __table_args__ = (UniqueConstraint("job_id", "name"),)
 
-    id: Mapped[uuid.UUID] = _id()
+    id: Mapped[Id]
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    name: Mapped[Name]
     # e.g. "sparse", "dense", "report"
     kind: Mapped[str] = mapped_column(String(32))
-    uri: Mapped[str] = mapped_column(String(URI_LENGTH))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = _created()
+    uri: Mapped[Uri]
+    size_bytes: Mapped[BigInt]
+    sha256: Mapped[Sha256]
+    created_at: Mapped[Created]
 
     job: Mapped[Job] = relationship(back_populates="artifacts", lazy="raise")
