@@ -42,15 +42,16 @@ def _num(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+def _records(report: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    """The mappings in the list under ``key`` (none when it is missing or not a list; other items skipped)."""
+    items = report.get(key)
+    return [item for item in items if isinstance(item, Mapping)] if isinstance(items, list) else []
+
+
 def history_series(report: Mapping[str, Any], key: str) -> list[Point]:
     """(iteration, value) for every history point of ``report`` that has a number under ``key``."""
     points: list[Point] = []
-    history = report.get("history")
-    if not isinstance(history, list):
-        return points
-    for entry in history:
-        if not isinstance(entry, Mapping):
-            continue
+    for entry in _records(report, "history"):
         x, y = _num(entry.get("iteration")), _num(entry.get(key))
         if x is not None and y is not None:
             points.append((x, y))
@@ -60,12 +61,7 @@ def history_series(report: Mapping[str, Any], key: str) -> list[Point]:
 def _layers(report: Mapping[str, Any]) -> list[tuple[str, int, int]]:
     """(name, kept, total) of each pruned layer."""
     out: list[tuple[str, int, int]] = []
-    layers = report.get("layers")
-    if not isinstance(layers, list):
-        return out
-    for layer in layers:
-        if not isinstance(layer, Mapping):
-            continue
+    for layer in _records(report, "layers"):
         kept, total = _num(layer.get("kept")), _num(layer.get("total"))
         out.append((str(layer.get("name", "?")), int(kept or 0), int(total or 0)))
     return out
