@@ -3,7 +3,7 @@
 :class:`CompressSpec` is the one mapping from a job's JSON spec (``{"method": …, "target": {…},
 "settings": {…}}``, as the service stores it) or the command line's options to the engine's
 configuration: a :class:`~dns_core.surgery.Target`, :class:`~dns_core.methods.MethodSettings`
-and a :class:`~dns_core.train.TrainConfig`, with every default in this module.
+and a :class:`~dns_core.train.TrainConfig`, with the defaults of :mod:`dns_core.defaults`.
 
 Importing this module does not import torch (the service's API reads the lists); the engine's
 objects are built by :meth:`CompressSpec.build`, which imports them when called.
@@ -59,7 +59,7 @@ class EngineConfig(NamedTuple):
 
 @dataclass(frozen=True)
 class CompressSpec:
-    """One compression run's settings, checked; anything not given takes this module's default.
+    """One compression run's settings, checked; anything not given takes its default from :mod:`dns_core.defaults`.
 
     ``eval_every`` and ``log_every`` left at None follow the budget: :data:`EVALUATIONS`
     evaluations per run, and a progress report at least every :data:`LOG_EVERY` iterations (50
