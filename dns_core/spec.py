@@ -1,12 +1,12 @@
-"""What a compression run is asked to do, and the lists of what it may ask for.
+"""What a compression run is asked to do: a job spec checked and mapped to the engine's configuration.
 
 :class:`CompressSpec` is the one mapping from a job's JSON spec (``{"method": …, "target": {…},
 "settings": {…}}``, as the service stores it) or the command line's options to the engine's
 configuration: a :class:`~dns_core.surgery.Target`, :class:`~dns_core.methods.MethodSettings`
 and a :class:`~dns_core.train.TrainConfig`, with the defaults of :mod:`dns_core.defaults`.
 
-Importing this module does not import torch (the service's API reads the lists); the engine's
-objects are built by :meth:`CompressSpec.build`, which imports them when called.
+Importing this module does not import torch; the engine's objects are built by
+:meth:`CompressSpec.build`, which imports them when called.
 """
 
 from __future__ import annotations
