@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from api.deps import CeleryDep, JobCacheDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.jobcache import JobCache
@@ -37,6 +37,7 @@ from api.schemas import (
 )
 from service.database import Reader
 from service.errors import BadRequest, Conflict, NotFound, QuotaExceeded
+from service.orm import Job
 from service.repositories import MAX_PAGE
 from service.repositories import jobs as repository
 from service.usecases import jobs
@@ -53,6 +54,16 @@ IdempotencyKey = Annotated[
     ),
 ]
 After = Annotated[int, Query(ge=-1, description="Cursor: return iterations after this one (-1: from the start).")]
+PointLimit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Points per page.")]
+IterationLimit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Iterations per page.")]
+
+
+def get_tenant_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> Job:
+    """The tenant's job named by the path; 404 if missing or another tenant's."""
+    return jobs.get_job(session, tenant.tenant_id, job_id)
+
+
+JobDep = Annotated[Job, Depends(get_tenant_job)]
 
 
 @router.post(
@@ -124,16 +135,9 @@ async def get_job(job_id: uuid.UUID, tenant: TenantDep, request: Request) -> Job
 @router.get(
     "/{job_id}/progress", response_model=ProgressRead, summary="Progress history", responses=responses(NotFound)
 )
-def get_progress(
-    job_id: uuid.UUID,
-    tenant: TenantDep,
-    session: SessionDep,
-    after: After = -1,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Points per page.")] = 500,
-) -> ProgressRead:
+def get_progress(job: JobDep, session: SessionDep, after: After = -1, limit: PointLimit = 500) -> ProgressRead:
     """Logged iterations after ``after``, oldest first; poll with ``after=next_after`` for new ones."""
-    jobs.get_job(session, tenant.tenant_id, job_id)
-    points = repository.list_progress(session, job_id, after_iteration=after, limit=limit)
+    points = repository.list_progress(session, job.id, after_iteration=after, limit=limit)
     return ProgressRead(
         items=[ProgressPointRead.model_validate(p) for p in points],
         next_after=points[-1].iteration if points else after,
@@ -143,17 +147,10 @@ def get_progress(
 @router.get(
     "/{job_id}/layers", response_model=LayerHistoryRead, summary="Per-layer history", responses=responses(NotFound)
 )
-def get_layers(
-    job_id: uuid.UUID,
-    tenant: TenantDep,
-    session: SessionDep,
-    after: After = -1,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Iterations per page.")] = 100,
-) -> LayerHistoryRead:
+def get_layers(job: JobDep, session: SessionDep, after: After = -1, limit: IterationLimit = 100) -> LayerHistoryRead:
     """Per-layer kept/total at each logged iteration after ``after``; a page never splits an iteration."""
-    jobs.get_job(session, tenant.tenant_id, job_id)
     snapshots: list[LayerSnapshot] = []
-    for p in repository.list_layer_history(session, job_id, after_iteration=after, iterations=limit):
+    for p in repository.list_layer_history(session, job.id, after_iteration=after, iterations=limit):
         if not snapshots or snapshots[-1].iteration != p.iteration:
             snapshots.append(LayerSnapshot(iteration=p.iteration, layers=[]))
         snapshots[-1].layers.append(LayerKept(layer=p.layer, kept=p.kept, total=p.total))
