@@ -34,6 +34,7 @@ from service.errors import Conflict
 from service.orm import Dataset, Model
 
 T = TypeVar("T")
+OwnedT = TypeVar("OwnedT", Model, Dataset)
 
 MAX_PAGE: Final = 1000
 
@@ -70,6 +71,25 @@ def page(
     total = session.scalar(select(func.count()).select_from(entity).where(*conditions)) or 0
     stmt: Select[T] = select(entity).where(*conditions).order_by(*order_by).limit(limit).offset(offset)
     return Page(items=list(session.scalars(stmt)), total=total, limit=limit, offset=offset)
+
+
+def get_owned(session: Session, entity: type[OwnedT], tenant_id: uuid.UUID, row_id: uuid.UUID) -> OwnedT | None:
+    """The tenant's model or dataset ``row_id``; None if missing or another tenant's."""
+    return session.scalar(select(entity).where(entity.id == row_id, entity.tenant_id == tenant_id))
+
+
+def list_owned(session: Session, entity: type[OwnedT], tenant_id: uuid.UUID, limit: int, offset: int) -> Page[OwnedT]:
+    """The tenant's models or datasets, newest first."""
+    return page(
+        session, entity, [entity.tenant_id == tenant_id], [entity.created_at.desc(), entity.id.desc()], limit, offset
+    )
+
+
+def insert(session: Session, row: T) -> T:
+    """Add ``row`` and flush it (the caller's scope commits)."""
+    session.add(row)
+    session.flush()
+    return row
 
 
 def deleted_any(result: Iterable[Any]) -> bool:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.orm import DATASET_KINDS, Dataset, Job
-from service.repositories import Page, delete_unused, page
+from service.repositories import Page, delete_unused, get_owned, insert, list_owned
 
 
 def create_dataset(
@@ -44,26 +43,17 @@ def create_dataset(
         sha256=sha256,
         uri=uri,
     )
-    session.add(dataset)
-    session.flush()
-    return dataset
+    return insert(session, dataset)
 
 
 def get_dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset | None:
     """The tenant's dataset ``dataset_id``; None if missing or another tenant's."""
-    return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id))
+    return get_owned(session, Dataset, tenant_id, dataset_id)
 
 
 def list_datasets(session: Session, tenant_id: uuid.UUID, *, limit: int = 50, offset: int = 0) -> Page[Dataset]:
     """The tenant's datasets, newest first."""
-    return page(
-        session,
-        Dataset,
-        [Dataset.tenant_id == tenant_id],
-        [Dataset.created_at.desc(), Dataset.id.desc()],
-        limit,
-        offset,
-    )
+    return list_owned(session, Dataset, tenant_id, limit, offset)
 
 
 def delete_dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> bool:

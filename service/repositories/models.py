@@ -5,11 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.orm import MODEL_FORMATS, Job, Model
-from service.repositories import Page, delete_unused, page
+from service.repositories import Page, delete_unused, get_owned, insert, list_owned
 
 
 def create_model(
@@ -41,21 +40,17 @@ def create_model(
         sha256=sha256,
         uri=uri,
     )
-    session.add(model)
-    session.flush()
-    return model
+    return insert(session, model)
 
 
 def get_model(session: Session, tenant_id: uuid.UUID, model_id: uuid.UUID) -> Model | None:
     """The tenant's model ``model_id``; None if missing or another tenant's."""
-    return session.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id))
+    return get_owned(session, Model, tenant_id, model_id)
 
 
 def list_models(session: Session, tenant_id: uuid.UUID, *, limit: int = 50, offset: int = 0) -> Page[Model]:
     """The tenant's models, newest first."""
-    return page(
-        session, Model, [Model.tenant_id == tenant_id], [Model.created_at.desc(), Model.id.desc()], limit, offset
-    )
+    return list_owned(session, Model, tenant_id, limit, offset)
 
 
 def delete_model(session: Session, tenant_id: uuid.UUID, model_id: uuid.UUID) -> bool:
