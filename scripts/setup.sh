@@ -18,5 +18,10 @@ pip=(.venv/bin/pip install --quiet --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${pip[@]}" "torch==2.13.0"
 fi
-"${pip[@]}" -e ".[dev]"
+# Keep the torch that is there (the CPU wheel above, or a CUDA build installed first): without this
+# constraint the resolver may swap it for the index's newest CUDA build while it places the rest.
+keep=$(mktemp)
+trap 'rm -f "$keep"' EXIT
+.venv/bin/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$keep"
+"${pip[@]}" --constraint "$keep" -e ".[dev]"
 echo "$want" > "$stamp"
