@@ -74,9 +74,11 @@ from service.errors import (
 )
 from service.orm import NAME_LENGTH
 from service.quotas import check_storage_quota
+from service.repositories.datasets import DatasetFacts
+from service.repositories.models import ModelFacts
 from service.settings import Settings
-from service.usecases.datasets import DatasetFacts, DatasetUpload
-from service.usecases.models import ModelFacts, ModelUpload
+from service.usecases.datasets import DatasetUpload
+from service.usecases.models import ModelUpload
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

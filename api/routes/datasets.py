@@ -7,28 +7,24 @@ Stored layout: :func:`service.keys.dataset_inputs_key` and, for IDX inputs with 
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.metrics import record_upload
-from api.routes.common import Limit, Offset, UploadRootDep, responses
-from api.schemas import BuiltinDatasetCreate, DatasetPage, DatasetRead
+from api.routes.common import UploadRootDep, responses
+from api.routes.stored import add_read_and_delete_routes
+from api.schemas import BuiltinDatasetCreate, DatasetRead
 from api.uploads import multipart_boundary, read_small_body, receive_dataset, upload_folder
 from service.errors import (
     BadRequest,
-    Conflict,
     InvalidFile,
     InvalidRequest,
-    NotFound,
     PayloadTooLarge,
     QuotaExceeded,
     UnsupportedFormat,
 )
-from service.repositories import datasets as repository
 from service.usecases import datasets
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -115,22 +111,11 @@ async def create_dataset(
     return DatasetRead.model_validate(dataset)
 
 
-@router.get("", response_model=DatasetPage, summary="List data sets", responses=responses())
-def list_datasets(tenant: TenantDep, session: SessionDep, limit: Limit = 50, offset: Offset = 0) -> DatasetPage:
-    """The tenant's data sets, newest first."""
-    page = repository.list_datasets(session, tenant.tenant_id, limit=limit, offset=offset)
-    return DatasetPage(
-        items=[DatasetRead.model_validate(d) for d in page.items], total=page.total, limit=limit, offset=offset
-    )
-
-
-@router.get("/{dataset_id}", response_model=DatasetRead, summary="Get a data set", responses=responses(NotFound))
-def get_dataset(dataset_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> DatasetRead:
-    return DatasetRead.model_validate(datasets.get_dataset(session, tenant.tenant_id, dataset_id))
-
-
-@router.delete("/{dataset_id}", status_code=204, summary="Delete a data set", responses=responses(NotFound, Conflict))
-def delete_dataset(dataset_id: uuid.UUID, tenant: TenantDep, session: SessionDep, storage: StorageDep) -> Response:
-    """Delete the data set and its stored files; 409 while a job refers to it (delete the job first)."""
-    datasets.delete_dataset(session, storage, tenant.tenant_id, dataset_id)
-    return Response(status_code=204)
+add_read_and_delete_routes(
+    router,
+    datasets.uploads,
+    DatasetRead,
+    name="dataset",
+    title="data set",
+    delete_description="Delete the data set and its stored files; 409 while a job refers to it (delete the job first).",
+)

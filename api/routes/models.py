@@ -6,27 +6,23 @@ Stored layout: :func:`service.keys.model_key`; ``models.uri`` holds that storage
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.metrics import record_upload
-from api.routes.common import Limit, Offset, UploadRootDep, responses
-from api.schemas import ModelPage, ModelRead
+from api.routes.common import UploadRootDep, responses
+from api.routes.stored import add_read_and_delete_routes
+from api.schemas import ModelRead
 from api.uploads import receive_model, upload_folder
 from dns_core.models import ZOO
 from service.errors import (
     BadRequest,
-    Conflict,
     InvalidFile,
-    NotFound,
     PayloadTooLarge,
     QuotaExceeded,
     UnsupportedFormat,
 )
-from service.repositories import models as repository
 from service.usecases import models
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -101,22 +97,11 @@ async def upload_model(
     return ModelRead.model_validate(model)
 
 
-@router.get("", response_model=ModelPage, summary="List models", responses=responses())
-def list_models(tenant: TenantDep, session: SessionDep, limit: Limit = 50, offset: Offset = 0) -> ModelPage:
-    """The tenant's models, newest first."""
-    page = repository.list_models(session, tenant.tenant_id, limit=limit, offset=offset)
-    return ModelPage(
-        items=[ModelRead.model_validate(m) for m in page.items], total=page.total, limit=limit, offset=offset
-    )
-
-
-@router.get("/{model_id}", response_model=ModelRead, summary="Get a model", responses=responses(NotFound))
-def get_model(model_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> ModelRead:
-    return ModelRead.model_validate(models.get_model(session, tenant.tenant_id, model_id))
-
-
-@router.delete("/{model_id}", status_code=204, summary="Delete a model", responses=responses(NotFound, Conflict))
-def delete_model(model_id: uuid.UUID, tenant: TenantDep, session: SessionDep, storage: StorageDep) -> Response:
-    """Delete the model and its stored file; 409 while a job refers to it (delete the job first)."""
-    models.delete_model(session, storage, tenant.tenant_id, model_id)
-    return Response(status_code=204)
+add_read_and_delete_routes(
+    router,
+    models.uploads,
+    ModelRead,
+    name="model",
+    title="model",
+    delete_description="Delete the model and its stored file; 409 while a job refers to it (delete the job first).",
+)

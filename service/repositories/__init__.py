@@ -28,7 +28,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, Insert, Select, delete, exists, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from service.errors import Conflict
 from service.orm import Dataset, Model
@@ -73,18 +73,6 @@ def page(
     return Page(items=list(session.scalars(stmt)), total=total, limit=limit, offset=offset)
 
 
-def get_owned(session: Session, entity: type[OwnedT], tenant_id: uuid.UUID, row_id: uuid.UUID) -> OwnedT | None:
-    """The tenant's model or dataset ``row_id``; None if missing or another tenant's."""
-    return session.scalar(select(entity).where(entity.id == row_id, entity.tenant_id == tenant_id))
-
-
-def list_owned(session: Session, entity: type[OwnedT], tenant_id: uuid.UUID, limit: int, offset: int) -> Page[OwnedT]:
-    """The tenant's models or datasets, newest first."""
-    return page(
-        session, entity, [entity.tenant_id == tenant_id], [entity.created_at.desc(), entity.id.desc()], limit, offset
-    )
-
-
 def insert(session: Session, row: T) -> T:
     """Add ``row`` and flush it (the caller's scope commits)."""
     session.add(row)
@@ -95,29 +83,6 @@ def insert(session: Session, row: T) -> T:
 def deleted_any(result: Iterable[Any]) -> bool:
     """Whether a ``DELETE … RETURNING`` (or a guarded ``UPDATE … RETURNING``) matched a row."""
     return next(iter(result), None) is not None
-
-
-def delete_unused(
-    session: Session,
-    entity: type[Model] | type[Dataset],
-    row_id: uuid.UUID,
-    tenant_id: uuid.UUID,
-    used_by: ColumnElement[bool],
-) -> bool:
-    """Delete the tenant's model or dataset ``row_id`` unless a job refers to it (``used_by``).
-
-    False if there is no such row; :class:`Conflict` while a job refers to it.
-    """
-    result = session.execute(
-        delete(entity)
-        .where(entity.id == row_id, entity.tenant_id == tenant_id, ~exists().where(used_by))
-        .returning(entity.id)
-    )
-    if deleted_any(result):
-        return True
-    if session.scalar(select(entity.id).where(entity.id == row_id, entity.tenant_id == tenant_id)) is not None:
-        raise Conflict(f"{entity.__tablename__.removesuffix('s')} {row_id} is used by a job; delete the job first")
-    return False
 
 
 def insert_ignoring(session: Session, entity: type[Any], keys: list[str]) -> Insert:
@@ -133,3 +98,60 @@ def insert_ignoring(session: Session, entity: type[Any], keys: list[str]) -> Ins
 def ping(session: Session) -> None:
     """Run ``SELECT 1``: raises when the database cannot be reached (the readiness probe)."""
     session.execute(text("SELECT 1"))
+
+
+# ------------------------------------------------------------------------------- stored uploads
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUpload:
+    """The columns an uploaded model or data set gets from storing it.
+
+    ``id`` is the one its storage keys use, ``uri`` the stored key, ``size_bytes`` and ``sha256``
+    what the store counted.
+    """
+
+    id: uuid.UUID
+    name: str
+    size_bytes: int
+    sha256: str
+    uri: str
+
+
+class UploadRows(Generic[OwnedT]):
+    """The tenant-scoped read, listing and delete of models or datasets (``entity``).
+
+    ``used_by`` is the jobs column that refers to a row: a row a job uses is not deleted.
+    """
+
+    def __init__(self, entity: type[OwnedT], used_by: InstrumentedAttribute[uuid.UUID]) -> None:
+        self.entity: type[OwnedT] = entity
+        self.used_by: InstrumentedAttribute[uuid.UUID] = used_by
+
+    def get(self, session: Session, tenant_id: uuid.UUID, row_id: uuid.UUID) -> OwnedT | None:
+        """The tenant's row ``row_id``; None if missing or another tenant's."""
+        entity: type[OwnedT] = self.entity
+        return session.scalar(select(entity).where(entity.id == row_id, entity.tenant_id == tenant_id))
+
+    def list(self, session: Session, tenant_id: uuid.UUID, *, limit: int = 50, offset: int = 0) -> Page[OwnedT]:
+        """The tenant's rows, newest first."""
+        entity: type[OwnedT] = self.entity
+        newest_first = [entity.created_at.desc(), entity.id.desc()]
+        return page(session, entity, [entity.tenant_id == tenant_id], newest_first, limit, offset)
+
+    def delete(self, session: Session, tenant_id: uuid.UUID, row_id: uuid.UUID) -> bool:
+        """Delete the tenant's row ``row_id`` unless a job refers to it.
+
+        False if there is no such row; :class:`Conflict` while a job refers to it.
+        """
+        entity: type[OwnedT] = self.entity
+        result = session.execute(
+            delete(entity)
+            .where(entity.id == row_id, entity.tenant_id == tenant_id, ~exists().where(self.used_by == row_id))
+            .returning(entity.id)
+        )
+        if deleted_any(result):
+            return True
+        if self.get(session, tenant_id, row_id) is not None:
+            raise Conflict(f"{entity.__tablename__.removesuffix('s')} {row_id} is used by a job; delete the job first")
+        return False

@@ -54,9 +54,9 @@ def create_job(
     ``INSERT … ON CONFLICT DO NOTHING``, so two concurrent requests with one key make one job.
     Enqueue the task only after the caller's commit.
     """
-    if models.get_model(session, tenant_id, model_id) is None:
+    if models.rows.get(session, tenant_id, model_id) is None:
         raise NotFound(f"model {model_id} not found")
-    if datasets.get_dataset(session, tenant_id, dataset_id) is None:
+    if datasets.rows.get(session, tenant_id, dataset_id) is None:
         raise NotFound(f"dataset {dataset_id} not found")
     values: dict[str, Any] = {
         "id": uuid.uuid4(),

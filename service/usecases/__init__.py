@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
+from service.repositories import OwnedT, Page, UploadRows
 from service.storage import Storage, Stored
 
 log = logging.getLogger(__name__)
@@ -71,16 +72,35 @@ def remove_stored(storage: Storage, *prefixes: str) -> None:
             log.exception("could not remove stored files under %s", prefix)
 
 
-def commit_delete(session: Session, storage: Storage, deleted: bool, what: str, row_id: uuid.UUID, prefix: str) -> None:
-    """After a repository delete: :class:`NotFound` if nothing was deleted, else commit and remove ``prefix``."""
-    if not deleted:
-        raise NotFound(f"{what} {row_id} not found")
-    session.commit()
-    remove_stored(storage, prefix)
-
-
 def found(row: T | None, what: str, row_id: uuid.UUID) -> T:
     """``row``, or :class:`NotFound` when a tenant-scoped read found nothing (missing, or another tenant's)."""
     if row is None:
         raise NotFound(f"{what} {row_id} not found")
     return row
+
+
+class StoredUploads(Generic[OwnedT]):
+    """Read, list and delete a tenant's models or datasets: the rows (``rows``) and their stored files.
+
+    ``what`` names one in errors ("model"); ``prefix`` gives the storage prefix of a row's files.
+    """
+
+    def __init__(self, what: str, rows: UploadRows[OwnedT], prefix: Callable[[uuid.UUID], str]) -> None:
+        self.what: str = what
+        self.rows: UploadRows[OwnedT] = rows
+        self.prefix: Callable[[uuid.UUID], str] = prefix
+
+    def get(self, session: Session, tenant_id: uuid.UUID, row_id: uuid.UUID) -> OwnedT:
+        """The tenant's row; :class:`~service.errors.NotFound` if missing or another tenant's."""
+        return found(self.rows.get(session, tenant_id, row_id), self.what, row_id)
+
+    def list(self, session: Session, tenant_id: uuid.UUID, *, limit: int = 50, offset: int = 0) -> Page[OwnedT]:
+        """The tenant's rows, newest first."""
+        return self.rows.list(session, tenant_id, limit=limit, offset=offset)
+
+    def delete(self, session: Session, storage: Storage, tenant_id: uuid.UUID, row_id: uuid.UUID) -> None:
+        """Delete the row (committed), then its stored files; :class:`~service.errors.Conflict` while a job uses it."""
+        if not self.rows.delete(session, tenant_id, row_id):
+            raise NotFound(f"{self.what} {row_id} not found")
+        session.commit()
+        remove_stored(storage, self.prefix(row_id))

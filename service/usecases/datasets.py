@@ -1,27 +1,19 @@
-"""Data sets: add a built-in one, store an accepted upload, read one, delete one with its files."""
+"""Data sets: add a built-in one, store an accepted upload, read and list them, delete one with its files."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Final
 
 from sqlalchemy.orm import Session
 
 from service import keys
 from service.orm import Dataset
-from service.repositories import datasets
+from service.repositories import StoredUpload, datasets
+from service.repositories.datasets import DatasetFacts
 from service.storage import Storage
-from service.usecases import StagedFile, commit_delete, found, put_staged, stored_and_recorded
-
-
-@dataclass(frozen=True, slots=True)
-class DatasetFacts:
-    """What the upload checks found an accepted data file to be."""
-
-    kind: str
-    n_examples: int
-    input_shape: list[int]
-    has_targets: bool
+from service.usecases import StagedFile, StoredUploads, put_staged, stored_and_recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +28,7 @@ class DatasetUpload:
 
 def add_builtin_dataset(session: Session, tenant_id: uuid.UUID, builtin: str, name: str | None = None) -> Dataset:
     """Record the built-in set ``builtin`` for the tenant (named ``name``, else ``builtin``), committed."""
-    dataset = datasets.create_dataset(session, tenant_id, name=name or builtin, kind="builtin", builtin_name=builtin)
+    dataset = datasets.create_builtin_dataset(session, tenant_id, builtin, name or builtin)
     session.commit()
     return dataset
 
@@ -52,25 +44,10 @@ def store_dataset(session: Session, storage: Storage, tenant_id: uuid.UUID, uplo
         size = stored.size
         if upload.targets is not None:
             size += put_staged(storage, keys.dataset_targets_key(dataset_id), upload.targets).size
-        dataset = datasets.create_dataset(
-            session,
-            tenant_id,
-            name=upload.name,
-            size_bytes=size,
-            sha256=stored.sha256,
-            uri=stored.key,
-            dataset_id=dataset_id,
-            **asdict(upload.facts),
-        )
+        record = StoredUpload(dataset_id, upload.name, size, stored.sha256, stored.key)
+        dataset = datasets.create_dataset(session, tenant_id, record, upload.facts)
     return dataset
 
 
-def get_dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset:
-    """The tenant's data set; :class:`~service.errors.NotFound` if missing or another tenant's."""
-    return found(datasets.get_dataset(session, tenant_id, dataset_id), "dataset", dataset_id)
-
-
-def delete_dataset(session: Session, storage: Storage, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> None:
-    """Delete the data set (committed), then its files; :class:`~service.errors.Conflict` while a job uses it."""
-    deleted = datasets.delete_dataset(session, tenant_id, dataset_id)
-    commit_delete(session, storage, deleted, "dataset", dataset_id, keys.dataset_prefix(dataset_id))
+#: Read, list and delete the tenant's data sets with their stored files.
+uploads: Final = StoredUploads("dataset", datasets.rows, keys.dataset_prefix)

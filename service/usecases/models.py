@@ -1,28 +1,19 @@
-"""Models: store an accepted upload, read one, delete one with its file."""
+"""Models: store an accepted upload, read and list them, delete one with its file."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Final
 
 from sqlalchemy.orm import Session
 
 from service import keys
 from service.orm import Model
-from service.repositories import models
+from service.repositories import StoredUpload, models
+from service.repositories.models import ModelFacts
 from service.storage import Storage
-from service.usecases import StagedFile, commit_delete, found, put_staged, stored_and_recorded
-
-
-@dataclass(frozen=True, slots=True)
-class ModelFacts:
-    """What the upload checks found an accepted model file to be."""
-
-    format: str
-    parameter_count: int
-    architecture: str | None = None
-    config: dict[str, Any] | None = None
+from service.usecases import StagedFile, StoredUploads, put_staged, stored_and_recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,25 +30,10 @@ def store_model(session: Session, storage: Storage, tenant_id: uuid.UUID, upload
     model_id = uuid.uuid4()
     with stored_and_recorded(session, storage, keys.model_prefix(model_id)):
         stored = put_staged(storage, keys.model_key(model_id, upload.facts.format), upload.file)
-        model = models.create_model(
-            session,
-            tenant_id,
-            name=upload.name,
-            size_bytes=stored.size,
-            sha256=stored.sha256,
-            uri=stored.key,
-            model_id=model_id,
-            **asdict(upload.facts),
-        )
+        record = StoredUpload(model_id, upload.name, stored.size, stored.sha256, stored.key)
+        model = models.create_model(session, tenant_id, record, upload.facts)
     return model
 
 
-def get_model(session: Session, tenant_id: uuid.UUID, model_id: uuid.UUID) -> Model:
-    """The tenant's model; :class:`~service.errors.NotFound` if missing or another tenant's."""
-    return found(models.get_model(session, tenant_id, model_id), "model", model_id)
-
-
-def delete_model(session: Session, storage: Storage, tenant_id: uuid.UUID, model_id: uuid.UUID) -> None:
-    """Delete the model (committed), then its stored file; :class:`~service.errors.Conflict` while a job uses it."""
-    deleted = models.delete_model(session, tenant_id, model_id)
-    commit_delete(session, storage, deleted, "model", model_id, keys.model_prefix(model_id))
+#: Read, list and delete the tenant's models with their stored files.
+uploads: Final = StoredUploads("model", models.rows, keys.model_prefix)

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.database import session_scope
-from service.repositories import datasets, jobs, models, tenants
+from service.repositories import StoredUpload, datasets, jobs, models, tenants
 
 
 def new_tenant(factory: sessionmaker[Session]) -> uuid.UUID:
@@ -21,17 +21,9 @@ def new_tenant(factory: sessionmaker[Session]) -> uuid.UUID:
 def new_job(factory: sessionmaker[Session], tenant_id: uuid.UUID, **job: Any) -> uuid.UUID:
     """A committed queued job of ``tenant_id``, on a new ONNX model and built-in dataset."""
     with session_scope(factory) as session:
-        model = models.create_model(
-            session,
-            tenant_id,
-            name="lenet",
-            format="onnx",
-            parameter_count=266_610,
-            size_bytes=1_066_000,
-            sha256="0" * 64,
-            uri="file:///tmp/model.onnx",
-        )
-        dataset = datasets.create_dataset(session, tenant_id, name="digits", kind="builtin", builtin_name="digits")
+        stored = StoredUpload(uuid.uuid4(), "lenet", 1_066_000, "0" * 64, "file:///tmp/model.onnx")
+        model = models.create_model(session, tenant_id, stored, models.ModelFacts("onnx", 266_610))
+        dataset = datasets.create_builtin_dataset(session, tenant_id, "digits", "digits")
         created, _ = jobs.create_job(
             session,
             tenant_id,

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.database import session_scope
 from service.errors import Conflict, NotFound
 from service.orm import ApiKey, Artifact, Job, LayerPoint, ProgressPoint, Tenant
-from service.repositories import datasets, jobs, jobstate, models, tenants
+from service.repositories import StoredUpload, datasets, jobs, jobstate, models, tenants
 from service.repositories.jobs import LayerSample, ProgressSample
 from tests.api.factories import new_job, new_tenant
 
@@ -99,22 +99,22 @@ def test_another_tenants_rows_are_invisible(factory: sessionmaker[Session], tena
         model_id, dataset_id = job.model_id, job.dataset_id
 
     with factory() as session:
-        assert models.get_model(session, intruder, model_id) is None
-        assert datasets.get_dataset(session, intruder, dataset_id) is None
+        assert models.rows.get(session, intruder, model_id) is None
+        assert datasets.rows.get(session, intruder, dataset_id) is None
         assert jobs.get_job(session, intruder, job_id) is None
         assert jobs.get_artifact(session, intruder, job_id, "report.json") is None
         assert jobs.list_artifacts(session, intruder, job_id) == []
-        assert models.list_models(session, intruder).total == 0
-        assert datasets.list_datasets(session, intruder).total == 0
+        assert models.rows.list(session, intruder).total == 0
+        assert datasets.rows.list(session, intruder).total == 0
         assert jobs.list_jobs(session, intruder).total == 0
         # the owner sees them
-        assert models.get_model(session, tenant_id, model_id) is not None
+        assert models.rows.get(session, tenant_id, model_id) is not None
         artifact = jobs.get_artifact(session, tenant_id, job_id, "report.json")
         assert artifact is not None and artifact.size_bytes == 2
 
     with session_scope(factory) as session:
-        assert not models.delete_model(session, intruder, model_id)
-        assert not datasets.delete_dataset(session, intruder, dataset_id)
+        assert not models.rows.delete(session, intruder, model_id)
+        assert not datasets.rows.delete(session, intruder, dataset_id)
         assert not jobs.delete_job(session, intruder, job_id)
         with pytest.raises(NotFound):  # a job cannot be built on another tenant's model
             jobs.create_job(
@@ -263,9 +263,9 @@ def test_deletes_refuse_what_is_in_use_and_cascade_to_children(
         with pytest.raises(Conflict):  # running
             jobs.delete_job(session, tenant_id, job_id)
         with pytest.raises(Conflict):  # used by the job
-            models.delete_model(session, tenant_id, model_id)
+            models.rows.delete(session, tenant_id, model_id)
         with pytest.raises(Conflict):
-            datasets.delete_dataset(session, tenant_id, dataset_id)
+            datasets.rows.delete(session, tenant_id, dataset_id)
 
     with session_scope(factory) as session:
         assert jobstate.transition(session, job_id, "running", "succeeded", attempt=attempt)
@@ -276,9 +276,9 @@ def test_deletes_refuse_what_is_in_use_and_cascade_to_children(
         for entity in (ProgressPoint, LayerPoint, Artifact):
             assert _count(session, entity, job_id) == 0
     with session_scope(factory) as session:
-        assert models.delete_model(session, tenant_id, model_id)
-        assert datasets.delete_dataset(session, tenant_id, dataset_id)
-        assert models.get_model(session, tenant_id, model_id) is None
+        assert models.rows.delete(session, tenant_id, model_id)
+        assert datasets.rows.delete(session, tenant_id, dataset_id)
+        assert models.rows.get(session, tenant_id, model_id) is None
 
 
 def test_deleting_a_tenant_removes_everything_it_owns(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
@@ -294,17 +294,18 @@ def test_deleting_a_tenant_removes_everything_it_owns(factory: sessionmaker[Sess
         assert session.scalar(select(func.count()).where(ApiKey.tenant_id == tenant_id)) == 0
 
 
+def _stored(name: str, uri: str) -> StoredUpload:
+    return StoredUpload(uuid.uuid4(), name, 3, "0" * 64, uri)
+
+
 def test_dataset_rows_are_checked(session: Session, tenant_id: uuid.UUID) -> None:
     with pytest.raises(ValueError):
-        datasets.create_dataset(session, tenant_id, name="x", kind="builtin")
+        datasets.create_dataset(session, tenant_id, _stored("x", "u"), datasets.DatasetFacts("builtin", 1, [1], True))
     with pytest.raises(ValueError):
-        datasets.create_dataset(session, tenant_id, name="x", kind="npz", builtin_name="digits")
-    with pytest.raises(ValueError):
-        models.create_model(
-            session, tenant_id, name="m", format="pt", parameter_count=1, size_bytes=1, sha256="0" * 64, uri="u"
-        )
+        models.create_model(session, tenant_id, _stored("m", "u"), models.ModelFacts("pt", 1))
     # the database refuses it too, whatever the caller skips
-    dataset = datasets.create_dataset(session, tenant_id, name="u", kind="npz", uri="file:///d.npz", size_bytes=3)
+    stored = _stored("u", "file:///d.npz")
+    dataset = datasets.create_dataset(session, tenant_id, stored, datasets.DatasetFacts("npz", 1, [1], True))
     dataset.uri = None
     with pytest.raises(IntegrityError):
         session.flush()

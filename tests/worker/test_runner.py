@@ -24,8 +24,9 @@ from dns_core.sparse import load_sparse
 from service import keys
 from service.database import session_scope
 from service.orm import Artifact, Job, LayerPoint, ProgressPoint, utcnow
-from service.repositories import datasets, jobs, jobstate
+from service.repositories import StoredUpload, datasets, jobs, jobstate
 from service.repositories import models as model_rows
+from service.repositories.models import ModelFacts
 from service.settings import Settings
 from service.storage import Storage
 from tests.api.factories import new_tenant
@@ -46,9 +47,8 @@ def _upload_zoo_model(ctx: WorkerContext, tenant: uuid.UUID, path: Path) -> uuid
     stored = ctx.storage.put_file(keys.model_key(model_id, "safetensors"), path)
     with session_scope(ctx.sessions) as s:
         model_rows.create_model(
-            s, tenant, name="lenet", format="safetensors", architecture="lenet-300-100", config={},
-            parameter_count=266_610, size_bytes=stored.size, sha256=stored.sha256, uri=stored.key,
-            model_id=model_id,
+            s, tenant, StoredUpload(model_id, "lenet", stored.size, stored.sha256, stored.key),
+            ModelFacts("safetensors", 266_610, "lenet-300-100", {}),
         )  # fmt: skip
     return model_id
 
@@ -63,7 +63,7 @@ def zoo_file(tmp_path: Path) -> Path:
 
 def _job(ctx: WorkerContext, tenant: uuid.UUID, model_id: uuid.UUID, **settings: Any) -> uuid.UUID:
     with session_scope(ctx.sessions) as s:
-        data = datasets.create_dataset(s, tenant, name="digits", kind="builtin", builtin_name="digits")
+        data = datasets.create_builtin_dataset(s, tenant, "digits", "digits")
         job, _ = jobs.create_job(
             s, tenant, model_id=model_id, dataset_id=data.id, method="dns",
             target={"compression": 5.0, "max_accuracy_drop": 100.0},
