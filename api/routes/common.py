@@ -1,15 +1,32 @@
-"""What the routers share: declared error responses, paging parameters, the upload folder."""
+"""What the routers share: declared error responses, paging parameters, what an upload route needs."""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final
 
 from fastapi import Depends, Query, Request
+from sqlalchemy.orm import Session
 
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.schemas import ErrorBody
-from service.errors import AppError, InvalidRequest, ServiceUnavailable, TooManyRequests, Unauthorized
+from service.errors import (
+    AppError,
+    BadRequest,
+    InvalidFile,
+    InvalidRequest,
+    PayloadTooLarge,
+    QuotaExceeded,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedFormat,
+)
 from service.repositories import MAX_PAGE
+from service.settings import Settings
+from service.storage import Storage
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page.")]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="Rows to skip.")]
@@ -36,3 +53,27 @@ def get_upload_root(request: Request) -> Path:
 
 
 UploadRootDep = Annotated[Path, Depends(get_upload_root)]
+
+
+@dataclass(frozen=True, slots=True)
+class UploadScope:
+    """What an upload route works with: whose upload, the request's session, the limits, where the
+    body is received (a private folder under ``root``) and where an accepted file is stored."""
+
+    tenant_id: uuid.UUID
+    session: Session
+    settings: Settings
+    storage: Storage
+    root: Path
+
+
+async def get_upload_scope(
+    tenant: TenantDep, session: SessionDep, settings: SettingsDep, storage: StorageDep, root: UploadRootDep
+) -> UploadScope:
+    return UploadScope(tenant.tenant_id, session, settings, storage, root)
+
+
+UploadScopeDep = Annotated[UploadScope, Depends(get_upload_scope)]
+
+#: The errors an upload route declares: unparsable body, over the byte cap, refused format, bad file, quota.
+UPLOAD_ERRORS = responses(BadRequest, PayloadTooLarge, UnsupportedFormat, InvalidFile, QuotaExceeded)

@@ -11,18 +11,13 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.metrics import record_upload
-from api.routes.common import UploadRootDep, responses
+from api.routes.common import UPLOAD_ERRORS, UploadScopeDep
 from api.routes.stored import add_read_and_delete_routes
 from api.schemas import BuiltinDatasetCreate, DatasetRead
 from api.uploads import multipart_boundary, read_small_body, receive_dataset, upload_folder
 from service.errors import (
-    BadRequest,
-    InvalidFile,
     InvalidRequest,
-    PayloadTooLarge,
-    QuotaExceeded,
     UnsupportedFormat,
 )
 from service.usecases import datasets
@@ -77,23 +72,8 @@ async def read_builtin_request(request: Request) -> tuple[str, str | None]:
     return parsed.builtin, parsed.name
 
 
-@router.post(
-    "",
-    status_code=201,
-    response_model=DatasetRead,
-    summary="Add a data set",
-    responses=responses(BadRequest, PayloadTooLarge, UnsupportedFormat, InvalidFile, QuotaExceeded),
-    openapi_extra=_CREATE_BODY,
-)
-async def create_dataset(
-    request: Request,
-    response: Response,
-    tenant: TenantDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    upload_root: UploadRootDep,
-) -> DatasetRead:
+@router.post("", status_code=201, summary="Add a data set", responses=UPLOAD_ERRORS, openapi_extra=_CREATE_BODY)
+async def create_dataset(request: Request, response: Response, scope: UploadScopeDep) -> DatasetRead:
     """Add a data set: JSON ``{"builtin": "digits"}`` names a built-in set; a ``multipart/form-data``
     upload (``file``, optional ``targets`` and ``name``) is streamed under the byte cap and read
     safely (no pickle; archives checked first) to learn its size and shape before it is stored.
@@ -101,21 +81,16 @@ async def create_dataset(
     """
     if multipart_boundary(request) is None:
         builtin, name = await read_builtin_request(request)
-        dataset = await run_in_threadpool(datasets.add_builtin_dataset, session, tenant.tenant_id, builtin, name)
+        dataset = await run_in_threadpool(datasets.add_builtin_dataset, scope.session, scope.tenant_id, builtin, name)
     else:
-        with upload_folder(upload_root, "dataset-") as folder:
-            upload = await receive_dataset(request, session, settings, tenant.tenant_id, folder)
-            dataset = await run_in_threadpool(datasets.store_dataset, session, storage, tenant.tenant_id, upload)
+        with upload_folder(scope.root, "dataset-") as folder:
+            upload = await receive_dataset(request, scope.session, scope.settings, scope.tenant_id, folder)
+            dataset = await run_in_threadpool(
+                datasets.store_dataset, scope.session, scope.storage, scope.tenant_id, upload
+            )
         record_upload(request.app, "dataset", dataset.size_bytes or 0)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return DatasetRead.model_validate(dataset)
 
 
-add_read_and_delete_routes(
-    router,
-    datasets.uploads,
-    DatasetRead,
-    name="dataset",
-    title="data set",
-    delete_description="Delete the data set and its stored files; 409 while a job refers to it (delete the job first).",
-)
+add_read_and_delete_routes(router, datasets.uploads, DatasetRead, name="dataset", title="data set", files="files")

@@ -9,20 +9,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.metrics import record_upload
-from api.routes.common import UploadRootDep, responses
+from api.routes.common import UPLOAD_ERRORS, UploadScopeDep
 from api.routes.stored import add_read_and_delete_routes
 from api.schemas import ModelRead
 from api.uploads import receive_model, upload_folder
 from dns_core.models import ZOO
-from service.errors import (
-    BadRequest,
-    InvalidFile,
-    PayloadTooLarge,
-    QuotaExceeded,
-    UnsupportedFormat,
-)
 from service.usecases import models
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -63,23 +55,8 @@ _UPLOAD_BODY = {
 }
 
 
-@router.post(
-    "",
-    status_code=201,
-    response_model=ModelRead,
-    summary="Upload a model",
-    responses=responses(BadRequest, PayloadTooLarge, UnsupportedFormat, InvalidFile, QuotaExceeded),
-    openapi_extra=_UPLOAD_BODY,
-)
-async def upload_model(
-    request: Request,
-    response: Response,
-    tenant: TenantDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    upload_root: UploadRootDep,
-) -> ModelRead:
+@router.post("", status_code=201, summary="Upload a model", responses=UPLOAD_ERRORS, openapi_extra=_UPLOAD_BODY)
+async def upload_model(request: Request, response: Response, scope: UploadScopeDep) -> ModelRead:
     """Upload an ONNX graph or safetensors weights as ``multipart/form-data``.
 
     The body is streamed to a private temporary folder under a byte cap (413 past
@@ -89,19 +66,12 @@ async def upload_model(
     tenant past its stored-bytes quota is a 429 (``quota_exceeded``): before the body is read when
     ``Content-Length`` already says so, else once it is received.
     """
-    with upload_folder(upload_root, "model-") as folder:
-        upload = await receive_model(request, session, settings, tenant.tenant_id, folder)
-        model = await run_in_threadpool(models.store_model, session, storage, tenant.tenant_id, upload)
+    with upload_folder(scope.root, "model-") as folder:
+        upload = await receive_model(request, scope.session, scope.settings, scope.tenant_id, folder)
+        model = await run_in_threadpool(models.store_model, scope.session, scope.storage, scope.tenant_id, upload)
     record_upload(request.app, "model", model.size_bytes)
     response.headers["Location"] = f"/v1/models/{model.id}"
     return ModelRead.model_validate(model)
 
 
-add_read_and_delete_routes(
-    router,
-    models.uploads,
-    ModelRead,
-    name="model",
-    title="model",
-    delete_description="Delete the model and its stored file; 409 while a job refers to it (delete the job first).",
-)
+add_read_and_delete_routes(router, models.uploads, ModelRead, name="model", title="model", files="file")

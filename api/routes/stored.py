@@ -24,12 +24,13 @@ def add_read_and_delete_routes(
     *,
     name: str,
     title: str,
-    delete_description: str,
+    files: str,
 ) -> None:
     """Add ``GET ""``, ``GET /{<name>_id}`` and ``DELETE /{<name>_id}`` for ``uploads`` to ``router``.
 
     ``name`` is the resource in code (``"model"``: the path parameter and the operation names),
-    ``title`` in prose (``"data set"``: the summaries); ``read`` is the schema of one row.
+    ``title`` in prose (``"data set"``: the summaries), ``files`` what a delete removes from
+    storage (``"file"``, ``"files"``); ``read`` is the schema of one row.
     """
     page = Page[read]  # type: ignore[valid-type]
     one = f"/{{{name}_id}}"
@@ -56,7 +57,7 @@ def add_read_and_delete_routes(
         one,
         status_code=204,
         summary=f"Delete a {title}",
-        description=delete_description,
+        description=f"Delete the {title} and its stored {files}; 409 while a job refers to it (delete the job first).",
         responses=responses(NotFound, Conflict),
         name=f"delete_{name}",
     )
