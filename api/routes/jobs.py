@@ -66,16 +66,13 @@ def get_tenant_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) ->
 JobDep = Annotated[Job, Depends(get_tenant_job)]
 
 
-@router.post(
-    "",
-    status_code=202,
-    response_model=JobRead,
-    summary="Create a compression job",
-    responses={
-        200: {"model": JobRead, "description": "A repeated Idempotency-Key: the job that key created."},
-        **responses(BadRequest, NotFound, Conflict, QuotaExceeded),
-    },
-)
+_CREATE_RESPONSES = {
+    200: {"model": JobRead, "description": "A repeated Idempotency-Key: the job that key created."},
+    **responses(BadRequest, NotFound, Conflict, QuotaExceeded),
+}
+
+
+@router.post("", status_code=202, summary="Create a compression job", responses=_CREATE_RESPONSES)
 def create_job(
     body: JobCreate,
     response: Response,
