@@ -15,7 +15,7 @@ COPY api api
 COPY worker worker
 COPY netsurgery netsurgery
 COPY migrations migrations
-RUN pip install -e ".[service,s3]"
+RUN pip install -e ".[service,s3]" "torch==${TORCH_VERSION}"
 RUN useradd --create-home --uid 10001 netsurgery && mkdir -p /data && chown netsurgery /data
 USER netsurgery
 ENV NETSURGERY_DATA_DIR=/data
