@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dns_core.errors import InputError
 from netsurgery.client_cli import add_client_commands
 from netsurgery.common import CliError
 from netsurgery.engine_cli import add_engine_commands
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except CliError as e:
+    except (CliError, InputError) as e:  # the user's to fix: one line, no traceback
         print(f"netsurgery: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:

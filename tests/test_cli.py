@@ -241,3 +241,16 @@ def test_an_onnx_model_comes_back_as_onnx_that_onnxruntime_runs(
     differ = [k for k, v in module.state_dict().items() if not torch.equal(sparse[k], v)]
     assert differ and all(k.endswith("num_batches_tracked") for k in differ)
     assert "model.onnx" in capsys.readouterr().out
+
+
+def test_an_input_error_is_one_line_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An engine InputError (here: Fashion-MNIST missing) ends the command with its sentence and exit 2."""
+    monkeypatch.setenv("NETSURGERY_FASHION_MNIST", str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "table", "--quick", "--models", "lenet-5", "--methods", "dns"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("netsurgery: Fashion-MNIST not found"), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "docs").exists()  # nothing written for a run that never started
