@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dns_core.errors import InputError
@@ -76,7 +76,7 @@ class LostLease(Exception):
 #: Failures of the runner's own side (its lease, the store, the database), raised through the engine
 #: by its callbacks: not the job's fault, so they end the attempt without finishing the job, and the
 #: job goes to a next attempt (or the one that took it over).
-RETRIED = (LostLease, OSError, DBAPIError)
+RETRIED = (LostLease, OSError, SQLAlchemyError)
 
 
 class _Watch:
@@ -329,9 +329,14 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
 
         report = result.report | {"job_id": str(job_id), "attempt": attempt, "model_id": str(job.model_id),
                                   "dataset_id": str(job.dataset_id)}  # fmt: skip
-        made = write_artifacts(
-            work / "out", loaded, result.model, report, inputs=input_records, codec=spec.codec, evaluate=accuracies
-        )
+        try:
+            made = write_artifacts(
+                work / "out", loaded, result.model, report, inputs=input_records, codec=spec.codec, evaluate=accuracies
+            )
+        except RETRIED:
+            raise
+        except Exception as e:  # e.g. the exported ONNX graph and the pruned model disagree
+            return _failed(ctx, job_id, attempt, e, "publishing failed: ")
         for name, path in made.files.items():
             stored = ctx.storage.put_file(artifact_key(job_id, name), path)
 

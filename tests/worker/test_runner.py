@@ -237,6 +237,9 @@ def test_a_superseded_attempt_stops_and_the_next_resumes_from_the_checkpoint(
         # bugs: any other exception, even a ValueError, is an internal error with a traceback in the log
         ("dns_core.compress.compress", "bug", "internal error: TypeError: 'NoneType' object is not iterable"),
         ("dns_core.artifacts.load_model_file", "bug-value", "internal error: ValueError: too many values to unpack"),
+        # the same two branches while the artifacts are written, after the surgery
+        ("dns_core.artifacts.write_artifacts", "input", "publishing failed: no layer matches 'conv*'"),
+        ("dns_core.artifacts.write_artifacts", "bug", "internal error: TypeError: 'NoneType' object is not iterable"),
     ],
 )
 def test_the_engine_s_input_errors_fail_a_job_as_bad_input_and_its_bugs_as_internal_errors(
@@ -268,6 +271,24 @@ def test_the_engine_s_input_errors_fail_a_job_as_bad_input_and_its_bugs_as_inter
     assert job.state == "failed" and job.error == reported
     traced = [r for r in caplog.records if r.exc_info is not None and r.exc_info[1] is error]
     assert len(traced) == (0 if raised == "input" else 1)
+
+
+def test_a_database_failure_out_of_the_engine_ends_the_attempt_not_the_job(
+    ctx: WorkerContext, zoo_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool time-out (a SQLAlchemyError that is no DBAPIError) leaves the job to a next attempt."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise PoolTimeout("QueuePool limit reached")
+
+    monkeypatch.setattr("dns_core.compress.compress", fail)
+    tenant = new_tenant(ctx.sessions)
+    job_id = _job(ctx, tenant, _upload_zoo_model(ctx, tenant, zoo_file))
+    with pytest.raises(PoolTimeout):
+        run_job(ctx, job_id)
+    job = _row(ctx, job_id)
+    assert job.state == "running" and job.error is None
 
 
 def test_settings_that_cannot_work_fail_the_job_as_bad_settings(ctx: WorkerContext, zoo_file: Path) -> None:
