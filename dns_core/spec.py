@@ -11,6 +11,7 @@ Importing this module does not import torch; the engine's objects are built by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -99,9 +100,13 @@ class CompressSpec:
                 if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                     raise ConfigError(f"{f.name} must be a number, got {value!r}")
                 try:
-                    object.__setattr__(self, f.name, kind(value))
-                except ValueError:
+                    number = kind(value)
+                    finite = math.isfinite(float(value))
+                except (ValueError, OverflowError):
                     raise ConfigError(f"{f.name} must be a number, got {value!r}") from None
+                if not finite:
+                    raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+                object.__setattr__(self, f.name, number)
         for name in ("layer_kept", "crates"):
             object.__setattr__(self, name, _number_map(name, getattr(self, name)))
         for name in ("include", "exclude"):

@@ -42,6 +42,8 @@ def test_the_crate_driven_method_takes_no_target() -> None:
         (JOB | {"settings": {"codec": "zip"}}, "unknown codec 'zip'"),
         (JOB | {"settings": {"gamma": "fast"}}, "gamma must be a number"),
         (JOB | {"settings": {"lr": True}}, "lr must be a number"),
+        (JOB | {"settings": {"lr": "nan"}}, "lr must be a finite number"),
+        (JOB | {"settings": {"iterations": float("inf")}}, "iterations must be a number"),
         (JOB | {"settings": {"crates": {"fc1": "x"}}}, "crates['fc1'] must be a number"),
         (JOB | {"settings": {"momentum": 0.5}}, "unknown key(s) in the settings: momentum"),
         (JOB | {"priority": 1}, "unknown key(s) in the job spec: priority"),
