@@ -584,6 +584,9 @@ async def receive_model(
     form, upload = await _receive_within_quota(
         request, session, settings, tenant_id, folder, ("file",), fields, "the model"
     )
+    name = display_name(
+        form.fields.get("name"), upload.filename, "model"
+    )  # a bad name is refused before the file is read
     facts = await run_in_threadpool(
         inspect_model,
         upload.path,
@@ -591,7 +594,7 @@ async def receive_model(
         architecture=(form.fields.get("architecture") or "").strip() or None,
         config_text=form.fields.get("config"),
     )
-    return ModelUpload(upload, display_name(form.fields.get("name"), upload.filename, "model"), facts)
+    return ModelUpload(upload, name, facts)
 
 
 async def receive_dataset(
@@ -603,7 +606,8 @@ async def receive_dataset(
         request, session, settings, tenant_id, folder, files, ("name",), "the inputs"
     )
     targets = form.files.get("targets")
+    name = display_name(form.fields.get("name"), inputs.filename, "data")  # refused before the files are read
     facts = await run_in_threadpool(
         inspect_dataset, inputs.path, targets.path if targets else None, max_bytes=settings.max_upload_bytes
     )
-    return DatasetUpload(inputs, targets, display_name(form.fields.get("name"), inputs.filename, "data"), facts)
+    return DatasetUpload(inputs, targets, name, facts)
