@@ -23,7 +23,6 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import ServiceUnavailable
-from service.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 #: While reads fail, seconds between attempts to connect (every other read is answered 503 at once).
@@ -188,25 +187,13 @@ class Reader:
             return None if row is None else dict(row)
 
 
-@lru_cache(maxsize=1)
-def get_engine() -> Engine:
-    """The process-wide engine for ``Settings.database_url``."""
-    return make_engine(get_settings().database_url)
-
-
-@lru_cache(maxsize=1)
-def get_session_factory() -> sessionmaker[Session]:
-    """The process-wide session factory, bound to :func:`get_engine`."""
-    return make_session_factory(get_engine())
-
-
 @contextmanager
-def session_scope(factory: sessionmaker[Session] | None = None) -> Iterator[Session]:
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit when the block ends normally, roll back when it raises.
 
     Repository functions only flush; this scope (or the request's session dependency) commits.
     """
-    session = (factory or get_session_factory())()
+    session = factory()
     try:
         yield session
         session.commit()
