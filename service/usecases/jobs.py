@@ -104,13 +104,7 @@ def delete_job(session: Session, storage: Storage, tenant_id: uuid.UUID, job_id:
 
     :class:`Conflict` while the job is queued or running.
     """
-    artifact_keys = [a.uri for a in jobs.list_artifacts(session, tenant_id, job_id)]
     if not jobs.delete_job(session, tenant_id, job_id):
         raise NotFound(f"job {job_id} not found")
     session.commit()
-    for key in artifact_keys:
-        try:
-            storage.delete(key)
-        except (ValueError, OSError):
-            log.warning("could not remove artifact %s of deleted job %s", key, job_id, exc_info=True)
-    remove_stored(storage, keys.job_prefix(job_id))
+    remove_stored(storage, keys.job_prefix(job_id))  # every artifact and the checkpoint live under it
