@@ -134,8 +134,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_compress_runs_without_the_service_packages(tmp_path: Path) -> None:
-    """`netsurgery compress` (and the parser of every command) works where no service package can load."""
+@pytest.fixture
+def user_files(tmp_path: Path) -> None:
+    """A user's own files in ``tmp_path``: ``data.npz`` (digits) and ``dense.safetensors`` (an untrained zoo model)."""
     import numpy as np
 
     from dns_core import models
@@ -145,6 +146,10 @@ def test_compress_runs_without_the_service_packages(tmp_path: Path) -> None:
     np.savez(tmp_path / "data.npz", inputs=train.inputs.numpy(), targets=train.targets.numpy())  # type: ignore[union-attr]
     torch.manual_seed(0)
     save_model(tmp_path / "dense.safetensors", models.build("lenet-300-100"), "lenet-300-100")
+
+
+def test_compress_runs_without_the_service_packages(tmp_path: Path, user_files: None) -> None:
+    """`netsurgery compress` (and the parser of every command) works where no service package can load."""
     out = tmp_path / "out"
     argv = ["compress", "--model", str(tmp_path / "dense.safetensors"), "--data", str(tmp_path / "data.npz"),
             "--iterations", "100", "--target", "4", "--max-drop", "100", "--device", "cpu",
@@ -158,17 +163,8 @@ def test_compress_runs_without_the_service_packages(tmp_path: Path) -> None:
         assert done.stderr.endswith(f"extra: pip install 'netsurgery[{extra}]'\n"), done.stderr
 
 
-def test_compress_user_files_with_a_codec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compress_user_files_with_a_codec(tmp_path: Path, user_files: None, capsys: pytest.CaptureFixture[str]) -> None:
     """A zoo model and .npz data of the user's own, a value codec, and a report that hashes every file."""
-    import numpy as np
-
-    from dns_core import models
-    from dns_core.data import load_digits
-
-    train, _ = load_digits()
-    np.savez(tmp_path / "data.npz", inputs=train.inputs.numpy(), targets=train.targets.numpy())  # type: ignore[union-attr]
-    torch.manual_seed(0)
-    save_model(tmp_path / "dense.safetensors", models.build("lenet-300-100"), "lenet-300-100")
     out = tmp_path / "out"
     argv = ["compress", "--model", str(tmp_path / "dense.safetensors"), "--data", str(tmp_path / "data.npz"),
             "--iterations", "200", "--target", "5", "--max-drop", "100", "--codec", "int8",
