@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import named
 from .errors import ModelError
+from .inputs import ModelInput
 
 
 class LeNet300100(nn.Module):
@@ -168,7 +170,13 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
 
 
 def build(name: str, **config: Any) -> nn.Module:
-    """Build a zoo architecture by name; ``config`` goes to its constructor."""
+    """Build a zoo architecture, or a torchvision/timm model (``torchvision:resnet18``), by name.
+
+    ``config`` goes to its constructor (for a named model: with ``weights=None`` / ``pretrained=False``,
+    see :mod:`dns_core.named`).
+    """
+    if named.is_named(name):
+        return named.build_named(name, **config)
     try:
         factory = ZOO[name]
     except KeyError:
@@ -199,8 +207,11 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[type, int, int]]] = {
 def check_config(name: str, config: Any) -> dict[str, Any]:
     """Validate a user's JSON config for architecture ``name`` against :data:`CONFIG_SCHEMA`.
 
-    Returns the config ready for :func:`build`; raises ``ValueError`` naming every problem.
+    Names like ``torchvision:resnet18`` go to :func:`dns_core.named.check_named_config`.
+    Returns the config ready for :func:`build`; raises ``ModelError`` naming every problem.
     """
+    if named.is_named(name):
+        return named.check_named_config(name, config)
     if name not in CONFIG_SCHEMA:
         raise ModelError(f"unknown architecture {name!r}; known: {', '.join(sorted(ZOO))}")
     if not isinstance(config, dict):
@@ -227,3 +238,28 @@ def check_config(name: str, config: Any) -> dict[str, Any]:
     if problems:
         raise ModelError(f"bad config for {name}: " + "; ".join(problems))
     return out
+
+
+def model_input(name: str, config: dict[str, Any] | None = None) -> ModelInput:
+    """What architecture ``name`` with ``config`` takes as one example (checked config, or None for defaults)."""
+    if named.is_named(name):
+        return named.named_input(name, config)
+    if name not in INPUT_SHAPES:
+        raise ModelError(f"unknown architecture {name!r}; known: {', '.join(sorted(ZOO))}")
+    config = config or {}
+    if name == "lenet-300-100":
+        features = int(config.get("in_features", 784))
+        if features != 784:  # the MLP flattens whatever it gets: a vector of in_features
+            return ModelInput("features", (features,))
+        return ModelInput("image", INPUT_SHAPES[name])
+    channels, height, width = INPUT_SHAPES[name]
+    channels = int(config.get("in_channels", channels))
+    side = config.get("image_size")
+    if side is not None:
+        height = width = int(side)
+    return ModelInput("image", (channels, height, width))
+
+
+def input_shape(name: str, config: dict[str, Any] | None = None) -> tuple[int, ...]:
+    """One example's shape for architecture ``name`` with ``config`` (zoo: :data:`INPUT_SHAPES` adjusted)."""
+    return model_input(name, config).shape
