@@ -50,12 +50,13 @@ def load_model(
     *,
     max_bytes: int | None = None,
 ) -> tuple[nn.Module, str]:
-    """Rebuild a zoo model from safetensors weights; the state dict must match exactly.
+    """Rebuild a zoo model, or a torchvision/timm model by name (:mod:`dns_core.named`), from safetensors
+    weights; the state dict must match exactly.
 
     The file is judged by content (pickles, TorchScript and torch.export archives are refused
     without being opened) and its header validated before any tensor is read. The architecture
-    and config come from the arguments, else from the file's header; the config is checked
-    against :data:`models.CONFIG_SCHEMA`.
+    and config come from the arguments, else from the file's header; the config is checked by
+    :func:`models.check_config` (the zoo's :data:`models.CONFIG_SCHEMA`, or the named model's table).
     """
     from . import uploads
 
