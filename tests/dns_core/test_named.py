@@ -154,6 +154,11 @@ def test_bounds(arch: str, key: str, value: Any, message: str, no_import: list[s
     assert no_import == []
 
 
+def test_no_table_key_is_a_refused_one() -> None:
+    for table in named.CONFIG_KEYS.values():
+        assert all(named._refusal(key) is None for key in table)
+
+
 def test_every_problem_is_named_at_once(no_import: list[str]) -> None:
     with pytest.raises(ModelError) as e:
         named.check_named_config("timm:resnet18", {"pretrained": True, "num_classes": 0, "foo": 1})
