@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from onnx import AttributeProto, ModelProto, TensorProto
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 
 from .onnx_convert import OnnxModule
 from .onnx_validate import OnnxFormatError, short_repr, validate_onnx
@@ -33,21 +33,39 @@ class OnnxMismatchError(OnnxFormatError):
 def export_onnx(module: OnnxModule, path: str | os.PathLike[str] | None = None) -> bytes:
     """The original graph with every bound initializer replaced by the module's current value.
 
-    After surgery that is W ⊙ T (dense, with zeros); BatchNorm running statistics are written back
-    too. Inputs, outputs, nodes and all other initializers are unchanged. Writes ``path`` if given.
+    After surgery that is W ⊙ T (dense, with zeros); BatchNorm running statistics and the other
+    trained tensors (``params``) are written back too. The result is one self-contained file (also
+    for a model that came with external data). Inputs, outputs, nodes and all other initializers are
+    unchanged, except where layers shared an initializer through Identity nodes: each layer's
+    tensor becomes an initializer of its own, those Identity nodes go, and so does what nothing uses
+    any more. Writes ``path`` if given.
     """
     model = ModelProto()
     model.ParseFromString(module._template)
-    targets: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
+    graph = model.graph
+    targets: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
+    for node in graph.node:
         if node.op_type == "Constant" and node.output:
             for a in node.attribute:
                 if a.name == "value" and a.type == AttributeProto.TENSOR:
                     targets.setdefault(node.output[0], a.t)
-    for name in module.initializer_map:
-        tensor = targets[name]
-        tensor.ClearField("float_data")
-        tensor.raw_data = module.exported_tensor(name).tobytes()
+    shared: set[str] = set()
+    for name, binding in module.initializer_map.items():
+        value = module.exported_tensor(name)
+        if binding.source == "shared":  # an Identity of a shared initializer: now a tensor of its own
+            shared.add(name)
+            tensor = graph.initializer.add()
+            tensor.name, tensor.data_type = name, TensorProto.FLOAT
+            tensor.dims.extend(value.shape)
+        else:
+            tensor = targets[name]
+            tensor.ClearField("float_data")
+        tensor.raw_data = value.tobytes()
+    if shared:
+        kept = [n for n in graph.node if not (n.output and set(n.output) <= shared)]
+        del graph.node[:]
+        graph.node.extend(kept)
+        _drop_unused(graph)
     try:
         data = model.SerializeToString()
     except Exception as e:  # protobuf refuses messages over 2 GiB
@@ -58,10 +76,30 @@ def export_onnx(module: OnnxModule, path: str | os.PathLike[str] | None = None) 
     return data
 
 
+def _drop_unused(graph: GraphProto) -> None:
+    """Remove nodes, initializers and value infos that no graph output depends on any more."""
+    needed = {o.name for o in graph.output}
+    kept: list[NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(n for n in node.input if n)
+    kept.reverse()
+    produced = {o for n in kept for o in n.output} | {i.name for i in graph.input}
+    inits = [t for t in graph.initializer if t.name in needed]
+    infos = [v for v in graph.value_info if v.name in produced or v.name in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
 def _random_inputs(module: OnnxModule, n: int, seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     out = []
-    for name, shape in zip(module.input_names, module.input_shapes, strict=True):
+    for name, shape, dtype in zip(module.input_names, module.input_shapes, module.input_dtypes, strict=True):
         if shape is None:
             raise OnnxFormatError(f"input {name!r} has no declared shape; pass inputs= explicitly")
         dims = []
@@ -71,7 +109,10 @@ def _random_inputs(module: OnnxModule, n: int, seed: int) -> list[torch.Tensor]:
                     f"input {name!r} has an unknown dimension {k} in {shape}; pass inputs= explicitly"
                 )
             dims.append(n if d is None else d)
-        out.append(torch.randn(dims, generator=generator))
+        if dtype.is_floating_point:
+            out.append(torch.randn(dims, generator=generator))
+        else:  # ids and masks: 0 and 1 are valid for any vocabulary
+            out.append(torch.randint(0, 2, dims, generator=generator).to(dtype))
     return out
 
 
@@ -94,9 +135,10 @@ def check_with_onnxruntime(
     """
     validate_onnx(onnx_bytes, max_bytes=max(len(onnx_bytes), 1))
     xs = list(inputs) if inputs is not None else _random_inputs(module, n, seed)
-    if len(xs) != len(module.input_names):
-        raise TypeError(f"the model takes {len(module.input_names)} input(s), got {len(xs)}")
-    feeds = {name: x.detach().cpu().to(torch.float32).numpy() for name, x in zip(module.input_names, xs, strict=True)}
+    feeds = {
+        name: x.detach().cpu().to(dtype).numpy()
+        for name, x, dtype in zip(module.input_names, module._inputs(xs), module.input_dtypes, strict=True)
+    }
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 4  # errors come back as exceptions
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "OnnxFormatError",
     "check_dtype",
     "parse_onnx",
+    "resolve_external_data",
     "short_repr",
     "uses_external_data",
     "validate_onnx",
@@ -49,9 +51,15 @@ OPSET_RANGE = (7, 23)
 
 SUPPORTED_OPS = frozenset(
     {
-        "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Constant", "Conv", "Div", "Dropout",
-        "Flatten", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Identity", "LeakyRelu", "LogSoftmax",
-        "MatMul", "MaxPool", "Mul", "Relu", "Reshape", "Sigmoid", "Softmax", "Sub", "Tanh", "Transpose",
+        "Abs", "Add", "And", "ArgMax", "ArgMin", "Attention", "AveragePool", "BatchNormalization", "Cast", "CastLike",
+        "Ceil", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Cos", "CumSum", "Div", "Dropout", "Einsum",
+        "Elu", "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gelu",
+        "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "HardSigmoid", "HardSwish",
+        "Identity", "IsInf", "IsNaN", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax",
+        "MatMul", "Max", "MaxPool", "Mean", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "Range",
+        "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "Relu",
+        "Reshape", "Resize", "Round", "Shape", "Sigmoid", "Sign", "Sin", "Size", "Slice", "Softmax", "Softplus",
+        "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Tile", "Transpose", "Trilu", "Unsqueeze", "Where", "Xor",
     }
 )  # fmt: skip
 """Operators of the default domain that :class:`~dns_core.onnx_convert.OnnxModule` converts."""
@@ -66,9 +74,13 @@ NUMPY_TYPES: dict[int, np.dtype[Any]] = {  # the accepted element types of tenso
     TensorProto.FLOAT: np.dtype("<f4"),
     TensorProto.INT64: np.dtype("<i8"),
     TensorProto.INT32: np.dtype("<i4"),
+    TensorProto.BOOL: np.dtype("?"),
 }
 _OTHER_FLOATS = {"FLOAT16", "DOUBLE", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
                  "FLOAT4E2M1", "FLOAT8E8M0", "COMPLEX64", "COMPLEX128"}  # fmt: skip
+
+
+_IO_TYPES = {TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL}
 
 
 class OnnxFormatError(InputError):
@@ -219,9 +231,127 @@ def _refuse_external_data(model: ModelProto) -> None:
         if uses_external_data(t):
             location = next((e.value for e in t.external_data if e.key == "location"), "")
             raise OnnxFormatError(
-                f"ONNX with external data is not accepted ({where} points to {short_repr(location, 80)}); re-save with "
+                f"ONNX with external data is not accepted as a lone file ({where} points to "
+                f"{short_repr(location, 80)}): upload model.onnx together with its data file (model.onnx.data) "
+                "as one zip or tar archive or as several files of one multipart upload, or re-save with "
                 "onnx.save(model, path, save_as_external_data=False) so that every weight is inside the one file"
             )
+
+
+def _external_fields(t: TensorProto, where: str) -> tuple[str, int, int | None]:
+    """``location``, ``offset`` and ``length`` of an external tensor, checked as text."""
+    fields: dict[str, str] = {}
+    for entry in t.external_data:
+        if entry.key in fields:
+            raise OnnxFormatError(f"{where}: external data key {short_repr(entry.key, 40)} is given twice")
+        fields[entry.key] = entry.value
+    unknown = set(fields) - {"location", "offset", "length", "checksum", "basepath"}
+    if unknown:
+        raise OnnxFormatError(f"{where}: unknown external data key(s) {short_repr(sorted(unknown), 80)}")
+    if fields.get("basepath"):
+        raise OnnxFormatError(f"{where}: external data with a basepath is not accepted")
+    location = fields.get("location", "")
+    numbers: list[int | None] = []
+    for key in ("offset", "length"):
+        text = fields.get(key)
+        if text is None or text == "":
+            numbers.append(None)
+        elif re.fullmatch(r"[0-9]{1,19}", text):
+            numbers.append(int(text))
+        else:
+            raise OnnxFormatError(f"{where}: external data {key} {short_repr(text, 40)} is not a byte count")
+    return location, numbers[0] or 0, numbers[1]
+
+
+def _external_path(folder: str, location: str, where: str) -> str:
+    """The plain file ``location`` names inside ``folder``, else :class:`OnnxFormatError`."""
+    bad = (
+        not location
+        or "\\" in location
+        or "\x00" in location
+        or location.startswith("/")
+        or re.match(r"^[A-Za-z]:", location) is not None
+    )
+    parts = location.split("/")
+    if bad or any(p in ("", ".", "..") for p in parts):
+        raise OnnxFormatError(
+            f"{where}: external data location {short_repr(location, 80)} is not a plain file name inside the "
+            "uploaded folder (absolute paths, '..', empty parts and backslashes are refused); re-export with "
+            "torch.onnx.export(..., external_data=True) and upload model.onnx with model.onnx.data beside it"
+        )
+    current = folder
+    for k, part in enumerate(parts):
+        current = os.path.join(current, part)
+        try:
+            info = os.lstat(current)
+        except OSError:
+            raise OnnxFormatError(
+                f"{where}: its external data file {short_repr(location, 80)} is missing; upload it together "
+                "with model.onnx"
+            ) from None
+        last = k == len(parts) - 1
+        if stat.S_ISLNK(info.st_mode) or not (stat.S_ISREG(info.st_mode) if last else stat.S_ISDIR(info.st_mode)):
+            raise OnnxFormatError(
+                f"{where}: external data location {short_repr(location, 80)} is not a plain file inside the "
+                "uploaded folder (links, devices and fifos are refused)"
+            )
+    return current
+
+
+def resolve_external_data(model: ModelProto, folder: str | os.PathLike[str], *, max_bytes: int) -> int:
+    """Read every external tensor of ``model`` from its file inside ``folder`` into the proto itself.
+
+    Each location must be a relative path to a plain file inside ``folder`` (no absolute paths, ``..``,
+    links, devices or fifos), with ``offset`` and ``length`` inside the file and the length the tensor
+    needs; at most ``max_bytes`` are read in all. The bytes are read here, with ``O_NOFOLLOW``; onnx's
+    own loader is never asked to open anything. Returns the number of bytes read.
+    """
+    root = os.fspath(folder)
+    if not os.path.isdir(root):
+        raise OnnxFormatError(f"the external data folder {short_repr(root, 80)} is not a folder")
+    total = 0
+    handles: dict[str, tuple[int, int]] = {}  # path -> (fd, size)
+    try:
+        for where, t in _model_tensors(model):
+            if not uses_external_data(t):
+                continue
+            if t.data_location != TensorProto.EXTERNAL or t.HasField("raw_data"):
+                raise OnnxFormatError(f"{where}: external data entries on a tensor that is not external")
+            location, offset, length = _external_fields(t, where)
+            path = _external_path(root, location, where)
+            if path not in handles:
+                flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                try:
+                    fd = os.open(path, flags)
+                except OSError as e:
+                    raise OnnxFormatError(f"{where}: cannot open its external data file ({e.strerror})") from None
+                info = os.fstat(fd)
+                handles[path] = (fd, info.st_size)
+                if not stat.S_ISREG(info.st_mode):
+                    raise OnnxFormatError(f"{where}: external data location {short_repr(location, 80)} is not a file")
+            fd, size = handles[path]
+            if length is None:
+                length = size - offset
+            if offset > size or length > size - offset:
+                raise OnnxFormatError(
+                    f"{where}: external data offset {offset} and length {length} go past the end of "
+                    f"{short_repr(location, 80)} ({size} bytes); the data file does not belong to this model"
+                )
+            total += length
+            if total > max_bytes:
+                raise OnnxFormatError(
+                    f"the model's external data is larger than the {max_bytes} byte limit; prune a smaller model"
+                )
+            raw = os.pread(fd, length, offset)
+            if len(raw) != length:
+                raise OnnxFormatError(f"{where}: the external data file {short_repr(location, 80)} is too short")
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.raw_data = raw
+    finally:
+        for fd, _ in handles.values():
+            os.close(fd)
+    return total
 
 
 def _default_opset(model: ModelProto) -> int:
@@ -318,10 +448,10 @@ def _check_types(graph: GraphProto) -> None:
             if not v.type.HasField("tensor_type"):
                 raise OnnxFormatError(f"graph {kind} {v.name!r} is not a tensor; only tensor inputs/outputs work")
             elem = v.type.tensor_type.elem_type
-            if elem != TensorProto.FLOAT:
+            if elem not in _IO_TYPES:
                 raise OnnxFormatError(
-                    f"graph {kind} {v.name!r} is {_dtype_name(elem)}; only float32 inputs and outputs are accepted "
-                    "(export the model with float32 example inputs)"
+                    f"graph {kind} {v.name!r} is {_dtype_name(elem)}; only float32 (and int64/int32/bool) inputs and "
+                    "outputs are accepted (export the model with float32 example inputs)"
                 )
     for t in graph.initializer:
         check_dtype(t.data_type, f"initializer {t.name!r}")
@@ -355,13 +485,20 @@ def validate_proto(model: ModelProto) -> int:
 
 
 def validate_onnx(
-    data: bytes | bytearray | memoryview | str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+    data: bytes | bytearray | memoryview | str | os.PathLike[str],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    external_dir: str | os.PathLike[str] | None = None,
 ) -> ModelProto:
     """The parsed model if netsurgery accepts ``data`` (ONNX bytes or a path), else :class:`OnnxFormatError`.
 
-    A path is read as bytes only: external data next to it is never opened.
+    External data is refused unless ``external_dir`` names the folder that holds the data files: then
+    each tensor's bytes are read from there (:func:`resolve_external_data`, at most ``max_bytes``) into
+    the returned proto. Without it a path is read as bytes only: nothing next to it is ever opened.
     """
     model = parse_onnx(data, max_bytes=max_bytes)
+    if external_dir is not None:
+        resolve_external_data(model, external_dir, max_bytes=max_bytes)
     validate_proto(model)
     return model
 
