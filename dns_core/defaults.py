@@ -39,4 +39,5 @@ LOG_EVERY = 100
 
 #: The keys a job's JSON spec may hold in ``target`` and in ``settings``.
 TARGET_KEYS = ("compression", "layer_kept", "max_accuracy_drop")
-SETTING_KEYS = ("crate", "crates", "gamma", "power", "iter_stop", "iterations", "lr", "batch_size", "seed", "codec")
+SETTING_KEYS = ("crate", "crates", "gamma", "power", "iter_stop", "iterations", "lr", "batch_size", "seed", "codec",
+                "preprocess")  # fmt: skip

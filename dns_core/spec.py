@@ -92,6 +92,8 @@ class CompressSpec:
     checkpoint_every: int = 0
     # the value codec of the extra compact sparse file, if any
     codec: str | None = None
+    # how image data is prepared for the model (dns_core.images.Preprocess, as JSON)
+    preprocess: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -115,6 +117,10 @@ class CompressSpec:
         _choose("objective", self.objective, OBJECTIVES)
         if self.codec is not None:
             _choose("codec", self.codec, CODECS)
+        if self.preprocess is not None:
+            from .images import Preprocess  # torch-free: validates the setting only
+
+            object.__setattr__(self, "preprocess", Preprocess.from_json(self.preprocess).to_json())
 
     @classmethod
     def from_json(cls, spec: Mapping[str, Any], **defaults: Any) -> CompressSpec:

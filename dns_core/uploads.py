@@ -64,14 +64,24 @@ class InvalidFile(UploadError):
 
 @dataclass(frozen=True)
 class Sniffed:
-    """What a file is: ``kind`` is one of ``safetensors``, ``onnx``, ``npz``, ``idx``."""
+    """What a file is: ``kind`` is one of ``safetensors``, ``onnx``, ``npz``, ``idx``, ``zip``, ``tar``.
+
+    ``zip`` is any zip archive that is neither an .npz of arrays nor a torch format; ``tar`` a tar
+    archive, plain or gzip-compressed (``gzipped``). Neither is opened here: unpack them with
+    :func:`dns_core.archives.extract_archive`, which checks every entry.
+    """
 
     kind: str
     gzipped: bool = False
 
 
 def _zip_kind(path: Path) -> str:
-    """Classify a zip archive from its member names; never extracts or reads a member."""
+    """Classify a zip archive from its member names; never extracts or reads a member.
+
+    A torch format (``torch.save``, TorchScript, ``.pt2``, ``torch.package``) is recognised by the
+    names those writers use, wherever they sit in the archive, so that wrapping one in a folder
+    does not get it past; an archive of ``.npy`` files is an .npz; any other is a plain ``zip``.
+    """
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -103,8 +113,20 @@ _REFUSALS = {
     "torchscript": "a TorchScript archive (torch.jit.save); loading it runs code",
     "torch-export": "a torch.export archive (.pt2); loading it unpickles and could run code",
     "torch-package": "a torch.package archive; loading it imports code",
-    "zip": "a zip archive that is neither an .npz of arrays nor a model format",
 }
+
+
+def is_tar_header(block: bytes) -> bool:
+    """A tar header block (POSIX ustar, pax or GNU): the magic at offset 257 and a correct checksum."""
+    if len(block) < 512 or block[257:262] != b"ustar":
+        return False
+    field = block[148:156].split(b"\0", 1)[0].strip()
+    try:
+        checksum = int(field, 8)
+    except ValueError:
+        return False
+    blank = block[:148] + b" " * 8 + block[156:512]
+    return checksum in (sum(blank), sum(b - 256 if b > 127 else b for b in blank))
 
 
 def _is_idx(head: bytes) -> bool:
@@ -134,27 +156,34 @@ def sniff(path: str | os.PathLike[str], *, max_bytes: int = MAX_FILE_BYTES) -> S
     if size > max_bytes:
         raise FileTooLarge(f"{p.name}: {size:,} bytes, more than the {max_bytes:,}-byte limit")
     with open(p, "rb") as f:
-        head = f.read(16)
+        block = f.read(512)
+    head = block[:16]
     if not head:
         raise InvalidFile(f"{p.name}: the file is empty")
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         kind = _zip_kind(p)
-        if kind == "npz":
-            return Sniffed("npz")
+        if kind in ("npz", "zip"):
+            return Sniffed(kind)
         raise RefusedFormat(f"{p.name} is {_REFUSALS[kind]}; {CONVERT_WEIGHTS}")
     if head[:2] == b"\x1f\x8b":
         try:
             with gzip.open(p, "rb") as g:
-                inner = g.read(16)
+                inner = g.read(512)
         except (OSError, EOFError) as e:
             raise InvalidFile(f"{p.name}: a damaged gzip file ({e})") from None
         if _is_idx(inner):
             return Sniffed("idx", gzipped=True)
+        if is_tar_header(inner):
+            return Sniffed("tar", gzipped=True)
         if _is_pickle(inner):
             raise RefusedFormat(f"{p.name} is a gzip-compressed pickle; loading it could run code; {CONVERT_WEIGHTS}")
-        raise RefusedFormat(f"{p.name}: a gzip file that does not hold IDX data (the only compressed input read)")
+        raise RefusedFormat(
+            f"{p.name}: a gzip file that holds neither IDX data nor a tar archive (the only compressed inputs read)"
+        )
     if _is_idx(head) and _idx_size(p) == size:
         return Sniffed("idx")
+    if is_tar_header(block):  # before the pickle test: a tar starts with a member's name, which may be "c…"
+        return Sniffed("tar")
     if len(head) >= 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
         return Sniffed("safetensors")
     if _is_pickle(head):
@@ -162,8 +191,9 @@ def sniff(path: str | os.PathLike[str], *, max_bytes: int = MAX_FILE_BYTES) -> S
     if head[:1] == b"\x08":  # protobuf field 1 (ir_version, varint): how onnx.save starts a ModelProto
         return Sniffed("onnx")
     raise RefusedFormat(
-        f"{p.name}: not a format netsurgery reads (ONNX, safetensors, .npz, IDX); "
-        "upload models as ONNX or safetensors and data as .npz, safetensors or IDX"
+        f"{p.name}: not a format netsurgery reads (ONNX, safetensors, .npz, IDX, zip, tar); "
+        "upload models as ONNX or safetensors (or a zip/tar of a model folder) and data as .npz, "
+        "safetensors, IDX or a zip/tar of class folders of images"
     )
 
 
