@@ -58,6 +58,7 @@ REEXPORT_HINT = (
     "re-export the model in eval mode with torch.onnx.export(model.eval(), args, 'model.onnx', opset_version=18) "
     "(dynamo=False, the TorchScript-based exporter, or dynamo=True), with float32 weights and standard operators"
 )
+_FOLD_ELEMENTS = 2**24  # most elements of a tensor computed once from constants when converting
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TYPED_FIELDS: dict[int, str] = {
     TensorProto.FLOAT: "float_data",
@@ -654,8 +655,12 @@ class _Converter:
         prepare = _PREPARE.get(op) or _PREPARE_WEIGHTED[op]
         step = _Step(op, a.label, tuple(node.input), tuple(node.output), None, prepare(self, node, a))
         args: list[torch.Tensor | None] = [self.consts[n] if n else None for n in node.input]
-        with torch.no_grad():
-            outs = _RUNNERS[op](self.m, step, args)
+        limit, self.m.max_elements = self.m.max_elements, min(self.m.max_elements, _FOLD_ELEMENTS)
+        try:
+            with torch.no_grad():
+                outs = _RUNNERS[op](self.m, step, args)
+        finally:
+            self.m.max_elements = limit
         x = args[0]
         src = node.input[0] if node.input else ""
         view = (

@@ -15,6 +15,7 @@ into a trainable module, :mod:`dns_core.onnx_export` writes one back.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -336,6 +337,13 @@ def resolve_external_data(model: ModelProto, folder: str | os.PathLike[str], *, 
                 raise OnnxFormatError(
                     f"{where}: external data offset {offset} and length {length} go past the end of "
                     f"{short_repr(location, 80)} ({size} bytes); the data file does not belong to this model"
+                )
+            dtype = NUMPY_TYPES.get(t.data_type)
+            need = None if dtype is None or any(d < 0 for d in t.dims) else math.prod(t.dims) * dtype.itemsize
+            if need is not None and length != need:
+                raise OnnxFormatError(
+                    f"{where}: external data length {length} does not match its shape {short_repr(list(t.dims))} "
+                    f"({need} bytes); the data file does not belong to this model"
                 )
             total += length
             if total > max_bytes:
