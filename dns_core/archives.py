@@ -197,7 +197,9 @@ def _extract_zip(p: Path, w: _Writer, max_ratio: float) -> None:
                                        f"more than the {max_ratio:.0f} allowed (a compression bomb?)")  # fmt: skip
                 total += info.file_size
             checked.append((info, parts))
-        w.announce("(all entries)", total)
+        if total > w.max_expanded:
+            raise FileTooLarge(f"{w.where}: the archive expands to {total:,} bytes, more than the "
+                               f"{w.max_expanded:,}-byte limit")  # fmt: skip
         for info, parts in checked:
             w.count()
             if info.is_dir():

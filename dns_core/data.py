@@ -463,7 +463,7 @@ def check_fits(model: torch.nn.Module, data: Dataset, model_input: ModelInput | 
 # --------------------------------------------------------------------------------------------------
 # The built-in sets made to fit any model: other image sizes and channels, token sequences, features
 
-_CHUNK = 1024  # examples resized at a time: bounds the intermediate tensors
+_CHUNK_ELEMENTS = 16 * 1024 * 1024  # values resized at a time (64 MB of floats): bounds the intermediate tensors
 
 
 def _check_unit_range(x: torch.Tensor, what: str) -> None:
@@ -506,8 +506,9 @@ def adapt_images(
         raise DataError(f"cannot adapt images to {channels}×{height}×{width}")
     m, sd = _per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")
     out = torch.empty((len(x), channels, height, width), dtype=torch.float32)
-    for i in range(0, len(x), _CHUNK):
-        chunk = convert_channels(x[i : i + _CHUNK].to(torch.float32), channels)
+    step = max(1, _CHUNK_ELEMENTS // (max(channels, x.shape[1]) * max(height * width, x.shape[2] * x.shape[3])))
+    for i in range(0, len(x), step):
+        chunk = convert_channels(x[i : i + step].to(torch.float32), channels)
         if chunk.shape[-2:] != (height, width):
             shrink = height < chunk.shape[-2] or width < chunk.shape[-1]
             chunk = torch.nn.functional.interpolate(
@@ -517,7 +518,7 @@ def adapt_images(
             chunk = chunk - m
         if sd is not None:
             chunk = chunk / sd
-        out[i : i + _CHUNK] = chunk
+        out[i : i + step] = chunk
     return Dataset(out, ds.targets)
 
 
@@ -551,9 +552,8 @@ def tokens_from_images(ds: Dataset, seq_len: int, vocab_size: int) -> Dataset:
     h, w = token_grid(seq_len)
     bins = min(vocab_size - 1, 256)
     out = torch.zeros((len(x), 2, seq_len), dtype=torch.int64)
-    for i in range(0, len(x), _CHUNK):
-        grey = adapt_images(Dataset(x[i : i + _CHUNK]), 1, h, w).inputs.flatten(1)
-        out[i : i + _CHUNK, 0, : h * w] = (grey * bins).long().clamp_(0, bins - 1) + 1
+    grey = adapt_images(Dataset(x), 1, h, w).inputs.flatten(1)  # N×(h·w): no larger than the output
+    out[:, 0, : h * w] = (grey * bins).long().clamp_(0, bins - 1) + 1
     out[:, 1, : h * w] = 1
     return Dataset(out, ds.targets)
 

@@ -312,7 +312,7 @@ def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 _KEYS = ("resize", "crop", "mean", "std", "channels")
 MAX_SIDE = 4096
-_CHUNK = 256
+_CHUNK_ELEMENTS = 16 * 1024 * 1024  # values processed at a time (64 MB of floats)
 
 
 def _side(name: str, value: object) -> int | None:
@@ -448,10 +448,11 @@ class Preprocess:
             stats.append(None if value is None else torch.tensor(value, dtype=torch.float32).view(1, -1, 1, 1))
         mean, std = stats
         out = torch.empty((len(x), c, h, w), dtype=torch.float32)
-        for i in range(0, len(x), _CHUNK):
-            chunk = convert_channels(x[i : i + _CHUNK].to(torch.float32), c)
+        _, rh, rw = Preprocess(resize=self.resize).output_shape(c, x.shape[2], x.shape[3])
+        step = max(1, _CHUNK_ELEMENTS // max(x[0].numel(), c * rh * rw, 1))
+        for i in range(0, len(x), step):
+            chunk = convert_channels(x[i : i + step].to(torch.float32), c)
             if self.resize is not None:
-                rh, rw = Preprocess(resize=self.resize).output_shape(c, chunk.shape[2], chunk.shape[3])[1:]
                 chunk = _resize(chunk, rh, rw)
             if self.crop is not None:
                 top, left = (chunk.shape[2] - self.crop) // 2, (chunk.shape[3] - self.crop) // 2
@@ -460,5 +461,5 @@ class Preprocess:
                 chunk = chunk - mean
             if std is not None:
                 chunk = chunk / std
-            out[i : i + _CHUNK] = chunk
+            out[i : i + step] = chunk
         return replace(ds, inputs=out)

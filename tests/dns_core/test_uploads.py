@@ -27,6 +27,7 @@ from dns_core.uploads import (
     FileTooLarge,
     InvalidFile,
     RefusedFormat,
+    Sniffed,
     UploadError,
     check_archive,
     sniff,
@@ -108,6 +109,33 @@ def test_torch_package_is_refused(tmp_path: Path) -> None:
         exporter.save_pickle("m", "m.pkl", {"a": 1})
     with pytest.raises(RefusedFormat, match=r"torch\.package"):
         sniff(path)
+
+
+def test_archives_are_recognised_not_refused_and_torch_zips_still_are(tmp_path: Path, sentinel: Path) -> None:
+    """A zip or tar is sniffed as such (unpacked later by dns_core.archives); a torch.save archive
+    stays refused however it is wrapped, and nothing loads either as weights."""
+    import tarfile
+
+    plain = _zip(tmp_path / "folder.zip", {"bert/config.json": b"{}", "bert/vocab.txt": b"a\n"})
+    assert sniff(plain).kind == "zip"
+    with tarfile.open(tmp_path / "folder.tgz", "w:gz") as tf:
+        tf.add(plain, arcname="bert/folder.zip")
+    assert sniff(tmp_path / "folder.tgz") == Sniffed("tar", gzipped=True)
+    for path in (plain, tmp_path / "folder.tgz"):
+        with pytest.raises(RefusedFormat, match="not safetensors weights"):
+            load_model(path, "lenet-300-100")
+    saved = tmp_path / "w.pt"
+    torch.save({"evil": _Payload(sentinel)}, saved)
+    with zipfile.ZipFile(saved) as zf:
+        entries = {f"wrapped/{name}": zf.read(name) for name in zf.namelist()}
+    with pytest.raises(RefusedFormat, match=r"torch\.save archive"):
+        sniff(_zip(tmp_path / "wrapped.zip", entries))
+    gz = tmp_path / "evil.gz"
+    gz.write_bytes(gzip.compress(pickle.dumps(_Payload(sentinel))))
+    for load in _loaders():
+        with pytest.raises(RefusedFormat, match="gzip-compressed pickle"):
+            load(gz)
+    assert not sentinel.exists()
 
 
 def test_refusals_say_how_to_convert(tmp_path: Path) -> None:
