@@ -101,6 +101,8 @@ _CODE_KEYS = {"auto_map", "trust_remote_code", "custom_pipelines", "code_revisio
 _REFUSED_KEYS = {"quantization_config": "quantized models are not supported; upload the fp32/fp16 weights"}
 # keys dropped before the config is built: the attention kernel and dtype are chosen here
 _DROPPED_KEYS = {"attn_implementation", "torch_dtype", "dtype", "use_kernels"}
+# what the wrapper relies on: outputs with .logits and nothing else kept
+_FORCED = {"return_dict": True, "output_hidden_states": False, "output_attentions": False, "torchscript": False}
 _SIDE_FILES = frozenset(
     {
         "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
@@ -258,6 +260,7 @@ def build_config(name: str, config: Mapping[str, Any]) -> PretrainedConfig:
     """The architecture's config object from the checked dict (attention kernel and dtype chosen here)."""
     config_class, _ = _classes(name)
     clean = {k: v for k, v in config.items() if k not in _DROPPED_KEYS and not k.startswith("_")}
+    clean.update(_FORCED)
     try:
         built = config_class.from_dict(clean)
     except Exception as e:  # the config classes raise many types on bad values

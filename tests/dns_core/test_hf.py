@@ -187,6 +187,26 @@ def test_hostile_configs(folders: dict[str, Path], tmp_path: Path, changes: dict
         load_hf_folder(folder)
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"return_dict": False, "output_hidden_states": True, "torchscript": True},
+        {"_attn_implementation": "kernels-community/flash-attn", "attn_implementation": "flash_attention_2"},
+        {"dtype": "float16", "use_kernels": True},
+    ],
+)
+def test_config_keys_overridden(folders: dict[str, Path], tmp_path: Path, changes: dict[str, Any]) -> None:
+    """Output format, attention kernel (a Hub kernel would be downloaded code) and dtype are chosen here."""
+    folder = _copy(folders, "bert", tmp_path)
+    _edit_config(folder, **changes)
+    module = load_hf_folder(folder)
+    assert module.model.config._attn_implementation in ("sdpa", "eager")
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    x = _batch(module.model_input, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(module.eval()(x), load_hf_folder(folders["bert"]).eval()(x))
+
+
 def test_config_json_itself(folders: dict[str, Path], tmp_path: Path) -> None:
     folder = _copy(folders, "vit", tmp_path)
     (folder / "config.json").write_text('{"architectures": ["ViTForImageClassification"], "hidden_size": NaN}')
