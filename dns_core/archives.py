@@ -19,6 +19,7 @@ import os
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +54,7 @@ def archive_kind(path: str | os.PathLike[str]) -> ArchiveKind | None:
         try:
             with gzip.open(p, "rb") as g:
                 head = g.read(512)
-        except (OSError, EOFError):
+        except (OSError, EOFError, zlib.error):
             return None
     return "tar" if is_tar_header(head) else None
 
@@ -230,7 +231,7 @@ def _open_tar(p: Path, where: str) -> Iterator[tarfile.TarFile]:
     """A tar opened as a stream (``r|*``): members are read in order, never by seeking back."""
     try:
         tf = tarfile.open(p, mode="r|*")  # noqa: SIM115 (closed by the with below)
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise InvalidFile(f"{where}: a damaged tar archive ({e})") from None
     with tf:
         yield tf
@@ -240,7 +241,7 @@ def _tar_members(tf: tarfile.TarFile, where: str) -> Iterable[tarfile.TarInfo]:
     while True:
         try:
             member = tf.next()
-        except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
+        except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
             raise InvalidFile(f"{where}: a damaged tar archive ({e})") from None
         if member is None:
             return
@@ -279,7 +280,7 @@ def _extract_tar(p: Path, w: _Writer, max_ratio: float) -> None:
                 w.file(parts, name, member.size, stream, None, max_ratio)
             except (InvalidFile, FileTooLarge):
                 raise
-            except (tarfile.TarError, OSError, EOFError) as e:
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
                 raise InvalidFile(f"{w.where}: archive entry {name!r} cannot be read ({e})") from None
 
 

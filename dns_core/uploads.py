@@ -19,6 +19,7 @@ import math
 import os
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,7 @@ def sniff(path: str | os.PathLike[str], *, max_bytes: int = MAX_FILE_BYTES) -> S
         try:
             with gzip.open(p, "rb") as g:
                 inner = g.read(512)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise InvalidFile(f"{p.name}: a damaged gzip file ({e})") from None
         if _is_idx(inner):
             return Sniffed("idx", gzipped=True)

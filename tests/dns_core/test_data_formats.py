@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
@@ -634,3 +636,34 @@ def test_model_archives_are_not_data(tmp_path: Path) -> None:
         load_data_file(path)
     with pytest.raises(UploadError):
         load_data_file(_image_zip(tmp_path / "evil.zip", {"../x/1.png": _png(), "y/2.png": _png()}))
+
+
+# --------------------------------------------------------------------------------------------------
+# fuzzing: damaged archives and images raise our errors only
+
+
+def _image_archives(tmp_path: Path) -> list[Path]:
+    files = {"pets/cat/1.png": _png(), "pets/dog/2.jpg": _jpeg(), "pets/dog/3.png": _png(mode="L", color=9)}
+    members = [(_member(name), payload) for name, payload in files.items()]
+    return [
+        _image_zip(tmp_path / "d.zip", files),
+        _tar(tmp_path / "d.tgz", members, "w:gz"),  # type: ignore[arg-type]
+        _tar(tmp_path / "d.tar", members),  # type: ignore[arg-type]
+    ]
+
+
+@given(st.integers(0, 2), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_damaged_image_archives_load_or_raise_our_errors(
+    tmp_path: Path, which: int, flips: list[tuple[int, int]]
+) -> None:
+    path = _image_archives(tmp_path)[which]
+    raw = bytearray(path.read_bytes())
+    for pos, value in flips:
+        raw[pos % len(raw)] = value
+    path.write_bytes(bytes(raw))
+    try:
+        ds = load_data_file(path)
+    except (UploadError, DataError):
+        return
+    assert ds.inputs.dtype == torch.float32 and ds.inputs.dim() == 4
