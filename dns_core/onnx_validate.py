@@ -1,11 +1,13 @@
 """Checks that an ONNX file is one netsurgery accepts, before anything else reads it.
 
-:func:`validate_onnx` takes bytes or a path, and never a path's neighbours: a byte-size cap, a sniff
-for files that are not ONNX at all (pickles, zip archives, …), a protobuf parse of the bytes (so
-external data is never resolved), then refusals in pure Python before any C++ checker sees the
-model: tensors with external data, model-local functions, training info, sparse initializers,
-opsets outside :data:`OPSET_RANGE`, custom domains, operators outside :data:`SUPPORTED_OPS`,
-subgraphs; then ``onnx.checker.check_model`` on the proto, and float32-only element types.
+:func:`validate_onnx` takes bytes or a path: a byte-size cap, a sniff for files that are not ONNX
+at all (pickles, zip archives, …), a protobuf parse of the bytes, then refusals in pure Python
+before any C++ checker sees the model: external data (unless the caller names the folder that holds
+it: then :func:`resolve_external_data` reads each tensor's bytes itself, from plain files inside
+that folder only), model-local functions, training info, sparse initializers, opsets outside
+:data:`OPSET_RANGE`, custom domains, operators outside :data:`SUPPORTED_OPS`, subgraphs; then
+``onnx.checker.check_model`` on the proto, and the element types (float32 weights; int64, int32
+and bool for shapes, ids and masks).
 
 Every refusal raises :class:`OnnxFormatError` (an :class:`~dns_core.errors.InputError`) with a
 message that says what is wrong and how to fix or convert the model. This module does not import
