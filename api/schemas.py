@@ -64,8 +64,14 @@ class ModelRead(_Read):
 
     id: uuid.UUID
     name: str
-    format: Literal["onnx", "safetensors"]
-    architecture: str | None = Field(description="Built-in architecture (safetensors uploads); null for ONNX.")
+    format: Literal["onnx", "safetensors", "hf"] = Field(
+        description="onnx: an ONNX graph (with its external data); safetensors: weights of a built-in, "
+        "torchvision:… or timm:… architecture; hf: a Hugging Face folder."
+    )
+    architecture: str | None = Field(
+        description="The architecture of safetensors weights, or the transformers class of a Hugging Face "
+        "folder (e.g. BertForSequenceClassification); null for ONNX."
+    )
     config: dict[str, Any] | None = Field(description="The architecture's checked config (safetensors uploads).")
     parameter_count: int = Field(description="Weights and biases (ONNX: elements of float initializers).")
     size_bytes: int
@@ -91,7 +97,9 @@ class DatasetRead(_Read):
 
     id: uuid.UUID
     name: str
-    kind: Literal["builtin", "npz", "safetensors", "idx"]
+    kind: Literal["builtin", "npz", "safetensors", "idx", "images"] = Field(
+        description="builtin, or the uploaded file's format; images: a zip or tar of class folders of PNG/JPEG."
+    )
     builtin_name: str | None
     n_examples: int | None = Field(description="Examples in the upload; null for built-in sets.")
     input_shape: list[int] | None = Field(description="Shape of one example, e.g. [1, 28, 28].")
@@ -129,6 +137,21 @@ class Target(_Create):
         return self
 
 
+class Preprocessing(_Create):
+    """Image preprocessing, applied to the job's data before training (values in [0, 1] first)."""
+
+    resize: int | None = Field(default=None, ge=1, le=4096, description="Shorter side, in pixels, after resizing.")
+    crop: int | None = Field(default=None, ge=1, le=4096, description="Side of the centre square crop, in pixels.")
+    channels: Literal[1, 3] | None = Field(default=None, description="Channels: 3 replicates grey images, 1 averages.")
+    mean: list[float] | Literal["model"] | None = Field(
+        default=None,
+        description='Per-channel mean to subtract, or "model" for the one in the model\'s preprocessor config.',
+    )
+    std: list[float] | Literal["model"] | None = Field(
+        default=None, description='Per-channel std to divide by, or "model" for the model\'s own.'
+    )
+
+
 class JobSettings(_Create):
     """Expert knobs; anything left out takes the method's default (see the paper's names)."""
 
@@ -146,6 +169,9 @@ class JobSettings(_Create):
     batch_size: int | None = Field(default=None, ge=1, le=65_536)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     codec: Codec | None = Field(default=None, description="Value codec of the extra compact sparse artifact.")
+    preprocess: Preprocessing | None = Field(
+        default=None, description="How image data is prepared for the model (resize, centre crop, normalise)."
+    )
 
     @model_validator(mode="after")
     def _stop_within_run(self) -> JobSettings:

@@ -42,7 +42,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -53,7 +52,6 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
 
 import torch
-from onnx import TensorProto
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
@@ -61,9 +59,11 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from dns_core import models, uploads
+from dns_core import archives, bundles, models, uploads
 from dns_core.data import DataError, load_data_file
-from dns_core.onnx_validate import OnnxFormatError, validate_onnx
+from dns_core.hf import inspect_hf_folder
+from dns_core.onnx_convert import check_onnx
+from dns_core.onnx_validate import OnnxFormatError, parse_onnx, uses_external_data
 from service.errors import (
     AppError,
     BadRequest,
@@ -77,6 +77,7 @@ from service.quotas import check_storage_quota
 from service.repositories.datasets import DatasetFacts
 from service.repositories.models import ModelFacts
 from service.settings import Settings
+from service.usecases import StagedFile
 from service.usecases.datasets import DatasetUpload
 from service.usecases.models import ModelUpload
 
@@ -87,6 +88,8 @@ log = logging.getLogger(__name__)
 
 #: Room for boundaries, part headers and the text fields on top of the file bytes.
 FORM_OVERHEAD: Final = 64 * 1024
+#: Most file parts in one form (a Hugging Face folder is a handful of files; more come as an archive).
+MAX_FILE_PARTS: Final = 32
 #: Largest text field (``name``, ``architecture``, ``config``).
 MAX_TEXT_FIELD: Final = 32 * 1024
 #: Body bytes gathered before a (blocking) parse-and-write step is handed to a worker thread.
@@ -110,8 +113,13 @@ class ReceivedFile:
 
 @dataclass(slots=True)
 class ReceivedForm:
-    files: dict[str, ReceivedFile] = field(default_factory=dict)
+    files: dict[str, ReceivedFile] = field(default_factory=dict)  # the first file part of each field
     fields: dict[str, str] = field(default_factory=dict)
+    parts: list[ReceivedFile] = field(default_factory=list)  # every file part, in order
+
+    def all(self, name: str) -> list[ReceivedFile]:
+        """Every file part of field ``name`` (a field listed as repeatable may come several times)."""
+        return [p for p in self.parts if p.field == name]
 
 
 def too_large(limit: int, what: str = "the upload") -> PayloadTooLarge:
@@ -149,10 +157,16 @@ class _FormSink:
     """
 
     def __init__(
-        self, folder: Path, file_fields: Collection[str], text_fields: Collection[str], max_file_bytes: int
+        self,
+        folder: Path,
+        file_fields: Collection[str],
+        text_fields: Collection[str],
+        max_file_bytes: int,
+        repeatable: Collection[str] = (),
     ) -> None:
         self.folder = folder
         self.file_fields = frozenset(file_fields)
+        self.repeatable = frozenset(repeatable)
         self.text_fields = frozenset(text_fields)
         self.max_file_bytes = max_file_bytes
         self.form = ReceivedForm()
@@ -203,12 +217,14 @@ class _FormSink:
         self._name = name.decode("utf-8", "replace")
         raw_filename = params.get(b"filename")
         self._filename = raw_filename.decode("utf-8", "replace") if raw_filename is not None else None
-        if self._name in self.form.files or self._name in self.form.fields:
+        if (self._name in self.form.files and self._name not in self.repeatable) or self._name in self.form.fields:
             raise InvalidRequest(f"form field {self._name!r} is given twice")
+        if len(self.form.parts) >= MAX_FILE_PARTS:
+            raise InvalidRequest(f"more than {MAX_FILE_PARTS} files in one upload; send a zip or tar instead")
         if self._name in self.file_fields:
             # each file part in its own sub-folder, under a tame form of the client's file name (which
             # then names the file in error messages); the client's name never becomes a path
-            part_dir = self.folder / f"part-{len(self.form.files)}"
+            part_dir = self.folder / f"part-{len(self.form.parts)}"
             part_dir.mkdir()
             self._out = open(part_dir / _tame(self._filename, self._name), "xb")  # noqa: SIM115 (closed in _part_end/close)
             self._hash = hashlib.sha256()
@@ -239,9 +255,9 @@ class _FormSink:
             path = Path(self._out.name)
             self._out.close()
             self._out = None
-            self.form.files[self._name] = ReceivedFile(
-                self._name, self._filename, path, self._size, self._hash.hexdigest()
-            )
+            received = ReceivedFile(self._name, self._filename, path, self._size, self._hash.hexdigest())
+            self.form.files.setdefault(self._name, received)
+            self.form.parts.append(received)
         else:
             try:
                 self.form.fields[self._name] = self._text.decode("utf-8")
@@ -278,6 +294,7 @@ async def receive_form(
     max_file_bytes: int,
     file_fields: Collection[str],
     text_fields: Collection[str] = (),
+    repeatable: Collection[str] = (),
 ) -> ReceivedForm:
     """Stream the request's ``multipart/form-data`` body into ``folder``; the form once it is complete.
 
@@ -291,7 +308,7 @@ async def receive_form(
         raise UnsupportedFormat("send the upload as multipart/form-data")
     body_limit = max_file_bytes + FORM_OVERHEAD
     check_declared_length(request, body_limit)
-    sink = _FormSink(folder, file_fields, text_fields, max_file_bytes)
+    sink = _FormSink(folder, file_fields, text_fields, max_file_bytes, repeatable)
     try:
         parser = MultipartParser(boundary, sink.callbacks())
     except FormParserError as e:
@@ -391,38 +408,131 @@ def _sniff(path: Path, max_bytes: int) -> str:
 # ------------------------------------------------------------------------------------------ models
 
 
+@dataclass(frozen=True, slots=True)
+class InspectedModel:
+    """An accepted model: what it is, and the one file to store (the upload, or a bundle of its files)."""
+
+    facts: ModelFacts
+    file: StagedFile
+    suffix: str  # the stored file's extension: onnx, safetensors or zip
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """A zip the service wrote (a multi-file model's kept files), with its size and sha256."""
+
+    path: Path
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> Bundle:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return cls(path, path.stat().st_size, h.hexdigest())
+
+
 def inspect_model(
-    path: Path, *, max_bytes: int, architecture: str | None = None, config_text: str | None = None
-) -> ModelFacts:
-    """Accept or refuse an uploaded model file; what it is if accepted.
+    parts: list[ReceivedFile],
+    work: Path,
+    *,
+    max_bytes: int,
+    max_memory_bytes: int,
+    architecture: str | None = None,
+    config_text: str | None = None,
+) -> InspectedModel:
+    """Accept or refuse an uploaded model; what it is if accepted, and the file to store.
 
-    ``architecture`` (a zoo name) and ``config_text`` (a JSON object) apply to safetensors weights;
-    when left out they are read from the file's header (``netsurgery.arch``/``netsurgery.config``,
-    as :func:`dns_core.io.save_model` writes them).
+    One file: an ONNX graph, safetensors weights (``architecture``, a built-in or a torchvision/timm
+    name, and ``config_text``, a JSON object, apply to those; when left out they are read from the
+    file's header, as :func:`dns_core.io.save_model` writes them), or a zip/tar of a model folder.
+    Several files: the files of one model folder (a Hugging Face folder, or ``model.onnx`` with its
+    external data). A folder's kept files are stored as one zip bundle (:mod:`dns_core.bundles`).
+    ``work`` is a scratch folder of the request's.
     """
-    kind = _sniff(path, max_bytes)
-    if kind == "onnx":
-        if architecture or config_text:
-            raise InvalidRequest("architecture and config go with safetensors weights; an ONNX file is the whole model")
-        return _inspect_onnx(path, max_bytes)
-    if kind == "safetensors":
-        return _inspect_safetensors(path, max_bytes, architecture, config_text)
-    raise UnsupportedFormat(
-        f"this is {kind} data, not a model; upload a model as ONNX, or as safetensors weights of a built-in "
-        "architecture (upload data sets to /v1/datasets)"
-    )
+    if len(parts) == 1 and _tame(parts[0].filename, "") != bundles.HF_CONFIG:  # a lone config.json: a folder
+        path = parts[0].path
+        kind = _sniff(path, max_bytes)
+        if kind in ("onnx", "safetensors") and not (kind == "onnx" and _onnx_needs_folder(path, max_bytes)):
+            if kind == "onnx":
+                if architecture or config_text:
+                    raise InvalidRequest(
+                        "architecture and config go with safetensors weights; an ONNX file is the whole model"
+                    )
+                return InspectedModel(_inspect_onnx(path, max_bytes, max_memory_bytes, None), parts[0], "onnx")
+            return InspectedModel(
+                _inspect_safetensors(path, max_bytes, architecture, config_text), parts[0], "safetensors"
+            )
+        if kind not in ("zip", "tar", "onnx"):
+            raise UnsupportedFormat(
+                f"this is {kind} data, not a model; upload a model as ONNX, safetensors weights of a built-in, "
+                "torchvision or timm architecture, or a Hugging Face folder (upload data sets to /v1/datasets)"
+            )
+    if architecture or config_text:
+        raise InvalidRequest(
+            "architecture and config go with safetensors weights alone; a model folder describes itself"
+        )
+    folder = _model_folder(parts, work / "model", max_bytes)
+    if folder.kind == "hf":
+        facts = _inspect_hf(folder.root, max_memory_bytes)
+    else:
+        facts = _inspect_onnx(folder.main, max_bytes, max_memory_bytes, folder.root)
+    return InspectedModel(facts, Bundle.of(bundles.write_bundle(folder, work / "bundle.zip")), "zip")
 
 
-def _inspect_onnx(path: Path, max_bytes: int) -> ModelFacts:
+def _onnx_needs_folder(path: Path, max_bytes: int) -> bool:
+    """Whether a single ONNX file points at external data (then it needs its data files beside it)."""
     try:
-        model = validate_onnx(path, max_bytes=max_bytes)
+        model = parse_onnx(path, max_bytes=max_bytes)
+    except OnnxFormatError as e:
+        raise InvalidFile(str(e)) from None
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    return any(uses_external_data(t) for t in tensors)
+
+
+def _model_folder(parts: list[ReceivedFile], dest: Path, max_bytes: int) -> bundles.ModelFolder:
+    """The uploaded files as one model folder: an archive extracted, or several files side by side."""
+    dest.mkdir()
+    try:
+        if len(parts) == 1 and archives.archive_kind(parts[0].path) is not None:
+            archives.extract_archive(parts[0].path, dest, max_expanded=max_bytes)
+        else:
+            for part in parts:
+                name = _tame(part.filename, "")
+                if not name:
+                    raise InvalidRequest("each file of a model folder needs its file name (config.json, …)")
+                if (dest / name).exists():
+                    raise InvalidRequest(f"the file {name!r} is given twice")
+                shutil.move(part.path, dest / name)
+        return bundles.classify_folder(dest)
+    except uploads.UploadError as e:
+        raise upload_error(e) from None
+
+
+def _inspect_hf(root: Path, max_memory_bytes: int) -> ModelFacts:
+    try:
+        facts = inspect_hf_folder(root, max_bytes=max_memory_bytes)
+    except uploads.UploadError as e:
+        raise upload_error(e) from None
+    except ValueError as e:  # ModelError: refused architecture, remote code, too large, mismatched weights
+        raise InvalidFile(str(e)) from None
+    return ModelFacts("hf", facts.num_parameters, facts.architecture, None)
+
+
+def _inspect_onnx(path: Path, max_bytes: int, max_memory_bytes: int, external_dir: Path | None) -> ModelFacts:
+    """Everything a job would do with the graph at its start (validate, convert, a trial run), done now."""
+    try:
+        facts = check_onnx(path, max_bytes=max_bytes, max_memory_bytes=max_memory_bytes, external_dir=external_dir)
     except OnnxFormatError as e:
         message = str(e)
         if message.startswith(_ONNX_REFUSALS):
             raise UnsupportedFormat(message) from None
         raise InvalidFile(message) from None
-    count = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
-    return ModelFacts("onnx", count)
+    except ValueError as e:  # too large for the worker's memory (a ModelError)
+        raise InvalidFile(str(e)) from None
+    return ModelFacts("onnx", facts.num_parameters)
 
 
 def _config(
@@ -502,7 +612,9 @@ def inspect_dataset(path: Path, targets: Path | None, *, max_bytes: int) -> Data
     """
     kind = _sniff(path, max_bytes)
     if kind == "onnx":
-        raise UnsupportedFormat("this is an ONNX model, not data; upload data as .npz, safetensors or IDX")
+        raise UnsupportedFormat(
+            "this is an ONNX model, not data; upload data as .npz, safetensors, IDX, or a zip/tar of class folders"
+        )
     if targets is not None and kind != "idx":
         raise InvalidRequest(f"a separate 'targets' file goes with IDX inputs only; this is {kind}")
     try:
@@ -511,7 +623,8 @@ def inspect_dataset(path: Path, targets: Path | None, *, max_bytes: int) -> Data
         raise upload_error(e) from None
     except DataError as e:
         raise InvalidFile(str(e)) from None
-    return DatasetFacts(kind, len(data), [int(d) for d in data.inputs.shape[1:]], data.targets is not None)
+    stored = "images" if kind in ("zip", "tar") else kind  # class folders of PNG/JPEG files
+    return DatasetFacts(stored, len(data), [int(d) for d in data.inputs.shape[1:]], data.targets is not None)
 
 
 # ------------------------------------------------------------------------------ the upload routes
@@ -563,11 +676,17 @@ async def _receive_within_quota(
     file_fields: tuple[str, ...],
     text_fields: tuple[str, ...],
     what: str,
+    repeatable: tuple[str, ...] = (),
 ) -> tuple[ReceivedForm, ReceivedFile]:
     """The form and its required ``file`` (``what``), with the quota checked before and after reading it."""
     await check_upload_quota(request, session, settings, tenant_id)
     form = await receive_form(
-        request, folder, max_file_bytes=settings.max_upload_bytes, file_fields=file_fields, text_fields=text_fields
+        request,
+        folder,
+        max_file_bytes=settings.max_upload_bytes,
+        file_fields=file_fields,
+        text_fields=text_fields,
+        repeatable=repeatable,
     )
     await check_upload_quota(request, session, settings, tenant_id, form)
     upload = form.files.get("file")
@@ -579,22 +698,34 @@ async def _receive_within_quota(
 async def receive_model(
     request: Request, session: Session, settings: Settings, tenant_id: uuid.UUID, folder: Path
 ) -> ModelUpload:
-    """Receive a model upload into ``folder`` (``file``; ``name``, ``architecture``, ``config``) and judge it."""
+    """Receive a model upload into ``folder`` (``file``, repeatable; ``name``, ``architecture``,
+    ``config``) and judge it."""
     fields = ("name", "architecture", "config")
     form, upload = await _receive_within_quota(
-        request, session, settings, tenant_id, folder, ("file",), fields, "the model"
+        request, session, settings, tenant_id, folder, ("file",), fields, "the model", repeatable=("file",)
     )
-    name = display_name(
-        form.fields.get("name"), upload.filename, "model"
-    )  # a bad name is refused before the file is read
-    facts = await run_in_threadpool(
+    parts = form.all("file")
+    default = "model" if len(parts) == 1 else _folder_name(parts)
+    name = display_name(form.fields.get("name"), upload.filename if len(parts) == 1 else None, default)
+    inspected = await run_in_threadpool(
         inspect_model,
-        upload.path,
+        parts,
+        folder,
         max_bytes=settings.max_upload_bytes,
+        max_memory_bytes=settings.max_model_memory_bytes,
         architecture=(form.fields.get("architecture") or "").strip() or None,
         config_text=form.fields.get("config"),
     )
-    return ModelUpload(upload, name, facts)
+    return ModelUpload(inspected.file, name, inspected.facts, inspected.suffix)
+
+
+def _folder_name(parts: list[ReceivedFile]) -> str:
+    """A name for a model sent as several files: its main file's name."""
+    names = [Path(p.filename or "").name for p in parts]
+    for main in ("config.json", *[n for n in names if n.endswith(".onnx")]):
+        if main in names:
+            return main
+    return "model"
 
 
 async def receive_dataset(

@@ -1,9 +1,14 @@
-"""Models in (ONNX or zoo safetensors, judged by content) and artifacts out (dense, sparse, report).
+"""Models in (judged by content) and artifacts out (dense, sparse, report).
+
+Models come as an ONNX graph (with its external data, as a folder or archive), safetensors weights
+of a built-in or torchvision/timm architecture, or a Hugging Face folder (a folder or archive).
 
 The command line and the service worker both go through :func:`load_model_file` and
 :func:`write_artifacts`, so a job's downloads are the same files ``netsurgery compress`` writes:
 
-- ``model.onnx`` or ``model.safetensors``: the pruned model, dense with zeros, in the upload's format;
+- ``model.onnx`` or ``model.safetensors``: the pruned model, dense with zeros, in the upload's format
+  (a Hugging Face folder comes back as ``config.json``, ``model.safetensors`` and its side files, a
+  folder that ``AutoModelFor….from_pretrained`` loads);
 - ``model.sparse.safetensors``: only the kept values and a compact index (docs/sparse-format.md);
 - ``model.sparse.<codec>.safetensors``: the same with compressed values, when a codec is asked for;
 - ``report.html``: the report for people, one self-contained page (inline CSS, SVG charts), and
@@ -19,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -28,7 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import uploads
+from . import models, uploads
+from .bundles import HF_CONFIG, HF_SIDE_FILES, HF_WEIGHTS, ModelFolder, classify_folder, open_bundle
+from .inputs import ModelInput
 from .io import load_model, save_model
 from .report_html import render_chart_pngs, render_report_html
 from .sparse import PackStats, load_sparse, save_sparse
@@ -40,7 +48,9 @@ REPORT = "report.json"
 #: what a report consists of: the JSON, the page and its charts
 REPORT_FILES = ("report.json", "report.html", "compression.png", "accuracy.png", "layers.png")
 REPORT_HTML = "report.html"
-_PACKAGES = ("netsurgery", "torch", "numpy", "safetensors", "onnx", "onnxruntime")
+#: Parameters and activations a model may need (estimated) before it is refused (the service sets its own).
+MAX_MODEL_MEMORY = 16 * 2**30
+_PACKAGES = ("netsurgery", "torch", "numpy", "safetensors", "onnx", "onnxruntime", "transformers")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -70,10 +80,11 @@ class LoadedModel:
     """A user's model, ready for surgery, and what is needed to write it back in its own format."""
 
     module: nn.Module
-    format: str  # "onnx" or "safetensors"
-    arch: str | None = None  # zoo architecture (safetensors)
+    format: str  # "onnx", "safetensors" or "hf"
+    arch: str | None = None  # built-in or torchvision/timm architecture (safetensors), HF class (hf)
     config: dict[str, Any] = field(default_factory=dict)
-    onnx_bytes: bytes | None = None  # the original graph (ONNX)
+    model_input: ModelInput | None = None  # what one example looks like, when the model says
+    side_files: dict[str, bytes] = field(default_factory=dict)  # HF preprocessing/tokeniser files, copied out
 
 
 def load_model_file(
@@ -82,19 +93,43 @@ def load_model_file(
     config: dict[str, Any] | None = None,
     *,
     max_bytes: int = uploads.MAX_FILE_BYTES,
+    max_memory_bytes: int = MAX_MODEL_MEMORY,
 ) -> LoadedModel:
-    """Load an ONNX graph or zoo safetensors weights, judged by content; refuse everything else."""
-    kind = uploads.sniff(path, max_bytes=max_bytes).kind
+    """Load a model, judged by content: an ONNX graph, safetensors weights of ``arch``, or a folder
+    or archive holding a Hugging Face folder or an ONNX graph with external data; refuse the rest."""
+    p = Path(path)
+    if p.is_dir():
+        return _load_folder(classify_folder(p), max_bytes, max_memory_bytes)
+    kind = uploads.sniff(p, max_bytes=max_bytes).kind
     if kind == "onnx":
-        from .onnx_convert import load_onnx
+        from .onnx_convert import check_onnx, load_onnx
 
-        raw = Path(path).read_bytes()
-        return LoadedModel(load_onnx(raw, max_bytes=max_bytes), "onnx", onnx_bytes=raw)
+        facts = check_onnx(p, max_bytes=max_bytes, max_memory_bytes=max_memory_bytes)
+        return LoadedModel(load_onnx(p, max_bytes=max_bytes), "onnx", model_input=facts.model_input)
     if kind == "safetensors":
-        module, name = load_model(path, arch, config, max_bytes=max_bytes)
-        cfg = dict(config) if config is not None else _header_config(path)
-        return LoadedModel(module, "safetensors", arch=name, config=cfg)
-    raise uploads.RefusedFormat(f"{Path(path).name}: {kind} data is not a model; upload ONNX or safetensors weights")
+        module, name = load_model(p, arch, config, max_bytes=max_bytes)
+        cfg = dict(config) if config is not None else _header_config(p)
+        return LoadedModel(module, "safetensors", arch=name, config=cfg, model_input=models.model_input(name, cfg))
+    if kind in ("zip", "tar"):
+        with tempfile.TemporaryDirectory(prefix="netsurgery-model-") as tmp:
+            return _load_folder(open_bundle(p, Path(tmp), max_expanded=max_bytes), max_bytes, max_memory_bytes)
+    raise uploads.RefusedFormat(f"{p.name}: {kind} data is not a model; upload ONNX or safetensors weights")
+
+
+def _load_folder(folder: ModelFolder, max_bytes: int, max_memory_bytes: int) -> LoadedModel:
+    """A recognised model folder, loaded; everything it needs is read before the folder may go."""
+    if folder.kind == "hf":
+        from .hf import inspect_hf_folder, load_hf_folder
+
+        hf = inspect_hf_folder(folder.root, max_bytes=max_memory_bytes)
+        wrapped = load_hf_folder(folder.root)
+        side = {n: (folder.root / n).read_bytes() for n in folder.files if n in HF_SIDE_FILES}
+        return LoadedModel(wrapped, "hf", arch=hf.architecture, model_input=wrapped.model_input, side_files=side)
+    from .onnx_convert import check_onnx, load_onnx
+
+    facts = check_onnx(folder.main, max_bytes=max_bytes, max_memory_bytes=max_memory_bytes, external_dir=folder.root)
+    module = load_onnx(folder.main, max_bytes=max_bytes, external_dir=folder.root)
+    return LoadedModel(module, "onnx", model_input=facts.model_input)
 
 
 def _header_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -114,6 +149,13 @@ def save_dense(loaded: LoadedModel, module: nn.Module, out_dir: str | os.PathLik
         path = out / DENSE_ONNX
         path.write_bytes(export_onnx(module))  # type: ignore[arg-type]
         return path
+    if loaded.format == "hf":
+        from .hf import save_hf_folder
+
+        save_hf_folder(module, out)  # type: ignore[arg-type]
+        for name, raw in loaded.side_files.items():
+            (out / name).write_bytes(raw)
+        return out / HF_WEIGHTS
     path = out / DENSE_SAFETENSORS
     save_model(path, module, loaded.arch or "unknown", loaded.config)
     return path
@@ -150,6 +192,9 @@ def write_artifacts(
     files: dict[str, Path] = {}
     dense = save_dense(loaded, module, out)
     files[dense.name] = dense
+    if loaded.format == "hf":  # the rest of the folder that from_pretrained reads
+        for name in (HF_CONFIG, *sorted(loaded.side_files)):
+            files[name] = out / name
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     meta = {"netsurgery.format": loaded.format}
     if loaded.arch:

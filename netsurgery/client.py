@@ -94,12 +94,24 @@ class Client:
         name: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """Upload an ONNX model, or safetensors weights of a built-in architecture.
+        """Upload a model: an ONNX graph, safetensors weights of an ``architecture`` (built-in,
+        ``torchvision:<name>`` or ``timm:<name>``), an archive of a model folder, or a folder itself (a
+        Hugging Face folder, or ``model.onnx`` with its external data), whose files go up side by side.
 
-        ``progress(sent_bytes, total_bytes)`` is called as the file's bytes go out.
+        ``progress(sent_bytes, total_bytes)`` is called as the files' bytes go out.
         """
         form = {"name": name, "architecture": architecture, "config": json.dumps(config) if config else None}
-        return self._upload("/v1/models", {"file": path}, form, progress)
+        p = Path(path)
+        if p.is_dir():
+            files: list[tuple[str, str | os.PathLike[str]]] = [
+                ("file", f) for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")
+            ]
+            if not files:
+                raise FileNotFoundError(f"{p}: no files in the folder")
+            if name is None:
+                form["name"] = p.name
+            return self._upload("/v1/models", files, form, progress)
+        return self._upload("/v1/models", [("file", p)], form, progress)
 
     def upload_data(
         self,
@@ -113,9 +125,9 @@ class Client:
 
         ``progress(sent_bytes, total_bytes)`` counts the bytes of both files.
         """
-        files: dict[str, str | os.PathLike[str]] = {"file": path}
+        files: list[tuple[str, str | os.PathLike[str]]] = [("file", path)]
         if targets is not None:
-            files["targets"] = targets
+            files.append(("targets", targets))
         return self._upload("/v1/datasets", files, {"name": name}, progress)
 
     def builtin_data(self, name: str, *, dataset_name: str | None = None) -> dict[str, Any]:
@@ -126,21 +138,21 @@ class Client:
     def _upload(
         self,
         route: str,
-        files: dict[str, str | os.PathLike[str]],
+        files: list[tuple[str, str | os.PathLike[str]]],
         form: dict[str, str | None],
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        handles = {field: open(path, "rb") for field, path in files.items()}  # noqa: SIM115 - closed below
+        handles = [open(path, "rb") for _, path in files]  # noqa: SIM115 - closed below
         try:
-            bodies: dict[str, Any] = dict(handles)
+            bodies: list[Any] = list(handles)
             if progress is not None:
-                counter = _Sent(sum(os.fstat(f.fileno()).st_size for f in handles.values()), progress)
-                bodies = {field: _CountingReader(f, counter) for field, f in handles.items()}
-            parts = {field: (Path(files[field]).name, f) for field, f in bodies.items()}
+                counter = _Sent(sum(os.fstat(f.fileno()).st_size for f in handles), progress)
+                bodies = [_CountingReader(f, counter) for f in handles]
+            parts = [(field, (Path(path).name, body)) for (field, path), body in zip(files, bodies, strict=True)]
             data = {k: v for k, v in form.items() if v is not None}
             return dict(self._json("POST", route, files=parts, data=data))
         finally:
-            for f in handles.values():
+            for f in handles:
                 f.close()
 
     # --- jobs ------------------------------------------------------------------------------------

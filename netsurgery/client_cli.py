@@ -309,7 +309,9 @@ def _upload(path: Path, send: Callable[[Callable[[int, int], None]], dict[str, A
 
 
 def cmd_upload_model(args: argparse.Namespace) -> int:
-    path = _local_file(args.file)
+    path = Path(args.file).expanduser()
+    if not path.is_dir():
+        path = _local_file(args.file)
     config = None
     if args.config:
         try:
@@ -662,9 +664,13 @@ def add_client_commands(sub: Subcommands) -> None:
                             "in `ps`)")  # fmt: skip
     login.set_defaults(func=cmd_login)
 
-    m = sub.add_parser("upload-model", help="upload an ONNX model or safetensors weights of a zoo architecture")
-    m.add_argument("file", help="model.onnx, or weights.safetensors (judged by content; pickles are refused)")
-    m.add_argument("--arch", default=None, help="zoo architecture of safetensors weights, e.g. lenet-300-100")
+    m = sub.add_parser("upload-model", help="upload a model: ONNX, safetensors weights of an architecture, or a "
+                                            "Hugging Face folder")  # fmt: skip
+    m.add_argument("file", help="model.onnx, weights.safetensors, a model folder (Hugging Face: config.json + "
+                                "model.safetensors; or model.onnx + model.onnx.data) or a zip/tar of one (judged "
+                                "by content; pickles are refused)")  # fmt: skip
+    m.add_argument("--arch", default=None, help="architecture of safetensors weights: built-in (e.g. lenet-300-100), "
+                                                "torchvision:<name> or timm:<name>")  # fmt: skip
     m.add_argument("--config", default=None, help="JSON config of the architecture, e.g. '{\"num_classes\": 4}'")
     m.add_argument("--name", default=None, help="a name (default: the file's)")
     m.add_argument("-q", "--quiet", action="store_true", help="print only the model's id")

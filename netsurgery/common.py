@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from dns_core.data import Dataset
+    from dns_core.inputs import ModelInput
 
     #: what ``ArgumentParser.add_subparsers`` returns: each command module adds its subcommands to it
     Subcommands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -36,9 +37,12 @@ def parse_pairs(text: str | None, what: str) -> dict[str, float] | None:
     return out
 
 
-def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset | None]:
-    """(train, validation, test or None) from a built-in name or the user's data files."""
-    from dns_core.data import DataError, load_builtin, load_data_file, validation_split
+def load_data(
+    args: argparse.Namespace, model_input: ModelInput | None = None
+) -> tuple[Dataset, Dataset, Dataset | None]:
+    """(train, validation, test or None) from a built-in name (adapted to ``model_input``, what the model
+    takes) or the user's data files."""
+    from dns_core.data import DataError, adapt_builtin, load_data_file, validation_split
     from dns_core.defaults import BUILTIN_SETS
     from dns_core.uploads import UploadError
 
@@ -46,7 +50,10 @@ def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset | Non
     targets = getattr(args, "targets", None)
     valid_file = getattr(args, "valid_data", None)
     if name in BUILTIN_SETS and not Path(name).exists():
-        return load_builtin(name)
+        try:
+            return adapt_builtin(name, model_input)
+        except DataError as e:
+            raise CliError(f"cannot use {name} with this model: {e}") from None
     if not Path(name).exists():
         raise CliError(f"--data {name}: no such file, and not a built-in set ({', '.join(BUILTIN_SETS)})")
     try:

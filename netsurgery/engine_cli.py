@@ -81,9 +81,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from dns_core.spec import CompressSpec
     from dns_core.train import Callbacks, evaluate
 
-    train, valid, test = load_data(args)
     model_path = args.model or args.weights
     inputs: dict[str, str] = {}
+    train = valid = test = None
+    if not model_path:
+        train, valid, test = load_data(args)
     if model_path:
         try:
             config = json.loads(args.config) if args.config else None
@@ -94,7 +96,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             raise CliError(f"cannot load weights from {model_path}: {e}") from None
         inputs["model"] = model_path
         label = loaded.arch or Path(model_path).name
+        train, valid, test = load_data(args, loaded.model_input)
     else:
+        assert train is not None
         arch = args.arch or DEFAULT_ARCH
         if args.data not in BUILTIN_SETS:
             raise CliError("give --model with your own data (the cached references are trained on built-in sets)")
@@ -102,12 +106,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         with _Bar(f"reference {arch}", 20 * (len(train) // 64)) as bar:
             module, _ = cached_reference(arch, train, tag=f"{args.data}-cli", callbacks=Callbacks(on_progress=bar))
         loaded, label = LoadedModel(module, "safetensors", arch=arch), arch
+    assert train is not None and valid is not None
     for key in ("data", "targets", "valid_data", "valid_targets"):
         value = getattr(args, key, None)
         if value and Path(value).exists():
             inputs[key] = value
     try:
-        check_fits(loaded.module, valid)
+        check_fits(loaded.module, train, loaded.model_input)
+        check_fits(loaded.module, valid, loaded.model_input)
     except DataError as e:
         raise CliError(str(e)) from None
     layer_kept = parse_pairs(args.layer_kept, "--layer-kept")
@@ -303,7 +309,9 @@ def add_engine_commands(sub: Subcommands) -> None:
     """Register compress, train-reference, pack and bench on the ``netsurgery`` subparsers."""
     c = sub.add_parser("compress", help="prune and splice a model toward a target (local, no service)")
     c.add_argument("--arch", default=None, help=f"zoo architecture (default {DEFAULT_ARCH})")
-    c.add_argument("--model", help="the dense model: ONNX, or safetensors weights of a zoo --arch (judged by content)")
+    c.add_argument("--model", help="the dense model (judged by content): ONNX, safetensors weights of an --arch, "
+                                   "or a folder or zip/tar of a Hugging Face folder or of model.onnx with its "
+                                   "external data")  # fmt: skip
     c.add_argument("--weights", help=argparse.SUPPRESS)  # the earlier name of --model
     c.add_argument("--config", help="JSON config of the zoo architecture, e.g. '{\"num_classes\": 4}'")
     c.add_argument("--data", default="fashion-mnist",

@@ -2,8 +2,9 @@
 
 ::
 
-    models/<model id>/model.<format>              an uploaded model (onnx or safetensors)
-    datasets/<dataset id>/inputs.<kind>           an uploaded data set (npz, safetensors or idx)
+    models/<model id>/model.<suffix>              an uploaded model (onnx, safetensors, or a zip bundle)
+    datasets/<dataset id>/inputs.<kind>           an uploaded data set (npz, safetensors, idx, or images:
+                                                  a zip or tar of class folders)
     datasets/<dataset id>/targets.idx             its IDX labels, when uploaded beside IDX inputs
     jobs/<job id>/checkpoint.safetensors          a running job's latest checkpoint
     jobs/<job id>/artifacts/<name>                what a finished job produced
@@ -26,9 +27,10 @@ def model_prefix(model_id: uuid.UUID) -> str:
     return f"models/{model_id}"
 
 
-def model_key(model_id: uuid.UUID, format: str) -> str:
-    """The uploaded model file, by its format (``onnx`` or ``safetensors``)."""
-    return f"{model_prefix(model_id)}/model.{format}"
+def model_key(model_id: uuid.UUID, suffix: str) -> str:
+    """The uploaded model file, by its extension (``onnx``, ``safetensors``, or ``zip`` for a model of
+    several files kept as one bundle)."""
+    return f"{model_prefix(model_id)}/model.{suffix}"
 
 
 def dataset_prefix(dataset_id: uuid.UUID) -> str:

@@ -60,8 +60,8 @@ NAMING_CONVENTION: Final[dict[str, str]] = {
 
 JOB_STATES: Final = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "cancelled"})
-MODEL_FORMATS: Final = ("onnx", "safetensors")
-DATASET_KINDS: Final = ("builtin", "npz", "safetensors", "idx")
+MODEL_FORMATS: Final = ("onnx", "safetensors", "hf")
+DATASET_KINDS: Final = ("builtin", "npz", "safetensors", "idx", "images")
 
 NAME_LENGTH: Final = 255
 URI_LENGTH: Final = 2048
@@ -157,7 +157,8 @@ class ApiKey(Base):
 
 
 class Model(Base):
-    """An uploaded network: an ONNX graph, or safetensors weights plus a built-in architecture."""
+    """An uploaded network: an ONNX graph, safetensors weights plus an architecture (built-in,
+    ``torchvision:…`` or ``timm:…``), or a Hugging Face folder (``hf``)."""
 
     __tablename__ = "models"
     __table_args__ = (
@@ -170,7 +171,7 @@ class Model(Base):
     tenant_id: Mapped[TenantId]
     name: Mapped[Name]
     format: Mapped[Code]
-    # name of a built-in architecture (safetensors uploads); None for ONNX graphs
+    # the architecture of safetensors weights; the transformers class of a Hugging Face folder; None for ONNX
     architecture: Mapped[str | None] = mapped_column(String(64))
     # the schema-checked architecture config (safetensors uploads)
     config: Mapped[dict[str, Any] | None]

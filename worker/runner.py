@@ -186,18 +186,30 @@ def _retrying(what: str, fn: Any, tries: int = 6) -> Any:
     raise AssertionError("unreachable")
 
 
-def _load_inputs(ctx: WorkerContext, model_row: Model, dataset_row: Dataset, seed: int) -> tuple[Any, ...]:
-    """(LoadedModel, train, valid, test, inputs for the report) from the store; InputError if unusable."""
-    from dns_core.artifacts import file_record, load_model_file
-    from dns_core.data import check_fits, load_builtin, load_data_file, validation_split
+def _load_inputs(ctx: WorkerContext, model_row: Model, dataset_row: Dataset, spec: CompressSpec) -> tuple[Any, ...]:
+    """(LoadedModel, train, valid, test, inputs for the report) from the store; InputError if unusable.
 
+    A built-in data set is adapted to what the model takes (size, channels, tokens); the job's
+    ``preprocess`` setting, if any, is applied to uploaded image data.
+    """
+    from dns_core.artifacts import file_record, load_model_file
+    from dns_core.data import adapt_builtin, check_fits, load_data_file, validation_split
+
+    seed = spec.seed
     with contextlib.ExitStack() as stack:
         model_path = stack.enter_context(ctx.storage.fetch(model_row.uri))
-        loaded = load_model_file(model_path, model_row.architecture, model_row.config or {})
+        architecture = model_row.architecture if model_row.format == "safetensors" else None
+        loaded = load_model_file(
+            model_path,
+            architecture,
+            model_row.config or {},
+            max_bytes=ctx.settings.max_upload_bytes,
+            max_memory_bytes=ctx.settings.max_model_memory_bytes,
+        )
         inputs: dict[str, Any] = {"model": model_path}
         if dataset_row.kind == "builtin":
             assert dataset_row.builtin_name is not None
-            train, valid, test = load_builtin(dataset_row.builtin_name)
+            train, valid, test = adapt_builtin(dataset_row.builtin_name, loaded.model_input)
         else:
             assert dataset_row.uri is not None
             data_path = stack.enter_context(ctx.storage.fetch(dataset_row.uri))
@@ -209,7 +221,13 @@ def _load_inputs(ctx: WorkerContext, model_row: Model, dataset_row: Dataset, see
             inputs["data"] = data_path
             if targets is not None:
                 inputs["targets"] = targets
-        check_fits(loaded.module, valid)
+            if spec.preprocess is not None:  # a built-in set is already made to fit the model
+                from dns_core.images import Preprocess
+
+                prep = Preprocess.from_json(spec.preprocess).resolve(loaded.model_input)
+                train, valid = prep.apply(train), prep.apply(valid)
+        check_fits(loaded.module, train, loaded.model_input)
+        check_fits(loaded.module, valid, loaded.model_input)
         records = {k: file_record(v) for k, v in inputs.items()}
     return loaded, train, valid, test, records
 
@@ -281,7 +299,7 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
     except Exception as e:
         return _failed(ctx, job_id, attempt, e, "bad job settings: ")
     try:
-        loaded, train, valid, test, input_records = _load_inputs(ctx, model_row, dataset_row, spec.seed)
+        loaded, train, valid, test, input_records = _load_inputs(ctx, model_row, dataset_row, spec)
     except RETRIED:
         raise
     except Exception as e:

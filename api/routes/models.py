@@ -30,18 +30,23 @@ _UPLOAD_BODY = {
                     "additionalProperties": False,  # other form fields are refused (422)
                     "properties": {
                         "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "An ONNX graph without external data, or safetensors weights of a "
-                            "built-in architecture. Pickle-based files (torch.save, TorchScript, .pt2, "
-                            "torch.package) are refused with 415.",
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                            "maxItems": 32,
+                            "description": "One file: an ONNX graph, safetensors weights of an architecture, "
+                            "or a zip/tar of a model folder. Several files (the field repeated): the files of "
+                            "one model folder, a Hugging Face folder (config.json, model.safetensors, any "
+                            "preprocessor or tokenizer config) or model.onnx with its external data "
+                            "(model.onnx.data). Pickle-based files (torch.save, TorchScript, .pt2, "
+                            "torch.package, pytorch_model.bin) are refused with 415. See docs/formats.md.",
                         },
                         "name": {"type": "string", "maxLength": 255, "description": "Defaults to the file name."},
                         "architecture": {
                             "type": "string",
-                            "enum": sorted(ZOO),
-                            "description": "Built-in architecture of safetensors weights (else read from the "
-                            "file's netsurgery.arch header).",
+                            "maxLength": 64,
+                            "description": f"Architecture of safetensors weights: built-in ({', '.join(sorted(ZOO))}), "
+                            "torchvision:<name> or timm:<name> (else read from the file's netsurgery.arch header).",
                         },
                         "config": {
                             "type": "string",
@@ -57,7 +62,8 @@ _UPLOAD_BODY = {
 
 @router.post("", status_code=201, summary="Upload a model", responses=UPLOAD_ERRORS, openapi_extra=_UPLOAD_BODY)
 async def upload_model(request: Request, response: Response, scope: UploadScopeDep) -> ModelRead:
-    """Upload an ONNX graph or safetensors weights as ``multipart/form-data``.
+    """Upload a model as ``multipart/form-data``: an ONNX graph (with its external data), safetensors
+    weights of an architecture, or a Hugging Face folder (an archive, or its files side by side).
 
     The body is streamed to a private temporary folder under a byte cap (413 past
     ``max_upload_bytes``), then judged by content: refused formats are a 415, malformed files

@@ -18,18 +18,23 @@ from service.usecases import StagedFile, StoredUploads, put_staged, stored_and_r
 
 @dataclass(frozen=True, slots=True)
 class ModelUpload:
-    """An accepted model upload, received but not stored yet: the file, its name, what it is."""
+    """An accepted model upload, received but not stored yet: the file, its name, what it is.
+
+    ``suffix`` is the stored file's extension: ``onnx``, ``safetensors``, or ``zip`` for a model of
+    several files kept as one bundle (:mod:`dns_core.bundles`).
+    """
 
     file: StagedFile
     name: str
     facts: ModelFacts
+    suffix: str
 
 
 def store_model(session: Session, storage: Storage, tenant_id: uuid.UUID, upload: ModelUpload) -> Model:
     """Move the checked file into storage and record it, committed; on any failure neither stays."""
     model_id = uuid.uuid4()
     with stored_and_recorded(session, storage, keys.model_prefix(model_id)):
-        stored = put_staged(storage, keys.model_key(model_id, upload.facts.format), upload.file)
+        stored = put_staged(storage, keys.model_key(model_id, upload.suffix), upload.file)
         record = StoredUpload(model_id, upload.name, stored.size, stored.sha256, stored.key)
         model = models.create_model(session, tenant_id, record, upload.facts)
     return model
