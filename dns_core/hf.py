@@ -93,7 +93,7 @@ MAX_BLOCKS = 512
 MAX_SEQ_LEN = 128
 #: side files copied by :func:`save_hf_folder` are at most this large
 MAX_SIDE_FILE_BYTES = 64 * 1024 * 1024
-#: the memory cap :func:`load_hf_folder` checks against unless told otherwise
+#: the cap on the fp32 parameters :func:`load_hf_folder` checks against unless told otherwise
 DEFAULT_MAX_BYTES = 16 * 2**30
 
 # keys that ask for code from the folder or the Hub, or for machinery never used here
@@ -554,7 +554,10 @@ class _Checked:
     mapping: dict[str, str]
 
 
-def _check(folder: Path, max_bytes: int, batch_size: int, max_file_bytes: int | None) -> _Checked:
+def _check(
+    folder: Path, max_bytes: int, batch_size: int, max_file_bytes: int | None, *, training: bool = True
+) -> _Checked:
+    """Every check; ``training=False`` (loading) caps the fp32 parameters alone, not the training estimate."""
     folder = Path(folder)
     raw = read_config(folder)
     name = _architecture(raw)
@@ -565,19 +568,22 @@ def _check(folder: Path, max_bytes: int, batch_size: int, max_file_bytes: int | 
     spec = model_input(name, config, folder)
     task = _ARCHS[name].task
     num_parameters = sum(p.numel() for p in meta.parameters())
-    parameter_bytes = 4 * 5 * num_parameters
+    parameter_bytes = (4 * 5 if training else 4) * num_parameters
     if parameter_bytes > max_bytes:  # before the forward pass: no need to count activations
         raise ModelError(
-            f"{name} as config.json describes it has {num_parameters:,} parameters: training it needs about "
-            f"{parameter_bytes / 2**30:,.1f} GiB for the parameters alone, more than the "
+            f"{name} as config.json describes it has {num_parameters:,} parameters: "
+            + ("training it needs about " if training else "loading it needs ")
+            + f"{parameter_bytes / 2**30:,.1f} GiB for the parameters alone, more than the "
             f"{max_bytes / 2**30:,.1f} GiB allowed"
         )
-    try:
-        total, parameter_bytes, per_example = estimate_memory(meta, spec, task, batch_size)
-    except ModelError:
-        raise
-    except Exception as e:  # a config whose forward pass cannot run
-        raise ModelError(f"{name} as config.json describes it cannot run ({type(e).__name__}: {e})") from None
+    total = per_example = 0
+    if training:
+        try:
+            total, parameter_bytes, per_example = estimate_memory(meta, spec, task, batch_size)
+        except ModelError:
+            raise
+        except Exception as e:  # a config whose forward pass cannot run
+            raise ModelError(f"{name} as config.json describes it cannot run ({type(e).__name__}: {e})") from None
     if total > max_bytes:
         raise ModelError(
             f"{name} as config.json describes it ({num_parameters:,} parameters, input {list(spec.shape)}) needs an "
@@ -632,14 +638,17 @@ class HFClassifier(nn.Module):
 def load_hf_folder(
     folder: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, max_file_bytes: int | None = None
 ) -> HFClassifier:
-    """The folder's model in fp32 on the CPU, in eval mode, after every check of :func:`inspect_hf_folder`.
+    """The folder's model in fp32 on the CPU, in eval mode, after the checks of :func:`inspect_hf_folder`.
+
+    The memory cap here is on the fp32 parameters alone (what loading allocates); the training
+    estimate is :func:`inspect_hf_folder`'s to check, with the caller's cap and batch size.
 
     Built from the config by the architecture's class and filled from the safetensors files (read
     with safetensors, never unpickled); nothing is downloaded.
     """
     from .io import read_safetensors
 
-    checked = _check(Path(folder), max_bytes, BATCH_SIZE, max_file_bytes)
+    checked = _check(Path(folder), max_bytes, BATCH_SIZE, max_file_bytes, training=False)
     _, model_class = _classes(checked.name)
     model = model_class(checked.config)
     state: dict[str, torch.Tensor] = {}

@@ -65,7 +65,9 @@ def convnext() -> PreTrainedModel:
 def mobilenet_v2() -> PreTrainedModel:
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 
-    config = MobileNetV2Config(num_channels=3, image_size=IMAGE_SIZE, depth_multiplier=0.25, min_depth=4, **_labels())
+    config = MobileNetV2Config(
+        num_channels=3, image_size=IMAGE_SIZE, depth_multiplier=0.25, min_depth=4, finegrained_output=False, **_labels()
+    )
     return _seeded(lambda: MobileNetV2ForImageClassification(config))
 
 

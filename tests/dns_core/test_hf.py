@@ -233,6 +233,11 @@ def test_huge_sizes_refused_before_allocating(folders: dict[str, Path], tmp_path
     assert time.perf_counter() - start < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # no real tensor of that size
     assert "parameters" in str(info.value)
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match=r"loading it needs .* GiB"):
+        load_hf_folder(folder)
+    assert time.perf_counter() - start < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
     # activations alone: a ViT whose patch grid is huge
     folder = _copy(folders, "vit", tmp_path)
     _edit_config(folder, image_size=4096, patch_size=4)
