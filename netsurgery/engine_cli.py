@@ -84,7 +84,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model_path = args.model or args.weights
     inputs: dict[str, str] = {}
     train = valid = test = None
-    if not model_path:
+    builtin = args.data in BUILTIN_SETS and not Path(args.data).exists()
+    if not (model_path and builtin):  # a built-in set is loaded once the model says what it takes
         train, valid, test = load_data(args)
     if model_path:
         try:
@@ -96,7 +97,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             raise CliError(f"cannot load weights from {model_path}: {e}") from None
         inputs["model"] = model_path
         label = loaded.arch or Path(model_path).name
-        train, valid, test = load_data(args, loaded.model_input)
+        if builtin:
+            train, valid, test = load_data(args, loaded.model_input)
     else:
         assert train is not None
         arch = args.arch or DEFAULT_ARCH

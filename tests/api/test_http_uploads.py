@@ -209,18 +209,19 @@ def test_torch_formats_are_refused(live: LiveServer, client: httpx.Client) -> No
         assert_refused(live, r, 415, "unsupported_format", before, word)
 
 
-def test_onnx_with_external_data_is_refused(live: LiveServer, client: httpx.Client) -> None:
+def test_onnx_without_its_external_data_file_is_refused(live: LiveServer, client: httpx.Client) -> None:
+    """External data is read only from files of the same upload (tests/api/test_http_model_doors.py)."""
     before = live.stored_files()
     r = upload(client, "/v1/models", onnx_mlp(external=True), "mlp.onnx")
-    assert_refused(live, r, 415, "unsupported_format", before, "external data")
+    assert_refused(live, r, 422, "invalid_file", before, "'weights.bin' is missing", "upload it together")
 
 
 def test_broken_onnx_is_invalid(live: LiveServer, client: httpx.Client) -> None:
     before = live.stored_files()
     model = onnx.load_from_string(onnx_mlp())
-    model.graph.node[1].op_type = "Einsum"
+    model.graph.node[1].op_type = "NonZero"
     r = upload(client, "/v1/models", bytes(model.SerializeToString()), "mlp.onnx")
-    assert_refused(live, r, 422, "invalid_file", before, "Einsum")
+    assert_refused(live, r, 422, "invalid_file", before, "NonZero")
 
 
 def test_safetensors_with_a_lying_header_is_invalid(live: LiveServer, client: httpx.Client) -> None:
