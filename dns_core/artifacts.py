@@ -49,7 +49,7 @@ REPORT = "report.json"
 REPORT_FILES = ("report.json", "report.html", "compression.png", "accuracy.png", "layers.png")
 REPORT_HTML = "report.html"
 #: Parameters and activations a model may need (estimated) before it is refused (the service sets its own).
-MAX_MODEL_MEMORY = 16 * 2**30
+MAX_MODEL_MEMORY = 48 * 2**30
 _PACKAGES = ("netsurgery", "torch", "numpy", "safetensors", "onnx", "onnxruntime", "transformers")
 
 

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         description="Largest accepted upload (model or dataset) in bytes; larger bodies get a 413.",
     )
     max_model_memory_bytes: int = Field(
-        default=16 * 1024 * MIB,
+        default=48 * 1024 * MIB,
         gt=0,
         description="Memory a model may need on a worker (its parameters and the activations of one batch, "
         "estimated at upload from its shapes alone); a model past it is refused with the estimate (422).",

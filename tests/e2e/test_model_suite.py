@@ -1,0 +1,180 @@
+"""The model suite through every door of the real service: upload, a short job, download, load.
+
+Each model of :data:`dns_core.suite.SUITE` (transformers' ResNet, ConvNeXt, MobileNetV2,
+EfficientNet and ViT image classifiers, BERT and DistilBERT sequence classifiers; tiny configs,
+random weights, no download) goes in as a Hugging Face folder and as ONNX from both exporters
+(TorchScript-based and dynamo, the dynamo one with its weights in ``model.onnx.data`` beside it).
+Each job runs on the API, Postgres, Redis and a worker process. Then:
+
+- the downloaded model loads with its ecosystem's own loader (``AutoModelFor….from_pretrained``,
+  onnxruntime) and agrees to 1e-4 with the engine's pruned model, rebuilt from the sparse artifact
+  on the uploaded model;
+- every weight the layer selection names is pruned, and the overall compression lands within 5%
+  of the asked value.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from dns_core import suite
+from dns_core.hf import load_hf_folder
+from dns_core.onnx_convert import load_onnx
+from dns_core.sparse import load_sparse
+from tests.e2e.conftest import Service
+from tests.e2e.test_service import download_all, wait_for_state
+
+pytestmark = pytest.mark.slow
+
+ASKED = 2.0
+DOORS = ("hf-files", "hf-zip", "onnx-torchscript", "onnx-dynamo")
+
+
+def _is_text(name: str) -> bool:
+    return name in ("bert", "distilbert")
+
+
+class _Logits(nn.Module):
+    """What a user exports: the model's logits from its own inputs (ids and mask, or pixels)."""
+
+    def __init__(self, model: nn.Module, text: bool) -> None:
+        super().__init__()
+        self.model, self.text = model, text
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        inputs = {"input_ids": args[0], "attention_mask": args[1]} if self.text else {"pixel_values": args[0]}
+        return self.model(**inputs).logits  # type: ignore[no-any-return]
+
+
+def _example(name: str, n: int = 2) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    if _is_text(name):
+        ids = torch.randint(1, 100, (n, 16), generator=g)
+        return ids, torch.ones_like(ids)
+    return (torch.randn(n, 3, 32, 32, generator=g),)
+
+
+def _export(name: str, model: nn.Module, folder: Path, dynamo: bool) -> list[Path]:
+    """``torch.onnx.export`` as a user runs it; the dynamo exporter's weights go to model.onnx.data."""
+    folder.mkdir()
+    wrapper = _Logits(model.eval(), _is_text(name))
+    names = ["input_ids", "attention_mask"] if _is_text(name) else ["pixel_values"]
+    path = folder / "model.onnx"
+    if dynamo:
+        batch = torch.export.Dim("batch")
+        shapes = {n: {0: batch} for n in names}
+        torch.onnx.export(wrapper, _example(name), str(path), dynamo=True, input_names=names,
+                          output_names=["logits"], dynamic_shapes={"args": tuple(shapes.values())},
+                          external_data=True)  # fmt: skip
+    else:
+        axes = {n: {0: "batch"} for n in [*names, "logits"]}
+        torch.onnx.export(wrapper, _example(name), str(path), dynamo=False, input_names=names,
+                          output_names=["logits"], dynamic_axes=axes, opset_version=17)  # fmt: skip
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def _data(name: str, path: Path) -> Path:
+    """A small labelled data set of the model's input (random images, or random token sequences)."""
+    g = np.random.default_rng(0)
+    if _is_text(name):
+        ids = g.integers(1, 100, size=(160, 16))
+        np.savez(path, input_ids=ids, attention_mask=np.ones_like(ids), labels=(ids[:, 0] % 2).astype(np.int64))
+    else:
+        x = g.random((160, 3, 32, 32), dtype=np.float32)
+        np.savez(path, inputs=x, targets=(x[:, 0].mean((1, 2)) > 0.5).astype(np.int64))
+    return path
+
+
+def _post_files(c: Any, files: list[Path]) -> dict[str, Any]:
+    handles = [open(p, "rb") for p in files]  # noqa: SIM115 - closed below
+    try:
+        r = c.post("/v1/models", files=[("file", (p.name, h)) for p, h in zip(files, handles, strict=True)])
+    finally:
+        for h in handles:
+            h.close()
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def _zip(folder: Path, out: Path) -> Path:
+    with zipfile.ZipFile(out, "w") as zf:
+        for p in sorted(folder.iterdir()):
+            zf.write(p, f"{folder.name}/{p.name}")  # wrapped in one top-level folder, as zips of a folder are
+    return out
+
+
+@pytest.mark.parametrize("door", DOORS)
+@pytest.mark.parametrize("name", sorted(suite.SUITE))
+def test_suite_model_through_every_door(service: Service, tmp_path: Path, name: str, door: str) -> None:
+    model: nn.Module = suite.SUITE[name]()
+    model.eval()
+    hf_dir = suite.write_suite_folder(name, tmp_path / name)
+    if door == "hf-files":
+        files = sorted(p for p in hf_dir.iterdir() if p.is_file())
+    elif door == "hf-zip":
+        files = [_zip(hf_dir, tmp_path / f"{name}.zip")]
+    else:
+        files = _export(name, model, tmp_path / "onnx", dynamo=door == "onnx-dynamo")
+        if door == "onnx-dynamo":
+            assert {p.name for p in files} == {"model.onnx", "model.onnx.data"}  # the exporter's default layout
+    with service.client() as c:
+        uploaded = _post_files(c, files)
+        assert uploaded["format"] == ("hf" if door.startswith("hf") else "onnx")
+        data = _post_files_data(c, _data(name, tmp_path / "data.npz"))
+        body = {"model_id": uploaded["id"], "dataset_id": data["id"], "method": "dns",
+                "target": {"compression": ASKED, "max_accuracy_drop": 100},
+                "settings": {"iterations": 24, "batch_size": 16, "seed": 0}}  # fmt: skip
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+        job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+        assert job["state"] == "succeeded", job
+        out = tmp_path / "out"
+        out.mkdir()
+        got = download_all(c, job["id"], out)
+    report = json.loads(got["report.json"].read_text())
+    assert abs(report["compression"] - ASKED) <= 0.05 * ASKED, report["compression"]
+    assert report["layers"] and all(layer["kept"] < layer["total"] for layer in report["layers"]), report["layers"]
+    sparse = load_sparse(got["model.sparse.safetensors"])
+    x = _example(name, 4)
+    if door.startswith("hf"):
+        engine: nn.Module = load_hf_folder(hf_dir)
+        engine.load_state_dict(sparse)
+        from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if _is_text(name) else AutoModelForImageClassification
+        theirs = auto.from_pretrained(str(out))
+        theirs.eval()
+        with torch.no_grad():
+            want = engine.eval()(torch.stack(x, 1) if _is_text(name) else x[0])
+            have = _Logits(theirs, _is_text(name))(*x)
+        for layer in report["layers"]:  # the zeros are in the file transformers loaded
+            module = theirs.get_submodule(layer["name"].removeprefix("model."))
+            tensors = [module.weight] + ([module.bias] if module.bias is not None else [])  # DNS prunes biases too
+            assert sum(int((t != 0).sum()) for t in tensors) == layer["kept"], layer
+    else:
+        engine = load_onnx(files[0], external_dir=files[0].parent) if len(files) > 1 else load_onnx(files[0])
+        engine.load_state_dict(sparse)
+        with torch.no_grad():
+            want = engine.eval()(*x)
+        session = ort.InferenceSession(got["model.onnx"].read_bytes(), providers=["CPUExecutionProvider"])
+        feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), x, strict=True)}
+        have = torch.from_numpy(session.run(None, feeds)[0])
+    assert want.shape == have.shape
+    assert float((want - have).abs().max()) <= 1e-4
+
+
+def _post_files_data(c: Any, path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        r = c.post("/v1/datasets", files={"file": (path.name, io.BufferedReader(f))})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
