@@ -23,5 +23,8 @@ run() {
 run "$PY" scripts/gpu_check.py suite --out "$out"
 run "$PY" scripts/gpu_named_check.py --out "$out"
 run "$PY" scripts/gpu_check.py step --out "$out"
+# the tests that need CUDA or torchvision/timm (the rest of those files runs too: engine-only, no service)
+run "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/dns_core/test_named.py tests/dns_core/test_hf.py \
+    tests/dns_core/test_train.py -k "cuda or real or named or hf"
 echo "rows in $out; exit $status"
 exit $status
