@@ -9,6 +9,8 @@ line per row and appends it to ``--out``; the exit status is non-zero if any che
   :func:`dns_core.artifacts.load_model_file`, compressed on CUDA (DNS, 2x, a short run), written back
   by :func:`dns_core.artifacts.write_artifacts`; the folder must load with
   ``AutoModelFor….from_pretrained`` and agree with the engine's model to 1e-4 (fp32, on the GPU).
+- ``large``: BERT-base and ViT-base (transformers' default configs, random weights) through the same
+  door, a short DNS run on CUDA: iterations per second and peak memory.
 - ``step``: a training step of torchvision's ResNet-50 at batch 256 under bf16 autocast and
   channels_last, dense against surgery (DNS masks on every convolution and linear layer, the
   masks updated every step: the expensive end of the schedule); medians of CUDA-event times, one
@@ -45,6 +47,8 @@ def suite_rows(device: str, out: Path | None) -> bool:
     from dns_core.data import Dataset
     from dns_core.spec import CompressSpec
 
+    torch.backends.cuda.matmul.allow_tf32 = False  # the 1e-4 comparison is of fp32 results
+    torch.backends.cudnn.allow_tf32 = False
     ok = True
     for name in sorted(suite.SUITE):
         t0 = time.perf_counter()
@@ -83,6 +87,54 @@ def suite_rows(device: str, out: Path | None) -> bool:
             emit({"section": "suite", "model": name, "door": "hf", "device": device, "ok": good,
                   "compression": round(compression, 3), "max_abs_diff": diff,
                   "seconds": round(time.perf_counter() - t0, 2)}, out)  # fmt: skip
+    return ok
+
+
+def large_rows(device: str, out: Path | None, iterations: int) -> bool:
+    """BERT-base and ViT-base (transformers' default configs, random weights) through the HF door on CUDA:
+    a short DNS run at batch 32, its iterations per second and peak memory."""
+    from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
+
+    from dns_core.artifacts import load_model_file
+    from dns_core.data import Dataset
+    from dns_core.spec import CompressSpec
+
+    ok = True
+    bert, vit = BertConfig(), ViTConfig()
+    bert.num_labels, vit.num_labels = 2, 10
+    builds: dict[str, Any] = {
+        "bert-base": (BertForSequenceClassification, bert),
+        "vit-base": (ViTForImageClassification, vit),
+    }
+    for name, (cls, config) in builds.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            cls(config).save_pretrained(Path(tmp) / name)
+            loaded = load_model_file(Path(tmp) / name)
+            mi = loaded.model_input
+            assert mi is not None
+            n = 32 * 8
+            if mi.kind == "tokens":
+                ids = torch.randint(1, 1000, (n, mi.shape[0]))
+                x, y = torch.stack([ids, torch.ones_like(ids)], 1), ids[:, 0] % 2
+            else:
+                x = torch.rand(n, *mi.shape)
+                y = (x[:, 0].mean((1, 2)) > 0.5).long() * 3
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            spec = CompressSpec(method="dns", compression=3.0, max_accuracy_drop=100, iterations=iterations,
+                                batch_size=32, device=device)  # fmt: skip
+            result = spec.compress(loaded.module.to(device), Dataset(x[:224], y[:224]), Dataset(x[224:], y[224:]))
+            seconds = time.perf_counter() - t0
+            compression = float(result.report["compression"])
+            good = abs(compression - 3.0) <= 0.15
+            ok &= good
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            emit({"section": "large", "model": name, "device": device, "ok": good,
+                  "parameters": int(result.report["total_parameters"]), "input": list(mi.shape),
+                  "compression": round(compression, 3), "iterations": iterations,
+                  "it_per_s": round(iterations / seconds, 2), "peak_gib": round(peak, 2),
+                  "seconds": round(seconds, 2)}, out)  # fmt: skip
     return ok
 
 
@@ -133,17 +185,20 @@ def step_rows(device: str, out: Path | None, steps: int, batch: int) -> bool:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("section", choices=["suite", "step"])
+    p.add_argument("section", choices=["suite", "large", "step"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None, help="append the JSON rows to this file")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--iterations", type=int, default=100, help="large: DNS iterations")
     args = p.parse_args()
     if args.section == "suite":
         return 0 if suite_rows(args.device, args.out) else 1
     if not torch.cuda.is_available():
-        print("step: needs CUDA; skipped", file=sys.stderr)
+        print(f"{args.section}: needs CUDA; skipped", file=sys.stderr)
         return 0
+    if args.section == "large":
+        return 0 if large_rows(args.device, args.out, args.iterations) else 1
     return 0 if step_rows(args.device, args.out, args.steps, args.batch) else 1
 
 
