@@ -194,3 +194,46 @@ def _post_files_data(c: Any, path: Path) -> dict[str, Any]:
         r = c.post("/v1/datasets", files={"file": (path.name, io.BufferedReader(f))})
     assert r.status_code == 201, r.text
     return dict(r.json())
+
+
+@pytest.mark.parametrize(
+    ("case", "exporter"),
+    [("mlp", "dynamo"), ("cnn", "dynamo"), ("cnn_folded", "torchscript")],
+    ids=["layernorm-gelu-mlp", "batchnorm-mean-pooled-cnn", "folded-batchnorm-shared-bias"],
+)
+def test_the_three_models_users_were_refused(service: Service, tmp_path: Path, case: str, exporter: str) -> None:
+    """An MLP with LayerNorm and GELU (LayerNormalization, Gelu/Erf), a residual CNN with BatchNorm and
+    ``x.mean((2, 3))`` (ReduceMean), and the same CNN with BatchNorm folded into the convolutions and one
+    bias shared through Identity nodes: accepted at upload, compressed by a job, given back as ONNX."""
+    from tests.dns_core.test_onnx_ops import example, export
+
+    (tmp_path / "onnx").mkdir()
+    path = export(case, tmp_path / "onnx", exporter, 17 if exporter == "torchscript" else None)
+    files = sorted(p for p in path.parent.iterdir() if p.is_file())
+    x = example(case, 160)[0].numpy()
+    target = (x.reshape(len(x), -1)[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "data.npz", inputs=x, targets=target)
+    with service.client() as c:
+        uploaded = _post_files(c, files)
+        data = _post_files_data(c, tmp_path / "data.npz")
+        body = {"model_id": uploaded["id"], "dataset_id": data["id"], "method": "dns",
+                "target": {"compression": ASKED, "max_accuracy_drop": 100},
+                "settings": {"iterations": 24, "batch_size": 16, "seed": 0}}  # fmt: skip
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+        job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+        assert job["state"] == "succeeded", job
+        out = tmp_path / "out"
+        out.mkdir()
+        got = download_all(c, job["id"], out)
+    report = json.loads(got["report.json"].read_text())
+    assert abs(report["compression"] - ASKED) <= 0.05 * ASKED
+    assert not [layer["name"] for layer in report["layers"] if layer["kept"] == layer["total"]]
+    engine = load_onnx(path, external_dir=path.parent)
+    engine.load_state_dict(load_sparse(got["model.sparse.safetensors"]))
+    sample = example(case, 4)
+    with torch.no_grad():
+        want = engine.eval()(*sample)
+    session = ort.InferenceSession(got["model.onnx"].read_bytes(), providers=["CPUExecutionProvider"])
+    have = session.run(None, {session.get_inputs()[0].name: sample[0].numpy()})[0]
+    assert float(np.abs(want.numpy() - have).max()) <= 1e-4
