@@ -62,7 +62,13 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
-    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+    """Bytes and sha256 of a file; of a folder (a model of several files), its files' and a digest of them."""
+    p = Path(path)
+    if not p.is_dir():
+        return {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    files = {f.relative_to(p).as_posix(): file_record(f) for f in sorted(p.rglob("*")) if f.is_file()}
+    digest = hashlib.sha256("".join(f"{name}\0{r['sha256']}\n" for name, r in files.items()).encode())
+    return {"bytes": sum(r["bytes"] for r in files.values()), "sha256": digest.hexdigest(), "files": files}
 
 
 def package_versions() -> dict[str, str]:
