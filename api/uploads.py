@@ -59,7 +59,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from dns_core import archives, bundles, models, uploads
+from dns_core import archives, bundles, models, named, uploads
 from dns_core.data import DataError, load_data_file
 from dns_core.hf import inspect_hf_folder
 from dns_core.onnx_convert import check_onnx
@@ -383,10 +383,8 @@ def remove_stale(root: Path, older_than: float = STALE_SECONDS) -> None:
 #: Header metadata that :func:`dns_core.io.save_model` writes.
 ARCH_KEY: Final = "netsurgery.arch"
 CONFIG_KEY: Final = "netsurgery.config"
-_FLOAT_DTYPES: Final = frozenset({"F64", "F32", "F16", "BF16"})
 # OnnxFormatError messages that mean "this format is refused", not "this ONNX file is wrong"
 _ONNX_REFUSALS: Final = ("this is not an ONNX model", "ONNX with external data is not accepted")
-_MAX_LISTED: Final = 20
 
 
 def upload_error(e: uploads.UploadError) -> AppError:
@@ -544,7 +542,7 @@ def _config(
     if not arch:
         raise InvalidRequest(
             "safetensors weights need an architecture: send the form field 'architecture' "
-            f"({', '.join(sorted(models.ZOO))})"
+            f"(built-in: {', '.join(sorted(models.ZOO))}; or torchvision:<name>, timm:<name>)"
         )
     if config_text is not None and config_text.strip():
         source, text = "the form field 'config'", config_text
@@ -561,11 +559,6 @@ def _config(
     return arch, config
 
 
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown if len(items) <= _MAX_LISTED else f"{shown} and {len(items) - _MAX_LISTED} more"
-
-
 def _inspect_safetensors(path: Path, max_bytes: int, architecture: str | None, config_text: str | None) -> ModelFacts:
     try:
         header = uploads.validate_safetensors(path, max_bytes=max_bytes)
@@ -578,26 +571,10 @@ def _inspect_safetensors(path: Path, max_bytes: int, architecture: str | None, c
         raise InvalidRequest(str(e)) from None
     with torch.device("meta"):  # shapes only: nothing is allocated, nothing is loaded
         module = models.build(arch, **config)
-    want = {k: (tuple(v.shape), v.is_floating_point()) for k, v in module.state_dict().items()}
-    got = header.tensors
-    missing = sorted(set(want) - set(got))
-    unexpected = sorted(set(got) - set(want))
-    wrong: list[str] = []
-    for key in sorted(set(want) & set(got)):
-        (shape, floating), (dtype, got_shape) = want[key], got[key]
-        if shape != got_shape:
-            wrong.append(f"{key}: expected {list(shape)}, got {list(got_shape)}")
-        elif floating and dtype not in _FLOAT_DTYPES:
-            wrong.append(f"{key}: expected floating-point values, got {dtype}")
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_listing(unexpected)}")
-        if wrong:
-            parts.append(f"mis-shaped {_listing(wrong)}")
-        raise InvalidFile(f"the weights do not match {arch} with config {raw}: " + " | ".join(parts))
+    try:
+        named.compare_state(named.state_shapes(module), header, what=f"{arch} with config {raw}")
+    except ValueError as e:
+        raise InvalidFile(str(e)) from None
     stored = json.loads(json.dumps(config))  # tuples (vgg widths) as JSON lists
     return ModelFacts("safetensors", models.count_parameters(module), arch, stored)
 

@@ -28,7 +28,6 @@ skipped with a message (exit 0 when nothing failed).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check import emit  # the sibling script (its folder is first on sys.path when run as a script)
 
 #: (architecture, config): small, so that the whole run takes about a minute on one GPU.
 MODELS: list[tuple[str, dict[str, Any]]] = [
@@ -49,14 +49,6 @@ MODELS: list[tuple[str, dict[str, Any]]] = [
 ]
 TARGET = 5.0
 TOLERANCE = 1e-4
-
-
-def emit(row: dict[str, Any], out: Path | None) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out is not None:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 def synthetic(shape: tuple[int, ...], mean: Any, std: Any, classes: int, n: int, seed: int = 0) -> Any:

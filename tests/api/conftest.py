@@ -246,3 +246,16 @@ def live(
     app = create_app(settings)
     with serve(app) as url:
         yield LiveServer(url, app, settings, app.state.session_factory)
+
+
+@pytest.fixture(scope="module")
+def tenant(live: LiveServer) -> str:
+    """A tenant of the shared test server for one test module; its API key."""
+    return live.new_tenant()[1]
+
+
+@pytest.fixture
+def client(live: LiveServer, tenant: str) -> Iterator[httpx.Client]:
+    """An HTTP client of the module's tenant."""
+    with live.client(tenant) as c:
+        yield c

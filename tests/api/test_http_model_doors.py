@@ -11,7 +11,6 @@ import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,17 +25,6 @@ from tests.api.conftest import LiveServer
 from tests.api.test_http_uploads import assert_refused, onnx_mlp
 
 Files = list[tuple[str, bytes]]
-
-
-@pytest.fixture(scope="module")
-def tenant(live: LiveServer) -> str:
-    return live.new_tenant()[1]
-
-
-@pytest.fixture
-def client(live: LiveServer, tenant: str) -> Iterator[httpx.Client]:
-    with live.client(tenant) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

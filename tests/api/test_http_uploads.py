@@ -102,17 +102,6 @@ def idx_bytes(array: np.ndarray) -> bytes:
 # -- helpers -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tenant(live: LiveServer) -> str:
-    return live.new_tenant()[1]
-
-
-@pytest.fixture
-def client(live: LiveServer, tenant: str) -> Iterator[httpx.Client]:
-    with live.client(tenant) as c:
-        yield c
-
-
 def upload(
     client: httpx.Client, path: str, content: bytes, filename: str = "upload.bin", **fields: str
 ) -> httpx.Response:

@@ -32,6 +32,7 @@ from dns_core import suite
 from dns_core.hf import load_hf_folder
 from dns_core.onnx_convert import load_onnx
 from dns_core.sparse import load_sparse
+from tests.dns_core.test_onnx_ops import Logits
 from tests.e2e.conftest import Service
 from tests.e2e.test_service import download_all, wait_for_state
 
@@ -53,18 +54,6 @@ def _is_text(name: str) -> bool:
     return name in ("bert", "distilbert")
 
 
-class _Logits(nn.Module):
-    """What a user exports: the model's logits from its own inputs (ids and mask, or pixels)."""
-
-    def __init__(self, model: nn.Module, text: bool) -> None:
-        super().__init__()
-        self.model, self.text = model, text
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        inputs = {"input_ids": args[0], "attention_mask": args[1]} if self.text else {"pixel_values": args[0]}
-        return self.model(**inputs).logits  # type: ignore[no-any-return]
-
-
 def _example(name: str, n: int = 2) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(1)
     if _is_text(name):
@@ -76,7 +65,7 @@ def _example(name: str, n: int = 2) -> tuple[torch.Tensor, ...]:
 def _export(name: str, model: nn.Module, folder: Path, dynamo: bool) -> list[Path]:
     """``torch.onnx.export`` as a user runs it; the dynamo exporter's weights go to model.onnx.data."""
     folder.mkdir()
-    wrapper = _Logits(model.eval(), _is_text(name))
+    wrapper = Logits(model.eval(), _is_text(name))
     names = ["input_ids", "attention_mask"] if _is_text(name) else ["pixel_values"]
     path = folder / "model.onnx"
     if dynamo:
@@ -115,6 +104,22 @@ def _post_files(c: Any, files: list[Path]) -> dict[str, Any]:
     return dict(r.json())
 
 
+def _compress(service: Service, files: list[Path], data: Path, out: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Upload the model's files and the data, run a short DNS job to :data:`ASKED`, download into ``out``."""
+    with service.client() as c:
+        uploaded = _post_files(c, files)
+        dataset = _post_files_data(c, data)
+        body = {"model_id": uploaded["id"], "dataset_id": dataset["id"], "method": "dns",
+                "target": {"compression": ASKED, "max_accuracy_drop": 100},
+                "settings": {"iterations": 24, "batch_size": 16, "seed": 0}}  # fmt: skip
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+        job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+        assert job["state"] == "succeeded", job
+        out.mkdir()
+        return uploaded, download_all(c, job["id"], out)
+
+
 def _zip(folder: Path, out: Path) -> Path:
     with zipfile.ZipFile(out, "w") as zf:
         for p in sorted(folder.iterdir()):
@@ -136,20 +141,9 @@ def test_suite_model_through_every_door(service: Service, tmp_path: Path, name: 
         files = _export(name, model, tmp_path / "onnx", dynamo=door == "onnx-dynamo")
         if door == "onnx-dynamo":
             assert {p.name for p in files} == {"model.onnx", "model.onnx.data"}  # the exporter's default layout
-    with service.client() as c:
-        uploaded = _post_files(c, files)
-        assert uploaded["format"] == ("hf" if door.startswith("hf") else "onnx")
-        data = _post_files_data(c, _data(name, tmp_path / "data.npz"))
-        body = {"model_id": uploaded["id"], "dataset_id": data["id"], "method": "dns",
-                "target": {"compression": ASKED, "max_accuracy_drop": 100},
-                "settings": {"iterations": 24, "batch_size": 16, "seed": 0}}  # fmt: skip
-        r = c.post("/v1/jobs", json=body)
-        assert r.status_code == 202, r.text
-        job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
-        assert job["state"] == "succeeded", job
-        out = tmp_path / "out"
-        out.mkdir()
-        got = download_all(c, job["id"], out)
+    uploaded, got = _compress(service, files, _data(name, tmp_path / "data.npz"), tmp_path / "out")
+    assert uploaded["format"] == ("hf" if door.startswith("hf") else "onnx")
+    out = tmp_path / "out"
     report = json.loads(got["report.json"].read_text())
     assert abs(report["compression"] - ASKED) <= 0.05 * ASKED, report["compression"]
     assert report["layers"] and sum(layer["kept"] for layer in report["layers"]) < sum(
@@ -167,7 +161,7 @@ def test_suite_model_through_every_door(service: Service, tmp_path: Path, name: 
         theirs.eval()
         with torch.no_grad():
             want = engine.eval()(torch.stack(x, 1) if _is_text(name) else x[0])
-            have = _Logits(theirs, _is_text(name))(*x)
+            have = Logits(theirs, _is_text(name))(*x)
         for layer in report["layers"]:  # the zeros are in the file transformers loaded
             module = theirs.get_submodule(layer["name"].removeprefix("model."))
             tensors = [module.weight] + ([module.bias] if module.bias is not None else [])  # DNS prunes biases too
@@ -213,19 +207,7 @@ def test_the_three_models_users_were_refused(service: Service, tmp_path: Path, c
     x = example(case, 160)[0].numpy()
     target = (x.reshape(len(x), -1)[:, 0] > 0).astype(np.int64)
     np.savez(tmp_path / "data.npz", inputs=x, targets=target)
-    with service.client() as c:
-        uploaded = _post_files(c, files)
-        data = _post_files_data(c, tmp_path / "data.npz")
-        body = {"model_id": uploaded["id"], "dataset_id": data["id"], "method": "dns",
-                "target": {"compression": ASKED, "max_accuracy_drop": 100},
-                "settings": {"iterations": 24, "batch_size": 16, "seed": 0}}  # fmt: skip
-        r = c.post("/v1/jobs", json=body)
-        assert r.status_code == 202, r.text
-        job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
-        assert job["state"] == "succeeded", job
-        out = tmp_path / "out"
-        out.mkdir()
-        got = download_all(c, job["id"], out)
+    _, got = _compress(service, files, tmp_path / "data.npz", tmp_path / "out")
     report = json.loads(got["report.json"].read_text())
     assert abs(report["compression"] - ASKED) <= 0.05 * ASKED
     assert not [layer["name"] for layer in report["layers"] if layer["kept"] == layer["total"]]
