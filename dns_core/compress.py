@@ -18,7 +18,16 @@ from torch import nn
 from .data import Dataset
 from .methods import MethodSettings, default_schedule, make_surgery
 from .surgery import ScheduledSurgery, Target
-from .train import AccuracyBudget, Callbacks, Progress, TrainConfig, agreement, evaluate, fit
+from .train import (
+    AccuracyBudget,
+    Callbacks,
+    Progress,
+    TrainConfig,
+    agreement,
+    evaluate,
+    fit,
+    recalibrate_batchnorm,
+)
 
 #: At most this many points of the training history go into the report.
 HISTORY_POINTS = 200
@@ -92,6 +101,9 @@ def compress(
     if teacher is not None:
         teacher.to(device)
     val_acc = _accuracy(model, valid, teacher)
+    batchnorm = _recalibrate(model, train, valid, teacher, config, val_acc)
+    if batchnorm is not None:
+        val_acc = batchnorm["val_acc"]
     test_acc = _accuracy(model, test, teacher)
     report = {
         "method": method,
@@ -116,12 +128,36 @@ def compress(
             else ref_val - val_acc <= target.max_accuracy_drop
         ),
         "restored_last_good": result.restored_last_good,
+        # BatchNorm statistics re-estimated on the pruned model: validation accuracy before and after
+        "batchnorm": batchnorm,
         "train": asdict(config),
         "history": compact_history(result.history),
         "settings": _settings_record(method, settings),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     return CompressResult(model, report)
+
+
+def _recalibrate(
+    model: nn.Module,
+    train: Dataset,
+    valid: Dataset,
+    teacher: nn.Module | None,
+    config: TrainConfig,
+    before: float | None,
+) -> dict[str, Any] | None:
+    """Re-estimate the pruned model's BatchNorm statistics on training data; keep them if validation
+    accuracy does not drop (else the trained statistics come back). None without BatchNorm layers."""
+    saved = copy.deepcopy(model.state_dict())
+    layers = recalibrate_batchnorm(model, train, batch_size=config.batch_size, seed=config.seed)
+    if layers == 0:
+        return None
+    after = _accuracy(model, valid, teacher)
+    kept = before is None or after is None or after >= before
+    if not kept:
+        model.load_state_dict(saved)
+    final = after if kept else before
+    return {"layers": layers, "val_acc_before": before, "val_acc_after": after, "kept": kept, "val_acc": final}
 
 
 def _settings_record(method: str, settings: MethodSettings | None) -> dict[str, Any]:

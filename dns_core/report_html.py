@@ -308,6 +308,12 @@ def _summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         )
     rows.append(("Validation accuracy", _e(_accuracy_row(report.get("reference_val_acc"), report.get("val_acc")))))
     rows.append(("Test accuracy", _e(_accuracy_row(report.get("reference_test_acc"), report.get("test_acc")))))
+    norm = report.get("batchnorm")
+    if isinstance(norm, Mapping):
+        text = f"{_fmt_int(norm.get('layers'))} layers re-estimated on the pruned model: validation "
+        text += f"{_fmt_acc(norm.get('val_acc_before'))} → {_fmt_acc(norm.get('val_acc_after'))}"
+        text += " (kept)" if norm.get("kept") else " (the trained statistics kept instead)"
+        rows.append(("BatchNorm statistics", _e(text)))
     target = report.get("target")
     if isinstance(target, Mapping):
         rows.append(("Target", _e(_fmt_setting({k: v for k, v in target.items() if v is not None}))))

@@ -131,6 +131,38 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data: Dataset, *, batches: int = 100, batch_size: int = 64,
+                          seed: int = 0) -> int:  # fmt: skip
+    """Re-estimate every BatchNorm layer's running mean and variance on ``data`` (the weights stay).
+
+    Pruning changes what each BatchNorm layer sees, so statistics gathered on the dense model are
+    stale. The running statistics are reset and replaced by their plain average over ``batches``
+    seeded random batches, with every other module in eval mode (dropout off). Returns the number
+    of BatchNorm layers re-estimated (0: nothing to do).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or len(data) == 0:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+        m.train()
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    size = min(batch_size, len(data))
+    for _ in range(batches):
+        index = torch.randint(len(data), (size,), generator=g)
+        model(data.inputs[index].to(device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(norms)
+
+
+@torch.no_grad()
 def agreement(student: nn.Module, teacher: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
     """Percent of inputs on which the two models' top-1 predictions agree (label-free quality)."""
     device = next(student.parameters()).device

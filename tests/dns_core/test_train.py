@@ -171,3 +171,39 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path) -> None:
     cfg = TrainConfig(iterations=40, batch_size=16, lr=0.05, eval_every=0, device="cpu")
     with pytest.raises(ValueError, match="different run: iterations"):
         fit(model, data, cfg, surgery=surgery, checkpoint=tmp_path / "a.ckpt")
+
+
+def test_batchnorm_statistics_are_re_estimated_from_the_data() -> None:
+    from dns_core.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 6 * 6, 3))
+    data = synthetic_classification(256, shape=(1, 8, 8), num_classes=3)
+    bn = model[1]
+    assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)  # stale statistics, as after pruning
+        bn.running_var.fill_(9.0)
+        conv_out = model[0](data.inputs)
+    model.train()
+    assert recalibrate_batchnorm(model, data, batches=200, batch_size=64, seed=1) == 1
+    assert model.training and bn.momentum == 0.1  # modes and momentum as they were
+    want_mean, want_var = conv_out.mean((0, 2, 3)), conv_out.var((0, 2, 3))
+    assert torch.allclose(bn.running_mean, want_mean, atol=0.05)
+    assert torch.allclose(bn.running_var, want_var, rtol=0.1)
+    assert recalibrate_batchnorm(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), data) == 0
+
+
+def test_compress_reports_the_batchnorm_step(digits: tuple[Dataset, Dataset]) -> None:
+    train, valid = digits
+    model = models.build("resnet-small", width=4)
+    result = compress(model, train, valid, target=Target(compression=2.0),
+                      config=TrainConfig(iterations=30, batch_size=32, device="cpu", eval_every=0))  # fmt: skip
+    norm = result.report["batchnorm"]
+    assert norm["layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert norm["val_acc"] == result.report["val_acc"] == max(norm["val_acc_before"], norm["val_acc_after"])
+    assert norm["kept"] == (norm["val_acc_after"] >= norm["val_acc_before"])
+    assert result.report["val_acc"] == evaluate(result.model, valid)
+    lenet = compress(models.build("lenet-300-100"), train, valid, target=Target(compression=2.0),
+                     config=TrainConfig(iterations=10, batch_size=32, device="cpu", eval_every=0))  # fmt: skip
+    assert lenet.report["batchnorm"] is None
