@@ -96,7 +96,7 @@ def bert() -> PreTrainedModel:
 
     config = BertConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=SEQ_LEN, **_labels(4),
+        max_position_embeddings=SEQ_LEN, **_labels(),
     )  # fmt: skip
     return _seeded(lambda: BertForSequenceClassification(config))
 
@@ -105,7 +105,7 @@ def distilbert() -> PreTrainedModel:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     config = DistilBertConfig(
-        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=SEQ_LEN, **_labels(4)
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=SEQ_LEN, **_labels()
     )
     return _seeded(lambda: DistilBertForSequenceClassification(config))
 

@@ -83,7 +83,7 @@ def test_suite_model_round_trip(name: str, folders: dict[str, Path], tmp_path: P
     folder = folders[name]
     facts = inspect_hf_folder(folder, max_bytes=GiB)
     task = "text" if name in suite.TEXT else "image"
-    assert (facts.task, facts.num_labels) == (task, 4 if task == "text" else 10)
+    assert (facts.task, facts.num_labels) == (task, suite.NUM_LABELS)  # 10: the built-in sets fit every model
     assert facts.architecture == json.loads((folder / "config.json").read_text())["architectures"][0]
     if task == "image":
         assert facts.model_input == ModelInput("image", (3, 32, 32), mean=suite.IMAGE_MEAN, std=suite.IMAGE_STD)
@@ -281,7 +281,7 @@ def _rewrite_weights(folder: Path, edit: Any) -> None:
         (lambda s: s.update({"classifier.weight": torch.zeros(5, 64)}), r"mis-shaped classifier\.weight"),
         (lambda s: s.update({"evil.extra": torch.zeros(2)}), r"unexpected evil\.extra"),
         (lambda s: s.pop("classifier.weight"), r"missing classifier\.weight"),
-        (lambda s: s.update({"classifier.bias": torch.zeros(4, dtype=torch.int32)}), "not a float type"),
+        (lambda s: s.update({"classifier.bias": torch.zeros(suite.NUM_LABELS, dtype=torch.int32)}), "not a float type"),
     ],
 )
 def test_mismatched_weights(folders: dict[str, Path], tmp_path: Path, edit: Any, words: str) -> None:

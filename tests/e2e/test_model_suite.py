@@ -219,3 +219,26 @@ def test_the_three_models_users_were_refused(service: Service, tmp_path: Path, c
     session = ort.InferenceSession(got["model.onnx"].read_bytes(), providers=["CPUExecutionProvider"])
     have = session.run(None, {session.get_inputs()[0].name: sample[0].numpy()})[0]
     assert float(np.abs(want.numpy() - have).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(suite.SUITE))
+def test_suite_model_on_a_builtin_set_made_to_fit(service: Service, tmp_path: Path, name: str) -> None:
+    """A built-in set (scikit-learn's digits: 8x8 grey images) is adapted by the worker to each model's
+    input: resized to 3x32x32 and normalised with the model's mean and std for the image models, turned
+    into token sequences for the text models. No download, no data file from the user."""
+    folder = suite.write_suite_folder(name, tmp_path / name)
+    with service.client() as c:
+        uploaded = _post_files(c, sorted(p for p in folder.iterdir() if p.is_file()))
+        data = c.post("/v1/datasets", json={"builtin": "digits"})
+        assert data.status_code == 201, data.text
+        body = {"model_id": uploaded["id"], "dataset_id": data.json()["id"], "method": "dns",
+                "target": {"compression": ASKED, "max_accuracy_drop": 100},
+                "settings": {"iterations": 24, "batch_size": 16, "seed": 0}}  # fmt: skip
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+        job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+        assert job["state"] == "succeeded", job
+        report = c.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    assert abs(report["compression"] - ASKED) <= 0.05 * ASKED
+    assert report["reference_val_acc"] is not None and report["val_acc"] is not None
+    assert report["inputs"]["model"]["bytes"] == uploaded["size_bytes"]
