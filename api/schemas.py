@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from dns_core.defaults import CRATE_DRIVEN, BuiltinSet, Codec, Method
+from dns_core.defaults import CRATE_DRIVEN, Allocation, BuiltinSet, Codec, Method
 from service.orm import NAME_LENGTH
 from service.usecases.jobs import JobRequest
 
@@ -169,6 +169,11 @@ class JobSettings(_Create):
     batch_size: int | None = Field(default=None, ge=1, le=65_536)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     codec: Codec | None = Field(default=None, description="Value codec of the extra compact sparse artifact.")
+    allocation: Allocation | None = Field(
+        default=None,
+        description="How a target is shared among layers: one magnitude threshold over all layers (global, the "
+        "default) or each layer cut relative to its own spread (layer; no small layer stays dense).",
+    )
     preprocess: Preprocessing | None = Field(
         default=None, description="How image data is prepared for the model (resize, centre crop, normalise)."
     )

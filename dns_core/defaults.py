@@ -13,6 +13,7 @@ Method = Literal["dns", "dns-fixed-crates", "han", "one-shot", "agp"]
 Codec = Literal["float16", "int8", "shared"]
 BuiltinSet = Literal["fashion-mnist", "digits"]
 Objective = Literal["ce", "distill", "ce+distill"]
+Allocation = Literal["global", "layer"]
 
 #: The compression methods (see :func:`dns_core.methods.make_surgery`).
 METHODS: tuple[str, ...] = get_args(Method)
@@ -22,6 +23,12 @@ CODECS: tuple[str, ...] = get_args(Codec)
 BUILTIN_SETS: tuple[str, ...] = get_args(BuiltinSet)
 #: Training objectives (see :class:`dns_core.train.TrainConfig`).
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+#: How a target-driven method shares the kept weights among layers: one magnitude threshold over all
+#: layers ("global"), or each layer's magnitudes over its own standard deviation ("layer": every layer
+#: is cut relative to its own spread, so no small layer of large weights stays dense).
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
+ALLOCATION = "global"
 
 #: The method driven by its crates alone: it takes no target, whatever the spec holds.
 CRATE_DRIVEN = "dns-fixed-crates"
@@ -40,4 +47,4 @@ LOG_EVERY = 100
 #: The keys a job's JSON spec may hold in ``target`` and in ``settings``.
 TARGET_KEYS = ("compression", "layer_kept", "max_accuracy_drop")
 SETTING_KEYS = ("crate", "crates", "gamma", "power", "iter_stop", "iterations", "lr", "batch_size", "seed", "codec",
-                "preprocess")  # fmt: skip
+                "preprocess", "allocation")  # fmt: skip

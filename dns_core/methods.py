@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .defaults import CRATE, CRATE_DRIVEN, GAMMA, METHODS, POWER
+from .defaults import ALLOCATION, ALLOCATIONS, CRATE, CRATE_DRIVEN, GAMMA, METHODS, POWER
 from .surgery import DNS, Ramp, ScheduledSurgery, Surgery, SurgeryError, Target
 
 
@@ -48,6 +48,7 @@ class MethodSettings:
     exclude: Sequence[str] = ()
     prune_bias: bool = True
     min_layer_kept: float = 0.0
+    allocation: str = ALLOCATION  # "global" or "layer" (target-driven methods but Han's, which is per layer)
     schedule: Schedule | None = None  # None: the method's own, SCHEDULES
 
 
@@ -87,7 +88,11 @@ def make_surgery(
     t0 = int(sched.ramp_start * iterations)
     t1 = max(int(sched.ramp_end * iterations), t0)
 
-    def scheduled(ramp: Ramp, splice: bool, iter_stop: int | None = None, normalize: str = "none") -> Surgery:
+    if s.allocation not in ALLOCATIONS:
+        raise SurgeryError(f"unknown allocation {s.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    per_layer = "std" if s.allocation == "layer" else "none"
+
+    def scheduled(ramp: Ramp, splice: bool, iter_stop: int | None = None, normalize: str = per_layer) -> Surgery:
         return ScheduledSurgery(
             model, target, ramp=ramp, interval=sched.interval, iter_stop=iter_stop, splice=splice,
             normalize=normalize, min_layer_kept=s.min_layer_kept, method=method, include=s.include,

@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .defaults import (
+    ALLOCATION,
+    ALLOCATIONS,
     BATCH_SIZE,
     CODECS,
     CRATE,
@@ -80,6 +82,7 @@ class CompressSpec:
     iter_stop: int | None = None
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
+    allocation: str = ALLOCATION
     # training
     iterations: int = ITERATIONS
     batch_size: int = BATCH_SIZE
@@ -115,6 +118,7 @@ class CompressSpec:
             object.__setattr__(self, name, tuple(str(p) for p in getattr(self, name)))
         _choose("method", self.method, METHODS)
         _choose("objective", self.objective, OBJECTIVES)
+        _choose("allocation", self.allocation, ALLOCATIONS)
         if self.codec is not None:
             _choose("codec", self.codec, CODECS)
         if self.preprocess is not None:
@@ -155,7 +159,7 @@ class CompressSpec:
 
         return MethodSettings(
             crate=self.crate, crates=self.crates, gamma=self.gamma, power=self.power, iter_stop=self.iter_stop,
-            include=self.include, exclude=self.exclude,
+            include=self.include, exclude=self.exclude, allocation=self.allocation,
         )  # fmt: skip
 
     def train_config(self) -> TrainConfig:

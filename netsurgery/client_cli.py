@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from dns_core.defaults import BUILTIN_SETS, CODECS, METHODS
+from dns_core.defaults import ALLOCATIONS, BUILTIN_SETS, CODECS, METHODS
 from netsurgery.common import CliError, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
@@ -380,7 +380,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             job = c.submit(model_id, dataset_id, method=args.method, compression=args.target, layer_kept=layer_kept,
                            max_drop=args.max_drop, iterations=args.iterations, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, codec=args.codec, crates=crates,
-                           crate=args.crate, gamma=args.gamma, power=args.power, iter_stop=args.iter_stop)  # fmt: skip
+                           crate=args.crate, gamma=args.gamma, power=args.power, iter_stop=args.iter_stop,
+                           allocation=args.allocation)  # fmt: skip
         except ApiError as e:
             if e.status in (400, 422) and e.detail:
                 raise CliError(f"the service refused the job ({e.status}): {e.detail}") from None
@@ -695,6 +696,10 @@ def add_client_commands(sub: Subcommands) -> None:
     for flag, kind in (("--iterations", int), ("--lr", float), ("--batch-size", int), ("--seed", int)):
         s.add_argument(flag, type=kind, default=None)
     s.add_argument("--codec", choices=CODECS, default=None, help="also a sparse file with compressed values")
+    s.add_argument(
+        "--allocation", choices=ALLOCATIONS, default=None,
+        help="kept weights shared by one global threshold (global, the default) or per layer (layer)",
+    )  # fmt: skip
     s.add_argument("--crates", default=None, help="dns-fixed-crates: per-layer crates, conv1=1,fc1=4")
     s.add_argument("--crate", type=float, default=None, help="dns-fixed-crates: default crate")
     for flag, kind in (("--gamma", float), ("--power", float), ("--iter-stop", int)):

@@ -12,7 +12,20 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dns_core.defaults import BATCH_SIZE, BUILTIN_SETS, CODECS, CRATE, GAMMA, ITERATIONS, LR, METHODS, OBJECTIVES, POWER
+from dns_core.defaults import (
+    ALLOCATION,
+    ALLOCATIONS,
+    BATCH_SIZE,
+    BUILTIN_SETS,
+    CODECS,
+    CRATE,
+    GAMMA,
+    ITERATIONS,
+    LR,
+    METHODS,
+    OBJECTIVES,
+    POWER,
+)
 from netsurgery.common import CliError, load_data, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
@@ -131,6 +144,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             power=args.power,
             iter_stop=args.iter_stop,
             include=tuple(args.include.split(",")),
+            allocation=args.allocation,
             exclude=tuple(args.exclude.split(",")) if args.exclude else (),
             iterations=args.iterations,
             batch_size=args.batch_size,
@@ -338,6 +352,11 @@ def add_engine_commands(sub: Subcommands) -> None:
     c.add_argument("--iter-stop", type=int, default=None)
     c.add_argument("--include", default="*", help="layer name patterns to prune (comma-separated)")
     c.add_argument("--exclude", default="", help="layer name patterns to leave dense")
+    c.add_argument(
+        "--allocation", choices=ALLOCATIONS, default=ALLOCATION,
+        help="how the kept weights are shared among layers: one magnitude threshold over all layers (global), "
+             "or each layer cut relative to its own spread (layer) (default %(default)s)",
+    )  # fmt: skip
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
     c.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every, resumed if present")

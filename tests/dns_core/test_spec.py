@@ -40,6 +40,7 @@ def test_the_crate_driven_method_takes_no_target() -> None:
     [
         ({"method": "magic"}, "unknown method 'magic'"),
         (JOB | {"settings": {"codec": "zip"}}, "unknown codec 'zip'"),
+        (JOB | {"settings": {"allocation": "even"}}, "unknown allocation 'even'; choose one of global, layer"),
         (JOB | {"settings": {"gamma": "fast"}}, "gamma must be a number"),
         (JOB | {"settings": {"lr": True}}, "lr must be a number"),
         (JOB | {"settings": {"lr": "nan"}}, "lr must be a finite number"),

@@ -310,3 +310,30 @@ def test_each_method_runs_at_its_own_timing_unless_a_schedule_is_given() -> None
     given = make_surgery("dns", models.build("lenet-300-100"), 1000, target,
                          MethodSettings(schedule=Schedule(ramp_end=0.6, surgery_end=0.8)))  # fmt: skip
     assert isinstance(given, ScheduledSurgery) and (given.ramp.t1, given.iter_stop) == (600, 800)
+
+
+@pytest.mark.parametrize("method", ["dns", "agp"])
+def test_layer_allocation_cuts_every_layer_where_the_global_threshold_leaves_one_dense(method: str) -> None:
+    """A small layer of large weights beside a big layer of small ones: one magnitude threshold over
+    both keeps the small layer whole; cutting each layer relative to its own spread prunes both."""
+
+    def run(allocation: str) -> dict[str, float]:
+        torch.manual_seed(0)
+        small = nn.Linear(64, 4)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), small)
+        with torch.no_grad():
+            small.weight.mul_(20)
+            small.bias.mul_(20)
+        settings = MethodSettings(allocation=allocation)
+        surgery = make_surgery(method, model, 100, Target(compression=3.0), settings)
+        for t in range(100):
+            surgery.step(t)
+        assert abs(surgery.compression() - 3.0) < 0.05
+        return {r.name: r.kept_fraction for r in surgery.report()}
+
+    globally = run("global")
+    assert globally["2"] >= 0.9 and globally["0"] < 0.3, globally  # the small layer nearly whole
+    layer = run("layer")
+    assert all(0.3 < f < 0.37 for f in layer.values()), layer  # both cut to about a third
+    with pytest.raises(SurgeryError, match="unknown allocation"):
+        make_surgery(method, nn.Linear(4, 4), 10, Target(compression=2.0), MethodSettings(allocation="uniform"))
