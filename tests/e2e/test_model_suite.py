@@ -39,8 +39,9 @@ from tests.e2e.test_service import download_all, wait_for_state
 pytestmark = pytest.mark.slow
 
 ASKED = 2.0
-#: Where the target-driven surgery's single magnitude threshold over all layers leaves some small layers
-#: (squeeze-excite 1x1 convolutions, a depthwise stem) unpruned at 2x: per-layer allocation is not done yet.
+#: Where the default allocation (one magnitude ranking over all layers) leaves some small layers of large
+#: weights (squeeze-excite 1x1 convolutions, a stem convolution) unpruned at 2x; ``allocation: layer`` cuts them
+#: (test_the_layer_allocation_leaves_no_layer_dense).
 LEFT_DENSE = {
     ("efficientnet", "onnx-torchscript"),
     ("efficientnet", "onnx-dynamo"),
@@ -104,14 +105,17 @@ def _post_files(c: Any, files: list[Path]) -> dict[str, Any]:
     return dict(r.json())
 
 
-def _compress(service: Service, files: list[Path], data: Path, out: Path) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Upload the model's files and the data, run a short DNS job to :data:`ASKED`, download into ``out``."""
+def _compress(
+    service: Service, files: list[Path], data: Path, out: Path, **settings: Any
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Upload the model's files and the data, run a short DNS job to :data:`ASKED` (``settings`` added to
+    the job's), download into ``out``."""
     with service.client() as c:
         uploaded = _post_files(c, files)
         dataset = _post_files_data(c, data)
         body = {"model_id": uploaded["id"], "dataset_id": dataset["id"], "method": "dns",
                 "target": {"compression": ASKED, "max_accuracy_drop": 100},
-                "settings": {"iterations": 24, "batch_size": 16, "seed": 0}}  # fmt: skip
+                "settings": {"iterations": 24, "batch_size": 16, "seed": 0} | settings}  # fmt: skip
         r = c.post("/v1/jobs", json=body)
         assert r.status_code == 202, r.text
         job = wait_for_state(c, r.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
@@ -242,3 +246,18 @@ def test_suite_model_on_a_builtin_set_made_to_fit(service: Service, tmp_path: Pa
     assert abs(report["compression"] - ASKED) <= 0.05 * ASKED
     assert report["reference_val_acc"] is not None and report["val_acc"] is not None
     assert report["inputs"]["model"]["bytes"] == uploaded["size_bytes"]
+
+
+@pytest.mark.parametrize(("name", "door"), sorted(LEFT_DENSE))
+def test_the_layer_allocation_leaves_no_layer_dense(service: Service, tmp_path: Path, name: str, door: str) -> None:
+    """The job setting ``allocation: layer`` (each layer cut relative to its own spread) through the API:
+    the cases the default leaves partly dense come back with every selected layer pruned, at 2x."""
+    if door.startswith("hf"):
+        files = sorted(p for p in suite.write_suite_folder(name, tmp_path / name).iterdir() if p.is_file())
+    else:
+        files = _export(name, suite.SUITE[name](), tmp_path / "onnx", dynamo=door == "onnx-dynamo")
+    _, got = _compress(service, files, _data(name, tmp_path / "data.npz"), tmp_path / "out", allocation="layer")
+    report = json.loads(got["report.json"].read_text())
+    assert report["settings"]["allocation"] == "layer"
+    assert abs(report["compression"] - ASKED) <= 0.05 * ASKED
+    assert not [layer["name"] for layer in report["layers"] if layer["kept"] == layer["total"]]
