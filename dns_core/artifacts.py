@@ -108,10 +108,10 @@ def load_model_file(
         return _load_folder(classify_folder(p), max_bytes, max_memory_bytes)
     kind = uploads.sniff(p, max_bytes=max_bytes).kind
     if kind == "onnx":
-        from .onnx_convert import check_onnx, load_onnx
+        from .onnx_convert import check_onnx
 
         facts = check_onnx(p, max_bytes=max_bytes, max_memory_bytes=max_memory_bytes)
-        return LoadedModel(load_onnx(p, max_bytes=max_bytes), "onnx", model_input=facts.model_input)
+        return LoadedModel(facts.module, "onnx", model_input=facts.model_input)
     if kind == "safetensors":
         module, name = load_model(p, arch, config, max_bytes=max_bytes)
         cfg = dict(config) if config is not None else _header_config(p)
@@ -131,11 +131,10 @@ def _load_folder(folder: ModelFolder, max_bytes: int, max_memory_bytes: int) -> 
         wrapped = load_hf_folder(folder.root)
         side = {n: (folder.root / n).read_bytes() for n in folder.files if n in HF_SIDE_FILES}
         return LoadedModel(wrapped, "hf", arch=hf.architecture, model_input=wrapped.model_input, side_files=side)
-    from .onnx_convert import check_onnx, load_onnx
+    from .onnx_convert import check_onnx
 
     facts = check_onnx(folder.main, max_bytes=max_bytes, max_memory_bytes=max_memory_bytes, external_dir=folder.root)
-    module = load_onnx(folder.main, max_bytes=max_bytes, external_dir=folder.root)
-    return LoadedModel(module, "onnx", model_input=facts.model_input)
+    return LoadedModel(facts.module, "onnx", model_input=facts.model_input)
 
 
 def _header_config(path: str | os.PathLike[str]) -> dict[str, Any]:

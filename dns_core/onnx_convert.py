@@ -110,11 +110,13 @@ class OnnxBinding:
 
 @dataclass(frozen=True)
 class OnnxFacts:
-    """What :func:`check_onnx` found: trainable parameters, what one example looks like, memory need."""
+    """What :func:`check_onnx` found: trainable parameters, what one example looks like, memory need,
+    and the converted module itself (unchanged by the trial run), so that a job need not convert twice."""
 
     num_parameters: int
     model_input: ModelInput | None
     estimate_bytes: int
+    module: OnnxModule = field(repr=False, compare=False)
 
 
 def load_onnx(
@@ -1962,4 +1964,4 @@ def check_onnx(
             too_big.format(need=_mib(estimate), why=f"with activations for a batch of {BATCH_SIZE}",
                            limit=_mib(max_memory_bytes))
         )  # fmt: skip
-    return OnnxFacts(num_parameters, _model_input(module, shapes), estimate)
+    return OnnxFacts(num_parameters, _model_input(module, shapes), estimate, module.train())
