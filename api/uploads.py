@@ -63,7 +63,7 @@ from dns_core import archives, bundles, models, named, uploads
 from dns_core.data import DataError, load_data_file
 from dns_core.hf import inspect_hf_folder
 from dns_core.onnx_convert import check_onnx
-from dns_core.onnx_validate import OnnxFormatError, parse_onnx, uses_external_data
+from dns_core.onnx_validate import OnnxFormatError
 from service.errors import (
     AppError,
     BadRequest,
@@ -453,17 +453,19 @@ def inspect_model(
     if len(parts) == 1 and _tame(parts[0].filename, "") != bundles.HF_CONFIG:  # a lone config.json: a folder
         path = parts[0].path
         kind = _sniff(path, max_bytes)
-        if kind in ("onnx", "safetensors") and not (kind == "onnx" and _onnx_needs_folder(path, max_bytes)):
-            if kind == "onnx":
-                if architecture or config_text:
-                    raise InvalidRequest(
-                        "architecture and config go with safetensors weights; an ONNX file is the whole model"
-                    )
-                return InspectedModel(_inspect_onnx(path, max_bytes, max_memory_bytes, None), parts[0], "onnx")
+        if kind == "onnx":
+            if architecture or config_text:
+                raise InvalidRequest(
+                    "architecture and config go with safetensors weights; an ONNX file is the whole model"
+                )
+            # the part's own folder holds nothing else: external data the graph names is missing, and said so
+            facts = _inspect_onnx(path, max_bytes, max_memory_bytes, path.parent)
+            return InspectedModel(facts, parts[0], "onnx")
+        if kind == "safetensors":
             return InspectedModel(
                 _inspect_safetensors(path, max_bytes, architecture, config_text), parts[0], "safetensors"
             )
-        if kind not in ("zip", "tar", "onnx"):
+        if kind not in ("zip", "tar"):
             raise UnsupportedFormat(
                 f"this is {kind} data, not a model; upload a model as ONNX, safetensors weights of a built-in, "
                 "torchvision or timm architecture, or a Hugging Face folder (upload data sets to /v1/datasets)"
@@ -478,16 +480,6 @@ def inspect_model(
     else:
         facts = _inspect_onnx(folder.main, max_bytes, max_memory_bytes, folder.root)
     return InspectedModel(facts, Bundle.of(bundles.write_bundle(folder, work / "bundle.zip")), "zip")
-
-
-def _onnx_needs_folder(path: Path, max_bytes: int) -> bool:
-    """Whether a single ONNX file points at external data (then it needs its data files beside it)."""
-    try:
-        model = parse_onnx(path, max_bytes=max_bytes)
-    except OnnxFormatError as e:
-        raise InvalidFile(str(e)) from None
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    return any(uses_external_data(t) for t in tensors)
 
 
 def _model_folder(parts: list[ReceivedFile], dest: Path, max_bytes: int) -> bundles.ModelFolder:
