@@ -264,6 +264,27 @@ def test_upload_progress_counts_the_file_bytes(service: Service, tmp_path: Path)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and {t for _, t in seen} == {size}
 
 
+def test_upload_model_sends_a_folder_as_its_files(
+    service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`upload-model <folder>` sends every file of a Hugging Face folder side by side; the service keeps
+    the ones it reads, and the progress covers all of them."""
+    from dns_core import suite
+    from netsurgery.client import Client
+
+    folder = suite.write_suite_folder("vit", tmp_path / "vit-tiny")
+    (folder / ".DS_Store").write_bytes(b"not sent")
+    rc, out, err = run(capsys, "upload-model", str(folder))
+    assert rc == 0, err
+    assert re.search(r"format\s+hf", out) and re.search(r"architecture\s+ViTForImageClassification", out), out
+    assert re.search(r"name\s+vit-tiny", out), out
+    sizes = sum(p.stat().st_size for p in folder.iterdir() if not p.name.startswith("."))
+    seen: list[tuple[int, int]] = []
+    with Client(service.url, service.key) as c:
+        m = c.upload_model(folder, progress=lambda done, total: seen.append((done, total)))
+    assert m["format"] == "hf" and seen[-1] == (sizes, sizes)
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
