@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from dns_core.defaults import CRATE_DRIVEN, Allocation, BuiltinSet, Codec, Method
+from dns_core.defaults import CRATE_DRIVEN, CRATE_KNOBS, Allocation, BuiltinSet, Codec, Method
 from service.orm import NAME_LENGTH
 from service.usecases.jobs import JobRequest
 
@@ -213,6 +213,12 @@ class JobCreate(_Create):
                 raise ValueError("dns-fixed-crates is driven by crates: its target may hold only max_accuracy_drop")
         elif not given:
             raise ValueError(f"method {self.method!r} needs a target with compression or layer_kept")
+        knobs = [k for k in CRATE_KNOBS if getattr(self.settings, k) is not None]
+        if knobs and self.method != CRATE_DRIVEN:
+            raise ValueError(
+                f"settings {', '.join(knobs)} are the {CRATE_DRIVEN} method's only; method {self.method!r} reaches "
+                "its target by itself"
+            )
         return self
 
 

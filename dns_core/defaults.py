@@ -32,6 +32,8 @@ ALLOCATION = "global"
 
 #: The method driven by its crates alone: it takes no target, whatever the spec holds.
 CRATE_DRIVEN = "dns-fixed-crates"
+#: The settings only that method reads (any other method refuses them rather than ignore them).
+CRATE_KNOBS = ("crate", "crates", "gamma", "power")
 
 # The defaults, here once: MethodSettings and TrainConfig take theirs from these.
 CRATE = 1.0  # c_k: a layer's threshold is max(μ_k + c_k·σ_k, 0)

@@ -23,6 +23,7 @@ from .defaults import (
     CODECS,
     CRATE,
     CRATE_DRIVEN,
+    CRATE_KNOBS,
     EVALUATIONS,
     GAMMA,
     ITERATIONS,
@@ -75,10 +76,11 @@ class CompressSpec:
     layer_kept: Mapping[str, float] | None = None
     max_accuracy_drop: float | None = None
     # the method's knobs (the paper's names)
-    crate: float = CRATE
+    # the crate-driven method's knobs; None: the defaults (given to another method, they are refused)
+    crate: float | None = None
     crates: Mapping[str, float] | None = None
-    gamma: float = GAMMA
-    power: float = POWER
+    gamma: float | None = None
+    power: float | None = None
     iter_stop: int | None = None
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
@@ -119,6 +121,12 @@ class CompressSpec:
         _choose("method", self.method, METHODS)
         _choose("objective", self.objective, OBJECTIVES)
         _choose("allocation", self.allocation, ALLOCATIONS)
+        knobs = [k for k in CRATE_KNOBS if getattr(self, k) is not None]
+        if knobs and self.method != CRATE_DRIVEN:
+            raise ConfigError(
+                f"{', '.join(knobs)} set(s) the thresholds of the {CRATE_DRIVEN} method only; method {self.method!r} "
+                "reaches its target by itself: leave them out, or choose --method dns-fixed-crates"
+            )
         if self.codec is not None:
             _choose("codec", self.codec, CODECS)
         if self.preprocess is not None:
@@ -158,7 +166,9 @@ class CompressSpec:
         from .methods import MethodSettings
 
         return MethodSettings(
-            crate=self.crate, crates=self.crates, gamma=self.gamma, power=self.power, iter_stop=self.iter_stop,
+            crate=CRATE if self.crate is None else self.crate, crates=self.crates,
+            gamma=GAMMA if self.gamma is None else self.gamma, power=POWER if self.power is None else self.power,
+            iter_stop=self.iter_stop,
             include=self.include, exclude=self.exclude, allocation=self.allocation,
         )  # fmt: skip
 

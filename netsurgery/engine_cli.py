@@ -345,10 +345,11 @@ def add_engine_commands(sub: Subcommands) -> None:
     c.add_argument("--lr", type=float, default=LR)
     c.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     c.add_argument("--objective", default="ce", choices=OBJECTIVES)
-    c.add_argument("--crate", type=float, default=CRATE, help="dns-fixed-crates: default crate")
-    c.add_argument("--crates", help="dns-fixed-crates: per-layer crates, conv1=1,fc1=4")
-    c.add_argument("--gamma", type=float, default=GAMMA)
-    c.add_argument("--power", type=float, default=POWER)
+    c.add_argument("--crate", type=float, default=None, help=f"dns-fixed-crates only: default crate (default {CRATE})")
+    c.add_argument("--crates", help="dns-fixed-crates only: per-layer crates, conv1=1,fc1=4")
+    c.add_argument("--gamma", type=float, default=None,
+                   help=f"dns-fixed-crates only: surgery probability (1+gamma*t)^-power (default {GAMMA})")  # fmt: skip
+    c.add_argument("--power", type=float, default=None, help=f"dns-fixed-crates only (default {POWER})")
     c.add_argument("--iter-stop", type=int, default=None)
     c.add_argument("--include", default="*", help="layer name patterns to prune (comma-separated)")
     c.add_argument("--exclude", default="", help="layer name patterns to leave dense")

@@ -166,8 +166,6 @@ def test_create_job_commits_then_enqueues(
         target={"compression": 12.5, "max_accuracy_drop": 1.0},
         settings={
             "iterations": 2000,
-            "gamma": 0.0001,
-            "power": 1,
             "lr": 0.01,
             "batch_size": 64,
             "seed": 3,
@@ -209,6 +207,8 @@ def test_fixed_crates_job(client: httpx.Client, account: Account) -> None:
         ({"target": None}, "needs a target"),
         ({"method": "dns-fixed-crates"}, "only max_accuracy_drop"),
         ({"settings": {"gamma": -1}}, "gamma"),
+        ({"settings": {"gamma": 0.001, "power": 2}}, "settings gamma, power are the dns-fixed-crates method's only"),
+        ({"method": "agp", "settings": {"crates": {"fc1": 1}}}, "settings crates are the dns-fixed-crates"),
         ({"settings": {"iterations": 0}}, "iterations"),
         ({"settings": {"iterations": 10_000_001}}, "iterations"),
         ({"settings": {"codec": "zip"}}, "codec"),

@@ -42,6 +42,7 @@ def test_the_crate_driven_method_takes_no_target() -> None:
         (JOB | {"settings": {"codec": "zip"}}, "unknown codec 'zip'"),
         (JOB | {"settings": {"allocation": "even"}}, "unknown allocation 'even'; choose one of global, layer"),
         (JOB | {"settings": {"gamma": "fast"}}, "gamma must be a number"),
+        (JOB | {"settings": {"crate": 2.0, "power": 1}}, "crate, power set(s) the thresholds of the dns-fixed-crates"),
         (JOB | {"settings": {"lr": True}}, "lr must be a number"),
         (JOB | {"settings": {"lr": "nan"}}, "lr must be a finite number"),
         (JOB | {"settings": {"iterations": float("inf")}}, "iterations must be a number"),
