@@ -337,3 +337,65 @@ def test_layer_allocation_cuts_every_layer_where_the_global_threshold_leaves_one
     assert all(0.3 < f < 0.37 for f in layer.values()), layer  # both cut to about a third
     with pytest.raises(SurgeryError, match="unknown allocation"):
         make_surgery(method, nn.Linear(4, 4), 10, Target(compression=2.0), MethodSettings(allocation="uniform"))
+
+
+# -- fidelity: three mutations of the reference rule that these tests catch ---------------------------------
+
+
+def test_statistics_pool_the_bias_with_the_weights() -> None:
+    """μ and σ of a layer are taken over its weights and its bias together (zeros left out), as the
+    authors' code does; statistics from the weights alone would differ here."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([3.0, -2.0, 0.0, 5.0]))  # large, and one exact zero
+    surgery = DNS(nn.Sequential(layer), crate=0.5, gamma=0.0)
+    surgery.compute_statistics()
+    values = torch.cat([layer.weight.detach().flatten(), layer.bias.detach()])
+    values = values[values != 0].abs().double()
+    stats = surgery.stats["0"]
+    assert stats.count == 32 + 3
+    assert stats.mu == pytest.approx(float(values.mean()), rel=1e-6)
+    assert stats.sigma == pytest.approx(float(((values**2).mean() - values.mean() ** 2).sqrt()), rel=1e-6)
+
+
+def test_each_layer_draws_its_own_surgery_chance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a surgery probability of 0.5 each layer decides on its own draw: over 200 iterations the layers
+    often do not update together (one draw shared by all layers would make them always agree)."""
+    from dns_core import rule
+
+    torch.manual_seed(0)
+    surgery = DNS(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)), crate=0.2, iter_stop=10**6)
+    owner = {id(layer.dense(n)): i for i, layer in enumerate(surgery.layers) for n in layer.tensors}
+    updates: list[set[int]] = []
+    real = rule.update_mask_
+
+    def record(weight: torch.Tensor, mask: torch.Tensor, theta: float) -> torch.Tensor:
+        updates[-1].add(owner[id(weight)])
+        return real(weight, mask, theta)
+
+    monkeypatch.setattr(rule, "update_mask_", record)
+    monkeypatch.setattr(rule, "surgery_probability", lambda t, gamma, power: 0.5)
+    for t in range(200):
+        updates.append(set())
+        surgery.step(t)
+    assert sum(0 < len(u) < 3 for u in updates) > 100, updates[:10]  # some layers update, others not
+    counts = [sum(i in u for u in updates) for i in range(3)]
+    assert all(60 < c < 140 for c in counts), counts  # each layer about half the time
+
+
+def test_bias_masks_are_updated_like_the_weights() -> None:
+    """A bias entry under 0.9θ is pruned and one over 1.1θ spliced back, as the weights are."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 6)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([1e-4, -1e-4, 2.0, -2.0, 1e-5, 3.0]))
+    surgery = DNS(nn.Sequential(layer), crate=0.0, gamma=0.0, iter_stop=10)
+    surgery.step(0)
+    pruned = surgery.layers[0]
+    bias_mask = pruned.mask("bias")
+    assert bias_mask.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    with torch.no_grad():
+        pruned.dense("bias")[0] = 5.0  # grows back over 1.1θ: spliced at the next step
+    surgery.step(1)
+    assert pruned.mask("bias")[0] == 1.0
