@@ -15,9 +15,9 @@ model is loaded:
 
 - every file is first classified by :func:`dns_core.uploads.sniff` (pickles, ``torch.save`` and
   TorchScript archives, ``.pt2`` and ``torch.package`` are refused there);
-- an ONNX graph is parsed from bytes and checked by :func:`dns_core.onnx_validate.validate_onnx`
-  (external data is never resolved); its parameter count is the number of elements of its float
-  initializers;
+- an ONNX graph goes through :func:`dns_core.onnx_convert.check_onnx` (validation, external data
+  read only from the files of the same upload, conversion, memory estimate, a trial run); its
+  parameter count is that of the converted module;
 - a safetensors file has only its header read (:func:`dns_core.uploads.validate_safetensors`);
   its tensor names, shapes and dtypes are compared with the zoo architecture built on the
   ``meta`` device (shapes only, no memory, no weights);
@@ -28,9 +28,9 @@ Errors come out as :mod:`service.errors` classes: a refused format is a 415, a f
 413, a malformed file or one that does not fit its architecture a 422 (``invalid_file``), and a
 wrong ``architecture`` or ``config`` value a 422 (``invalid_request``).
 
-ONNX refusals are split by what the client must do: a file that is not ONNX at all, or ONNX
-with external data (a format we never read: the weights live in other files), is a 415; every
-other ``OnnxFormatError`` (unsupported operator, opset, dtype, failed checker …) is a 422.
+ONNX refusals are split by what the client must do: a file that is not ONNX at all is a 415;
+every other ``OnnxFormatError`` (unsupported operator, opset, dtype, failed checker, external data
+not among the uploaded files, a trial run that fails …) is a 422.
 
 **Together.** :func:`receive_model` and :func:`receive_dataset` do both for the upload routes,
 with the tenant's stored-bytes quota checked before the body is read and again once it is in.
@@ -383,8 +383,9 @@ def remove_stale(root: Path, older_than: float = STALE_SECONDS) -> None:
 #: Header metadata that :func:`dns_core.io.save_model` writes.
 ARCH_KEY: Final = "netsurgery.arch"
 CONFIG_KEY: Final = "netsurgery.config"
-# OnnxFormatError messages that mean "this format is refused", not "this ONNX file is wrong"
-_ONNX_REFUSALS: Final = ("this is not an ONNX model", "ONNX with external data is not accepted")
+# the OnnxFormatError message that means "this is not ONNX at all", not "this ONNX file is wrong" (uploads always
+# give the graph a folder, so external data is never refused as a format here: a missing data file is a 422)
+_ONNX_REFUSALS: Final = ("this is not an ONNX model",)
 
 
 def upload_error(e: uploads.UploadError) -> AppError:

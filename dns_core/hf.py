@@ -141,6 +141,20 @@ def _reject_constant(name: str) -> float:
     raise ModelError(f"config.json holds {name}, not a number JSON allows; fix the config")
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """A small JSON file holding one object (config.json, a preprocessor config); ModelError otherwise."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ModelError(f"{path.name} is {size:,} bytes, more than the {MAX_CONFIG_BYTES:,} allowed")
+    try:
+        data = json.loads(path.read_bytes(), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelError(f"{path.name} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path.name} must hold a JSON object")
+    return data
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     """config.json as a dict, size-capped and checked (no code hints, bounded numbers and nesting)."""
     path = folder / CONFIG
@@ -148,15 +162,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise ModelError(
             f"no {CONFIG} in the model folder: a Hugging Face model is a folder of config.json and model.safetensors"
         )
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ModelError(f"{CONFIG} is {size:,} bytes, more than the {MAX_CONFIG_BYTES:,} allowed")
-    try:
-        config = json.loads(path.read_bytes(), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelError(f"{CONFIG} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{CONFIG} must hold a JSON object")
+    config = _json_object(path)
     for where, key, value in _walk(config, CONFIG, 0):
         low = key.lower()
         if low in _CODE_KEYS or "remote_code" in low:
@@ -276,15 +282,7 @@ def _side_json(folder: Path, name: str) -> dict[str, Any] | None:
     path = folder / name
     if not path.is_file() or path.is_symlink():
         return None
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ModelError(f"{name} is larger than {MAX_CONFIG_BYTES:,} bytes")
-    try:
-        data = json.loads(path.read_bytes(), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelError(f"{name} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{name} must hold a JSON object")
-    return data
+    return _json_object(path)
 
 
 def _size(value: Any) -> tuple[int, int] | None:

@@ -47,6 +47,7 @@ from dns_core.inputs import ModelInput
 from dns_core.spec import CompressSpec
 from dns_core.train import TrainConfig, fit
 from dns_core.uploads import FileTooLarge, InvalidFile, RefusedFormat, UploadError, sniff
+from tests.dns_core.test_uploads import corrupt
 
 # --------------------------------------------------------------------------------------------------
 # archives
@@ -657,11 +658,7 @@ def _image_archives(tmp_path: Path) -> list[Path]:
 def test_damaged_image_archives_load_or_raise_our_errors(
     tmp_path: Path, which: int, flips: list[tuple[int, int]]
 ) -> None:
-    path = _image_archives(tmp_path)[which]
-    raw = bytearray(path.read_bytes())
-    for pos, value in flips:
-        raw[pos % len(raw)] = value
-    path.write_bytes(bytes(raw))
+    path = corrupt(_image_archives(tmp_path)[which], flips)
     try:
         ds = load_data_file(path)
     except (UploadError, DataError):

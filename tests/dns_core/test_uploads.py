@@ -393,16 +393,21 @@ def _valid_files(tmp_path: Path) -> list[Path]:
     return [tmp_path / "d.npz", tmp_path / "d.safetensors", tmp_path / "d.idx"]
 
 
+def corrupt(path: Path, flips: list[tuple[int, int]]) -> Path:
+    """``path`` with the byte at each position (modulo its length) set to the given value."""
+    raw = bytearray(path.read_bytes())
+    for pos, value in flips:
+        raw[pos % len(raw)] = value
+    path.write_bytes(bytes(raw))
+    return path
+
+
 @given(st.integers(0, 2), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=12))
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_corrupted_data_files_load_or_raise_our_errors(
     tmp_path: Path, which: int, flips: list[tuple[int, int]]
 ) -> None:
-    path = _valid_files(tmp_path)[which]
-    raw = bytearray(path.read_bytes())
-    for pos, value in flips:
-        raw[pos % len(raw)] = value
-    path.write_bytes(bytes(raw))
+    path = corrupt(_valid_files(tmp_path)[which], flips)
     try:
         ds = load_data_file(path)
     except (UploadError, DataError):
