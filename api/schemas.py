@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from dns_core.defaults import CRATE_DRIVEN, CRATE_KNOBS, Allocation, BuiltinSet, Codec, Method
+from dns_core.defaults import CRATE_DRIVEN, CRATE_KNOBS, EDGE_SHARE, Allocation, BuiltinSet, Codec, FirstLast, Method
 from service.orm import NAME_LENGTH
 from service.usecases.jobs import JobRequest
 
@@ -172,7 +172,24 @@ class JobSettings(_Create):
     allocation: Allocation | None = Field(
         default=None,
         description="How a target is shared among layers: one magnitude threshold over all layers (global, the "
-        "default) or each layer cut relative to its own spread (layer; no small layer stays dense).",
+        "default), each layer cut relative to its own spread (layer; no small layer stays dense), or the same "
+        "kept fraction in every layer (uniform).",
+    )
+    include: list[LayerName] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_LAYER_ENTRIES,
+        description="Linear/Conv layers to prune, by name or glob pattern (default: all of them, ['*']).",
+    )
+    exclude: list[LayerName] | None = Field(
+        default=None,
+        max_length=MAX_LAYER_ENTRIES,
+        description="Linear/Conv layers to leave dense, by name or glob pattern.",
+    )
+    first_last: FirstLast | None = Field(
+        default=None,
+        description="The first convolution and the classifier head: dense, pruned, or auto (the default: dense "
+        f"while they take at most {EDGE_SHARE:.0%} of the weights the target keeps, smallest first).",
     )
     preprocess: Preprocessing | None = Field(
         default=None, description="How image data is prepared for the model (resize, centre crop, normalise)."

@@ -71,7 +71,8 @@ def compress(
     teacher = copy.deepcopy(model).eval() if config.objective != "ce" or valid.targets is None else None
     ref_val = _accuracy(model, valid, teacher)
     ref_test = _accuracy(model, test, teacher)
-    surgery = make_surgery(method, model, config.iterations, target, settings, seed=config.seed)
+    example = train.inputs[:2].to(device) if len(train) else None
+    surgery = make_surgery(method, model, config.iterations, target, settings, seed=config.seed, example=example)
     budget = None
     if (
         isinstance(surgery, ScheduledSurgery)
@@ -114,6 +115,8 @@ def compress(
         "layers": [
             {"name": r.name, "kept": r.kept, "total": r.total, "kept_fraction": r.kept_fraction} for r in layers
         ],
+        # the first convolution and the classifier head, where they were kept out of the selection
+        "left_dense": list(surgery.left_dense),
         "reference_val_acc": ref_val,
         "val_acc": val_acc,
         "reference_test_acc": ref_test,

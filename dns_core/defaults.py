@@ -13,7 +13,8 @@ Method = Literal["dns", "dns-fixed-crates", "han", "one-shot", "agp"]
 Codec = Literal["float16", "int8", "shared"]
 BuiltinSet = Literal["fashion-mnist", "digits"]
 Objective = Literal["ce", "distill", "ce+distill"]
-Allocation = Literal["global", "layer"]
+Allocation = Literal["global", "layer", "uniform"]
+FirstLast = Literal["auto", "dense", "prune"]
 
 #: The compression methods (see :func:`dns_core.methods.make_surgery`).
 METHODS: tuple[str, ...] = get_args(Method)
@@ -25,10 +26,19 @@ BUILTIN_SETS: tuple[str, ...] = get_args(BuiltinSet)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 #: How a target-driven method shares the kept weights among layers: one magnitude threshold over all
-#: layers ("global"), or each layer's magnitudes over its own standard deviation ("layer": every layer
-#: is cut relative to its own spread, so no small layer of large weights stays dense).
+#: layers ("global"), each layer's magnitudes over its own standard deviation in one ranking ("layer":
+#: every layer is cut relative to its own spread, so no small layer of large weights stays dense), or
+#: the same kept fraction in every layer ("uniform").
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 ALLOCATION = "global"
+
+#: What happens to the first convolution and the classifier head (the first and the last Linear/Conv
+#: layer the forward pass runs): "dense" keeps them out of the selection, "prune" prunes them like any
+#: other layer, "auto" keeps them dense as long as they take at most :data:`EDGE_SHARE` of the weights
+#: the target keeps (smallest first), else prunes them.
+FIRST_LAST: tuple[str, ...] = get_args(FirstLast)
+FIRST_LAST_DEFAULT = "auto"
+EDGE_SHARE = 0.1
 
 #: The method driven by its crates alone: it takes no target, whatever the spec holds.
 CRATE_DRIVEN = "dns-fixed-crates"
@@ -49,4 +59,4 @@ LOG_EVERY = 100
 #: The keys a job's JSON spec may hold in ``target`` and in ``settings``.
 TARGET_KEYS = ("compression", "layer_kept", "max_accuracy_drop")
 SETTING_KEYS = ("crate", "crates", "gamma", "power", "iter_stop", "iterations", "lr", "batch_size", "seed", "codec",
-                "preprocess", "allocation")  # fmt: skip
+                "preprocess", "allocation", "first_last", "include", "exclude")  # fmt: skip

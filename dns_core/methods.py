@@ -9,13 +9,26 @@ slower ramp over the first half (measured on LeNet-300-100, docs/benchmarks.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
-from .defaults import ALLOCATION, ALLOCATIONS, CRATE, CRATE_DRIVEN, GAMMA, METHODS, POWER
-from .surgery import DNS, Ramp, ScheduledSurgery, Surgery, SurgeryError, Target
+from .defaults import (
+    ALLOCATION,
+    ALLOCATIONS,
+    CRATE,
+    CRATE_DRIVEN,
+    EDGE_SHARE,
+    FIRST_LAST,
+    FIRST_LAST_DEFAULT,
+    GAMMA,
+    METHODS,
+    POWER,
+)
+from .surgery import DNS, Ramp, ScheduledSurgery, Surgery, SurgeryError, Target, first_and_last, select_layers
 
 
 @dataclass
@@ -48,7 +61,8 @@ class MethodSettings:
     exclude: Sequence[str] = ()
     prune_bias: bool = True
     min_layer_kept: float = 0.0
-    allocation: str = ALLOCATION  # "global" or "layer" (target-driven methods but Han's, which is per layer)
+    allocation: str = ALLOCATION  # "global", "layer" or "uniform" (target-driven methods but Han's: per layer)
+    first_last: str = FIRST_LAST_DEFAULT  # the first convolution and the head: "auto", "dense" or "prune"
     schedule: Schedule | None = None  # None: the method's own, SCHEDULES
 
 
@@ -62,6 +76,47 @@ def default_schedule(method: str) -> Schedule:
     return SCHEDULES.get(method, Schedule())
 
 
+def dense_edges(
+    method: str,
+    model: nn.Module,
+    target: Target | None,
+    settings: MethodSettings,
+    example: torch.Tensor | None = None,
+) -> list[str]:
+    """The selected layers among the first convolution and the classifier head that stay dense.
+
+    ``first_last="dense"``: both (when they are selected); ``"prune"``: none. ``"auto"``: with an
+    overall compression target, the smaller first, each as long as the ones kept dense take at most
+    :data:`~dns_core.defaults.EDGE_SHARE` of the weights the target keeps; the crate-driven
+    method and per-layer kept fractions prune them, as asked. Never all the selected layers.
+    ``example`` (one batch of inputs) finds them in the order the forward pass runs the layers.
+    """
+    if settings.first_last not in FIRST_LAST:
+        raise SurgeryError(f"unknown first_last {settings.first_last!r}; choose one of {', '.join(FIRST_LAST)}")
+    if settings.first_last == "prune":
+        return []
+    selected = dict(select_layers(model, settings.include, settings.exclude))
+    edges = [name for name in first_and_last(model, example) if name in selected]
+    if len(edges) >= len(selected):
+        return []
+    if settings.first_last == "dense":
+        return edges
+    if method == CRATE_DRIVEN or target is None or target.compression is None:
+        return []
+    sizes = {name: sum(p.numel() for p in selected[name].parameters(recurse=False)) for name in edges}
+    total = sum(p.numel() for p in model.parameters())
+    selected_total = sum(p.numel() for m in selected.values() for p in m.parameters(recurse=False))
+    kept_budget = math.floor(total / target.compression) - (total - selected_total)
+    dense: list[str] = []
+    used = 0
+    for name in sorted(edges, key=lambda n: sizes[n]):
+        if used + sizes[name] > EDGE_SHARE * kept_budget:
+            break
+        dense.append(name)
+        used += sizes[name]
+    return [name for name in edges if name in dense]
+
+
 def make_surgery(
     method: str,
     model: nn.Module,
@@ -69,9 +124,25 @@ def make_surgery(
     target: Target | None,
     settings: MethodSettings | None = None,
     seed: int = 0,
+    example: torch.Tensor | None = None,
 ) -> Surgery:
-    """Attach the masks of ``method`` to ``model`` (in place) for a run of ``iterations``."""
+    """Attach the masks of ``method`` to ``model`` (in place) for a run of ``iterations``.
+
+    The first convolution and the classifier head are left out as :func:`dense_edges` decides;
+    the surgery's ``left_dense`` names them.
+    """
     s = settings or MethodSettings()
+    edges = dense_edges(method, model, target, s, example)
+    if edges:
+        s = replace(s, exclude=(*s.exclude, *edges))
+    surgery = _make_surgery(method, model, iterations, target, s, seed)
+    surgery.left_dense = edges
+    return surgery
+
+
+def _make_surgery(
+    method: str, model: nn.Module, iterations: int, target: Target | None, s: MethodSettings, seed: int
+) -> Surgery:
     sched = s.schedule or default_schedule(method)
     if method == CRATE_DRIVEN:
         iter_stop = s.iter_stop if s.iter_stop is not None else int(sched.surgery_end * iterations)
@@ -91,12 +162,13 @@ def make_surgery(
     if s.allocation not in ALLOCATIONS:
         raise SurgeryError(f"unknown allocation {s.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     per_layer = "std" if s.allocation == "layer" else "none"
+    uniform = s.allocation == "uniform"
 
     def scheduled(ramp: Ramp, splice: bool, iter_stop: int | None = None, normalize: str = per_layer) -> Surgery:
         return ScheduledSurgery(
             model, target, ramp=ramp, interval=sched.interval, iter_stop=iter_stop, splice=splice,
-            normalize=normalize, min_layer_kept=s.min_layer_kept, method=method, include=s.include,
-            exclude=s.exclude, prune_bias=s.prune_bias, seed=seed,
+            normalize=normalize, uniform=uniform and normalize == per_layer, min_layer_kept=s.min_layer_kept,
+            method=method, include=s.include, exclude=s.exclude, prune_bias=s.prune_bias, seed=seed,
         )  # fmt: skip
 
     if method == "dns":

@@ -25,6 +25,8 @@ from .defaults import (
     CRATE_DRIVEN,
     CRATE_KNOBS,
     EVALUATIONS,
+    FIRST_LAST,
+    FIRST_LAST_DEFAULT,
     GAMMA,
     ITERATIONS,
     LOG_EVERY,
@@ -85,6 +87,7 @@ class CompressSpec:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     allocation: str = ALLOCATION
+    first_last: str = FIRST_LAST_DEFAULT
     # training
     iterations: int = ITERATIONS
     batch_size: int = BATCH_SIZE
@@ -117,10 +120,18 @@ class CompressSpec:
         for name in ("layer_kept", "crates"):
             object.__setattr__(self, name, _number_map(name, getattr(self, name)))
         for name in ("include", "exclude"):
-            object.__setattr__(self, name, tuple(str(p) for p in getattr(self, name)))
+            patterns = getattr(self, name)
+            if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
+                raise ConfigError(f"{name} must be a list of layer names or glob patterns, got {patterns!r}")
+            if not all(isinstance(p, str) and p for p in patterns):
+                raise ConfigError(f"{name} must hold non-empty strings, got {list(patterns)!r}")
+            object.__setattr__(self, name, tuple(patterns))
+        if not self.include:
+            raise ConfigError("include must name at least one layer pattern (all layers: ['*'])")
         _choose("method", self.method, METHODS)
         _choose("objective", self.objective, OBJECTIVES)
         _choose("allocation", self.allocation, ALLOCATIONS)
+        _choose("first_last", self.first_last, FIRST_LAST)
         knobs = [k for k in CRATE_KNOBS if getattr(self, k) is not None]
         if knobs and self.method != CRATE_DRIVEN:
             raise ConfigError(
@@ -169,7 +180,7 @@ class CompressSpec:
             crate=CRATE if self.crate is None else self.crate, crates=self.crates,
             gamma=GAMMA if self.gamma is None else self.gamma, power=POWER if self.power is None else self.power,
             iter_stop=self.iter_stop,
-            include=self.include, exclude=self.exclude, allocation=self.allocation,
+            include=self.include, exclude=self.exclude, allocation=self.allocation, first_last=self.first_last,
         )  # fmt: skip
 
     def train_config(self) -> TrainConfig:

@@ -172,6 +172,52 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def execution_order(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    """Names of the prunable layers in the order a forward pass of ``example`` first runs them.
+
+    Layers the pass never reaches come after, in registration order; without ``example`` (or when
+    the pass fails) the order is the registration order of :func:`prunable_layers`.
+    """
+    layers = prunable_layers(model)
+    if example is None:
+        return [n for n, _ in layers]
+    seen: list[str] = []
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if name not in seen:
+                seen.append(name)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    except Exception:  # the order is a hint: the registration order stands in
+        seen = []
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return seen + [n for n, _ in layers if n not in seen]
+
+
+def first_and_last(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    """The model's first convolution (when the first layer the forward pass runs is a ConvNd) and
+    its classifier head (the last Linear/ConvNd layer it runs), by :func:`execution_order`."""
+    order = execution_order(model, example)
+    if not order:
+        return []
+    modules = dict(prunable_layers(model))
+    edges = [order[0]] if isinstance(modules[order[0]], nn.modules.conv._ConvNd) else []
+    if order[-1] not in edges:
+        edges.append(order[-1])
+    return edges
+
+
 def select_layers(
     model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
 ) -> list[tuple[str, nn.Module]]:
@@ -239,6 +285,8 @@ class Surgery:
         self.iteration = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.frozen = False
+        #: layers left out of the selection on purpose and kept dense (see methods.dense_edges)
+        self.left_dense: list[str] = []
 
     # -- reporting ---------------------------------------------------------------------------
     def report(self) -> list[LayerReport]:
@@ -525,6 +573,8 @@ class ScheduledSurgery(Surgery):
     - ``splice=False`` (baselines): masked gradients and scores |W ⊙ T|, so pruning is final.
     - ``normalize="std"``: scores divided by each layer's standard deviation (Han et al.'s
       per-layer q·σ threshold).
+    - ``uniform=True``: no ranking across layers; every layer keeps the same fraction of its
+      weights (the ramp's kept count shared in proportion to layer size).
     """
 
     def __init__(
@@ -537,6 +587,7 @@ class ScheduledSurgery(Surgery):
         iter_stop: int | None = None,
         splice: bool = True,
         normalize: str = "none",
+        uniform: bool = False,
         min_layer_kept: float = 0.0,
         method: str = "dns",
         include: Sequence[str] = ("*",),
@@ -562,6 +613,7 @@ class ScheduledSurgery(Surgery):
             raise SurgeryError(f"iter_stop {self.iter_stop} must come after the ramp ends at {ramp.t1}")
         self.splice = splice
         self.normalize = normalize
+        self.uniform = uniform
         self.min_layer_kept = min_layer_kept
         self.layer_fractions: dict[str, float] | None = None
         if target.layer_kept is not None:
@@ -627,7 +679,14 @@ class ScheduledSurgery(Surgery):
                     end = self.layer_fractions[layer.name] * layer.total()
                     changed |= self._topk([layer], round(self.ramp.kept(t, layer.total(), end)))
                 return changed
-            return self._topk(self.layers, round(self.ramp.kept(t, self.start_kept, self.final_kept)))
+            kept = self.ramp.kept(t, self.start_kept, self.final_kept)
+            if self.uniform:
+                share = kept / self.prunable_total()
+                changed = False
+                for layer in self.layers:
+                    changed |= self._topk([layer], round(share * layer.total()))
+                return changed
+            return self._topk(self.layers, round(kept))
 
     def _topk(self, layers: Sequence[PrunedLayer], k: int) -> bool:
         """Keep the ``k`` highest scores over ``layers``; each layer keeps at least its floor."""

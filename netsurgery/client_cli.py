@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from dns_core.defaults import ALLOCATIONS, BUILTIN_SETS, CODECS, METHODS
+from dns_core.defaults import ALLOCATIONS, BUILTIN_SETS, CODECS, EDGE_SHARE, FIRST_LAST, METHODS
 from netsurgery.common import CliError, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
@@ -367,6 +367,16 @@ def cmd_upload_data(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- jobs
 
 
+def _patterns(text: str | None) -> list[str] | None:
+    """A comma-separated list of layer names or glob patterns (None when not given)."""
+    if text is None:
+        return None
+    patterns = [p.strip() for p in text.split(",") if p.strip()]
+    if not patterns:
+        raise CliError(f"give at least one layer name or pattern, got {text!r}")
+    return patterns
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from netsurgery.client import ApiError
 
@@ -381,7 +391,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                            max_drop=args.max_drop, iterations=args.iterations, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, codec=args.codec, crates=crates,
                            crate=args.crate, gamma=args.gamma, power=args.power, iter_stop=args.iter_stop,
-                           allocation=args.allocation)  # fmt: skip
+                           allocation=args.allocation, first_last=args.first_last,
+                           include=_patterns(args.include), exclude=_patterns(args.exclude))  # fmt: skip
         except ApiError as e:
             if e.status in (400, 422) and e.detail:
                 raise CliError(f"the service refused the job ({e.status}): {e.detail}") from None
@@ -698,7 +709,16 @@ def add_client_commands(sub: Subcommands) -> None:
     s.add_argument("--codec", choices=CODECS, default=None, help="also a sparse file with compressed values")
     s.add_argument(
         "--allocation", choices=ALLOCATIONS, default=None,
-        help="kept weights shared by one global threshold (global, the default) or per layer (layer)",
+        help="kept weights shared by one global threshold (global, the default), per layer relative to each "
+             "layer's spread (layer), or the same fraction in every layer (uniform)",
+    )  # fmt: skip
+    s.add_argument("--include", default=None, help="Linear/Conv layer names or glob patterns to prune, "
+                   "comma-separated (default: all)")  # fmt: skip
+    s.add_argument("--exclude", default=None, help="layer names or glob patterns to leave dense, comma-separated")
+    s.add_argument(
+        "--first-last", choices=FIRST_LAST, default=None,
+        help="the first convolution and the classifier head: dense, prune, or auto (the default: dense while they "
+             f"take at most {EDGE_SHARE:.0%} of the weights the target keeps)",
     )  # fmt: skip
     s.add_argument("--crates", default=None, help="dns-fixed-crates: per-layer crates, conv1=1,fc1=4")
     s.add_argument("--crate", type=float, default=None, help="dns-fixed-crates: default crate")

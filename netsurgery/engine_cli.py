@@ -19,6 +19,9 @@ from dns_core.defaults import (
     BUILTIN_SETS,
     CODECS,
     CRATE,
+    EDGE_SHARE,
+    FIRST_LAST,
+    FIRST_LAST_DEFAULT,
     GAMMA,
     ITERATIONS,
     LR,
@@ -145,6 +148,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             iter_stop=args.iter_stop,
             include=tuple(args.include.split(",")),
             allocation=args.allocation,
+            first_last=args.first_last,
             exclude=tuple(args.exclude.split(",")) if args.exclude else (),
             iterations=args.iterations,
             batch_size=args.batch_size,
@@ -351,12 +355,19 @@ def add_engine_commands(sub: Subcommands) -> None:
                    help=f"dns-fixed-crates only: surgery probability (1+gamma*t)^-power (default {GAMMA})")  # fmt: skip
     c.add_argument("--power", type=float, default=None, help=f"dns-fixed-crates only (default {POWER})")
     c.add_argument("--iter-stop", type=int, default=None)
-    c.add_argument("--include", default="*", help="layer name patterns to prune (comma-separated)")
-    c.add_argument("--exclude", default="", help="layer name patterns to leave dense")
+    c.add_argument("--include", default="*", help="Linear/Conv layer names or glob patterns to prune, "
+                   "comma-separated (default: all)")  # fmt: skip
+    c.add_argument("--exclude", default="", help="layer names or glob patterns to leave dense, comma-separated")
     c.add_argument(
         "--allocation", choices=ALLOCATIONS, default=ALLOCATION,
         help="how the kept weights are shared among layers: one magnitude threshold over all layers (global), "
-             "or each layer cut relative to its own spread (layer) (default %(default)s)",
+             "each layer cut relative to its own spread (layer), or the same fraction everywhere (uniform) "
+             "(default %(default)s)",
+    )  # fmt: skip
+    c.add_argument(
+        "--first-last", choices=FIRST_LAST, default=FIRST_LAST_DEFAULT,
+        help="the first convolution and the classifier head: kept dense, pruned, or auto: dense while they take "
+             f"at most {EDGE_SHARE:.0%} of the weights the target keeps (default %(default)s)",
     )  # fmt: skip
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")

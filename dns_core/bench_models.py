@@ -1,0 +1,277 @@
+"""``netsurgery bench models``: DNS against AGP beyond LeNet, on a ResNet and a ViT.
+
+Both models take Fashion-MNIST made 3-channel (3×28×28, :func:`dns_core.data.adapt_builtin`), as
+a user's image data reaches a model that expects colour. Each gets a dense reference trained here
+(cached), then every method is searched for the highest compression it holds within the model's
+accuracy budget, at the same iteration budget: a run holds one asked compression (no back-off), and
+it counts when both its validation and its test accuracy are within the budget of the reference's.
+
+The search climbs a ladder of compressions 1.25x apart: two rungs at a time while runs stay within
+budget, then the rung between the last good one and the first bad one. The rows it keeps are the
+best run of each method; every run tried goes to the results file.
+
+The allocation rules (one global ranking, per-layer spread, uniform) are compared at DNS's best
+compression, with the default's run among them.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import Dataset, adapt_builtin
+from .defaults import ALLOCATION, ALLOCATIONS
+from .inputs import ModelInput
+from .reference import cache_dir
+from .spec import CompressSpec
+from .train import TrainConfig, evaluate, fit
+
+INPUT = ModelInput("image", (3, 28, 28))
+#: asked compressions are STEP ** n (2.0, 2.5, 3.1, 3.9, 4.9, 6.1, 7.6, 9.5, 11.9, …)
+STEP = 1.25
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One model of the bench: how to build it, its reference recipe and its compression runs."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    max_drop: float  # the accuracy budget, percentage points
+    ref_epochs: int
+    ref_lr: float
+    iterations: int  # every compression run's budget
+    lr: float  # the compression runs' peak learning rate
+    start: float  # the first compression the search asks
+
+
+class _Logits(nn.Module):
+    """A transformers image classifier as one tensor in, logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(pixel_values=x).logits
+        return out
+
+
+def resnet(depth: int) -> Callable[[], nn.Module]:
+    """A CIFAR-style ResNet-(6·depth+2) with a 3x3 stem (ResNet-20 at depth 3), 3-channel input."""
+
+    def build() -> nn.Module:
+        from .models import ResNetSmall
+
+        return ResNetSmall(in_channels=3, num_classes=10, depth=depth, width=16)
+
+    return build
+
+
+def vit(hidden: int, layers: int, patch: int) -> Callable[[], nn.Module]:
+    """A small transformers ViT on 28×28 images (attention, LayerNorm, GELU: what users' ViTs hold)."""
+
+    def build() -> nn.Module:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        labels: dict[str, Any] = {"num_labels": 10}
+        config = ViTConfig(
+            image_size=28, patch_size=patch, num_channels=3, hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=4, intermediate_size=2 * hidden, **labels,
+        )  # fmt: skip
+        return _Logits(ViTForImageClassification(config))
+
+    return build
+
+
+MODELS: dict[str, BenchModel] = {
+    "resnet-20": BenchModel("resnet-20", resnet(3), 0.5, 8, 0.05, 1500, 0.01, 6.1),
+    "vit": BenchModel("vit", vit(96, 4, 4), 1.0, 10, 0.05, 1500, 0.01, 3.1),
+}
+QUICK: dict[str, BenchModel] = {
+    "resnet-20": BenchModel("resnet-8", resnet(1), 0.5, 2, 0.05, 400, 0.01, 3.9),
+    "vit": BenchModel("vit-tiny", vit(64, 2, 7), 1.0, 3, 0.05, 400, 0.01, 2.5),
+}
+
+
+def rung(n: int) -> float:
+    return round(STEP**n, 2)
+
+
+def rung_of(compression: float) -> int:
+    return round(math.log(compression) / math.log(STEP))
+
+
+def fashion_3ch() -> tuple[Dataset, Dataset, Dataset]:
+    train, valid, test = adapt_builtin("fashion-mnist", INPUT)
+    assert test is not None
+    return train, valid, test
+
+
+def reference(plan: BenchModel, train: Dataset, seed: int = 0) -> tuple[nn.Module, bool]:
+    """The plan's dense reference: from the cache, or trained (SGD, cosine) and cached as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    model = plan.build()
+    path = cache_dir() / f"ref-bench-{plan.name}-e{plan.ref_epochs}-lr{plan.ref_lr}-s{seed}.safetensors"
+    if path.exists():
+        model.load_state_dict(load_file(path))
+        return model, True
+    iterations = plan.ref_epochs * (len(train) // 64)
+    config = TrainConfig(iterations=iterations, lr=plan.ref_lr, seed=seed, eval_every=0, log_every=iterations)
+    fit(model, train, config)
+    model.cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, False
+
+
+def run(
+    plan: BenchModel,
+    model: nn.Module,
+    data: tuple[Dataset, Dataset, Dataset],
+    refs: tuple[float, float],
+    method: str,
+    compression: float,
+    allocation: str = ALLOCATION,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One compression run holding ``compression``; its row with the validation and test drops."""
+    train, valid, test = data
+    spec = CompressSpec(
+        method=method, compression=compression, iterations=plan.iterations, lr=plan.lr, seed=seed,
+        allocation=allocation, eval_every=0, log_every=max(plan.iterations // 10, 1),
+    )  # fmt: skip
+    began = time.perf_counter()
+    result = spec.compress(copy.deepcopy(model), train, valid, test=test)
+    seconds = time.perf_counter() - began
+    r = result.report
+    ref_val, ref_test = refs
+    val, acc = float(r["val_acc"]), float(r["test_acc"])
+    return {
+        "model": plan.name,
+        "method": method,
+        "allocation": allocation,
+        "asked": compression,
+        "compression": round(float(r["compression"]), 2),
+        "ref_acc": round(ref_test, 2),
+        "acc": round(acc, 2),
+        "ref_val_acc": round(ref_val, 2),
+        "val_acc": round(val, 2),
+        "within_budget": ref_val - val <= plan.max_drop and ref_test - acc <= plan.max_drop,
+        "iterations": plan.iterations,
+        "seconds": round(seconds, 1),
+        "layers": {layer["name"]: round(layer["kept_fraction"], 4) for layer in r["layers"]},
+        "left_dense": r["left_dense"],
+        "batchnorm": r["batchnorm"],
+    }
+
+
+def search(
+    plan: BenchModel,
+    method: str,
+    attempt: Callable[[float], dict[str, Any]],
+    max_runs: int = 6,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The best run within budget of ``method`` on the ladder, and every run tried."""
+    tried: dict[int, dict[str, Any]] = {}
+
+    def at(n: int) -> dict[str, Any]:
+        if n not in tried:
+            tried[n] = attempt(rung(n))
+        return tried[n]
+
+    n = rung_of(plan.start)
+    good, bad = None, None
+    while len(tried) < max_runs:
+        if at(n)["within_budget"]:
+            good = n if good is None else max(good, n)
+            if bad is not None and bad - good <= 1:
+                break
+            n = n + 2 if bad is None else (good + bad) // 2
+        else:
+            bad = n if bad is None else min(bad, n)
+            if good is not None and bad - good <= 1:
+                break
+            if good is None and n <= rung_of(2.0):
+                break  # nothing from 2x up holds the budget
+            n = n - 2 if good is None else (good + bad) // 2
+    best = None
+    for row in tried.values():
+        if row["within_budget"] and (best is None or row["compression"] > best["compression"]):
+            best = row
+    return best, [tried[k] for k in sorted(tried)]
+
+
+def bench(
+    *,
+    quick: bool = False,
+    names: Sequence[str] = ("resnet-20", "vit"),
+    methods: Sequence[str] = ("dns", "agp"),
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The table (best row per model and method), every run tried, and the allocation comparison."""
+    import json
+
+    plans = QUICK if quick else MODELS
+    data = fashion_3ch()
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    allocations: list[dict[str, Any]] = []
+    for key in names:
+        plan = plans[key]
+        began = time.perf_counter()
+        model, cached = reference(plan, data[0], seed)
+        refs = (evaluate(model, data[1]), evaluate(model, data[2]))
+        log(f"{plan.name}: reference {'loaded' if cached else 'trained'} in {time.perf_counter() - began:.0f}s, "
+            f"validation {refs[0]:.2f}%, test {refs[1]:.2f}%")  # fmt: skip
+        best_dns: dict[str, Any] | None = None
+
+        def attempt(method: str, compression: float, allocation: str = ALLOCATION) -> dict[str, Any]:
+            row = run(plan, model, data, refs, method, compression, allocation, seed)  # noqa: B023 - used at once
+            log(json.dumps({k: v for k, v in row.items() if k != "layers"}))
+            return row
+
+        for method in methods:
+            best, tried = search(plan, method, functools.partial(attempt, method))
+            runs += tried
+            if best is not None:
+                rows.append(best)
+            if method == "dns":
+                best_dns = best
+        if best_dns is not None:
+            for allocation in ALLOCATIONS:
+                if allocation == ALLOCATION:
+                    allocations.append(best_dns)
+                    continue
+                allocations.append(attempt("dns", best_dns["asked"], allocation))
+    return {"rows": rows, "runs": runs, "allocations": allocations}
+
+
+def short_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = ("model", "method", "compression", "ref_acc", "acc", "iterations", "seconds")
+    return [{k: r[k] for k in keys} for r in rows]
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = (
+        "| model | method | compression | test ref → pruned (Δ pp) | validation ref → pruned | iterations | seconds |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['compression']:.1f}x | {r['ref_acc']:.2f}% → {r['acc']:.2f}% "
+            f"({r['acc'] - r['ref_acc']:+.2f}) | {r['ref_val_acc']:.2f}% → {r['val_acc']:.2f}% | "
+            f"{r['iterations']:,} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
