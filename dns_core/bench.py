@@ -72,6 +72,7 @@ def run_row(
         iterations=iterations,
         seed=seed,
         log_every=max(iterations // 100, 1),  # fewer progress reports in a timed run
+        first_last="prune",  # the paper prunes every layer, the first and the last included
     )
     model = copy.deepcopy(reference)
     began = time.perf_counter()

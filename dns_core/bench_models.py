@@ -93,12 +93,12 @@ def vit(hidden: int, layers: int, patch: int) -> Callable[[], nn.Module]:
 
 
 MODELS: dict[str, BenchModel] = {
-    "resnet-20": BenchModel("resnet-20", resnet(3), 0.5, 8, 0.05, 1500, 0.01, 6.1),
-    "vit": BenchModel("vit", vit(96, 4, 4), 1.0, 10, 0.05, 1500, 0.01, 3.1),
+    "resnet-20": BenchModel("resnet-20", resnet(3), 0.5, 4, 0.05, 1200, 0.01, 5.96),
+    "vit": BenchModel("vit", vit(96, 4, 4), 1.0, 6, 0.05, 1200, 0.01, 3.05),
 }
 QUICK: dict[str, BenchModel] = {
-    "resnet-20": BenchModel("resnet-8", resnet(1), 0.5, 2, 0.05, 400, 0.01, 3.9),
-    "vit": BenchModel("vit-tiny", vit(64, 2, 7), 1.0, 3, 0.05, 400, 0.01, 2.5),
+    "resnet-20": BenchModel("resnet-8", resnet(1), 0.5, 2, 0.05, 400, 0.01, 3.81),
+    "vit": BenchModel("vit-tiny", vit(64, 2, 7), 1.0, 3, 0.05, 400, 0.01, 2.44),
 }
 
 
@@ -273,5 +273,16 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {r['model']} | {r['method']} | {r['compression']:.1f}x | {r['ref_acc']:.2f}% → {r['acc']:.2f}% "
             f"({r['acc'] - r['ref_acc']:+.2f}) | {r['ref_val_acc']:.2f}% → {r['val_acc']:.2f}% | "
             f"{r['iterations']:,} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_allocations(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| model | allocation | compression | test ref → pruned (Δ pp) | validation Δ pp |"]
+    lines.append("|---|---|---|---|---|")
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['allocation']} | {r['compression']:.1f}x | {r['ref_acc']:.2f}% → {r['acc']:.2f}% "
+            f"({r['acc'] - r['ref_acc']:+.2f}) | {r['val_acc'] - r['ref_val_acc']:+.2f} |"
         )
     return "\n".join(lines)

@@ -261,7 +261,7 @@ def _record_results(args: argparse.Namespace, results: Any) -> None:
     """Write a bench run's raw results to ``--results`` (default: docs/results/<kind>.json)."""
     from dns_core import bench
 
-    kind = args.which + ("-quick" if args.quick and args.which in ("table", "versus") else "")
+    kind = args.which + ("-quick" if args.quick and args.which in ("table", "versus", "models") else "")
     arguments = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)}
     path = bench.write_results(args.results or f"docs/results/{kind}.json", kind, arguments, results)
     print(f"results written to {path}", file=sys.stderr)
@@ -282,6 +282,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(figures))
         _record_results(args, figures)
         return 0
+    if args.which == "models":
+        return _bench_models(args)
+    if args.models is None:
+        args.models = "lenet-300-100,lenet-5"
     if args.which == "versus":
         arch = args.models.split(",")[0]  # one model: the first of --models
         if arch not in bench.PLANS:
@@ -322,6 +326,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     extra = ("layers", "backoffs", "val_drop")  # the last line keeps the issue's keys only
     print(json.dumps({"rows": [{k: v for k, v in r.items() if k not in extra} for r in rows]}))
     _record_results(args, {"rows": rows})  # the file keeps every key
+    return 0
+
+
+def _bench_models(args: argparse.Namespace) -> int:
+    from dns_core import bench_models
+
+    names = (args.models or ",".join(bench_models.MODELS)).split(",")
+    unknown = [n for n in names if n not in bench_models.MODELS]
+    if unknown:
+        raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench_models.MODELS)}")
+    methods = args.methods.split(",") if args.methods else ["dns", "agp"]
+    bad = [m for m in methods if m not in METHODS or m == "dns-fixed-crates"]
+    if bad:
+        raise CliError(f"unknown or crate-driven method(s) {', '.join(bad)}; choose among dns, agp, han, one-shot")
+    result = bench_models.bench(
+        quick=args.quick, names=names, methods=methods, log=lambda s: print(s, file=sys.stderr, flush=True)
+    )
+    print(bench_models.format_table(result["rows"]))
+    if result["allocations"]:
+        print(bench_models.format_allocations(result["allocations"]))
+    print(json.dumps({"rows": bench_models.short_rows(result["rows"])}))
+    _record_results(args, result)
     return 0
 
 
@@ -401,9 +427,11 @@ def add_engine_commands(sub: Subcommands) -> None:
     k.set_defaults(func=cmd_pack)
 
     b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead, the service's figures")
-    b.add_argument("which", choices=["table", "overhead", "service", "versus"])
-    b.add_argument("--quick", action="store_true", help="a small run (under 5 minutes on 2 cores)")
-    b.add_argument("--models", default="lenet-300-100,lenet-5")
+    b.add_argument("which", choices=["table", "overhead", "service", "versus", "models"])
+    b.add_argument("--quick", action="store_true", help="a small run (table: under 5 minutes on 2 cores; models: "
+                   "smaller models and budgets, under 10 minutes)")  # fmt: skip
+    b.add_argument("--models", default=None, help="table, versus: zoo models (default lenet-300-100,lenet-5); "
+                   "models: resnet-20,vit")  # fmt: skip
     b.add_argument("--methods", default=None, help="subset of methods (default: all rows)")
     b.add_argument("--iterations", type=int, default=None, help="iteration budget per method")
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
@@ -418,6 +446,6 @@ def add_engine_commands(sub: Subcommands) -> None:
         default=None,
         metavar="PATH",
         help="the raw results' JSON file (default: docs/results/<kind>.json, "
-        "kind: table, table-quick, versus, versus-quick, overhead, service)",
+        "kind: table, table-quick, versus, versus-quick, models, models-quick, overhead, service)",
     )
     b.set_defaults(func=cmd_bench)

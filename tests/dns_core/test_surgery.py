@@ -6,6 +6,7 @@ from torch import nn
 
 from dns_core import DNS, Ramp, ScheduledSurgery, SurgeryError, Target, models
 from dns_core.methods import MethodSettings, Schedule, make_surgery
+from dns_core.surgery import first_and_last
 
 
 def tiny() -> nn.Sequential:
@@ -335,8 +336,77 @@ def test_layer_allocation_cuts_every_layer_where_the_global_threshold_leaves_one
     assert globally["2"] >= 0.9 and globally["0"] < 0.3, globally  # the small layer nearly whole
     layer = run("layer")
     assert all(0.3 < f < 0.37 for f in layer.values()), layer  # both cut to about a third
+    uniform = run("uniform")
+    assert all(abs(f - uniform["0"]) < 0.01 for f in uniform.values()), uniform  # the same fraction everywhere
     with pytest.raises(SurgeryError, match="unknown allocation"):
-        make_surgery(method, nn.Linear(4, 4), 10, Target(compression=2.0), MethodSettings(allocation="uniform"))
+        make_surgery(method, nn.Linear(4, 4), 10, Target(compression=2.0), MethodSettings(allocation="even"))
+
+
+class _Reordered(nn.Module):
+    """Registers its head before its stem: only the forward pass tells which runs first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8 * 4 * 4, 10)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(torch.relu(self.stem(x)))).flatten(1))
+
+
+def test_the_first_convolution_and_the_head_are_found_by_the_forward_pass() -> None:
+    model = _Reordered()
+    assert first_and_last(model, torch.zeros(2, 3, 4, 4)) == ["stem", "head"]
+    assert first_and_last(model) == ["stem"]  # registration order without an example: wrong, as expected
+    mlp = models.build("lenet-300-100")
+    assert first_and_last(mlp, torch.zeros(2, 1, 28, 28)) == ["fc3"]  # an MLP's first layer is no convolution
+
+
+@pytest.mark.parametrize(
+    ("first_last", "compression", "dense"),
+    [
+        ("auto", 4.0, ["stem.0", "fc"]),  # both small beside what the target keeps
+        ("auto", 16.0, ["stem.0"]),  # the head (650) would pass 10% of the kept weights: only the stem
+        ("auto", 108.0, []),  # both together would take too much
+        ("dense", 16.0, ["stem.0", "fc"]),
+        ("prune", 4.0, []),
+    ],
+)
+def test_the_first_convolution_and_the_head_stay_dense_while_they_are_small(
+    first_last: str, compression: float, dense: list[str]
+) -> None:
+    model = models.build("resnet-small")
+    example = torch.zeros(2, 1, 28, 28)
+    settings = MethodSettings(first_last=first_last)
+    surgery = make_surgery("dns", model, 100, Target(compression=compression), settings, example=example)
+    assert surgery.left_dense == dense
+    pruned = {layer.name for layer in surgery.layers}
+    assert not pruned & set(dense) and {"stem.0", "fc"} - set(dense) <= pruned
+    for t in range(100):
+        surgery.step(t)
+    assert isinstance(surgery, ScheduledSurgery)
+    assert sum(layer.kept() for layer in surgery.layers) == surgery.final_kept  # the target holds either way
+    total = sum(p.numel() for p in model.parameters())
+    assert surgery.final_kept + total - surgery.prunable_total() == total // compression
+    modules = dict(model.named_modules())
+    assert all("weight_mask" not in dict(modules[n].named_buffers()) for n in dense)  # no mask: untouched
+
+
+def test_the_crate_driven_method_and_per_layer_targets_prune_the_first_and_last_layers() -> None:
+    example = torch.zeros(2, 1, 28, 28)
+    crates = make_surgery("dns-fixed-crates", models.build("lenet-5"), 100, None, example=example)
+    assert crates.left_dense == [] and {layer.name for layer in crates.layers} >= {"conv1", "fc2"}
+    per_layer = make_surgery(
+        "agp", models.build("lenet-5"), 100, Target(layer_kept={"fc2": 0.5}), example=example
+    )
+    assert per_layer.left_dense == []
+
+
+def test_a_selection_of_only_the_first_and_last_layers_prunes_them() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
+    surgery = make_surgery("dns", model, 10, Target(compression=2.0), example=torch.zeros(2, 1, 28, 28))
+    assert surgery.left_dense == [] and len(surgery.layers) == 2
 
 
 # -- fidelity: three mutations of the reference rule that these tests catch ---------------------------------
