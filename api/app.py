@@ -4,7 +4,8 @@ Routes live under ``/v1`` (one router per resource, :mod:`api.routes`), the Open
 ``/openapi.json`` and ``/docs``, probes at ``/healthz`` and ``/readyz``, Prometheus metrics at
 ``/metrics`` (:mod:`api.metrics`), the web dashboard at ``/dashboard/`` (``/`` redirects there;
 :mod:`api.routes.dashboard`). The engine, session
-factory, blob store, Celery app and upload folder are built here and kept on ``app.state``; the
+factory, blob store, Celery app, upload folder and whether the deployment trains on CPUs only
+(``cpu_only``, :func:`service.estimates.trains_on_cpu_only`) are settled here and kept on ``app.state``; the
 dependencies in :mod:`api.deps` read them from there, so tests build an app from their own
 settings (or override a dependency) and nothing is a module-level global.
 
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +45,7 @@ from api.routes import dashboard, health, metrics, v1
 from api.uploads import remove_stale
 from service.database import Reader, libpq_conninfo, make_engine, make_session_factory
 from service.errors import AppError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from service.estimates import trains_on_cpu_only
 from service.queue import make_celery
 from service.settings import Settings, get_settings
 from service.storage import Storage
@@ -130,6 +133,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = rate_limiter
     app.state.job_cache = job_cache
     app.state.metrics = Metrics(settings, app.state.session_factory)
+    # whether the deployment's workers train on CPUs (then jobs over cpu_job_limit_seconds are refused at
+    # submit): device 'cpu', or 'auto' and no CUDA device here; asked once, and only for 'auto'
+    auto = settings.device.strip().lower() == "auto"
+    app.state.cpu_only = trains_on_cpu_only(settings.device, auto and torch.cuda.is_available())
 
     for exc_class in (
         AppError,

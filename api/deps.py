@@ -67,7 +67,13 @@ async def get_celery(request: Request) -> Celery:
     return celery
 
 
+async def get_cpu_only(request: Request) -> bool:
+    """Whether the deployment's workers train on CPUs only (settled once by :func:`api.app.create_app`)."""
+    return bool(getattr(request.app.state, "cpu_only", False))
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+CpuOnlyDep = Annotated[bool, Depends(get_cpu_only)]
 # scope="function": the commit happens before the response is sent, so a client that got a 201
 # finds the row, and a failed commit is the request's error
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -74,6 +74,12 @@ class ModelRead(_Read):
     )
     config: dict[str, Any] | None = Field(description="The architecture's checked config (safetensors uploads).")
     parameter_count: int = Field(description="Weights and biases (ONNX: elements of float initializers).")
+    flops_per_example: int | None = Field(
+        default=None,
+        description="Floating-point operations of one example's forward pass (matrix products and convolutions, "
+        "2 per multiply-add), counted at upload; a CPU-only deployment estimates a job's training time from it. "
+        "Null for models uploaded before it was recorded, or whose forward pass could not be counted.",
+    )
     size_bytes: int
     sha256: str = Field(description="SHA-256 of the uploaded file, hex.")
     created_at: datetime

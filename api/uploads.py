@@ -21,6 +21,9 @@ model is loaded:
 - a safetensors file has only its header read (:func:`dns_core.uploads.validate_safetensors`);
   its tensor names, shapes and dtypes are compared with the zoo architecture built on the
   ``meta`` device (shapes only, no memory, no weights);
+- every accepted model has the FLOPs of one example's forward pass recorded
+  (:mod:`dns_core.cost`, on the meta model or during the ONNX trial run; None when they cannot be
+  counted), from which a CPU-only deployment estimates a job's time at submit;
 - a data file is read by :func:`dns_core.data.load_data_file` (``allow_pickle=False``, archive
   checks first).
 
@@ -59,7 +62,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from dns_core import archives, bundles, models, named, uploads
+from dns_core import archives, bundles, cost, models, named, uploads
 from dns_core.data import DataError, load_data_file
 from dns_core.hf import inspect_hf_folder
 from dns_core.onnx_convert import check_onnx
@@ -509,7 +512,7 @@ def _inspect_hf(root: Path, max_memory_bytes: int) -> ModelFacts:
         raise upload_error(e) from None
     except ValueError as e:  # ModelError: refused architecture, remote code, too large, mismatched weights
         raise InvalidFile(str(e)) from None
-    return ModelFacts("hf", facts.num_parameters, facts.architecture, None)
+    return ModelFacts("hf", facts.num_parameters, facts.architecture, None, facts.flops_per_example)
 
 
 def _inspect_onnx(path: Path, max_bytes: int, max_memory_bytes: int, external_dir: Path | None) -> ModelFacts:
@@ -523,7 +526,7 @@ def _inspect_onnx(path: Path, max_bytes: int, max_memory_bytes: int, external_di
         raise InvalidFile(message) from None
     except ValueError as e:  # too large for the worker's memory (a ModelError)
         raise InvalidFile(str(e)) from None
-    return ModelFacts("onnx", facts.num_parameters)
+    return ModelFacts("onnx", facts.num_parameters, flops_per_example=facts.flops_per_example)
 
 
 def _config(
@@ -569,7 +572,9 @@ def _inspect_safetensors(path: Path, max_bytes: int, architecture: str | None, c
     except ValueError as e:
         raise InvalidFile(str(e)) from None
     stored = json.loads(json.dumps(config))  # tuples (vgg widths) as JSON lists
-    return ModelFacts("safetensors", models.count_parameters(module), arch, stored)
+    # one example's forward pass, counted on shapes alone (eval mode: batch norm takes a batch of one)
+    flops = cost.forward_flops(module.eval(), cost.meta_example(models.model_input(arch, config)))
+    return ModelFacts("safetensors", models.count_parameters(module), arch, stored, flops)
 
 
 # ---------------------------------------------------------------------------------------- datasets

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import nn
 
+from . import cost
 from .defaults import BATCH_SIZE
 from .errors import ModelError
 from .inputs import ModelInput
@@ -119,7 +120,8 @@ class HFFacts:
 
     ``estimate_bytes`` is :func:`estimate_memory` for the batch size inspected with;
     ``activation_bytes`` the activations of one example, to re-estimate for another batch size:
-    ``parameter_bytes + batch_size × activation_bytes``.
+    ``parameter_bytes + batch_size × activation_bytes``. ``flops_per_example``: the forward pass of
+    one example (:func:`forward_flops`); None when not counted (not training, or it could not be).
     """
 
     architecture: str
@@ -131,6 +133,7 @@ class HFFacts:
     estimate_bytes: int = 0
     parameter_bytes: int = 0
     activation_bytes: int = 0
+    flops_per_example: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,6 +406,20 @@ def estimate_memory(
     return parameter_bytes + batch_size * per_example, parameter_bytes, per_example
 
 
+def forward_flops(model: nn.Module, spec: ModelInput, task: str) -> int | None:
+    """FLOPs of ``model``'s forward pass on one example of ``spec`` (:mod:`dns_core.cost`); None if it fails.
+
+    ``model`` is on the meta device, as for :func:`estimate_memory`; text models get token ids alone
+    (as there). It runs on two examples in training mode (batch norm refuses one example of 1×1 maps
+    there) and the count is halved.
+    """
+    x = _examples(spec, 2, "meta")
+    model.train()
+    if task == "text":
+        return cost.forward_flops(model, {"input_ids": x[:, 0]}, examples=2)
+    return cost.forward_flops(model, {"pixel_values": x}, examples=2)
+
+
 def _meta_model(name: str, config: PretrainedConfig) -> PreTrainedModel:
     _, model_class = _classes(name)
     config = copy.deepcopy(config)
@@ -575,6 +592,7 @@ def _check(
             f"{max_bytes / 2**30:,.1f} GiB allowed"
         )
     total = per_example = 0
+    flops = None
     if training:
         try:
             total, parameter_bytes, per_example = estimate_memory(meta, spec, task, batch_size)
@@ -582,6 +600,7 @@ def _check(
             raise
         except Exception as e:  # a config whose forward pass cannot run
             raise ModelError(f"{name} as config.json describes it cannot run ({type(e).__name__}: {e})") from None
+        flops = forward_flops(meta, spec, task)
     if total > max_bytes:
         raise ModelError(
             f"{name} as config.json describes it ({num_parameters:,} parameters, input {list(spec.shape)}) needs an "
@@ -594,6 +613,7 @@ def _check(
     facts = HFFacts(
         name, task, num_parameters, raw, spec, num_labels,
         estimate_bytes=total, parameter_bytes=parameter_bytes, activation_bytes=per_example,
+        flops_per_example=flops,
     )  # fmt: skip
     return _Checked(name, raw, config, facts, files, mapping)
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from onnx import AttributeProto, ModelProto, NodeProto, TensorProto
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .defaults import BATCH_SIZE
 from .inputs import ModelInput
@@ -111,12 +112,16 @@ class OnnxBinding:
 @dataclass(frozen=True)
 class OnnxFacts:
     """What :func:`check_onnx` found: trainable parameters, what one example looks like, memory need,
-    and the converted module itself (unchanged by the trial run), so that a job need not convert twice."""
+    and the converted module itself (unchanged by the trial run), so that a job need not convert twice.
+
+    ``flops_per_example``: the forward pass of one example, counted during the trial run
+    (:mod:`dns_core.cost`); None when it could not be counted."""
 
     num_parameters: int
     model_input: ModelInput | None
     estimate_bytes: int
     module: OnnxModule = field(repr=False, compare=False)
+    flops_per_example: int | None = None
 
 
 def load_onnx(
@@ -1936,8 +1941,9 @@ def check_onnx(
             raise _OverBudget
 
     module.max_elements = max(1, (max_memory_bytes - fixed) // 4)
+    flops = FlopCounterMode(display=False)  # the trial run's arithmetic, for the training-time estimate
     try:
-        with torch.no_grad():
+        with torch.no_grad(), flops:
             module.run(inputs, observe=observe)
     except _OverBudget:
         raise OnnxFormatError(
@@ -1964,4 +1970,5 @@ def check_onnx(
             too_big.format(need=_mib(estimate), why=f"with activations for a batch of {BATCH_SIZE}",
                            limit=_mib(max_memory_bytes))
         )  # fmt: skip
-    return OnnxFacts(num_parameters, _model_input(module, shapes), estimate, module.train())
+    flops_per_example = int(flops.get_total_flops()) // max(batch, 1)
+    return OnnxFacts(num_parameters, _model_input(module, shapes), estimate, module.train(), flops_per_example)

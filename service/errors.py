@@ -108,6 +108,20 @@ class InvalidFile(AppError):
     description = "The uploaded file is malformed or does not match its architecture."
 
 
+class ExceedsCpuTimeLimit(AppError):
+    """A CPU-only deployment's estimate of the job's training time is over ``Settings.cpu_job_limit_seconds``.
+
+    The message gives the estimate, the figures behind it and the limit (:mod:`service.estimates`).
+    """
+
+    status_code = 422
+    code = "exceeds_cpu_time_limit"
+    description = (
+        "This deployment trains on CPUs only and the job's estimated training time is over its limit; "
+        "ask for fewer iterations (or a smaller batch), or use a deployment with GPU workers."
+    )
+
+
 class TooManyRequests(AppError):
     """The API key made more requests than ``Settings.rate_limit_per_second`` (and the burst) allow.
 

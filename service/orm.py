@@ -176,6 +176,8 @@ class Model(Base):
     # the schema-checked architecture config (safetensors uploads)
     config: Mapped[dict[str, Any] | None]
     parameter_count: Mapped[BigInt]
+    # FLOPs of one example's forward pass, counted at upload; NULL if not counted (or uploaded before 0004)
+    flops_per_example: Mapped[int | None] = mapped_column(BigInteger)
     size_bytes: Mapped[BigInt]
     sha256: Mapped[Sha256]
     uri: Mapped[Uri]

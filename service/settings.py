@@ -15,6 +15,10 @@ GIB = 1024 * MIB
 IN_PROCESS_LIMITS = "memory://"
 #: URL schemes of a Redis ``limits_url``.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+#: Default ``cpu_flops_per_second``: 3 × forward FLOPs (62.5 MFLOP an example) × batch ÷ seconds of SGD training
+#: steps of ``ResNetSmall(in_channels=3, depth=3)`` on batches of 64 of 3×28×28 on 2 cores (torch 2.13, CPU): 22 to
+#: 31 GFLOP/s, median 25, over ten rounds of 5 steps while the cores were not taken by other work; rounded down.
+CPU_FLOPS_PER_SECOND = 20e9
 
 
 def _default_data_dir() -> Path:
@@ -103,6 +107,23 @@ class Settings(BaseSettings):
         default=20_000,
         gt=0,
         description="Surgery iterations of a job that does not set its own.",
+    )
+    cpu_flops_per_second: float = Field(
+        default=CPU_FLOPS_PER_SECOND,
+        gt=0,
+        description="Floating-point operations per second a CPU worker sustains in training, for the training-time "
+        "estimate of a job at submit on a CPU-only deployment (3 × the forward FLOPs of one example, counted at "
+        "upload, × batch size × iterations ÷ this). The default was measured on 2 cores (ResNetSmall, batches of "
+        "64); set it from your workers' own figure.",
+    )
+    cpu_job_limit_seconds: float = Field(
+        default=6 * 3600.0,
+        ge=0,
+        description="On a CPU-only deployment (device 'cpu', or 'auto' where the API process sees no CUDA device), "
+        "a job whose estimated training time is over this is refused at submit with the estimate (422, "
+        "exceeds_cpu_time_limit). 0 means no limit. Models uploaded before their FLOPs were recorded are never "
+        "refused. The API process judges by its own device setting: where it runs without a GPU beside GPU "
+        "workers, give it device 'cuda' as well, or it takes the deployment for CPU-only.",
     )
     reaper_seconds: float = Field(
         default=15.0,

@@ -9,6 +9,10 @@ Quota: a tenant may have ``Settings.max_active_jobs_per_tenant`` jobs queued or 
 it is a 429 (``quota_exceeded``, ``Retry-After``), checked under a lock on the tenant's row in the
 transaction that inserts the job (:func:`service.quotas.check_job_quota`). A replayed key passes.
 
+CPU time: on a CPU-only deployment a job whose estimated training time is over
+``Settings.cpu_job_limit_seconds`` is a 422 (``exceeds_cpu_time_limit``) with the estimate, before
+anything is written (:mod:`service.estimates`). A replayed key passes.
+
 Enqueueing happens only after the job row is committed. If the broker cannot take the message,
 the job stays ``queued`` and the answer is still 202: the reaper re-sends queued jobs
 (:func:`service.usecases.jobs.create_job`).
@@ -21,7 +25,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
-from api.deps import CeleryDep, JobCacheDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.deps import CeleryDep, CpuOnlyDep, JobCacheDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.jobcache import JobCache
 from api.routes.common import Limit, Offset, responses
 from api.schemas import (
@@ -36,7 +40,7 @@ from api.schemas import (
     ProgressRead,
 )
 from service.database import Reader
-from service.errors import BadRequest, Conflict, NotFound, QuotaExceeded
+from service.errors import BadRequest, Conflict, ExceedsCpuTimeLimit, NotFound, QuotaExceeded
 from service.orm import Job
 from service.repositories import MAX_PAGE
 from service.repositories import jobs as repository
@@ -68,7 +72,7 @@ JobDep = Annotated[Job, Depends(get_tenant_job)]
 
 _CREATE_RESPONSES = {
     200: {"model": JobRead, "description": "A repeated Idempotency-Key: the job that key created."},
-    **responses(BadRequest, NotFound, Conflict, QuotaExceeded),
+    **responses(BadRequest, NotFound, Conflict, ExceedsCpuTimeLimit, QuotaExceeded),
 }
 
 
@@ -80,14 +84,19 @@ def create_job(
     session: SessionDep,
     celery: CeleryDep,
     app_settings: SettingsDep,
+    cpu_only: CpuOnlyDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobRead:
     """Queue a job on one of the tenant's models and data sets (404 if either is not the tenant's).
 
     The answer (202) is the queued job; poll ``GET /v1/jobs/{id}``. 429 (``quota_exceeded``) while the
-    tenant already has its quota of jobs queued or running.
+    tenant already has its quota of jobs queued or running. 422 (``exceeds_cpu_time_limit``) on a
+    deployment that trains on CPUs only when the job's estimated training time (from the model's
+    FLOPs, counted at upload, the iterations and the batch size) is over its limit.
     """
-    job, created = jobs.create_job(session, celery, app_settings, tenant.tenant_id, body.request(), idempotency_key)
+    job, created = jobs.create_job(
+        session, celery, app_settings, tenant.tenant_id, body.request(), idempotency_key, cpu_only=cpu_only
+    )
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"

@@ -14,12 +14,16 @@ from service.repositories import StoredUpload, UploadRows, insert
 
 @dataclass(frozen=True, slots=True)
 class ModelFacts:
-    """What the upload checks found an accepted model file to be: its ``models`` columns besides the stored ones."""
+    """What the upload checks found an accepted model file to be: its ``models`` columns besides the stored ones.
+
+    ``flops_per_example``: the forward pass of one example, counted at upload; None if it could not be.
+    """
 
     format: str
     parameter_count: int
     architecture: str | None = None
     config: dict[str, Any] | None = None
+    flops_per_example: int | None = None
 
 
 #: The tenant-scoped read, listing and guarded delete of model rows.

@@ -4,7 +4,9 @@ Idempotency: a create with an ``idempotency_key`` the tenant used before returns
 created, and enqueues nothing; the same key with a different request is a
 :class:`~service.errors.Conflict`. Quota: a tenant may have
 ``Settings.max_active_jobs_per_tenant`` jobs queued or running
-(:func:`service.quotas.check_job_quota`); a replayed key passes.
+(:func:`service.quotas.check_job_quota`); a replayed key passes. CPU time: on a CPU-only deployment a
+job whose estimated training time is over ``Settings.cpu_job_limit_seconds`` is refused before
+anything is written (:mod:`service.estimates`); a replayed key passes.
 
 Enqueueing happens only after the job row is committed. If the broker cannot take the message,
 the job stays ``queued`` and the create still succeeds: the reaper re-sends queued jobs.
@@ -20,11 +22,11 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from service import keys, quotas
+from service import estimates, keys, quotas
 from service.errors import Conflict, NotFound
 from service.orm import TERMINAL_STATES, Job
 from service.queue import enqueue_job
-from service.repositories import jobs, jobstate
+from service.repositories import jobs, jobstate, models
 from service.settings import Settings
 from service.storage import Storage
 from service.usecases import found, remove_stored
@@ -50,14 +52,20 @@ def create_job(
     tenant_id: uuid.UUID,
     request: JobRequest,
     idempotency_key: str | None = None,
+    *,
+    cpu_only: bool = False,
 ) -> tuple[Job, bool]:
     """Queue a job on one of the tenant's models and data sets: the job, and whether it was created now.
 
     :class:`~service.errors.NotFound` if the model or data set is not the tenant's,
-    :class:`~service.errors.QuotaExceeded` past the active-jobs quota. A new job is committed, then
-    enqueued; a replayed ``idempotency_key`` returns the job it created (False), or
-    :class:`Conflict` if this request differs from that one.
+    :class:`~service.errors.ExceedsCpuTimeLimit` when ``cpu_only`` (the deployment's workers train
+    on CPUs, :func:`service.estimates.trains_on_cpu_only`) and the job's estimated training time is
+    over ``Settings.cpu_job_limit_seconds``, :class:`~service.errors.QuotaExceeded` past the
+    active-jobs quota. A new job is committed, then enqueued; a replayed ``idempotency_key`` returns
+    the job it created (False), or :class:`Conflict` if this request differs from that one.
     """
+    if cpu_only:
+        check_cpu_time(session, settings, tenant_id, request, idempotency_key)
     quotas.check_job_quota(session, settings, tenant_id, idempotency_key)
     total = request.settings.get("iterations")
     job, created = jobs.create_job(
@@ -73,6 +81,29 @@ def create_job(
     except Exception:  # the broker is down: the job stays queued and the reaper sends it later
         log.warning("job %s committed but not enqueued; the reaper will re-send it", job.id, exc_info=True)
     return job, True
+
+
+def check_cpu_time(
+    session: Session, settings: Settings, tenant_id: uuid.UUID, request: JobRequest, idempotency_key: str | None
+) -> None:
+    """:class:`~service.errors.ExceedsCpuTimeLimit` if the job would train for longer than the CPU limit.
+
+    Reads only: call it before anything is written. A model without a FLOPs count, or one that is not
+    the tenant's (the insert answers that), passes; so does a replayed ``idempotency_key``, which
+    returns the job it created whatever the limit is now.
+    """
+    limit = settings.cpu_job_limit_seconds
+    if limit <= 0:
+        return
+    model = models.rows.get(session, tenant_id, request.model_id)
+    if model is None or model.flops_per_example is None:
+        return
+    estimate = estimates.TrainingEstimate.of(settings, model.flops_per_example, request.settings)
+    if estimate.seconds <= limit:
+        return
+    if idempotency_key is not None and jobs.get_job_by_idempotency_key(session, tenant_id, idempotency_key):
+        return
+    estimates.check_cpu_time(estimate, limit)
 
 
 def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
