@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,8 @@ def compress(
         and valid.targets is not None
     ):
         budget = AccuracyBudget(surgery, ref_val, target.max_accuracy_drop, settle=max(config.iterations // 10, 1))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     result = fit(
         model,
         train,
@@ -133,6 +136,7 @@ def compress(
         "restored_last_good": result.restored_last_good,
         # BatchNorm statistics re-estimated on the pruned model: validation accuracy before and after
         "batchnorm": batchnorm,
+        "peak_memory": _peak_memory(device),
         "train": asdict(config),
         "history": compact_history(result.history),
         "settings": _settings_record(method, settings),
@@ -161,6 +165,20 @@ def _recalibrate(
         model.load_state_dict(saved)
     final = after if kept else before
     return {"layers": layers, "val_acc_before": before, "val_acc_after": after, "kept": kept, "val_acc": final}
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    """The run's peak memory: the CUDA allocator's on a GPU (this run only), else the process's peak
+    resident set, which covers everything the process did before too."""
+    if device.type == "cuda":
+        return {"device": str(device), "bytes": int(torch.cuda.max_memory_allocated(device)), "scope": "run"}
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    except (ImportError, OSError):
+        return {"device": "cpu", "bytes": None, "scope": "process"}
+    return {"device": "cpu", "bytes": int(peak), "scope": "process"}
 
 
 def _settings_record(method: str, settings: MethodSettings | None) -> dict[str, Any]:

@@ -314,6 +314,13 @@ def _summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         text += f"{_fmt_acc(norm.get('val_acc_before'))} → {_fmt_acc(norm.get('val_acc_after'))}"
         text += " (kept)" if norm.get("kept") else " (the trained statistics kept instead)"
         rows.append(("BatchNorm statistics", _e(text)))
+    dense = report.get("left_dense")
+    if isinstance(dense, list) and dense:
+        rows.append(("Kept dense", _e(", ".join(str(n) for n in dense) + " (the first convolution and the head)")))
+    peak = report.get("peak_memory")
+    if isinstance(peak, Mapping) and _num(peak.get("bytes")) is not None:
+        scope = "this run" if peak.get("scope") == "run" else "the worker process"
+        rows.append(("Peak memory", _e(f"{_fmt_int(peak.get('bytes'))} B on {peak.get('device')} ({scope})")))
     target = report.get("target")
     if isinstance(target, Mapping):
         rows.append(("Target", _e(_fmt_setting({k: v for k, v in target.items() if v is not None}))))

@@ -290,7 +290,16 @@ class Surgery:
 
     # -- reporting ---------------------------------------------------------------------------
     def report(self) -> list[LayerReport]:
-        return [LayerReport(layer.name, layer.kept(), layer.total()) for layer in self.layers]
+        """Kept/total of every selected layer and of the layers left dense on purpose (all kept), in
+        the model's order."""
+        rows = {layer.name: LayerReport(layer.name, layer.kept(), layer.total()) for layer in self.layers}
+        if self.left_dense:
+            modules = dict(self.model.named_modules())
+            for name in self.left_dense:
+                n = sum(p.numel() for p in modules[name].parameters(recurse=False))
+                rows[name] = LayerReport(name, n, n)
+            return [rows[name] for name, _ in prunable_layers(self.model) if name in rows]
+        return list(rows.values())
 
     def prunable_total(self) -> int:
         return sum(layer.total() for layer in self.layers)

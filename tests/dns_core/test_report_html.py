@@ -104,7 +104,8 @@ def test_history_is_compact_and_in_the_report(written: tuple[Path, dict[str, Any
     assert [h["iteration"] for h in history] == sorted(h["iteration"] for h in history)
     assert history[-1]["iteration"] == 60 and len(history) == 18  # 6 evaluations + 12 progress points
     assert sum(h["val_acc"] is not None for h in history) == 6
-    assert set(history[-1]["layers"]) == {"fc1", "fc2", "fc3"}
+    assert report["left_dense"] == ["fc3"]  # the head: 1,010 weights, under 10% of what 8x keeps
+    assert set(history[-1]["layers"]) == {"fc1", "fc2", "fc3"}  # fc3 reported whole
     assert report["compression"] > 1 and "budget_met" in report  # existing keys unchanged
 
 
@@ -117,6 +118,8 @@ def test_report_html_is_readable_self_contained_and_escaped(written: tuple[Path,
     assert parser.open == [] and "svg" in parser.tags and "table" in parser.tags
     for name in ("fc1", "fc2", "fc3"):
         assert f"<td>{name}</td>" in page
+    assert "fc3 (the first convolution and the head)" in page
+    assert f"{report['peak_memory']['bytes']:,} B on cpu (the worker process)" in page
     assert fmt_ratio(report["compression"]) in page and fmt_ratio(report["bytes"]["compression"]) in page
     with_compression = [h for h in report["history"] if h["compression"] is not None]
     with_accuracy = [h for h in report["history"] if h["val_acc"] is not None]

@@ -352,7 +352,8 @@ class _Reordered(nn.Module):
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(torch.relu(self.stem(x)))).flatten(1))
+        out: torch.Tensor = self.head(torch.relu(self.body(torch.relu(self.stem(x)))).flatten(1))
+        return out
 
 
 def test_the_first_convolution_and_the_head_are_found_by_the_forward_pass() -> None:
@@ -397,9 +398,7 @@ def test_the_crate_driven_method_and_per_layer_targets_prune_the_first_and_last_
     example = torch.zeros(2, 1, 28, 28)
     crates = make_surgery("dns-fixed-crates", models.build("lenet-5"), 100, None, example=example)
     assert crates.left_dense == [] and {layer.name for layer in crates.layers} >= {"conv1", "fc2"}
-    per_layer = make_surgery(
-        "agp", models.build("lenet-5"), 100, Target(layer_kept={"fc2": 0.5}), example=example
-    )
+    per_layer = make_surgery("agp", models.build("lenet-5"), 100, Target(layer_kept={"fc2": 0.5}), example=example)
     assert per_layer.left_dense == []
 
 

@@ -204,6 +204,12 @@ def test_compress_reports_the_batchnorm_step(digits: tuple[Dataset, Dataset]) ->
     assert norm["val_acc"] == result.report["val_acc"] == max(norm["val_acc_before"], norm["val_acc_after"])
     assert norm["kept"] == (norm["val_acc_after"] >= norm["val_acc_before"])
     assert result.report["val_acc"] == evaluate(result.model, valid)
+    # the stem and the head are small beside what 2x keeps: left dense, and said so
+    assert result.report["left_dense"] == ["stem.0", "fc"]
+    whole = {layer["name"] for layer in result.report["layers"] if layer["kept"] == layer["total"]}
+    assert whole == {"stem.0", "fc"}  # reported whole, beside the pruned layers
+    peak = result.report["peak_memory"]
+    assert peak["device"] == "cpu" and peak["scope"] == "process" and peak["bytes"] > 10 * 2**20
     lenet = compress(models.build("lenet-300-100"), train, valid, target=Target(compression=2.0),
                      config=TrainConfig(iterations=10, batch_size=32, device="cpu", eval_every=0))  # fmt: skip
     assert lenet.report["batchnorm"] is None
