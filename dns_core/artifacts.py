@@ -221,7 +221,7 @@ def write_artifacts(
     }
     if codec is not None:
         name = f"model.sparse.{codec}.safetensors"
-        pruned = {f"{n}.weight" for n in _pruned_layers(full)}
+        pruned = _pruned_weights(full, state)
         coded = save_sparse(out / name, state, meta | {"netsurgery.codec": codec}, codec=codec,
                             codec_tensors=pruned or None, clusters=clusters)  # fmt: skip
         files[name] = out / name
@@ -251,8 +251,17 @@ def write_artifacts(
     return Artifacts(full, files, packed)
 
 
-def _pruned_layers(report: dict[str, Any]) -> list[str]:
-    return [str(layer["name"]) for layer in report.get("layers", [])]
+def _pruned_weights(report: dict[str, Any], state: dict[str, torch.Tensor]) -> set[str]:
+    """The weight tensors of the pruned layers (``weight``, an attention block's ``in_proj_weight`` …);
+    not those of the layers left dense on purpose."""
+    dense = set(report.get("left_dense") or ())
+    layers = {str(layer["name"]) for layer in report.get("layers", [])} - dense
+    out = set()
+    for key in state:
+        owner, _, tensor = key.rpartition(".")
+        if owner in layers and tensor.endswith("weight"):
+            out.add(key)
+    return out
 
 
 def _jsonable(obj: Any) -> Any:

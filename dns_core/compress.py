@@ -137,6 +137,8 @@ def compress(
         # BatchNorm statistics re-estimated on the pruned model: validation accuracy before and after
         "batchnorm": batchnorm,
         "peak_memory": _peak_memory(device),
+        # micro-batches per batch at the end (more than asked when a batch ran out of CUDA memory)
+        "micro_batches": result.micro_batches,
         "train": asdict(config),
         "history": compact_history(result.history),
         "settings": _settings_record(method, settings),

@@ -164,12 +164,34 @@ class LayerReport:
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """All Linear and ConvNd modules of ``model`` with their qualified names."""
+    """All Linear, ConvNd and MultiheadAttention modules of ``model`` with their qualified names.
+
+    A MultiheadAttention holds its query, key and value projections as its own tensors (its output
+    projection is a Linear of its own), so it is a layer here: torchvision's ViT and every
+    ``nn.TransformerEncoder`` keep their q, k, v weights there.
+    """
     out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd | nn.MultiheadAttention):
             out.append((name, module))
     return out
+
+
+def masked_tensors(module: nn.Module, prune_bias: bool = True) -> list[str]:
+    """The names of ``module``'s tensors a surgery masks: the weight (q, k, v projections for attention),
+    and the bias with ``prune_bias``."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            names = ["in_proj_weight"]
+        else:
+            names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        if prune_bias and module.in_proj_bias is not None:
+            names.append("in_proj_bias")
+        return names
+    names = ["weight"]
+    if prune_bias and getattr(module, "bias", None) is not None:
+        names.append("bias")
+    return names
 
 
 def execution_order(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
@@ -227,7 +249,7 @@ def select_layers(
     for pattern in [*include, *exclude]:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise SurgeryError(
-                f"layer pattern {pattern!r} matches no Linear/Conv layer; prunable layers: {', '.join(names)}"
+                f"layer pattern {pattern!r} matches no Linear/Conv/attention layer; prunable layers: {', '.join(names)}"
             )
     chosen = [
         (n, m)
@@ -275,9 +297,7 @@ class Surgery:
         self.model = model
         self.layers: list[PrunedLayer] = []
         for name, module in select_layers(model, include, exclude):
-            tensors = ["weight"]
-            if prune_bias and getattr(module, "bias", None) is not None:
-                tensors.append("bias")
+            tensors = masked_tensors(module, prune_bias)
             attach_masks(module, tensors, self.straight_through)
             hook = module.register_load_state_dict_pre_hook(_upgrade_keys(tensors))  # type: ignore[no-untyped-call]
             kind = "conv" if isinstance(module, nn.modules.conv._ConvNd) else "fc"

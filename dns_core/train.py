@@ -58,6 +58,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    #: split each batch into this many micro-batches whose gradients add up (one optimizer step per batch);
+    #: on CUDA the split doubles by itself when a batch runs out of memory
+    micro_batches: int = 1
+    #: convolutional models train in channels_last on CUDA (where bf16 convolutions are fastest)
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -68,6 +73,8 @@ class TrainConfig:
             raise ConfigError(f"unknown objective {self.objective!r}")
         if self.lr_schedule not in ("cosine", "constant", "step"):
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}")
+        if not 1 <= self.micro_batches <= max(self.batch_size, 1):
+            raise ConfigError(f"micro_batches must be in [1, batch_size], got {self.micro_batches}")
 
     def lr_at(self, t: int) -> float:
         if self.warmup and t < self.warmup:
@@ -292,6 +299,7 @@ class FitResult:
     backoffs: int = 0
     restored_last_good: bool = False
     history: list[Progress] = field(default_factory=list)
+    micro_batches: int = 1  # the split the run ended with (more than asked after running out of CUDA memory)
 
 
 #: Settings that must match for a checkpoint to continue the same run.
@@ -407,6 +415,43 @@ def fit(
         )
 
     use_amp = cfg.amp and device.type == "cuda"
+    channels_last = (
+        cfg.channels_last and device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    )
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    micro = cfg.micro_batches
+
+    def train_step(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Forward and backward over ``micro`` slices of the batch, gradients summed as one batch's."""
+        nonlocal micro
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        while True:
+            opt.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            try:
+                parts = zip(x.chunk(micro), y.chunk(micro) if y is not None else [None] * micro, strict=False)
+                for xs, ys in parts:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        out = model(xs)
+                        t_out = None
+                        if teacher is not None and cfg.objective != "ce":
+                            with torch.no_grad():
+                                t_out = teacher(xs)
+                        loss = _objective(cfg, out.float(), ys, None if t_out is None else t_out.float())
+                    part = loss * (len(xs) / len(x))
+                    part.backward()  # type: ignore[no-untyped-call]
+                    total += part.detach()
+                return total
+            except torch.cuda.OutOfMemoryError:
+                if micro >= len(x):
+                    raise
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                micro = min(2 * micro, len(x))
+
     history: list[Progress] = []
     loss_sum = torch.zeros((), device=device)
     loss_n = 0
@@ -440,17 +485,9 @@ def fit(
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = stream.batch(t)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(x)
-            t_out = None
-            if teacher is not None and cfg.objective != "ce":
-                with torch.no_grad():
-                    t_out = teacher(x)
-            loss = _objective(cfg, out.float(), y, None if t_out is None else t_out.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss = train_step(x, y)
         opt.step()
-        loss_sum += loss.detach()
+        loss_sum += loss
         loss_n += 1
         done = t + 1
         if valid is not None and valid.targets is not None and cfg.eval_every and done % cfg.eval_every == 0:
@@ -478,4 +515,5 @@ def fit(
         backoffs=budget.backoffs if budget is not None else 0,
         restored_last_good=restored,
         history=history,
+        micro_batches=micro,
     )

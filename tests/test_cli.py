@@ -75,7 +75,7 @@ def test_compress_on_digits_writes_model_and_report(tmp_path: Path, capsys: pyte
         (["compress", "--data", "cifar"], "--data cifar: no such file, and not a built-in set"),
         (["compress", "--data", "digits", "--weights", "/nonexistent.safetensors"], "cannot load weights"),
         (["compress", "--data", "digits", "--method", "dns-fixed-crates", "--crates", "fc1"], "expected name=number"),
-        (["compress", "--data", "digits", "--include", "conv*"], "matches no Linear/Conv layer"),
+        (["compress", "--data", "digits", "--include", "conv*"], "matches no Linear/Conv/attention layer"),
         (["compress", "--data", "digits", "--target", "0.5"], "target compression must be"),
         (["compress", "--data", "digits", "--target", "5", "--gamma", "0.01"], "gamma set(s) the thresholds of the"),
         (["bench", "table", "--models", "resnet-9000"], "unknown model"),

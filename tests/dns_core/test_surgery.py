@@ -33,7 +33,7 @@ def test_bias_can_stay_dense() -> None:
     [
         ({"gamma": -1.0}, "gamma"),
         ({"power": -0.5}, "power"),
-        ({"include": ["nope*"]}, "matches no Linear/Conv layer"),
+        ({"include": ["nope*"]}, "matches no Linear/Conv/attention layer"),
         ({"include": ["fc1"], "exclude": ["fc1"]}, "empty"),
         ({"crates": {"fc9": 2.0}}, "names no selected layer"),
         ({"phases": ["conv", "attention"], "phase_length": 10}, "phases"),
@@ -468,3 +468,51 @@ def test_bias_masks_are_updated_like_the_weights() -> None:
         pruned.dense("bias")[0] = 5.0  # grows back over 1.1θ: spliced at the next step
     surgery.step(1)
     assert pruned.mask("bias")[0] == 1.0
+
+
+class _Encoder(nn.Module):
+    """Token features through two nn.TransformerEncoder layers (q, k, v inside nn.MultiheadAttention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.encoder(self.embed(x)).mean(1))
+        return out
+
+
+@pytest.mark.parametrize("method", ["dns", "agp", "dns-fixed-crates"])
+def test_attention_projections_are_pruned_like_any_linear(method: str) -> None:
+    """nn.MultiheadAttention keeps q, k, v in its own in_proj_weight: it is a layer of the selection, its
+    masked projections compute the attention, and squashing gives back the model's own state-dict keys."""
+    torch.manual_seed(0)
+    model, x = _Encoder(), torch.randn(4, 5, 8)
+    keys = list(model.state_dict())
+    target = None if method == "dns-fixed-crates" else Target(compression=4.0)
+    surgery = make_surgery(method, model, 60, target, MethodSettings(first_last="prune"), example=x)
+    names = [layer.name for layer in surgery.layers]
+    assert {"encoder.layers.0.self_attn", "encoder.layers.0.self_attn.out_proj"} <= set(names)
+    attention = surgery.layers[names.index("encoder.layers.1.self_attn")]
+    assert attention.tensors == ["in_proj_weight", "in_proj_bias"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for t in range(60):
+        surgery.step(t)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+    mask = attention.mask("in_proj_weight")
+    assert 0 < float(mask.mean()) < 1
+    block = model.encoder.layers[1].self_attn
+    assert torch.equal(block.in_proj_weight, attention.dense("in_proj_weight") * mask)  # what the block computes with
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    surgery.squash()
+    with torch.no_grad():
+        after = model(x)
+    assert list(model.state_dict()) == keys and torch.allclose(before, after, atol=1e-6)
+    assert float((block.in_proj_weight == 0).float().mean()) == pytest.approx(1 - float(mask.mean()))

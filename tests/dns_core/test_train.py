@@ -1,4 +1,5 @@
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,54 @@ def test_compress_reports_the_batchnorm_step(digits: tuple[Dataset, Dataset]) ->
     lenet = compress(models.build("lenet-300-100"), train, valid, target=Target(compression=2.0),
                      config=TrainConfig(iterations=10, batch_size=32, device="cpu", eval_every=0))  # fmt: skip
     assert lenet.report["batchnorm"] is None
+
+
+def _trained(cfg: TrainConfig, data: Dataset, make: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, int]:
+    torch.manual_seed(0)
+    model = make() if make is not None else models.build("lenet-300-100")
+    surgery = DNS(model, crate=0.5, iter_stop=cfg.iterations)
+    result = fit(model, data, cfg, surgery=surgery)
+    return model, result.micro_batches
+
+
+def test_micro_batches_add_up_to_the_batch_step(digits: tuple[Dataset, Dataset]) -> None:
+    """Gradients summed over micro-batches are the batch's gradient: the same weights, to rounding."""
+    cfg = TrainConfig(iterations=12, batch_size=32, device="cpu", eval_every=0)
+    whole, _ = _trained(cfg, digits[0])
+    split, micro = _trained(TrainConfig(**{**cfg.__dict__, "micro_batches": 4}), digits[0])
+    assert micro == 4
+    for (name, a), (_, b) in zip(whole.state_dict().items(), split.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+    with pytest.raises(ValueError, match="micro_batches must be in"):
+        TrainConfig(iterations=1, batch_size=8, micro_batches=9)
+
+
+class _SmallMemory(nn.Module):
+    """LeNet-300-100 that 'runs out of CUDA memory' on more than 8 examples at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> "_SmallMemory":
+        self.net = models.build("lenet-300-100")  # from the caller's seed, as _trained builds its reference
+        self.sizes: list[int] = []
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        if len(x) > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_until_it_fits(digits: tuple[Dataset, Dataset]) -> None:
+    cfg = TrainConfig(iterations=6, batch_size=32, device="cpu", eval_every=0)
+    model = _SmallMemory()
+    _, micro = _trained(cfg, digits[0], lambda: model.reset())
+    assert micro == 4 and model.sizes[:3] == [32, 16, 8]  # halved until it fits, then kept
+    assert set(model.sizes[3:]) == {8}
+    reference, _ = _trained(TrainConfig(**{**cfg.__dict__, "micro_batches": 4}), digits[0])
+    for (name, a), (_, b) in zip(model.net.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
