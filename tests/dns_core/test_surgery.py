@@ -502,7 +502,7 @@ def test_attention_projections_are_pruned_like_any_linear(method: str) -> None:
         surgery.step(t)
         loss = model(x).pow(2).mean()
         opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         opt.step()
     mask = attention.mask("in_proj_weight")
     assert 0 < float(mask.mean()) < 1
