@@ -35,8 +35,10 @@ from .spec import CompressSpec
 from .train import TrainConfig, evaluate, fit
 
 INPUT = ModelInput("image", (3, 28, 28))
-#: asked compressions are STEP ** n (2.0, 2.5, 3.1, 3.9, 4.9, 6.1, 7.6, 9.5, 11.9, …)
+#: asked compressions are STEP ** n (1.95, 2.44, 3.05, 3.81, 4.77, 5.96, 7.45, 9.31, 11.64, …)
 STEP = 1.25
+#: the lowest rung the search asks (1.95x)
+LOWEST = 3
 
 
 @dataclass(frozen=True)
@@ -202,9 +204,9 @@ def search(
             bad = n if bad is None else min(bad, n)
             if good is not None and bad - good <= 1:
                 break
-            if good is None and n <= rung_of(2.0):
-                break  # nothing from 2x up holds the budget
-            n = n - 2 if good is None else (good + bad) // 2
+            if good is None and n <= LOWEST:
+                break  # nothing from about 2x up holds the budget
+            n = max(n - 2, LOWEST) if good is None else (good + bad) // 2
     best = None
     for row in tried.values():
         if row["within_budget"] and (best is None or row["compression"] > best["compression"]):
