@@ -99,8 +99,8 @@ MODELS: dict[str, BenchModel] = {
     "vit": BenchModel("vit", vit(96, 4, 4), 1.0, 6, 0.05, 1200, 0.01, 3.05),
 }
 QUICK: dict[str, BenchModel] = {
-    "resnet-20": BenchModel("resnet-8", resnet(1), 0.5, 2, 0.05, 400, 0.01, 3.81),
-    "vit": BenchModel("vit-tiny", vit(64, 2, 7), 1.0, 3, 0.05, 400, 0.01, 2.44),
+    "resnet-20": BenchModel("resnet-8", resnet(1), 0.5, 2, 0.05, 300, 0.01, 3.81),
+    "vit": BenchModel("vit-tiny", vit(64, 2, 7), 1.0, 3, 0.05, 300, 0.01, 3.81),
 }
 
 
