@@ -162,6 +162,18 @@ def test_cuda_surgery_with_bf16_autocast() -> None:
     fit(model, data, TrainConfig(iterations=50, device="cuda"), surgery=surgery)
     assert next(model.parameters()).is_cuda
     assert surgery.compression() > 1.0
+    conv = surgery.layers[0].dense("weight")
+    assert conv.dim() == 4 and conv.is_contiguous(memory_format=torch.channels_last)  # convolutions in NHWC
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compress_reports_its_own_peak_memory(digits: tuple[Dataset, Dataset]) -> None:
+    train, valid = digits
+    result = compress(models.build("lenet-300-100"), train, valid, target=Target(compression=4.0),
+                      config=TrainConfig(iterations=20, batch_size=32, device="cuda", eval_every=0))  # fmt: skip
+    peak = result.report["peak_memory"]
+    assert peak["device"].startswith("cuda") and peak["scope"] == "run" and 0 < peak["bytes"] < 2**30
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path) -> None:
