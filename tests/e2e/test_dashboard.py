@@ -254,7 +254,10 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
     )
     assert [b["layer"] for b in bars] == ["fc1", "fc2", "fc3"], bars
     for bar in bars:
-        assert 0 < bar["kept"] < bar["total"] and 0 < bar["after"] < bar["before"], bar
+        if bar["layer"] == "fc3":  # the head: small beside what 8x keeps, so kept dense, and drawn whole
+            assert bar["kept"] == bar["total"] and bar["after"] == bar["before"] > 0, bar
+        else:
+            assert 0 < bar["kept"] < bar["total"] and 0 < bar["after"] < bar["before"], bar
         assert f"{100 * bar['kept'] / bar['total']:.1f}%" in bar["text"], bar
     assert [b["total"] for b in bars] == [784 * 300 + 300, 300 * 100 + 100, 100 * 10 + 10]  # weights and biases
 
