@@ -221,8 +221,12 @@ def bench(
     methods: Sequence[str] = ("dns", "agp"),
     seed: int = 0,
     log: Callable[[str], None] = print,
+    on_model: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The table (best row per model and method), every run tried, and the allocation comparison."""
+    """The table (best row per model and method), every run tried, and the allocation comparison.
+
+    ``on_model`` receives the results so far after each model (to write them as they come).
+    """
     import json
 
     plans = QUICK if quick else MODELS
@@ -257,6 +261,8 @@ def bench(
                     allocations.append(best_dns)
                     continue
                 allocations.append(attempt("dns", best_dns["asked"], allocation))
+        if on_model is not None:
+            on_model({"rows": rows, "runs": runs, "allocations": allocations})
     return {"rows": rows, "runs": runs, "allocations": allocations}
 
 

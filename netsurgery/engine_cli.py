@@ -341,7 +341,11 @@ def _bench_models(args: argparse.Namespace) -> int:
     if bad:
         raise CliError(f"unknown or crate-driven method(s) {', '.join(bad)}; choose among dns, agp, han, one-shot")
     result = bench_models.bench(
-        quick=args.quick, names=names, methods=methods, log=lambda s: print(s, file=sys.stderr, flush=True)
+        quick=args.quick,
+        names=names,
+        methods=methods,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+        on_model=lambda partial: _record_results(args, partial),  # each model's figures as soon as they exist
     )
     print(bench_models.format_table(result["rows"]))
     if result["allocations"]:
