@@ -13,7 +13,7 @@ Method = Literal["dns", "dns-fixed-crates", "han", "one-shot", "agp"]
 Codec = Literal["float16", "int8", "shared"]
 BuiltinSet = Literal["fashion-mnist", "digits"]
 Objective = Literal["ce", "distill", "ce+distill"]
-Allocation = Literal["global", "layer", "uniform"]
+Allocation = Literal["balanced", "global", "layer", "uniform"]
 FirstLast = Literal["auto", "dense", "prune"]
 
 #: The compression methods (see :func:`dns_core.methods.make_surgery`).
@@ -25,12 +25,15 @@ BUILTIN_SETS: tuple[str, ...] = get_args(BuiltinSet)
 #: Training objectives (see :class:`dns_core.train.TrainConfig`).
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
-#: How a target-driven method shares the kept weights among layers: one magnitude threshold over all
-#: layers ("global"), each layer's magnitudes over its own standard deviation in one ranking ("layer":
-#: every layer is cut relative to its own spread, so no small layer of large weights stays dense), or
-#: the same kept fraction in every layer ("uniform").
+#: How a target-driven method shares the kept weights among layers: one magnitude ranking over all
+#: layers with every layer's kept fraction held inside a band around the overall fraction f, at least
+#: f/κ and at most 1 - (1 - f)/κ with κ = :data:`BALANCE` ("balanced": the ranking decides, but no
+#: layer stays dense and none is emptied), one magnitude threshold over all layers with no band
+#: ("global", the paper's rule), each layer's magnitudes over its own standard deviation in one
+#: ranking ("layer"), or the same kept fraction in every layer ("uniform", the band at κ = 1).
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
-ALLOCATION = "global"
+ALLOCATION = "balanced"
+BALANCE = 4.0
 
 #: What happens to the first convolution and the classifier head (the first and the last Linear/Conv
 #: layer the forward pass runs): "dense" keeps them out of the selection, "prune" prunes them like any

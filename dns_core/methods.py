@@ -19,6 +19,7 @@ from torch import nn
 from .defaults import (
     ALLOCATION,
     ALLOCATIONS,
+    BALANCE,
     CRATE,
     CRATE_DRIVEN,
     EDGE_SHARE,
@@ -61,7 +62,7 @@ class MethodSettings:
     exclude: Sequence[str] = ()
     prune_bias: bool = True
     min_layer_kept: float = 0.0
-    allocation: str = ALLOCATION  # "global", "layer" or "uniform" (target-driven methods but Han's: per layer)
+    allocation: str = ALLOCATION  # see ALLOCATIONS (target-driven methods but Han's, which is per layer)
     first_last: str = FIRST_LAST_DEFAULT  # the first convolution and the head: "auto", "dense" or "prune"
     schedule: Schedule | None = None  # None: the method's own, SCHEDULES
 
@@ -163,11 +164,13 @@ def _make_surgery(
         raise SurgeryError(f"unknown allocation {s.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     per_layer = "std" if s.allocation == "layer" else "none"
     uniform = s.allocation == "uniform"
+    balance = BALANCE if s.allocation == "balanced" else None
 
     def scheduled(ramp: Ramp, splice: bool, iter_stop: int | None = None, normalize: str = per_layer) -> Surgery:
         return ScheduledSurgery(
             model, target, ramp=ramp, interval=sched.interval, iter_stop=iter_stop, splice=splice,
-            normalize=normalize, uniform=uniform and normalize == per_layer, min_layer_kept=s.min_layer_kept,
+            normalize=normalize, uniform=uniform and normalize == per_layer,
+            balance=balance if normalize == per_layer else None, min_layer_kept=s.min_layer_kept,
             method=method, include=s.include, exclude=s.exclude, prune_bias=s.prune_bias, seed=seed,
         )  # fmt: skip
 

@@ -604,6 +604,9 @@ class ScheduledSurgery(Surgery):
       per-layer q·σ threshold).
     - ``uniform=True``: no ranking across layers; every layer keeps the same fraction of its
       weights (the ramp's kept count shared in proportion to layer size).
+    - ``balance=κ``: one ranking, but each layer keeps between f/κ and 1 - (1 - f)/κ of its
+      weights, f being the overall kept fraction at that step; κ → ∞ is the plain global ranking,
+      κ = 1 is uniform.
     """
 
     def __init__(
@@ -617,6 +620,7 @@ class ScheduledSurgery(Surgery):
         splice: bool = True,
         normalize: str = "none",
         uniform: bool = False,
+        balance: float | None = None,
         min_layer_kept: float = 0.0,
         method: str = "dns",
         include: Sequence[str] = ("*",),
@@ -630,6 +634,8 @@ class ScheduledSurgery(Surgery):
             raise SurgeryError(f"normalize must be 'none' or 'std', got {normalize!r}")
         if not 0 <= min_layer_kept < 1:
             raise SurgeryError(f"min_layer_kept must be in [0, 1), got {min_layer_kept}")
+        if balance is not None and not balance >= 1:
+            raise SurgeryError(f"balance must be at least 1, got {balance}")
         self.straight_through = splice
         self.method = method
         super().__init__(model, include=include, exclude=exclude, prune_bias=prune_bias, seed=seed)
@@ -643,6 +649,7 @@ class ScheduledSurgery(Surgery):
         self.splice = splice
         self.normalize = normalize
         self.uniform = uniform
+        self.balance = balance
         self.min_layer_kept = min_layer_kept
         self.layer_fractions: dict[str, float] | None = None
         if target.layer_kept is not None:
@@ -715,14 +722,62 @@ class ScheduledSurgery(Surgery):
                 for layer in self.layers:
                     changed |= self._topk([layer], round(share * layer.total()))
                 return changed
+            if self.balance is not None:
+                return self._banded(round(kept), self.balance)
             return self._topk(self.layers, round(kept))
+
+    def _layer_scores(self, layer: PrunedLayer) -> list[tuple[str, torch.Tensor]]:
+        scale = self._scale(layer)
+        return [(name, self._scores(layer, name, scale)) for name in layer.tensors]
+
+    def _banded(self, k: int, balance: float) -> bool:
+        """Keep ``k`` entries by one ranking, each layer's count held in its band (see ``balance``).
+
+        Each layer's scores are sorted; the entries a layer must keep (its lower bound) are taken
+        first, and the rest of ``k`` goes to the best of the entries between each layer's lower and
+        upper bound, so the ranking decides wherever the band leaves room.
+        """
+        scored = [(layer, self._layer_scores(layer)) for layer in self.layers]
+        sizes = [layer.total() for layer in self.layers]
+        total = sum(sizes)
+        k = min(max(k, 1), total)
+        f = k / total
+        lows = [math.floor(n * f / balance) for n in sizes]
+        floors = [min(math.ceil(self.min_layer_kept * n), n) for n in sizes]
+        if sum(max(lo, fl) for lo, fl in zip(lows, floors, strict=True)) <= k:
+            lows = [max(lo, fl) for lo, fl in zip(lows, floors, strict=True)]
+        else:
+            lows = floors
+        highs = [max(n - math.floor(n * (1 - f) / balance), lo) for n, lo in zip(sizes, lows, strict=True)]
+        ranked = [torch.cat([s.flatten() for _, s in parts]).sort(descending=True).values for _, parts in scored]
+        candidates = torch.cat([r[lo:hi] for r, lo, hi in zip(ranked, lows, highs, strict=True)])
+        rest = k - sum(lows)
+        counts = list(lows)
+        if rest > 0 and candidates.numel():
+            chosen = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
+            chosen[torch.topk(candidates, min(rest, candidates.numel()), sorted=False).indices] = True
+            offset = 0
+            for i, (lo, hi) in enumerate(zip(lows, highs, strict=True)):
+                counts[i] += int(chosen[offset : offset + hi - lo].sum())
+                offset += hi - lo
+        changed = False
+        for (layer, parts), count in zip(scored, counts, strict=True):
+            flat = torch.cat([s.flatten() for _, s in parts])
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[torch.topk(flat, count, sorted=False).indices] = True
+            offset = 0
+            for name, s in parts:
+                new = keep[offset : offset + s.numel()].view_as(s).to(layer.mask(name).dtype)
+                changed |= not torch.equal(new, layer.mask(name))
+                layer.set_mask(name, new)
+                offset += s.numel()
+        return changed
 
     def _topk(self, layers: Sequence[PrunedLayer], k: int) -> bool:
         """Keep the ``k`` highest scores over ``layers``; each layer keeps at least its floor."""
         parts = []
         for layer in layers:
-            scale = self._scale(layer)
-            parts += [(layer, name, self._scores(layer, name, scale)) for name in layer.tensors]
+            parts += [(layer, name, s) for name, s in self._layer_scores(layer)]
         flat = torch.cat([s.flatten() for _, _, s in parts])
         k = min(max(k, 1), flat.numel())
         keep = torch.zeros_like(flat, dtype=torch.bool)

@@ -40,7 +40,10 @@ def test_the_crate_driven_method_takes_no_target() -> None:
     [
         ({"method": "magic"}, "unknown method 'magic'"),
         (JOB | {"settings": {"codec": "zip"}}, "unknown codec 'zip'"),
-        (JOB | {"settings": {"allocation": "even"}}, "unknown allocation 'even'; choose one of global, layer, uniform"),
+        (
+            JOB | {"settings": {"allocation": "even"}},
+            "unknown allocation 'even'; choose one of balanced, global, layer, uniform",
+        ),
         (JOB | {"settings": {"first_last": "keep"}}, "unknown first_last 'keep'; choose one of auto, dense, prune"),
         (JOB | {"settings": {"include": "fc*"}}, "include must be a list of layer names or glob patterns"),
         (JOB | {"settings": {"exclude": [""]}}, "exclude must hold non-empty strings"),

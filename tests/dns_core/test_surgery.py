@@ -1,10 +1,14 @@
 import copy
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from dns_core import DNS, Ramp, ScheduledSurgery, SurgeryError, Target, models
+from dns_core.defaults import BALANCE
 from dns_core.methods import MethodSettings, Schedule, make_surgery
 from dns_core.surgery import first_and_last
 
@@ -338,6 +342,11 @@ def test_layer_allocation_cuts_every_layer_where_the_global_threshold_leaves_one
     assert all(0.3 < f < 0.37 for f in layer.values()), layer  # both cut to about a third
     uniform = run("uniform")
     assert all(abs(f - uniform["0"]) < 0.01 for f in uniform.values()), uniform  # the same fraction everywhere
+    # balanced: the ranking still favours the small layer, up to its ceiling 1 - (1 - 1/3)/4
+    balanced = run("balanced")
+    ceiling = 1 - (1 - 1 / 3) / BALANCE
+    assert abs(balanced["2"] - ceiling) <= 1 / 260, balanced  # within one weight (the band is rounded)
+    assert globally["0"] < balanced["0"] < 1 / 3, balanced
     with pytest.raises(SurgeryError, match="unknown allocation"):
         make_surgery(method, nn.Linear(4, 4), 10, Target(compression=2.0), MethodSettings(allocation="even"))
 
@@ -516,3 +525,57 @@ def test_attention_projections_are_pruned_like_any_linear(method: str) -> None:
         after = model(x)
     assert list(model.state_dict()) == keys and torch.allclose(before, after, atol=1e-6)
     assert float((block.in_proj_weight == 0).float().mean()) == pytest.approx(1 - float(mask.mean()))
+
+
+@pytest.mark.parametrize("method", ["dns", "agp"])
+def test_balanced_allocation_neither_empties_a_small_layer_nor_leaves_one_whole(method: str) -> None:
+    """Three layers: a small one of tiny weights (the plain ranking empties it), a small one of large
+    weights (the plain ranking keeps it whole) and a big one. Balanced keeps each inside its band."""
+
+    def run(allocation: str) -> dict[str, float]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 2))
+        with torch.no_grad():
+            model[0].weight.mul_(1e-3)
+            model[0].bias.mul_(1e-3)
+            model[4].weight.mul_(50)
+            model[4].bias.mul_(50)
+        settings = MethodSettings(allocation=allocation, first_last="prune")
+        surgery = make_surgery(method, model, 100, Target(compression=8.0), settings)
+        for t in range(100):
+            surgery.step(t)
+        assert abs(surgery.compression() - 8.0) < 0.05
+        return {r.name: r.kept_fraction for r in surgery.report()}
+
+    plain = run("global")
+    assert plain["0"] < 0.01 and plain["4"] > 0.9, plain
+    balanced = run("balanced")
+    f = 1 / 8
+    assert f / BALANCE - 0.01 <= balanced["0"] <= f, balanced  # held at its floor, not emptied
+    assert 0.5 < balanced["4"] <= 1 - (1 - f) / BALANCE + 0.01, balanced  # held at its ceiling, not whole
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(2, 40), min_size=1, max_size=5),
+    scales=st.lists(st.floats(1e-3, 1e3), min_size=5, max_size=5),
+    share=st.floats(0.01, 1.0),
+    balance=st.floats(1.0, 10.0),
+)
+def test_the_band_holds_and_the_count_is_exact(
+    sizes: list[int], scales: list[float], share: float, balance: float
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(n, 1, bias=False) for n in sizes])
+    with torch.no_grad():
+        for layer, scale in zip(model, scales, strict=False):
+            layer.weight.mul_(scale)
+    total = sum(sizes)
+    s = ScheduledSurgery(model, Target(compression=2.0), ramp=Ramp(0, 0, "one-shot"), balance=balance)
+    k = max(1, round(share * total))
+    s._banded(k, balance)
+    assert sum(layer.kept() for layer in s.layers) == k
+    f = k / total
+    for layer in s.layers:
+        n = layer.total()
+        assert math.floor(n * f / balance) <= layer.kept() <= max(n - math.floor(n * (1 - f) / balance), 0)
