@@ -166,7 +166,18 @@ def embedded(host: str, port: int, *, with_worker: bool = True) -> Iterator[tupl
                 worker.kill()
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (what scripts and process managers send) stops ``serve`` as Ctrl-C does: the context
+    manager's exit then stops the API and the worker instead of leaving the worker orphaned."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _stop_on_sigterm()
     with embedded(args.host, args.port, with_worker=not args.no_worker) as (url, key, s):
         print(f"netsurgery is serving {url} (API docs at {url}/docs; data under {s.data_dir})")
         print(f"API key: {key}")

@@ -183,9 +183,32 @@ def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -
         assert state.keys() == load_sparse(files["model.sparse.safetensors"]).keys()
         assert io.BytesIO(files["report.json"].read_bytes()).read(1) == b"{"
         assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["data"]  # nothing else in the cwd
+        children = _children(proc.pid)
+        assert len(children) == 1, children  # its worker
+        proc.terminate()  # SIGTERM, as a process manager stops a service
+        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+        assert "stopping" in log.read_text()
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in children), "the worker outlived serve"
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _children(pid: int) -> list[int]:
+    task = Path(f"/proc/{pid}/task")
+    return [int(c) for t in task.iterdir() for c in (t / "children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has stopped; only its parent has yet to reap it
 
 
 def test_the_python_client_round_trip_and_its_errors(service: Service, tmp_path: Path) -> None:
