@@ -73,6 +73,7 @@ def run_row(
         seed=seed,
         log_every=max(iterations // 100, 1),  # fewer progress reports in a timed run
         first_last="prune",  # the paper prunes every layer, the first and the last included
+        allocation="global",  # and shares the target by one threshold over all layers, with no band
     )
     model = copy.deepcopy(reference)
     began = time.perf_counter()
