@@ -177,9 +177,10 @@ class JobSettings(_Create):
     codec: Codec | None = Field(default=None, description="Value codec of the extra compact sparse artifact.")
     allocation: Allocation | None = Field(
         default=None,
-        description="How a target is shared among layers: one magnitude threshold over all layers (global, the "
-        "default), each layer cut relative to its own spread (layer; no small layer stays dense), or the same "
-        "kept fraction in every layer (uniform).",
+        description="How a target is shared among layers: one magnitude ranking with every layer's kept fraction "
+        "held between f/4 and 1-(1-f)/4 of the overall fraction f (balanced, the default: no layer stays whole "
+        "or is emptied), one magnitude threshold over all layers (global), each layer cut relative to its own "
+        "spread (layer), or the same kept fraction in every layer (uniform).",
     )
     include: list[LayerName] | None = Field(
         default=None,

@@ -53,6 +53,7 @@ class BenchModel:
     iterations: int  # every compression run's budget
     lr: float  # the compression runs' peak learning rate
     start: float  # the first compression the search asks
+    allocation_at: tuple[float, ...]  # the compressions ``bench allocation`` compares the rules at
 
 
 class _Logits(nn.Module):
@@ -95,12 +96,12 @@ def vit(hidden: int, layers: int, patch: int) -> Callable[[], nn.Module]:
 
 
 MODELS: dict[str, BenchModel] = {
-    "resnet-20": BenchModel("resnet-20", resnet(3), 0.5, 4, 0.05, 1200, 0.01, 5.96),
-    "vit": BenchModel("vit", vit(96, 4, 4), 1.0, 6, 0.05, 1200, 0.01, 3.05),
+    "resnet-20": BenchModel("resnet-20", resnet(3), 0.5, 4, 0.05, 1200, 0.01, 5.96, (5.96, 7.45)),
+    "vit": BenchModel("vit", vit(96, 4, 4), 1.0, 6, 0.05, 1200, 0.01, 3.05, (4.77, 5.96)),
 }
 QUICK: dict[str, BenchModel] = {
-    "resnet-20": BenchModel("resnet-8", resnet(1), 0.5, 2, 0.05, 300, 0.01, 3.81),
-    "vit": BenchModel("vit-tiny", vit(64, 2, 7), 1.0, 3, 0.05, 300, 0.01, 3.81),
+    "resnet-20": BenchModel("resnet-8", resnet(1), 0.5, 2, 0.05, 300, 0.01, 3.81, (3.81, 4.77)),
+    "vit": BenchModel("vit-tiny", vit(64, 2, 7), 1.0, 3, 0.05, 300, 0.01, 3.81, (4.77, 5.96)),
 }
 
 
@@ -163,6 +164,7 @@ def run(
         "model": plan.name,
         "method": method,
         "allocation": allocation,
+        "seed": seed,
         "asked": compression,
         "compression": round(float(r["compression"]), 2),
         "ref_acc": round(ref_test, 2),
@@ -264,6 +266,63 @@ def bench(
         if on_model is not None:
             on_model({"rows": rows, "runs": runs, "allocations": allocations})
     return {"rows": rows, "runs": runs, "allocations": allocations}
+
+
+def allocations(
+    *,
+    quick: bool = False,
+    names: Sequence[str] = ("resnet-20", "vit"),
+    seeds: Sequence[int] = (0, 1),
+    rules: Sequence[str] = ALLOCATIONS,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """DNS under every allocation rule at each model's ``allocation_at`` compressions, over ``seeds``.
+
+    Returns every run and one summary row per (model, compression, rule): the mean test and
+    validation drops over the seeds.
+    """
+    import json
+
+    plans = QUICK if quick else MODELS
+    data = fashion_3ch()
+    runs: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    for key in names:
+        plan = plans[key]
+        model, _ = reference(plan, data[0])
+        refs = (evaluate(model, data[1]), evaluate(model, data[2]))
+        for compression in plan.allocation_at:
+            for rule in rules:
+                mine = [run(plan, model, data, refs, "dns", compression, rule, seed) for seed in seeds]
+                for row in mine:
+                    log(json.dumps({k: v for k, v in row.items() if k not in ("layers", "batchnorm")}))
+                runs += mine
+                summary.append(
+                    {
+                        "model": plan.name,
+                        "allocation": rule,
+                        "compression": mine[0]["compression"],
+                        "seeds": len(mine),
+                        "test_drop": round(sum(r["ref_acc"] - r["acc"] for r in mine) / len(mine), 2),
+                        "val_drop": round(sum(r["ref_val_acc"] - r["val_acc"] for r in mine) / len(mine), 2),
+                        "smallest_layer_kept": min(min(r["layers"].values()) for r in mine),
+                        "layers_left_whole": max(
+                            sum(1 for n, f in r["layers"].items() if f >= 1 and n not in r["left_dense"]) for r in mine
+                        ),
+                    }
+                )
+    return {"runs": runs, "summary": summary}
+
+
+def format_allocation_summary(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| model | compression | allocation | mean test Δ pp | mean validation Δ pp | seeds |"]
+    lines.append("|---|---|---|---|---|---|")
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['compression']:.2f}x | {r['allocation']} | {-r['test_drop']:+.2f} | "
+            f"{-r['val_drop']:+.2f} | {r['seeds']} |"
+        )
+    return "\n".join(lines)
 
 
 def short_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

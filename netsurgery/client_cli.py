@@ -709,8 +709,9 @@ def add_client_commands(sub: Subcommands) -> None:
     s.add_argument("--codec", choices=CODECS, default=None, help="also a sparse file with compressed values")
     s.add_argument(
         "--allocation", choices=ALLOCATIONS, default=None,
-        help="kept weights shared by one global threshold (global, the default), per layer relative to each "
-             "layer's spread (layer), or the same fraction in every layer (uniform)",
+        help="kept weights shared by one ranking held in a band around the overall fraction per layer "
+             "(balanced, the default), one global threshold (global), per layer relative to each layer's "
+             "spread (layer), or the same fraction in every layer (uniform)",
     )  # fmt: skip
     s.add_argument("--include", default=None, help="Linear/Conv layer names or glob patterns to prune, "
                    "comma-separated (default: all)")  # fmt: skip

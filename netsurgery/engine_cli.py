@@ -261,7 +261,7 @@ def _record_results(args: argparse.Namespace, results: Any) -> None:
     """Write a bench run's raw results to ``--results`` (default: docs/results/<kind>.json)."""
     from dns_core import bench
 
-    kind = args.which + ("-quick" if args.quick and args.which in ("table", "versus", "models") else "")
+    kind = args.which + ("-quick" if args.quick and args.which in ("table", "versus", "models", "allocation") else "")
     arguments = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)}
     path = bench.write_results(args.results or f"docs/results/{kind}.json", kind, arguments, results)
     print(f"results written to {path}", file=sys.stderr)
@@ -284,6 +284,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.which == "models":
         return _bench_models(args)
+    if args.which == "allocation":
+        return _bench_allocation(args)
     if args.models is None:
         args.models = "lenet-300-100,lenet-5"
     if args.which == "versus":
@@ -298,7 +300,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             arch,
             agp_target=args.agp_target,
             ratio=args.ratio,
-            seeds=range(args.first_seed, args.first_seed + args.seeds),
+            seeds=range(args.first_seed, args.first_seed + (args.seeds or 5)),
             iterations=args.iterations,
             quick=args.quick,
             pair=pair,
@@ -355,6 +357,25 @@ def _bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_allocation(args: argparse.Namespace) -> int:
+    from dns_core import bench_models
+
+    names = (args.models or ",".join(bench_models.MODELS)).split(",")
+    unknown = [n for n in names if n not in bench_models.MODELS]
+    if unknown:
+        raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench_models.MODELS)}")
+    result = bench_models.allocations(
+        quick=args.quick,
+        names=names,
+        seeds=range(args.first_seed, args.first_seed + (args.seeds or 2)),
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    print(bench_models.format_allocation_summary(result["summary"]))
+    print(json.dumps({"rows": result["summary"]}))
+    _record_results(args, result)
+    return 0
+
+
 def add_engine_commands(sub: Subcommands) -> None:
     """Register compress, train-reference, pack and bench on the ``netsurgery`` subparsers."""
     c = sub.add_parser("compress", help="prune and splice a model toward a target (local, no service)")
@@ -390,8 +411,9 @@ def add_engine_commands(sub: Subcommands) -> None:
     c.add_argument("--exclude", default="", help="layer names or glob patterns to leave dense, comma-separated")
     c.add_argument(
         "--allocation", choices=ALLOCATIONS, default=ALLOCATION,
-        help="how the kept weights are shared among layers: one magnitude threshold over all layers (global), "
-             "each layer cut relative to its own spread (layer), or the same fraction everywhere (uniform) "
+        help="how the kept weights are shared among layers: one magnitude ranking with each layer held in a "
+             "band around the overall kept fraction (balanced), one threshold over all layers (global), each "
+             "layer cut relative to its own spread (layer), or the same fraction everywhere (uniform) "
              "(default %(default)s)",
     )  # fmt: skip
     c.add_argument(
@@ -431,17 +453,18 @@ def add_engine_commands(sub: Subcommands) -> None:
     k.set_defaults(func=cmd_pack)
 
     b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead, the service's figures")
-    b.add_argument("which", choices=["table", "overhead", "service", "versus", "models"])
+    b.add_argument("which", choices=["table", "overhead", "service", "versus", "models", "allocation"])
     b.add_argument("--quick", action="store_true", help="a small run (table: under 5 minutes on 2 cores; models: "
                    "smaller models and budgets, under 10 minutes)")  # fmt: skip
     b.add_argument("--models", default=None, help="table, versus: zoo models (default lenet-300-100,lenet-5); "
-                   "models: resnet-20,vit")  # fmt: skip
+                   "models, allocation: resnet-20,vit")  # fmt: skip
     b.add_argument("--methods", default=None, help="subset of methods (default: all rows)")
     b.add_argument("--iterations", type=int, default=None, help="iteration budget per method")
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
-    b.add_argument("--seeds", type=int, default=5, help="versus: training seeds 0..N-1 (from --first-seed)")
+    b.add_argument("--seeds", type=int, default=None, help="versus: training seeds 0..N-1 from --first-seed "
+                   "(default 5); allocation: the same (default 2)")  # fmt: skip
     b.add_argument("--first-seed", type=int, default=0, help="versus: the first training seed (to extend a run)")
     b.add_argument("--pair", default="dns,agp", help="versus: the two methods; the first is asked for ratio × the "
                    "second's compression (e.g. dns@1/3,han with --ratio 1)")  # fmt: skip
@@ -450,6 +473,7 @@ def add_engine_commands(sub: Subcommands) -> None:
         default=None,
         metavar="PATH",
         help="the raw results' JSON file (default: docs/results/<kind>.json, "
-        "kind: table, table-quick, versus, versus-quick, models, models-quick, overhead, service)",
+        "kind: table, table-quick, versus, versus-quick, models, models-quick, allocation, allocation-quick, "
+        "overhead, service)",
     )
     b.set_defaults(func=cmd_bench)

@@ -1,16 +1,19 @@
 """The search of ``netsurgery bench models`` (pure logic: the runs are stand-ins with known outcomes)."""
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from dns_core import bench_models
 from dns_core.bench_models import BenchModel, rung, rung_of, search
+from dns_core.data import Dataset
 from netsurgery.cli import main
 
 
 def _plan(start: float) -> BenchModel:
-    return BenchModel("m", bench_models.resnet(1), 0.5, 1, 0.05, 10, 0.01, start)
+    return BenchModel("m", bench_models.resnet(1), 0.5, 1, 0.05, 10, 0.01, start, (2.0,))
 
 
 def _holds_up_to(limit: float, asked: list[float]) -> Any:
@@ -55,3 +58,34 @@ def test_unknown_models_and_methods_are_refused(capsys: pytest.CaptureFixture[st
     assert "unknown model(s) resnet-50; choose from resnet-20, vit" in capsys.readouterr().err
     assert main(["bench", "models", "--methods", "dns-fixed-crates"]) == 2
     assert "crate-driven" in capsys.readouterr().err
+
+
+def test_bench_allocation_runs_every_rule_at_every_compression_and_seed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Real runs on a tiny ResNet and a few hundred images: the summary's means are the runs' means,
+    and the default rule leaves no selected layer whole where the plain global ranking may."""
+    monkeypatch.setenv("NETSURGERY_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+
+    def tiny(n: int) -> Dataset:
+        return Dataset(torch.randn(n, 3, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+    monkeypatch.setattr(bench_models, "fashion_3ch", lambda: (tiny(256), tiny(64), tiny(64)))
+    plan = BenchModel("tiny", bench_models.resnet(1), 0.5, 1, 0.05, 4, 0.01, 3.0, (3.0, 6.0))
+    monkeypatch.setitem(bench_models.QUICK, "resnet-20", plan)
+    rules = ("balanced", "global")
+    result = bench_models.allocations(quick=True, names=["resnet-20"], seeds=[0, 1], rules=rules, log=lambda _: None)
+    assert len(result["runs"]) == 2 * len(rules) * 2
+    assert [(r["compression"], r["allocation"]) for r in result["summary"]] == [
+        (c, rule) for c in (3.0, 6.0) for rule in rules
+    ]
+    for row in result["summary"]:
+        mine = [r for r in result["runs"] if r["allocation"] == row["allocation"] and r["asked"] == row["compression"]]
+        assert sorted(r["seed"] for r in mine) == [0, 1]
+        assert row["test_drop"] == pytest.approx(sum(r["ref_acc"] - r["acc"] for r in mine) / 2, abs=0.01)
+        if row["allocation"] == "balanced":
+            assert row["layers_left_whole"] == 0, row
+            assert row["smallest_layer_kept"] > 0, row
+    table = bench_models.format_allocation_summary(result["summary"])
+    assert table.count("\n") == 2 + len(result["summary"]) - 1
