@@ -222,13 +222,16 @@ def bench(
     names: Sequence[str] = ("resnet-20", "vit"),
     methods: Sequence[str] = ("dns", "agp"),
     seed: int = 0,
+    allocation: str = ALLOCATION,
     log: Callable[[str], None] = print,
     on_model: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The table (best row per model and method), every run tried, and the allocation comparison.
 
+    The searches use ``allocation``; the comparison runs every other rule at DNS's best.
     ``on_model`` receives the results so far after each model (to write them as they come).
     """
+    default = allocation
     import json
 
     plans = QUICK if quick else MODELS
@@ -245,7 +248,7 @@ def bench(
             f"validation {refs[0]:.2f}%, test {refs[1]:.2f}%")  # fmt: skip
         best_dns: dict[str, Any] | None = None
 
-        def attempt(method: str, compression: float, allocation: str = ALLOCATION) -> dict[str, Any]:
+        def attempt(method: str, compression: float, allocation: str = default) -> dict[str, Any]:
             row = run(plan, model, data, refs, method, compression, allocation, seed)  # noqa: B023 - used at once
             log(json.dumps({k: v for k, v in row.items() if k != "layers"}))
             return row
@@ -258,11 +261,11 @@ def bench(
             if method == "dns":
                 best_dns = best
         if best_dns is not None:
-            for allocation in ALLOCATIONS:
-                if allocation == ALLOCATION:
+            for rule in ALLOCATIONS:
+                if rule == default:
                     allocations.append(best_dns)
                     continue
-                allocations.append(attempt("dns", best_dns["asked"], allocation))
+                allocations.append(attempt("dns", best_dns["asked"], rule))
         if on_model is not None:
             on_model({"rows": rows, "runs": runs, "allocations": allocations})
     return {"rows": rows, "runs": runs, "allocations": allocations}

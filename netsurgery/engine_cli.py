@@ -346,6 +346,7 @@ def _bench_models(args: argparse.Namespace) -> int:
         quick=args.quick,
         names=names,
         methods=methods,
+        allocation=args.allocation,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         on_model=lambda partial: _record_results(args, partial),  # each model's figures as soon as they exist
     )
@@ -460,6 +461,8 @@ def add_engine_commands(sub: Subcommands) -> None:
                    "models, allocation: resnet-20,vit")  # fmt: skip
     b.add_argument("--methods", default=None, help="subset of methods (default: all rows)")
     b.add_argument("--iterations", type=int, default=None, help="iteration budget per method")
+    b.add_argument("--allocation", choices=ALLOCATIONS, default=ALLOCATION,
+                   help="models: the allocation rule of the searches (default %(default)s)")  # fmt: skip
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
