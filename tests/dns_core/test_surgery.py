@@ -534,14 +534,15 @@ def test_balanced_allocation_neither_empties_a_small_layer_nor_leaves_one_whole(
 
     def run(allocation: str) -> dict[str, float]:
         torch.manual_seed(1)
-        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 2))
+        tiny, big = nn.Linear(16, 32), nn.Linear(512, 2)
+        model = nn.Sequential(tiny, nn.ReLU(), nn.Linear(32, 512), nn.ReLU(), big)
         with torch.no_grad():
-            model[0].weight.mul_(1e-3)
-            model[0].bias.mul_(1e-3)
-            model[4].weight.mul_(50)
-            model[4].bias.mul_(50)
-        settings = MethodSettings(allocation=allocation, first_last="prune")
-        surgery = make_surgery(method, model, 100, Target(compression=8.0), settings)
+            for p in (tiny.weight, tiny.bias):
+                p.mul_(1e-3)
+            for p in (big.weight, big.bias):
+                p.mul_(50)
+        chosen = MethodSettings(allocation=allocation, first_last="prune")
+        surgery = make_surgery(method, model, 100, Target(compression=8.0), chosen)
         for t in range(100):
             surgery.step(t)
         assert abs(surgery.compression() - 8.0) < 0.05
@@ -566,10 +567,11 @@ def test_the_band_holds_and_the_count_is_exact(
     sizes: list[int], scales: list[float], share: float, balance: float
 ) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(n, 1, bias=False) for n in sizes])
+    linears = [nn.Linear(n, 1, bias=False) for n in sizes]
     with torch.no_grad():
-        for layer, scale in zip(model, scales, strict=False):
-            layer.weight.mul_(scale)
+        for linear, scale in zip(linears, scales, strict=False):
+            linear.weight.mul_(scale)
+    model = nn.Sequential(*linears)
     total = sum(sizes)
     s = ScheduledSurgery(model, Target(compression=2.0), ramp=Ramp(0, 0, "one-shot"), balance=balance)
     k = max(1, round(share * total))
