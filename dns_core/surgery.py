@@ -749,7 +749,8 @@ class ScheduledSurgery(Surgery):
         else:
             lows = floors
         highs = [max(n - math.floor(n * (1 - f) / balance), lo) for n, lo in zip(sizes, lows, strict=True)]
-        ranked = [torch.cat([s.flatten() for _, s in parts]).sort(descending=True).values for _, parts in scored]
+        flats = [torch.cat([s.flatten() for _, s in parts]) for _, parts in scored]
+        ranked = [flat.sort(descending=True).values for flat in flats]
         candidates = torch.cat([r[lo:hi] for r, lo, hi in zip(ranked, lows, highs, strict=True)])
         rest = k - sum(lows)
         counts = list(lows)
@@ -761,8 +762,7 @@ class ScheduledSurgery(Surgery):
                 counts[i] += int(chosen[offset : offset + hi - lo].sum())
                 offset += hi - lo
         changed = False
-        for (layer, parts), count in zip(scored, counts, strict=True):
-            flat = torch.cat([s.flatten() for _, s in parts])
+        for (layer, parts), flat, count in zip(scored, flats, counts, strict=True):
             keep = torch.zeros_like(flat, dtype=torch.bool)
             keep[torch.topk(flat, count, sorted=False).indices] = True
             offset = 0
