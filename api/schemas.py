@@ -13,7 +13,17 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from dns_core.defaults import CRATE_DRIVEN, CRATE_KNOBS, EDGE_SHARE, Allocation, BuiltinSet, Codec, FirstLast, Method
+from dns_core.defaults import (
+    CRATE_DRIVEN,
+    CRATE_KNOBS,
+    EDGE_SHARE,
+    SEARCH_METHODS,
+    Allocation,
+    BuiltinSet,
+    Codec,
+    FirstLast,
+    Method,
+)
 from service.orm import NAME_LENGTH
 from service.usecases.jobs import JobRequest
 
@@ -212,9 +222,10 @@ class JobSettings(_Create):
 class JobCreate(_Create):
     """A compression job: which model, which data, what target, which method, optional knobs.
 
-    Every method but ``dns-fixed-crates`` needs a target with ``compression`` or ``layer_kept``;
-    ``dns-fixed-crates`` is driven by its crates, so its target may carry only
-    ``max_accuracy_drop`` (or be left out).
+    Every method but ``dns-fixed-crates`` needs a target with ``compression`` or ``layer_kept``,
+    or, for ``dns`` and ``agp``, ``max_accuracy_drop`` alone: the job then searches for the highest
+    compression within that budget and keeps a frontier of candidates. ``dns-fixed-crates`` is
+    driven by its crates, so its target may carry only ``max_accuracy_drop`` (or be left out).
     """
 
     model_id: uuid.UUID
@@ -235,8 +246,16 @@ class JobCreate(_Create):
         if self.method == CRATE_DRIVEN:
             if given:
                 raise ValueError("dns-fixed-crates is driven by crates: its target may hold only max_accuracy_drop")
-        elif not given:
-            raise ValueError(f"method {self.method!r} needs a target with compression or layer_kept")
+        elif not given and (self.target is None or self.target.max_accuracy_drop is None):
+            raise ValueError(
+                f"method {self.method!r} needs a target with compression or layer_kept, or max_accuracy_drop alone "
+                f"(the highest compression within it, methods {' and '.join(SEARCH_METHODS)})"
+            )
+        elif not given and self.method not in SEARCH_METHODS:
+            raise ValueError(
+                f"method {self.method!r} needs a target with compression or layer_kept; only "
+                f"{' and '.join(SEARCH_METHODS)} search for the highest compression within max_accuracy_drop alone"
+            )
         knobs = [k for k in CRATE_KNOBS if getattr(self.settings, k) is not None]
         if knobs and self.method != CRATE_DRIVEN:
             raise ValueError(

@@ -25,11 +25,11 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from .inputs import ModelInput
 from .io import load_model, save_model
 from .report_html import render_chart_pngs, render_report_html
 from .sparse import PackStats, load_sparse, save_sparse
+
+if TYPE_CHECKING:
+    from .compress import Candidate
 
 DENSE_SAFETENSORS = "model.safetensors"
 DENSE_ONNX = "model.onnx"
@@ -183,6 +186,7 @@ def write_artifacts(
     codec: str | None = None,
     clusters: int = 256,
     evaluate: Callable[[nn.Module], dict[str, float | None]] | None = None,
+    candidates: Sequence[Candidate] = (),
 ) -> Artifacts:
     """Write every artifact of a finished compression into ``out_dir`` and return the full report.
 
@@ -190,7 +194,9 @@ def write_artifacts(
     ``inputs`` the files the job read (name -> path, or a :func:`file_record` made earlier), hashed
     into the report. With ``codec``, the
     codec's file is written too and ``evaluate`` (module -> {"val_acc", "test_acc"}) measures the
-    model rebuilt from it, so the report shows the codec's accuracy effect.
+    model rebuilt from it, so the report shows the codec's accuracy effect. A budget search's other
+    ``candidates`` go beside the model as ``candidate-2.sparse.safetensors``, ``candidate-3…`` (the
+    compact format), listed in the report's frontier.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +242,18 @@ def write_artifacts(
             rebuilt.load_state_dict(load_sparse(out / name))
             entry |= evaluate(rebuilt)
         full["value_codec"] = entry
+    if candidates and "frontier" in full:
+        listed = [dict(entry) for entry in full["frontier"].get("candidates", [])]
+        for rank, candidate in enumerate(candidates, start=2):
+            name = f"candidate-{rank}.sparse.safetensors"
+            kept = {k: v.detach().cpu() for k, v in candidate.model.state_dict().items()}
+            made = save_sparse(out / name, kept, meta | {"netsurgery.candidate": str(rank)})
+            files[name] = out / name
+            if rank - 1 < len(listed):
+                listed[rank - 1] |= {"file": name, "bytes": made.file_bytes}
+        if listed:
+            listed[0] |= {"file": SPARSE, "bytes": packed.file_bytes}
+        full["frontier"] = dict(full["frontier"]) | {"candidates": listed}
     full["inputs"] = {k: v if isinstance(v, dict) else file_record(v) for k, v in (inputs or {}).items()}
     full["versions"] = package_versions()
     # the readable report: the charts first, then the page, whose files table lists everything before it

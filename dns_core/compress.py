@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from .data import Dataset
+from .errors import ConfigError
 from .methods import MethodSettings, default_schedule, make_surgery
-from .surgery import ScheduledSurgery, Target
+from .search import BudgetSearch, SearchSettings
+from .surgery import ScheduledSurgery, Surgery, Target
 from .train import (
     AccuracyBudget,
     Callbacks,
@@ -35,9 +37,21 @@ HISTORY_POINTS = 200
 
 
 @dataclass
+class Candidate:
+    """Another point of a budget search's frontier, as a model of its own (squashed, W ⊙ T)."""
+
+    compression: float
+    val_acc: float | None
+    test_acc: float | None
+    model: nn.Module  # squashed, like the chosen model
+
+
+@dataclass
 class CompressResult:
     model: nn.Module  # squashed: plain modules holding W ⊙ T
     report: dict[str, Any] = field(default_factory=dict)
+    #: a budget search's other candidates (the next-highest compressions within budget), best first
+    candidates: list[Candidate] = field(default_factory=list)
 
 
 def _accuracy(model: nn.Module, data: Dataset | None, teacher: nn.Module | None) -> float | None:
@@ -60,11 +74,13 @@ def compress(
     test: Dataset | None = None,
     callbacks: Callbacks | None = None,
     checkpoint: str | Path | None = None,
+    search: SearchSettings | None = None,
 ) -> CompressResult:
     """Run ``method`` on ``model`` (converged, dense) and return the pruned model and a report.
 
     Without labels in ``train`` the objective is label-free self-distillation from the dense
-    model, and "accuracy" is top-1 agreement with it.
+    model, and "accuracy" is top-1 agreement with it. A target that is only an accuracy budget
+    runs a :class:`~dns_core.search.BudgetSearch` shaped by ``search``.
     """
     if train.targets is None and config.objective == "ce":
         config = TrainConfig(**{**asdict(config), "objective": "distill"})
@@ -74,8 +90,16 @@ def compress(
     ref_test = _accuracy(model, test, teacher)
     example = train.inputs[:2].to(device) if len(train) else None
     surgery = make_surgery(method, model, config.iterations, target, settings, seed=config.seed, example=example)
-    budget = None
-    if (
+    budget: AccuracyBudget | BudgetSearch | None = None
+    if target is not None and target.searching:
+        assert isinstance(surgery, ScheduledSurgery) and target.max_accuracy_drop is not None
+        if ref_val is None or valid.targets is None:
+            raise ConfigError("a job with only an accuracy budget needs labelled validation data to search with")
+        budget = BudgetSearch(
+            surgery, ref_val, target.max_accuracy_drop, config.iterations, settings=search,
+            evaluate_test=(lambda: evaluate(model, test)) if test is not None and test.targets is not None else None,
+        )  # fmt: skip
+    elif (
         isinstance(surgery, ScheduledSurgery)
         and target is not None
         and target.compression is not None  # a back-off lowers an overall target
@@ -100,6 +124,7 @@ def compress(
     layers = surgery.report()
     total = surgery.model_total()
     nonzero = surgery.nonzero()
+    others = _other_candidates(budget, model, surgery) if isinstance(budget, BudgetSearch) else []
     surgery.squash()
     model.to(device)
     if teacher is not None:
@@ -109,6 +134,12 @@ def compress(
     if batchnorm is not None:
         val_acc = batchnorm["val_acc"]
     test_acc = _accuracy(model, test, teacher)
+    candidates = [_candidate(model, c, train, valid, test, teacher, config) for c in others]
+    budget_met = (
+        None
+        if target is None or target.max_accuracy_drop is None or ref_val is None or val_acc is None
+        else ref_val - val_acc <= target.max_accuracy_drop
+    )
     report = {
         "method": method,
         "target": asdict(target) if target is not None else None,
@@ -128,11 +159,7 @@ def compress(
         "seconds": result.seconds,
         "backoffs": result.backoffs,
         # the accuracy budget on validation data: met, broken, or None when there was none to check
-        "budget_met": (
-            None
-            if target is None or target.max_accuracy_drop is None or ref_val is None or val_acc is None
-            else ref_val - val_acc <= target.max_accuracy_drop
-        ),
+        "budget_met": budget_met,
         "restored_last_good": result.restored_last_good,
         # BatchNorm statistics re-estimated on the pruned model: validation accuracy before and after
         "batchnorm": batchnorm,
@@ -144,7 +171,72 @@ def compress(
         "settings": _settings_record(method, settings),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    return CompressResult(model, report)
+    if isinstance(budget, BudgetSearch):
+        frontier = budget.summary()
+        frontier["candidates"] = [
+            {"compression": total / max(nonzero, 1), "val_acc": val_acc, "test_acc": test_acc, "chosen": True},
+            *({"compression": c.compression, "val_acc": c.val_acc, "test_acc": c.test_acc, "chosen": False}
+              for c in candidates),
+        ]  # fmt: skip
+        report["frontier"] = frontier
+        report["verdict"] = search_verdict(report)
+    return CompressResult(model, report, candidates)
+
+
+def search_verdict(report: dict[str, Any]) -> str:
+    """One sentence on a budget search's outcome."""
+    budget = report["target"]["max_accuracy_drop"]
+    drop = (
+        report["reference_val_acc"] - report["val_acc"]
+        if report["val_acc"] is not None and report["reference_val_acc"] is not None
+        else None
+    )
+    if report["budget_met"]:
+        return (
+            f"{report['compression']:.1f}x is the highest compression found within the {budget:g}-point budget "
+            f"({drop:.2f} points down on validation)."
+        )
+    return (
+        f"No compression of {SearchSettings().floor:g}x or more stayed within the {budget:g}-point budget: "
+        f"the model handed over is at {report['compression']:.1f}x and {drop:.2f} points down on validation."
+    )
+
+
+def _other_candidates(search: BudgetSearch, model: nn.Module, surgery: Surgery) -> list[dict[str, torch.Tensor]]:
+    """The squashed state of each candidate but the chosen one (the model holds that one)."""
+    kept = search.candidate_states()[1:]
+    if not kept:
+        return []
+    chosen = {"model": copy.deepcopy(model.state_dict()), "surgery": copy.deepcopy(surgery.state_dict())}
+    out = []
+    for _, state in kept:
+        model.load_state_dict(state["model"])
+        surgery.load_state_dict(state["surgery"])
+        out.append(surgery.masked_state_dict())
+    model.load_state_dict(chosen["model"])
+    surgery.load_state_dict(chosen["surgery"])
+    return out
+
+
+def _candidate(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    train: Dataset,
+    valid: Dataset,
+    test: Dataset | None,
+    teacher: nn.Module | None,
+    config: TrainConfig,
+) -> Candidate:
+    """A candidate as the chosen model is finished: its BatchNorm re-estimated, then evaluated."""
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(state)
+    val = _accuracy(twin, valid, teacher)
+    recalibrated = _recalibrate(twin, train, valid, teacher, config, val)
+    if recalibrated is not None:
+        val = recalibrated["val_acc"]
+    total = sum(p.numel() for p in twin.parameters())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in twin.parameters())
+    return Candidate(total / max(nonzero, 1), val, _accuracy(twin, test, teacher), twin)
 
 
 def _recalibrate(

@@ -43,6 +43,13 @@ FIRST_LAST: tuple[str, ...] = get_args(FirstLast)
 FIRST_LAST_DEFAULT = "auto"
 EDGE_SHARE = 0.1
 
+#: The methods that search for the highest compression within an accuracy budget when no compression
+#: is given (see :mod:`dns_core.search`): their kept count can be retargeted mid-run.
+SEARCH_METHODS = ("dns", "agp")
+#: A budget search does not know its final compression in advance: "auto" decides about the first
+#: convolution and the head as for this compression (the LeNets land near it, and 2^5 is on the ladder).
+SEARCH_NOMINAL = 32.0
+
 #: The method driven by its crates alone: it takes no target, whatever the spec holds.
 CRATE_DRIVEN = "dns-fixed-crates"
 #: The settings only that method reads (any other method refuses them rather than ignore them).

@@ -28,6 +28,8 @@ from .defaults import (
     GAMMA,
     METHODS,
     POWER,
+    SEARCH_METHODS,
+    SEARCH_NOMINAL,
 )
 from .surgery import DNS, Ramp, ScheduledSurgery, Surgery, SurgeryError, Target, first_and_last, select_layers
 
@@ -130,9 +132,24 @@ def make_surgery(
     """Attach the masks of ``method`` to ``model`` (in place) for a run of ``iterations``.
 
     The first convolution and the classifier head are left out as :func:`dense_edges` decides;
-    the surgery's ``left_dense`` names them.
+    the surgery's ``left_dense`` names them. A target that is only a budget (``target.searching``)
+    gives a surgery aimed at :data:`~dns_core.defaults.SEARCH_NOMINAL` for a
+    :class:`dns_core.search.BudgetSearch` to retarget.
     """
     s = settings or MethodSettings()
+    if target is not None and target.searching:
+        if method not in SEARCH_METHODS:
+            raise SurgeryError(
+                f"method {method!r} needs a compression; the highest compression within a budget is searched "
+                f"for by {' or '.join(SEARCH_METHODS)}"
+            )
+        total = sum(p.numel() for p in model.parameters())
+        selected = sum(p.numel() for _, m in select_layers(model, s.include, s.exclude) for p in m.parameters(False))
+        if selected == 0:
+            raise SurgeryError("no layer is selected for pruning")
+        ceiling = total / (total - selected + 1)  # every selected weight but one pruned
+        nominal = min(SEARCH_NOMINAL, max(1.0, 0.9 * ceiling))
+        target = Target(compression=nominal, max_accuracy_drop=target.max_accuracy_drop)
     edges = dense_edges(method, model, target, s, example)
     if edges:
         s = replace(s, exclude=(*s.exclude, *edges))

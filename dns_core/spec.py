@@ -34,6 +34,7 @@ from .defaults import (
     METHODS,
     OBJECTIVES,
     POWER,
+    SEARCH_METHODS,
     SETTING_KEYS,
     TARGET_KEYS,
 )
@@ -171,7 +172,13 @@ class CompressSpec:
         from .surgery import Target
 
         layer_kept = dict(self.layer_kept) if self.layer_kept is not None else None
-        return Target(compression=self.compression, layer_kept=layer_kept, max_accuracy_drop=self.max_accuracy_drop)
+        target = Target(compression=self.compression, layer_kept=layer_kept, max_accuracy_drop=self.max_accuracy_drop)
+        if target.searching and self.method not in SEARCH_METHODS:
+            raise ConfigError(
+                f"method {self.method!r} needs a compression; the highest compression within a budget is searched "
+                f"for by {' or '.join(SEARCH_METHODS)}"
+            )
+        return target
 
     def method_settings(self) -> MethodSettings:
         from .methods import MethodSettings

@@ -535,6 +535,8 @@ class Target:
     ``compression``: overall × (all parameters over non-zero ones), or ``layer_kept``: kept
     fraction per layer name / pattern. ``max_accuracy_drop``: budget in percentage points on
     validation data (enforced by the training loop's controller, see ``train.AccuracyBudget``).
+    The budget alone asks for the highest compression within it (:attr:`searching`, see
+    :mod:`dns_core.search`).
     """
 
     compression: float | None = None
@@ -542,8 +544,13 @@ class Target:
     max_accuracy_drop: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.compression is None) == (self.layer_kept is None):
-            raise SurgeryError("give exactly one of a target compression or per-layer kept fractions")
+        if self.compression is not None and self.layer_kept is not None:
+            raise SurgeryError("give a target compression or per-layer kept fractions, not both")
+        if self.compression is None and self.layer_kept is None and self.max_accuracy_drop is None:
+            raise SurgeryError(
+                "give a target compression, per-layer kept fractions, or an accuracy budget alone "
+                "(the highest compression within it)"
+            )
         if self.compression is not None and self.compression < 1:
             raise SurgeryError(f"target compression must be ≥ 1, got {self.compression}")
         for name, f in (self.layer_kept or {}).items():
@@ -551,6 +558,11 @@ class Target:
                 raise SurgeryError(f"kept fraction for {name!r} must be in (0, 1], got {f}")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise SurgeryError("max_accuracy_drop must be ≥ 0")
+
+    @property
+    def searching(self) -> bool:
+        """Only a budget: search for the highest compression within it."""
+        return self.compression is None and self.layer_kept is None
 
 
 @dataclass

@@ -185,7 +185,43 @@ def agreement(student: nn.Module, teacher: nn.Module, data: Dataset, batch_size:
     return 100.0 * same / len(data)
 
 
-class AccuracyBudget:
+class Controller:
+    """What :func:`fit` asks of a controller that steers the surgery from validation accuracy.
+
+    The defaults follow the run's own settings: the configured learning-rate schedule, evaluations
+    every ``eval_every`` iterations, and a run to the last iteration. :class:`AccuracyBudget`
+    overrides what it decides; :class:`dns_core.search.BudgetSearch` overrides them all.
+    """
+
+    backoffs = 0
+
+    def lr_at(self, t: int, cfg: TrainConfig) -> float:
+        return cfg.lr_at(t)
+
+    def evaluates_at(self, done: int, cfg: TrainConfig) -> bool:
+        """Evaluate on validation data once ``done`` iterations have run."""
+        return bool(cfg.eval_every) and done % cfg.eval_every == 0
+
+    def finished(self, done: int) -> bool:
+        """True to end training after ``done`` iterations, before the configured count."""
+        return False
+
+    def observe(self, t: int, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer, total: int) -> bool:
+        """Record an evaluation at iteration ``t``; True if the state was rolled back."""
+        return False
+
+    def finish(self, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer) -> bool:
+        """At the end of training; True if another state than the last one is the result."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class AccuracyBudget(Controller):
     """Keeps target-driven surgery inside an accuracy budget on validation data.
 
     Validation accuracy on a few thousand examples is noisy (±0.4 points on 5,000), as large as a
@@ -355,7 +391,7 @@ def fit(
     surgery: Surgery | None = None,
     valid: Dataset | None = None,
     teacher: nn.Module | None = None,
-    budget: AccuracyBudget | None = None,
+    budget: Controller | None = None,
     callbacks: Callbacks | None = None,
     checkpoint: str | Path | None = None,
 ) -> FitResult:
@@ -363,7 +399,8 @@ def fit(
 
     With ``checkpoint`` set, the state is written there atomically every
     ``config.checkpoint_every`` iterations, and a run that finds the file resumes from it,
-    continuing exactly as the uninterrupted run would have.
+    continuing exactly as the uninterrupted run would have. ``budget`` (a :class:`Controller`)
+    may set the learning rate, ask for evaluations, roll the state back and end the run early.
     """
     cfg = config
     cb = callbacks or Callbacks()
@@ -457,6 +494,8 @@ def fit(
     loss_n = 0
     val_acc: float | None = None
     began = time.perf_counter()
+    control = budget or Controller()
+    ran = start
 
     def emit(t: int, event: str, acc: float | None = None) -> None:
         nonlocal loss_sum, loss_n
@@ -464,7 +503,7 @@ def fit(
             iteration=t,
             total=cfg.iterations,
             loss=float(loss_sum) / max(loss_n, 1),
-            lr=cfg.lr_at(t - 1),
+            lr=control.lr_at(max(t - 1, 0), cfg),
             val_acc=acc,
             event=event,
             compression=surgery.compression() if surgery is not None else None,
@@ -481,7 +520,7 @@ def fit(
             raise Cancelled(t)
         if surgery is not None:
             surgery.step(t)
-        lr = cfg.lr_at(t)
+        lr = control.lr_at(t, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = stream.batch(t)
@@ -489,8 +528,8 @@ def fit(
         opt.step()
         loss_sum += loss
         loss_n += 1
-        done = t + 1
-        if valid is not None and valid.targets is not None and cfg.eval_every and done % cfg.eval_every == 0:
+        done = ran = t + 1
+        if valid is not None and valid.targets is not None and control.evaluates_at(done, cfg):
             val_acc = evaluate(model, valid)
             backed_off = budget is not None and budget.observe(done, val_acc, model, opt, cfg.iterations)
             emit(done, "backoff" if backed_off else "eval", val_acc)
@@ -500,6 +539,10 @@ def fit(
             save(done)
             if cb.on_checkpoint is not None:
                 cb.on_checkpoint(done, ckpt)
+        if control.finished(done):
+            if not history or history[-1].iteration != done:
+                emit(done, "progress")
+            break
 
     restored = False
     if valid is not None and valid.targets is not None:
@@ -509,7 +552,7 @@ def fit(
             if restored:
                 val_acc = evaluate(model, valid)
     return FitResult(
-        iterations=cfg.iterations,
+        iterations=ran,
         seconds=time.perf_counter() - began,
         val_acc=val_acc,
         backoffs=budget.backoffs if budget is not None else 0,

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from netsurgery.common import Subcommands
 
 DEFAULT_ARCH = "lenet-300-100"
-DEFAULT_TARGET = 40.0
 
 
 class _Bar:
@@ -172,7 +171,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     report = result.report | {"data": args.data}
     made = write_artifacts(args.out, loaded, result.model, report, inputs=inputs, codec=spec.codec,
-                           clusters=args.clusters, evaluate=accuracies)  # fmt: skip
+                           clusters=args.clusters, evaluate=accuracies, candidates=result.candidates)  # fmt: skip
     _print_report(made.report)
     dense = next(p for n, p in made.files.items() if n.startswith("model.") and "sparse" not in n)
     _print_pack(made.packed, dense.stat().st_size)
@@ -250,7 +249,19 @@ def _print_report(r: dict[str, Any]) -> None:
         ref, acc = r.get(f"reference_{split}_acc"), r.get(f"{split}_acc")
         if ref is not None and acc is not None:
             console.print(f"{split} accuracy: {ref:.2f}% → {acc:.2f}% ({acc - ref:+.2f} pp)")
-    if r.get("budget_met") is False:
+    frontier = r.get("frontier")
+    if frontier:
+        f = Table(title="frontier: each rung's end, judged on validation")
+        for column in ("iteration", "compression", "val acc", "test acc", "within budget"):
+            f.add_column(column, justify="right")
+        for point in frontier["points"]:
+            test = point["test_acc"]
+            f.add_row(str(point["iteration"]), f"{point['compression']:.1f}x", f"{point['val_acc']:.2f}",
+                      "" if test is None else f"{test:.2f}", "yes" if point["within_budget"] else "no")  # fmt: skip
+        console.print(f)
+    if r.get("verdict"):
+        console.print(r["verdict"])
+    elif r.get("budget_met") is False:
         console.print(
             f"[bold yellow]the accuracy budget ({r['target']['max_accuracy_drop']} pp on validation) was not met[/]"
             f" ({r['backoffs']} back-off(s)); see report.json"
@@ -394,9 +405,12 @@ def add_engine_commands(sub: Subcommands) -> None:
     c.add_argument("--valid-targets", help="IDX labels for IDX --valid-data")
     c.add_argument("--valid-fraction", type=float, default=0.1)
     c.add_argument("--method", default="dns", choices=METHODS)
-    c.add_argument("--target", type=float, default=DEFAULT_TARGET, help="overall compression (x)")
+    c.add_argument("--target", type=float, default=None,
+                   help="overall compression (x); left out, the run searches for the highest compression within "
+                        "--max-drop (dns and agp) and writes the next-best candidates too")  # fmt: skip
     c.add_argument("--layer-kept", help="per-layer kept fractions instead: fc1=0.02,fc2=0.05")
-    c.add_argument("--max-drop", type=float, default=0.5, help="accuracy budget in percentage points")
+    c.add_argument("--max-drop", type=float, default=0.5,
+                   help="accuracy budget, percentage points of validation accuracy (default %(default)s)")  # fmt: skip
     c.add_argument("--iterations", type=int, default=ITERATIONS)
     c.add_argument("--lr", type=float, default=LR)
     c.add_argument("--batch-size", type=int, default=BATCH_SIZE)

@@ -68,7 +68,8 @@ def test_a_spec_that_cannot_be_read_is_a_config_error(job: dict[str, Any], messa
 @pytest.mark.parametrize(
     ("job", "message"),
     [
-        ({"method": "agp"}, "give exactly one of a target compression or per-layer kept fractions"),
+        ({"method": "agp"}, "give a target compression, per-layer kept fractions, or an accuracy budget alone"),
+        ({"method": "one-shot", "target": {"max_accuracy_drop": 0.5}}, "needs a compression"),
         (JOB | {"settings": {"lr": -1}}, "lr must be positive"),
     ],
 )

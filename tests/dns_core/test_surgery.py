@@ -50,8 +50,13 @@ def test_bad_settings_raise_clear_errors(kwargs: dict[str, object], message: str
 
 
 def test_bad_targets_raise_clear_errors() -> None:
-    with pytest.raises(SurgeryError, match="exactly one"):
+    with pytest.raises(SurgeryError, match="or an accuracy budget alone"):
         Target()
+    with pytest.raises(SurgeryError, match="not both"):
+        Target(compression=2.0, layer_kept={"fc1": 0.5})
+    assert Target(max_accuracy_drop=0.5).searching and not Target(compression=2.0, max_accuracy_drop=0.5).searching
+    with pytest.raises(SurgeryError, match="searched for by dns or agp"):
+        make_surgery("han", models.build("lenet-300-100"), 100, Target(max_accuracy_drop=0.5))
     with pytest.raises(SurgeryError, match="≥ 1"):
         Target(compression=0.5)
     with pytest.raises(SurgeryError, match=r"\(0, 1\]"):

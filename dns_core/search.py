@@ -1,0 +1,245 @@
+"""The highest compression within an accuracy budget, searched for in one run.
+
+A job that gives only ``max_accuracy_drop`` climbs a ladder of *rungs* instead of aiming at one
+compression. Each rung starts from the last state that held the budget, ramps the kept count to a
+higher compression (DNS keeps pruning and splicing for a while after the ramp, as in a
+target-driven run), and ends with a recovery whose learning rate decays to zero, so that the
+strict evaluation at the rung's end judges a finished model, not a mid-run one at a high learning
+rate. Each rung is ``growth`` times longer than the one before: low compressions are cheap to
+reach, high ones need the time.
+
+- Within budget on validation: the state is a point of the *frontier* and a candidate (the
+  ``keep`` highest compressions stay), and the next rung climbs by ``step``.
+- Over budget: the state of the last rung that held comes back (DNS with ``splice_back``
+  instead retargets down from where it is, splicing weights back), the step shrinks to its square
+  root (not under ``resolution``), and the next rung climbs from there by the smaller step.
+
+The result is the highest compression that held. When no rung from ``floor`` up holds, the last
+rung's state is handed over and the run says it missed the budget.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .surgery import ScheduledSurgery
+from .train import Controller, TrainConfig
+
+
+@dataclass
+class FrontierPoint:
+    """One rung's strict evaluation: the compression, validation and test accuracy, and the verdict."""
+
+    rung: int
+    iteration: int
+    compression: float
+    val_acc: float
+    test_acc: float | None
+    within_budget: bool
+
+
+@dataclass
+class SearchSettings:
+    """The ladder's shape; rung fractions are of one rung's iterations."""
+
+    rungs: int = 8  # the iteration budget is cut into this many rungs
+    growth: float = 1.25  # each rung this many times longer than the one before
+    first: float = 2.0  # the first rung's compression
+    step: float = 2.0  # the climb per rung until a rung misses the budget
+    resolution: float = 1.1  # the smallest climb
+    floor: float = 2.0  # below this compression a run is not worth handing over
+    warmup: float = 0.05  # linear warm-up of the learning rate at the start of each rung
+    ramp: float = 0.4  # the kept count reaches the rung's compression here
+    surgery: float = 0.6  # DNS prunes and splices at that count until here; then the masks freeze
+    keep: int = 3  # candidates kept (the highest compressions within budget)
+    splice_back: bool = False  # DNS: after a miss, retarget down from the state reached instead of rolling back
+
+    def __post_init__(self) -> None:
+        if self.rungs < 1 or self.keep < 1:
+            raise ConfigError("a budget search needs at least one rung and one candidate")
+        if not (self.step > 1 and self.resolution > 1 and self.first >= 1 and self.floor >= 1 and self.growth > 0):
+            raise ConfigError("the search's step and resolution must be above 1, first and floor at least 1")
+        if not 0 <= self.warmup < self.ramp <= self.surgery <= 1:
+            raise ConfigError("rung fractions must satisfy 0 ≤ warmup < ramp ≤ surgery ≤ 1")
+
+
+class BudgetSearch(Controller):
+    """Drives ``surgery`` up the ladder of compressions within ``max_drop`` of ``reference_acc``.
+
+    ``evaluate_test`` (optional) gives the test accuracy of the model as it stands, for the frontier.
+    """
+
+    def __init__(
+        self,
+        surgery: ScheduledSurgery,
+        reference_acc: float,
+        max_drop: float,
+        iterations: int,
+        *,
+        settings: SearchSettings | None = None,
+        evaluate_test: Callable[[], float | None] | None = None,
+    ) -> None:
+        self.surgery = surgery
+        self.reference_acc = reference_acc
+        self.max_drop = max_drop
+        self.s = settings or SearchSettings()
+        weights = [self.s.growth**r for r in range(self.s.rungs)]
+        ends = [round(iterations * sum(weights[: r + 1]) / sum(weights)) for r in range(self.s.rungs)]
+        self.bounds = [0, *ends]  # rung r runs over [bounds[r], bounds[r + 1])
+        if min(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False)) < 20:
+            raise ConfigError(f"a budget search of {self.s.rungs} rungs needs rungs of at least 20 iterations")
+        self.evaluate_test = evaluate_test
+        self.frontier: list[FrontierPoint] = []
+        self.candidates: list[tuple[FrontierPoint, dict[str, Any]]] = []  # best first
+        self.held = 1.0  # the highest compression that held the budget (1: the reference)
+        self.step = self.s.step
+        self.good: dict[str, Any] | None = None  # the state to climb from (None: the reference's)
+        self.done = False
+        self.backoffs = 0
+        other = surgery.model_total() - surgery.prunable_total()
+        self.ceiling = surgery.model_total() / (other + 1)  # one selected weight left
+        self.aim = min(self.s.first, self.ceiling)
+        self._start_rung(0)
+
+    # -- the schedule of one rung ------------------------------------------------------------------
+
+    def _rung(self, t: int) -> int:
+        """The rung that iteration ``t`` belongs to (the number of rungs, past the last)."""
+        return bisect.bisect_right(self.bounds, t) - 1
+
+    def lr_at(self, t: int, cfg: TrainConfig) -> float:
+        r = min(self._rung(t), self.s.rungs - 1)
+        length = self.bounds[r + 1] - self.bounds[r]
+        offset = t - self.bounds[r]
+        warm = int(self.s.warmup * length)
+        if offset < warm:
+            return cfg.lr * (offset + 1) / (warm + 1)
+        span = max(length - warm, 1)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min((offset - warm + 1) / span, 1.0)))
+
+    def evaluates_at(self, done: int, cfg: TrainConfig) -> bool:
+        return done in self.bounds[1:] or super().evaluates_at(done, cfg)
+
+    def finished(self, done: int) -> bool:
+        return self.done
+
+    def _start_rung(self, t: int) -> None:
+        r = self._rung(t)
+        length = self.bounds[r + 1] - self.bounds[r]
+        surgery = self.surgery
+        surgery.retarget(t, self.aim, t + int(self.s.ramp * length))
+        if surgery.splice:
+            surgery.iter_stop = max(t + int(self.s.surgery * length), surgery.ramp.t1 + 1)
+
+    # -- decisions at the end of each rung -----------------------------------------------------------
+
+    def _snapshot(self, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        return copy.deepcopy(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "surgery": self.surgery.state_dict()}
+        )
+
+    def _restore(self, state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        state = copy.deepcopy(state)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        self.surgery.load_state_dict(state["surgery"])
+
+    def observe(self, t: int, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer, total: int) -> bool:
+        if t not in self.bounds[1:] or self.done:
+            return False  # a progress evaluation inside a rung: no decision
+        rung = self._rung(t) - 1
+        point = FrontierPoint(
+            rung=rung,
+            iteration=t,
+            compression=self.surgery.compression(),
+            val_acc=val_acc,
+            test_acc=self.evaluate_test() if self.evaluate_test is not None else None,
+            within_budget=self.reference_acc - val_acc <= self.max_drop,
+        )
+        self.frontier.append(point)
+        rolled_back = False
+        if point.within_budget:
+            self.held = max(self.held, point.compression)
+            self.good = self._snapshot(model, opt)
+            self.candidates = sorted(
+                [*self.candidates, (point, self.good)], key=lambda c: c[0].compression, reverse=True
+            )[: self.s.keep]
+        else:
+            self.backoffs += 1
+            self.step = max(math.sqrt(self.step), self.s.resolution)
+            if self.good is not None and not (self.s.splice_back and self.surgery.splice):
+                self._restore(self.good, model, opt)
+                rolled_back = True
+            if self.good is None and point.compression <= self.s.floor * self.s.resolution:
+                self.done = True  # nothing from the floor up holds the budget
+        aim = min(max(self.held * self.step, self.s.floor), self.ceiling)
+        if rung + 1 >= self.s.rungs:
+            self.done = True  # that was the last rung
+        if point.within_budget and self.held * self.s.resolution > self.ceiling:
+            self.done = True  # as high as this selection of layers goes
+        if not self.done:
+            self.aim = aim
+            self._start_rung(t)
+        return rolled_back
+
+    def finish(self, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer) -> bool:
+        """The result is the best candidate: the highest compression that held the budget."""
+        if not self.candidates:
+            return False
+        self._restore(self.candidates[0][1], model, opt)
+        return True
+
+    def chosen(self) -> FrontierPoint | None:
+        return self.candidates[0][0] if self.candidates else None
+
+    def candidate_states(self) -> list[tuple[FrontierPoint, dict[str, Any]]]:
+        """The kept candidates, best first: each point with its model and surgery state."""
+        return list(self.candidates)
+
+    def summary(self) -> dict[str, Any]:
+        """The frontier for the report: every point, and the chosen one."""
+        chosen = self.chosen()
+        return {
+            "max_accuracy_drop": self.max_drop,
+            "reference_val_acc": self.reference_acc,
+            "rungs": [b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False)],
+            "points": [asdict(p) for p in self.frontier],
+            "chosen": asdict(chosen) if chosen is not None else None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "frontier": [asdict(p) for p in self.frontier],
+            "candidates": [(asdict(p), state) for p, state in self.candidates],
+            "held": self.held,
+            "step": self.step,
+            # the state to climb from is usually a candidate's too: stored once (checkpoints refuse shared tensors)
+            "good": None if self._good_index() is not None else self.good,
+            "good_index": self._good_index(),
+            "done": self.done,
+            "backoffs": self.backoffs,
+            "aim": self.aim,
+        }
+
+    def _good_index(self) -> int | None:
+        return next((i for i, (_, state) in enumerate(self.candidates) if state is self.good), None)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.frontier = [FrontierPoint(**p) for p in state["frontier"]]
+        self.candidates = [(FrontierPoint(**p), s) for p, s in state["candidates"]]
+        self.held = float(state["held"])
+        self.step = float(state["step"])
+        self.backoffs = int(state["backoffs"])
+        self.aim = float(state["aim"])
+        index = state["good_index"]
+        self.good = state["good"] if index is None else self.candidates[int(index)][1]
+        self.done = bool(state["done"])

@@ -1,0 +1,190 @@
+"""The budget-only search: the highest compression within an accuracy budget, and its frontier."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dns_core import Cancelled, Target, TrainConfig, evaluate
+from dns_core.artifacts import LoadedModel, write_artifacts
+from dns_core.compress import compress
+from dns_core.data import Dataset
+from dns_core.errors import ConfigError
+from dns_core.methods import make_surgery
+from dns_core.reference import train_reference
+from dns_core.search import BudgetSearch, SearchSettings
+from dns_core.sparse import load_sparse
+from dns_core.surgery import ScheduledSurgery
+from dns_core.train import Callbacks
+
+
+@pytest.fixture(scope="module")
+def reference(digits: tuple[Dataset, Dataset]) -> nn.Module:
+    return train_reference("lenet-300-100", digits[0], epochs=15, device="cpu")
+
+
+def _search(method: str = "dns", iterations: int = 800, **settings: float) -> tuple[nn.Module, BudgetSearch]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    surgery = make_surgery(method, model, iterations, Target(max_accuracy_drop=1.0))
+    assert isinstance(surgery, ScheduledSurgery)
+    return model, BudgetSearch(surgery, 90.0, 1.0, iterations, settings=SearchSettings(**settings))  # type: ignore[arg-type]
+
+
+def _end_rung(search: BudgetSearch, model: nn.Module, opt: torch.optim.Optimizer, val_acc: float) -> bool:
+    """Run the current rung's mask updates, then judge it at ``val_acc``."""
+    r = len(search.frontier)
+    start, end = search.bounds[r], search.bounds[r + 1]
+    for t in range(start, end):
+        search.surgery.step(t)
+    return search.observe(end, val_acc, model, opt, search.bounds[-1])
+
+
+def test_the_ladder_climbs_while_the_budget_holds_and_steps_back_when_it_breaks() -> None:
+    model, search = _search()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert not _end_rung(search, model, opt, 89.5)  # 2x holds
+    assert search.aim == pytest.approx(4.0)
+    assert not _end_rung(search, model, opt, 89.8)  # 4x holds
+    assert search.aim == pytest.approx(8.0)
+    held = copy.deepcopy(model.state_dict())
+    kept_at_4 = [layer.kept() for layer in search.surgery.layers]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # what training during the next rung would change
+    assert _end_rung(search, model, opt, 85.0)  # 8x breaks the budget: the 4x state comes back
+    assert all(torch.equal(a, b) for a, b in zip(held.values(), model.state_dict().values(), strict=True))
+    assert [layer.kept() for layer in search.surgery.layers] == kept_at_4
+    assert search.step == pytest.approx(math.sqrt(2.0))
+    assert search.aim == pytest.approx(4.0 * math.sqrt(2.0), rel=1e-3)
+    assert [p.within_budget for p in search.frontier] == [True, True, False]
+    assert search.frontier[2].compression == pytest.approx(8.0, rel=0.01)
+    assert search.chosen() is not None and search.chosen().compression == pytest.approx(4.0, rel=0.01)  # type: ignore[union-attr]
+    assert [p.compression for p, _ in search.candidate_states()] == sorted(
+        (p.compression for p in search.frontier if p.within_budget), reverse=True
+    )
+
+
+def test_rungs_grow_and_each_ends_at_a_low_learning_rate() -> None:
+    _, search = _search(iterations=1000, rungs=4, growth=2.0)
+    lengths = [b - a for a, b in zip(search.bounds, search.bounds[1:], strict=False)]
+    assert sum(lengths) == 1000 and lengths == sorted(lengths) and lengths[-1] > 4 * lengths[0]
+    cfg = TrainConfig(iterations=1000, lr=0.01)
+    for start, end in zip(search.bounds, search.bounds[1:], strict=False):
+        assert search.lr_at(end - 1, cfg) < 0.01 * 0.01  # the rung's last step: almost zero
+        assert max(search.lr_at(t, cfg) for t in range(start, end)) == pytest.approx(0.01, rel=0.02)
+        assert search.evaluates_at(end, cfg)
+
+
+def test_nothing_from_the_floor_up_within_budget_ends_the_search() -> None:
+    model, search = _search()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert not _end_rung(search, model, opt, 50.0)  # 2x misses: nothing to roll back to
+    assert search.done and search.chosen() is None
+    assert not search.finish(50.0, model, opt)  # the last state stays, and the run says it missed
+
+
+def test_the_search_stops_at_the_last_rung_and_hands_over_the_best_candidate() -> None:
+    model, search = _search(rungs=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _end_rung(search, model, opt, 89.9)
+    _end_rung(search, model, opt, 89.5)
+    best = copy.deepcopy(model.state_dict())
+    _end_rung(search, model, opt, 80.0)
+    assert search.done
+    assert search.finish(80.0, model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(best.values(), model.state_dict().values(), strict=True))
+
+
+def test_only_methods_that_can_be_retargeted_search() -> None:
+    with pytest.raises(ConfigError, match="needs a compression"):
+        make_surgery("one-shot", nn.Sequential(nn.Linear(4, 4)), 100, Target(max_accuracy_drop=1.0))
+    with pytest.raises(ConfigError, match="at least 20 iterations"):
+        _search(iterations=100)
+
+
+@pytest.mark.parametrize("method", ["dns", "agp"])
+def test_a_budget_only_run_returns_the_highest_compression_within_budget(
+    method: str, digits: tuple[Dataset, Dataset], reference: nn.Module, tmp_path: Path
+) -> None:
+    train, valid = digits
+    ref = evaluate(reference, valid)
+    cfg = TrainConfig(iterations=1600, device="cpu", eval_every=100)
+    result = compress(
+        copy.deepcopy(reference), train, valid, method=method, target=Target(max_accuracy_drop=1.0), config=cfg,
+        test=valid,
+    )  # fmt: skip
+    r = result.report
+    frontier = r["frontier"]
+    held = [p for p in frontier["points"] if p["within_budget"]]
+    assert held, frontier
+    # the answer: the highest compression that held, by the strict end-of-run evaluation
+    assert r["compression"] == pytest.approx(max(p["compression"] for p in held), rel=1e-6)
+    assert r["budget_met"] is True and ref - r["val_acc"] <= 1.0
+    assert r["val_acc"] == pytest.approx(evaluate(result.model, valid))
+    assert r["compression"] > 8  # digits' LeNet-300-100 holds far more than the first rungs
+    compressions = [p["compression"] for p in frontier["points"]]
+    assert compressions[:3] == pytest.approx([2.0, 4.0, 8.0], rel=0.01)  # the ladder doubles while it holds
+    assert "highest compression found within the 1-point budget" in r["verdict"]
+    # the other candidates: lower compressions, each a model of its own, written beside the chosen one
+    listed = frontier["candidates"]
+    assert listed[0]["chosen"] and [c["compression"] for c in listed] == sorted(
+        (c["compression"] for c in listed), reverse=True
+    )
+    assert len(result.candidates) == len(listed) - 1 >= 1
+    for candidate, entry in zip(result.candidates, listed[1:], strict=True):
+        assert entry["val_acc"] == pytest.approx(evaluate(candidate.model, valid))
+        assert ref - entry["val_acc"] <= 1.0
+    made = write_artifacts(
+        tmp_path, LoadedModel(result.model, "safetensors", arch="lenet-300-100"), result.model, r,
+        candidates=result.candidates,
+    )  # fmt: skip
+    files = made.report["frontier"]["candidates"]
+    assert files[0]["file"] == "model.sparse.safetensors"
+    second = load_sparse(tmp_path / files[1]["file"])
+    twin = copy.deepcopy(result.model)
+    twin.load_state_dict(second)
+    nonzero = sum(int(torch.count_nonzero(p)) for p in twin.parameters())
+    total = sum(p.numel() for p in twin.parameters())
+    assert total / nonzero == pytest.approx(files[1]["compression"], rel=1e-6)
+    assert total / nonzero < r["compression"]
+
+
+def test_a_budget_that_nothing_meets_says_so(digits: tuple[Dataset, Dataset], reference: nn.Module) -> None:
+    train, valid = digits
+    cfg = TrainConfig(iterations=400, device="cpu", lr=5.0)  # a learning rate that wrecks every rung
+    r = compress(
+        copy.deepcopy(reference), train, valid, method="dns", target=Target(max_accuracy_drop=0.0), config=cfg
+    ).report
+    assert r["budget_met"] is False
+    assert r["verdict"].startswith("No compression of 2x or more stayed within the 0-point budget")
+    assert r["frontier"]["chosen"] is None
+
+
+def test_a_resumed_search_ends_as_the_uninterrupted_one(
+    digits: tuple[Dataset, Dataset], reference: nn.Module, tmp_path: Path
+) -> None:
+    train, valid = digits
+
+    def run(ckpt: Path, cancel_at: int | None = None) -> dict[str, object]:
+        seen: list[int] = []
+        cfg = TrainConfig(iterations=800, device="cpu", checkpoint_every=150, log_every=10, cancel_every=10)
+        cb = Callbacks(
+            on_progress=lambda p: seen.append(p.iteration),
+            should_cancel=(lambda: bool(seen) and seen[-1] >= cancel_at) if cancel_at else None,
+        )
+        r = compress(
+            copy.deepcopy(reference), train, valid, method="dns", target=Target(max_accuracy_drop=1.0), config=cfg,
+            callbacks=cb, checkpoint=ckpt,
+        ).report  # fmt: skip
+        return {"compression": r["compression"], "val_acc": r["val_acc"], "points": r["frontier"]["points"]}
+
+    full = run(tmp_path / "a.ckpt")
+    with pytest.raises(Cancelled):
+        run(tmp_path / "b.ckpt", cancel_at=500)  # after two rungs and into the third; checkpoint at 450
+    assert run(tmp_path / "b.ckpt") == full
