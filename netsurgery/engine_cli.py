@@ -272,7 +272,8 @@ def _record_results(args: argparse.Namespace, results: Any) -> None:
     """Write a bench run's raw results to ``--results`` (default: docs/results/<kind>.json)."""
     from dns_core import bench
 
-    kind = args.which + ("-quick" if args.quick and args.which in ("table", "versus", "models", "allocation") else "")
+    quick_kinds = ("table", "versus", "models", "allocation", "search")
+    kind = args.which + ("-quick" if args.quick and args.which in quick_kinds else "")
     arguments = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)}
     path = bench.write_results(args.results or f"docs/results/{kind}.json", kind, arguments, results)
     print(f"results written to {path}", file=sys.stderr)
@@ -297,6 +298,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_models(args)
     if args.which == "allocation":
         return _bench_allocation(args)
+    if args.which == "search":
+        return _bench_search(args)
     if args.models is None:
         args.models = "lenet-300-100,lenet-5"
     if args.which == "versus":
@@ -365,6 +368,26 @@ def _bench_models(args: argparse.Namespace) -> int:
     if result["allocations"]:
         print(bench_models.format_allocations(result["allocations"]))
     print(json.dumps({"rows": bench_models.short_rows(result["rows"])}))
+    _record_results(args, result)
+    return 0
+
+
+def _bench_search(args: argparse.Namespace) -> int:
+    from dns_core import bench
+
+    archs = (args.models or ("lenet-300-100" if args.quick else "lenet-300-100,lenet-5")).split(",")
+    unknown = [a for a in archs if a not in bench.PLANS]
+    if unknown:
+        raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.PLANS)}")
+    result = bench.search(
+        archs,
+        seeds=range(args.first_seed, args.first_seed + (args.seeds or (2 if args.quick else 5))),
+        iterations=args.iterations,
+        quick=args.quick,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    print(bench.format_search(result["summary"]))
+    print(json.dumps({"summary": result["summary"]}))
     _record_results(args, result)
     return 0
 
@@ -468,7 +491,7 @@ def add_engine_commands(sub: Subcommands) -> None:
     k.set_defaults(func=cmd_pack)
 
     b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead, the service's figures")
-    b.add_argument("which", choices=["table", "overhead", "service", "versus", "models", "allocation"])
+    b.add_argument("which", choices=["table", "overhead", "service", "versus", "models", "allocation", "search"])
     b.add_argument("--quick", action="store_true", help="a small run (table: under 5 minutes on 2 cores; models: "
                    "smaller models and budgets, under 10 minutes)")  # fmt: skip
     b.add_argument("--models", default=None, help="table, versus: zoo models (default lenet-300-100,lenet-5); "
@@ -480,8 +503,8 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
-    b.add_argument("--seeds", type=int, default=None, help="versus: training seeds 0..N-1 from --first-seed "
-                   "(default 5); allocation: the same (default 2)")  # fmt: skip
+    b.add_argument("--seeds", type=int, default=None, help="versus, search: training seeds 0..N-1 from "
+                   "--first-seed (default 5; search --quick 2); allocation: the same (default 2)")  # fmt: skip
     b.add_argument("--first-seed", type=int, default=0, help="versus: the first training seed (to extend a run)")
     b.add_argument("--pair", default="dns,agp", help="versus: the two methods; the first is asked for ratio × the "
                    "second's compression (e.g. dns@1/3,han with --ratio 1)")  # fmt: skip
@@ -491,6 +514,6 @@ def add_engine_commands(sub: Subcommands) -> None:
         metavar="PATH",
         help="the raw results' JSON file (default: docs/results/<kind>.json, "
         "kind: table, table-quick, versus, versus-quick, models, models-quick, allocation, allocation-quick, "
-        "overhead, service)",
+        "search, search-quick, overhead, service)",
     )
     b.set_defaults(func=cmd_bench)
