@@ -308,6 +308,45 @@ class JobRead(_Read):
 JobPage = Page[JobRead]
 
 
+class FrontierPointRead(BaseModel):
+    """One judged state of a budget search: the end of a rung, finished at a low learning rate."""
+
+    iteration: int
+    compression: float = Field(description="Compression (×) of the state.")
+    val_acc: float = Field(description="Validation accuracy, percent, by the strict evaluation at the rung's end.")
+    test_acc: float | None = Field(default=None, description="Test accuracy, percent, when the data has a test split.")
+    within_budget: bool = Field(description="Validation accuracy within max_accuracy_drop of the reference's.")
+
+
+class FrontierCandidate(BaseModel):
+    """One of the kept models: the chosen one first, then the next-highest compressions within budget."""
+
+    compression: float
+    val_acc: float | None
+    test_acc: float | None
+    chosen: bool
+    file: str | None = Field(default=None, description="The artifact holding it (compact sparse format).")
+    bytes: int | None = Field(default=None, description="That file's size.")
+
+
+class FrontierRead(BaseModel):
+    """A budget-only job's frontier: accuracy against compression, as the search reached it.
+
+    While the job runs, ``points`` grows with each rung; once it has succeeded, ``chosen`` is the
+    highest compression within budget (what ``model.sparse.safetensors`` holds) and ``candidates``
+    names the downloadable models.
+    """
+
+    job_id: uuid.UUID
+    state: JobState
+    max_accuracy_drop: float
+    reference_val_acc: float | None = None
+    points: list[FrontierPointRead]
+    chosen: FrontierPointRead | None = None
+    candidates: list[FrontierCandidate] = Field(default_factory=list)
+    verdict: str | None = Field(default=None, description="One sentence on the outcome, once the job has ended.")
+
+
 class ProgressPointRead(_Read):
     """One logged iteration."""
 

@@ -178,8 +178,8 @@ def compress(
             *({"compression": c.compression, "val_acc": c.val_acc, "test_acc": c.test_acc, "chosen": False}
               for c in candidates),
         ]  # fmt: skip
+        report["verdict"] = frontier["verdict"] = search_verdict(report)
         report["frontier"] = frontier
-        report["verdict"] = search_verdict(report)
     return CompressResult(model, report, candidates)
 
 

@@ -198,6 +198,9 @@ class BudgetSearch(Controller):
         self._restore(self.candidates[0][1], model, opt)
         return True
 
+    def points(self) -> list[dict[str, Any]]:
+        return [asdict(p) for p in self.frontier]
+
     def chosen(self) -> FrontierPoint | None:
         return self.candidates[0][0] if self.candidates else None
 

@@ -99,6 +99,8 @@ class Progress:
     compression: float | None = None
     layers: list[LayerReport] = field(default_factory=list)
     event: str = "progress"  # "progress", "eval", "backoff"
+    #: at evaluations of a budget search: every point of its frontier so far (see dns_core.search)
+    frontier: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -213,6 +215,10 @@ class Controller:
     def finish(self, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer) -> bool:
         """At the end of training; True if another state than the last one is the result."""
         return False
+
+    def points(self) -> list[dict[str, Any]] | None:
+        """What progress reports at evaluations carry (a budget search's frontier); None: nothing."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -508,6 +514,7 @@ def fit(
             event=event,
             compression=surgery.compression() if surgery is not None else None,
             layers=surgery.report() if surgery is not None else [],
+            frontier=control.points() if event != "progress" else None,
         )
         loss_sum = torch.zeros((), device=device)
         loss_n = 0

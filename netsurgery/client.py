@@ -190,6 +190,10 @@ class Client:
             params["state"] = state
         return dict(self._json("GET", "/v1/jobs", params=params))
 
+    def frontier(self, job_id: str) -> dict[str, Any]:
+        """A budget-only job's frontier: each rung's compression and accuracy, the chosen point, the candidates."""
+        return dict(self._json("GET", f"/v1/jobs/{job_id}/frontier"))
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
 

@@ -383,8 +383,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     model_id, dataset_id = _id(args.model_id, "model"), _id(args.dataset_id, "dataset")
     layer_kept = parse_pairs(args.layer_kept, "--layer-kept")
     crates = parse_pairs(args.crates, "--crates")
-    if args.method != "dns-fixed-crates" and args.target is None and not layer_kept:
-        raise CliError(f"--method {args.method} needs --target X (overall compression) or --layer-kept name=fraction,…")
+    if args.method != "dns-fixed-crates" and args.target is None and not layer_kept and args.max_drop is None:
+        raise CliError(
+            f"--method {args.method} needs --target X (overall compression), --layer-kept name=fraction,… or "
+            "--max-drop alone (the highest compression within that budget)"
+        )
     with _client() as c:
         try:
             job = c.submit(model_id, dataset_id, method=args.method, compression=args.target, layer_kept=layer_kept,
@@ -415,6 +418,8 @@ def _describe(job: dict[str, Any]) -> str:
         text += f" to {target['compression']:g}x"
     elif target.get("layer_kept"):
         text += " keeping " + ", ".join(f"{k} {v:g}" for k, v in target["layer_kept"].items())
+    elif target.get("max_accuracy_drop") is not None and job["method"] != "dns-fixed-crates":
+        text += ", the highest compression"
     if target.get("max_accuracy_drop") is not None:
         text += f" within {target['max_accuracy_drop']:g} pp"
     total = job.get("total_iterations") or settings.get("iterations")
@@ -626,6 +631,35 @@ def _outcome(job: dict[str, Any]) -> int:
     return 1
 
 
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    job_id = _id(args.job, "job")
+    with _client() as c:
+        f = c.frontier(job_id)
+    if args.json:
+        print(json.dumps(f))
+        return 0
+    ref = f.get("reference_val_acc")
+    title = f"job {job_id} ({f['state']}): the frontier within {f['max_accuracy_drop']:g} points"
+    t = Table(title=title + (f" of {ref:.2f}% validation accuracy" if ref is not None else ""))
+    for column in ("iteration", "compression", "val acc", "test acc", "within budget"):
+        t.add_column(column, justify="right")
+    for point in f["points"]:
+        test = point.get("test_acc")
+        t.add_row(str(point["iteration"]), f"{point['compression']:.1f}x", f"{point['val_acc']:.2f}",
+                  "" if test is None else f"{test:.2f}", "yes" if point["within_budget"] else "no")  # fmt: skip
+    console = Console()
+    console.print(t)
+    for candidate in f.get("candidates") or []:
+        mark = "chosen" if candidate["chosen"] else "candidate"
+        console.print(f"{mark}: {candidate['compression']:.1f}x in {candidate.get('file') or '?'}")
+    if f.get("verdict"):
+        console.print(f["verdict"])
+    return 0
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     job_id = _id(args.job, "job")
     with _client() as c:
@@ -701,7 +735,8 @@ def add_client_commands(sub: Subcommands) -> None:
     s.add_argument("dataset_id", metavar="DATASET_ID")
     s.add_argument("--method", choices=METHODS, default="dns")
     goal = s.add_mutually_exclusive_group()
-    goal.add_argument("--target", type=float, default=None, help="overall compression (x), e.g. 40")
+    goal.add_argument("--target", type=float, default=None, help="overall compression (x), e.g. 40; left out "
+                      "with --max-drop given, the job searches for the highest compression within it")  # fmt: skip
     goal.add_argument("--layer-kept", default=None, help="per-layer kept fractions instead: fc1=0.02,fc2=0.05")
     s.add_argument("--max-drop", type=float, default=None, help="accuracy budget in percentage points")
     for flag, kind in (("--iterations", int), ("--lr", float), ("--batch-size", int), ("--seed", int)):
@@ -737,6 +772,11 @@ def add_client_commands(sub: Subcommands) -> None:
     w = sub.add_parser("watch", help="follow a job live; exit 0 when it succeeds, 1 when it fails or is cancelled")
     w.add_argument("job", metavar="JOB")
     w.set_defaults(func=cmd_watch)
+
+    f = sub.add_parser("frontier", help="a budget-only job's frontier: compression against accuracy, and candidates")
+    f.add_argument("job", metavar="JOB")
+    f.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    f.set_defaults(func=cmd_frontier)
 
     g = sub.add_parser("download", help="download a finished job's files (each checked against its sha256)")
     g.add_argument("job", metavar="JOB")

@@ -260,6 +260,9 @@ class Job(Base):
     compression: Mapped[float | None]
     # latest per-layer sparsity: {"iteration": n, "layers": [{"layer": name, "kept": k, "total": t}, …]}
     layers: Mapped[dict[str, Any] | None]
+    # a budget-only job's frontier: {"points": [{"iteration", "compression", "val_acc", "test_acc",
+    # "within_budget"}, …]} while it runs; the engine's whole frontier (chosen point, candidates) once it ends
+    frontier: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[Name | None]
 

@@ -136,6 +136,7 @@ class _Recorder:
         self.ctx, self.job_id, self.attempt = ctx, job_id, attempt
         self.points: list[jobs.ProgressSample] = []
         self.layers: list[jobs.LayerSample] = []
+        self.frontier: dict[str, Any] | None = None  # a budget search's points, when new ones came
         self._last_flush = time.monotonic()
         self.flushes = 0
 
@@ -144,18 +145,22 @@ class _Recorder:
             jobs.ProgressSample(iteration=p.iteration, loss=p.loss, val_accuracy=p.val_acc, compression=p.compression)
         )
         self.layers.extend(jobs.LayerSample(p.iteration, r.name, r.kept, r.total) for r in p.layers)
+        if p.frontier is not None:
+            self.frontier = {"points": p.frontier}
         if time.monotonic() - self._last_flush >= self.ctx.settings.progress_flush_seconds:
             self.flush()
 
     def flush(self) -> None:
-        if not self.points and not self.layers:
+        if not self.points and not self.layers and self.frontier is None:
             return
-        points, layers = self.points, self.layers
+        points, layers, frontier = self.points, self.layers, self.frontier
         for attempt in range(5):  # the database may be restarting: retry, then give the batch up to the next flush
             try:
                 with session_scope(self.ctx.sessions) as session:
                     ok = jobs.add_progress(session, self.job_id, self.attempt, points)
                     ok = ok and jobs.add_layer_points(session, self.job_id, self.attempt, layers)
+                    if ok and frontier is not None:
+                        ok = jobstate.update_live(session, self.job_id, self.attempt, frontier=frontier)
                     if not ok:
                         session.rollback()
                 break
@@ -169,6 +174,8 @@ class _Recorder:
         if not ok:
             raise LostLease(f"job {self.job_id} attempt {self.attempt} was superseded")
         self.points, self.layers = [], []
+        if self.frontier is frontier:
+            self.frontier = None
         self._last_flush = time.monotonic()
         self.flushes += 1
 
@@ -349,7 +356,14 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
                                   "dataset_id": str(job.dataset_id)}  # fmt: skip
         try:
             made = write_artifacts(
-                work / "out", loaded, result.model, report, inputs=input_records, codec=spec.codec, evaluate=accuracies
+                work / "out",
+                loaded,
+                result.model,
+                report,
+                inputs=input_records,
+                codec=spec.codec,
+                evaluate=accuracies,
+                candidates=result.candidates,
             )
         except RETRIED:
             raise
@@ -370,11 +384,12 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
     rep = made.report
     # the final model's layers: after a fall-back to the last state within the budget they differ
     # from the last progress report's
-    layers = {"iteration": iterations, "layers": [{"layer": r["name"], "kept": r["kept"], "total": r["total"]}
-                                                  for r in rep["layers"]]}  # fmt: skip
+    ran = int(rep.get("iterations") or iterations)  # a budget search may end before the last iteration
+    layers = {"iteration": ran, "layers": [{"layer": r["name"], "kept": r["kept"], "total": r["total"]}
+                                           for r in rep["layers"]]}  # fmt: skip
     return _finish(
-        ctx, job_id, attempt, "succeeded", iteration=iterations, compression=rep["compression"],
-        val_accuracy=rep.get("val_acc"), layers=layers,
+        ctx, job_id, attempt, "succeeded", iteration=ran, compression=rep["compression"],
+        val_accuracy=rep.get("val_acc"), layers=layers, frontier=rep.get("frontier"),
     )  # fmt: skip
 
 

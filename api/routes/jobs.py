@@ -29,6 +29,7 @@ from api.deps import CeleryDep, CpuOnlyDep, JobCacheDep, SessionDep, SettingsDep
 from api.jobcache import JobCache
 from api.routes.common import Limit, Offset, responses
 from api.schemas import (
+    FrontierRead,
     JobCreate,
     JobPage,
     JobRead,
@@ -147,6 +148,33 @@ def get_progress(job: JobDep, session: SessionDep, after: After = -1, limit: Poi
     return ProgressRead(
         items=[ProgressPointRead.model_validate(p) for p in points],
         next_after=points[-1].iteration if points else after,
+    )
+
+
+@router.get(
+    "/{job_id}/frontier",
+    response_model=FrontierRead,
+    summary="Budget search frontier",
+    responses=responses(NotFound),
+)
+def get_frontier(job: JobDep) -> FrontierRead:
+    """A job asked only for an accuracy budget searches for the highest compression within it: each rung's
+    compression and accuracy (validation, and test when the data has it), the chosen point and the
+    downloadable candidates. 404 for a job that was given a compression or per-layer kept fractions.
+    """
+    budget = job.target.get("max_accuracy_drop")
+    if budget is None or job.target.get("compression") is not None or job.target.get("layer_kept") is not None:
+        raise NotFound(f"job {job.id} has no frontier: it was asked for a compression, not for a budget alone")
+    stored = job.frontier or {}
+    return FrontierRead(
+        job_id=job.id,
+        state=job.state,  # type: ignore[arg-type]
+        max_accuracy_drop=float(budget),
+        reference_val_acc=stored.get("reference_val_acc"),
+        points=stored.get("points", []),
+        chosen=stored.get("chosen"),
+        candidates=stored.get("candidates", []),
+        verdict=stored.get("verdict"),
     )
 
 

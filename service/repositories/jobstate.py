@@ -46,7 +46,9 @@ ALLOWED_TRANSITIONS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
 assert set(ALLOWED_TRANSITIONS) == set(JOB_STATES)
 
 # what a worker may write while its attempt is live (update_live): the job's progress summary
-_SUMMARY_FIELDS: Final = frozenset({"iteration", "total_iterations", "loss", "val_accuracy", "compression", "layers"})
+_SUMMARY_FIELDS: Final = frozenset(
+    {"iteration", "total_iterations", "loss", "val_accuracy", "compression", "layers", "frontier"}
+)
 # what may be set together with a transition; identity, ownership, inputs, state and the attempt
 # number are never set this way
 _TRANSITION_FIELDS: Final = _SUMMARY_FIELDS | frozenset(

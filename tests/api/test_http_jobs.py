@@ -136,6 +136,7 @@ def test_other_tenants_see_nothing(live: LiveServer, account: Account) -> None:
             ("GET", f"/v1/jobs/{j}"),
             ("GET", f"/v1/jobs/{j}/progress"),
             ("GET", f"/v1/jobs/{j}/layers"),
+            ("GET", f"/v1/jobs/{j}/frontier"),
             ("POST", f"/v1/jobs/{j}/cancel"),
             ("DELETE", f"/v1/jobs/{j}"),
             ("GET", f"/v1/jobs/{j}/artifacts"),
@@ -185,6 +186,26 @@ def test_create_job_commits_then_enqueues(
     assert client.get(f"/v1/jobs/{job['id']}").json() == job
 
 
+def test_a_budget_only_job_has_a_frontier_from_the_start(live: LiveServer, account: Account) -> None:
+    with live.client(account.key) as c:
+        r = c.post("/v1/jobs", json=job_body(account, method="agp", target={"max_accuracy_drop": 1.5}))
+        assert r.status_code == 202, r.text
+        job = r.json()
+        f = c.get(f"/v1/jobs/{job['id']}/frontier")
+        assert f.status_code == 200, f.text
+        assert f.json() | {"job_id": None} == {
+            "job_id": None, "state": "queued", "max_accuracy_drop": 1.5, "reference_val_acc": None, "points": [],
+            "chosen": None, "candidates": [], "verdict": None,
+        }  # fmt: skip
+        attempt = claim(live, job["id"])
+        point = {"rung": 0, "iteration": 50, "compression": 2.0, "val_acc": 90.5, "test_acc": None,
+                 "within_budget": True}  # fmt: skip
+        with session_scope(live.factory) as session:
+            assert jobstate.update_live(session, uuid.UUID(job["id"]), attempt, frontier={"points": [point]})
+        f = c.get(f"/v1/jobs/{job['id']}/frontier").json()
+        assert f["state"] == "running" and f["points"] == [{k: v for k, v in point.items() if k != "rung"}]
+
+
 def test_fixed_crates_job(client: httpx.Client, account: Account) -> None:
     body = job_body(
         account, method="dns-fixed-crates", target={"max_accuracy_drop": 2}, settings={"crates": {"W1": 0.5}}
@@ -203,7 +224,8 @@ def test_fixed_crates_job(client: httpx.Client, account: Account) -> None:
         ({"target": {"compression": 0.5}}, "compression"),
         ({"target": {"compression": 5, "layer_kept": {"fc1": 0.1}}}, "not both"),
         ({"target": {"layer_kept": {"fc1": 1.5}}}, "layer_kept"),
-        ({"target": {"max_accuracy_drop": 1}}, "needs a target"),
+        ({"target": {}}, "needs a target"),
+        ({"method": "han", "target": {"max_accuracy_drop": 1}}, "only dns and agp search"),
         ({"target": None}, "needs a target"),
         ({"method": "dns-fixed-crates"}, "only max_accuracy_drop"),
         ({"settings": {"gamma": -1}}, "gamma"),

@@ -111,6 +111,57 @@ def test_zoo_model_compressed_by_a_worker_and_downloaded(service: Service, tmp_p
     assert torch.equal(fresh(x), pruned(x))  # the sparse download rebuilds the same model
 
 
+def test_a_budget_only_job_returns_its_frontier_and_candidates(service: Service, tmp_path: Path) -> None:
+    """Only max_accuracy_drop: the worker searches, the frontier grows while the job runs, and the job hands
+    over the highest compression within budget with the next-best candidates as downloads."""
+    from dns_core.reference import train_reference
+
+    train, _ = load_digits()
+    reference = train_reference("lenet-300-100", train, epochs=15, device="cpu")
+    save_model(tmp_path / "ref.safetensors", reference, "lenet-300-100")
+    with service.client() as c:
+        model = upload(c, "/v1/models", tmp_path / "ref.safetensors", architecture="lenet-300-100")
+        data = upload(c, "/v1/datasets", _digits_npz(tmp_path / "digits.npz"))
+        body = {"model_id": model["id"], "dataset_id": data["id"], "method": "dns",
+                "target": {"max_accuracy_drop": 2.0}, "settings": {"iterations": 3000, "seed": 0}}  # fmt: skip
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        live: list[int] = []  # frontier sizes seen while the job ran
+        deadline = time.monotonic() + 180
+        while (job := c.get(f"/v1/jobs/{job_id}").json())["state"] not in ("succeeded", "failed", "cancelled"):
+            f = c.get(f"/v1/jobs/{job_id}/frontier")
+            assert f.status_code == 200, f.text
+            if f.json()["state"] == "running":
+                live.append(len(f.json()["points"]))
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+        assert job["state"] == "succeeded", job
+        assert any(n > 0 for n in live), live  # points arrive while the job runs
+        f = c.get(f"/v1/jobs/{job_id}/frontier").json()
+        held = [p for p in f["points"] if p["within_budget"]]
+        assert f["chosen"]["compression"] == max(p["compression"] for p in held)
+        assert job["compression"] == pytest.approx(f["chosen"]["compression"], rel=1e-6)
+        assert job["compression"] > 8 and "highest compression found within the 2-point budget" in f["verdict"]
+        assert f["reference_val_acc"] - job["val_accuracy"] <= 2.0
+        candidates = f["candidates"]
+        assert candidates[0]["chosen"] and candidates[0]["file"] == "model.sparse.safetensors"
+        assert len(candidates) >= 2 and all(not c["chosen"] for c in candidates[1:])
+        files = download_all(c, job_id, tmp_path)
+        for candidate in candidates[1:]:
+            state = load_sparse(files[candidate["file"]])
+            nonzero = sum(int(torch.count_nonzero(v)) for v in state.values())
+            assert sum(v.numel() for v in state.values()) / nonzero == pytest.approx(candidate["compression"])
+            assert candidate["compression"] < job["compression"]
+        # a job asked for a compression has no frontier
+        r = c.post("/v1/jobs", json=body | {"target": {"compression": 4, "max_accuracy_drop": 2.0}})
+        missing = c.get(f"/v1/jobs/{r.json()['id']}/frontier")
+        assert missing.status_code == 404 and "asked for a compression" in missing.text
+        # one-shot cannot search
+        r = c.post("/v1/jobs", json=body | {"method": "one-shot"})
+        assert r.status_code == 422 and "only dns and agp search" in r.text
+
+
 def test_onnx_model_compressed_and_returned_as_onnx(service: Service, tmp_path: Path) -> None:
     from tests.dns_core.test_onnx import cnn_model
 
