@@ -186,19 +186,14 @@ def compress(
 def search_verdict(report: dict[str, Any]) -> str:
     """One sentence on a budget search's outcome."""
     budget = report["target"]["max_accuracy_drop"]
-    drop = (
-        report["reference_val_acc"] - report["val_acc"]
-        if report["val_acc"] is not None and report["reference_val_acc"] is not None
-        else None
-    )
+    ref, val = report["reference_val_acc"], report["val_acc"]
+    moved = f"validation {ref:.2f}% → {val:.2f}%" if ref is not None and val is not None else "no validation figure"
     if report["budget_met"]:
-        return (
-            f"{report['compression']:.1f}x is the highest compression found within the {budget:g}-point budget "
-            f"({drop:.2f} points down on validation)."
-        )
+        found = f"{report['compression']:.1f}x is the highest compression found"
+        return f"{found} within the {budget:g}-point budget ({moved})."
     return (
         f"No compression of {SearchSettings().floor:g}x or more stayed within the {budget:g}-point budget: "
-        f"the model handed over is at {report['compression']:.1f}x and {drop:.2f} points down on validation."
+        f"the model handed over is at {report['compression']:.1f}x ({moved})."
     )
 
 

@@ -26,6 +26,7 @@
   const LAYERS_PAGE = 100;
   const MAX_DRAWN_POINTS = 1000;
   const ACTIVE = new Set(["queued", "running"]);
+  const SEARCHING = new Set(["dns", "agp"]); // the methods that search when given only an accuracy budget
   const SVG_NS = "http://www.w3.org/2000/svg";
   const JOB_HASH = /^#\/jobs\/([0-9a-fA-F-]{36})$/;
   const STREAM_RECONNECTS = 3; // drops in a row (no event in between) before the page falls back to polling
@@ -148,6 +149,7 @@
     const parts = [];
     if (t.compression !== undefined) parts.push(t.compression + "×");
     if (t.layer_kept) parts.push(Object.keys(t.layer_kept).length + " layer fractions");
+    if (isSearch(job)) parts.push("the highest compression");
     if (t.max_accuracy_drop !== undefined) parts.push("drop ≤ " + t.max_accuracy_drop + " pt");
     return parts.length ? parts.join(" · ") : "–";
   }
@@ -341,11 +343,14 @@
   }
 
   function syncMethodFields() {
-    // dns-fixed-crates is driven by its crates: its target may carry only the accuracy budget
-    const fixed = $("#method-select").value === "dns-fixed-crates";
+    // dns-fixed-crates is driven by its crates: its target may carry only the accuracy budget; dns and agp
+    // search for the highest compression within the budget when the compression is left empty
+    const method = $("#method-select").value;
+    const fixed = method === "dns-fixed-crates";
     const compression = $("#target-compression");
     compression.disabled = fixed;
-    compression.required = !fixed;
+    compression.required = !fixed && !SEARCHING.has(method);
+    $("#max-accuracy-drop").required = SEARCHING.has(method) && compression.value.trim() === "";
   }
 
   async function submitJob(event) {
@@ -358,7 +363,9 @@
       settings: {},
     };
     const target = {};
-    if (method !== "dns-fixed-crates") target.compression = Number($("#target-compression").value);
+    const compression = $("#target-compression").value.trim();
+    // left empty with a drop given, dns and agp search for the highest compression within it
+    if (method !== "dns-fixed-crates" && compression !== "") target.compression = Number(compression);
     const drop = $("#max-accuracy-drop").value.trim();
     if (drop !== "") target.max_accuracy_drop = Number(drop);
     if (Object.keys(target).length) body.target = target;
@@ -389,7 +396,11 @@
 
   function showJob(id) {
     showView("job-view");
-    current = { id, job: null, progress: [], progressAfter: -1, layers: [], layersAfter: -1, artifacts: null, names: null };
+    current = {
+      id, job: null, progress: [], progressAfter: -1, layers: [], layersAfter: -1, artifacts: null, names: null,
+      frontier: null, frontierMark: null, frontierBusy: false,
+    };
+    $("#frontier-box").hidden = true;
     $("#job-id").textContent = id;
     $("#job-state").textContent = "loading…";
     $("#job-state").removeAttribute("data-state");
@@ -737,7 +748,82 @@
     $("#job-error-box").hidden = !job.error;
 
     renderCharts(view);
+    renderFrontier(view);
     renderArtifacts(view);
+    if (isSearch(job)) refreshFrontier(view);
+  }
+
+  /** A job asked only for an accuracy budget: it searches, and has a frontier. */
+  function isSearch(job) {
+    const t = job.target || {};
+    return t.compression == null && t.layer_kept == null && t.max_accuracy_drop != null && SEARCHING.has(job.method);
+  }
+
+  /** Fetch the frontier again when the job moved on since the last fetch (one request at a time). */
+  async function refreshFrontier(view) {
+    const job = view.job;
+    const mark = job.state + ":" + job.iteration;
+    if (view.frontierBusy || view.frontierMark === mark) return;
+    view.frontierBusy = true;
+    const gen = generation;
+    try {
+      const frontier = await api(`v1/jobs/${view.id}/frontier`);
+      if (gen !== generation) return;
+      view.frontier = frontier;
+      view.frontierMark = mark;
+      renderFrontier(view);
+    } catch (e) {
+      if (gen === generation && apiKey()) setStatus(describe(e), true);
+    } finally {
+      view.frontierBusy = false;
+    }
+  }
+
+  function renderFrontier(view) {
+    const box = $("#frontier-box");
+    const f = view.frontier;
+    box.hidden = !(view.job && isSearch(view.job));
+    if (box.hidden) return;
+    const points = f ? f.points : [];
+    const within = points.filter((p) => p.within_budget).map((p) => [p.compression, p.val_acc]);
+    const over = points.filter((p) => !p.within_budget).map((p) => [p.compression, p.val_acc]);
+    within.sort((a, b) => a[0] - b[0]);
+    const refs = [];
+    if (f && f.reference_val_acc !== null) {
+      refs.push({ y: f.reference_val_acc, label: "reference " + fmtAccuracy(f.reference_val_acc) });
+      refs.push({ y: f.reference_val_acc - f.max_accuracy_drop, label: "budget: −" + f.max_accuracy_drop + " points" });
+    }
+    lineChart($("#chart-frontier"), {
+      series: [
+        { name: "within budget", points: within },
+        { name: "over budget", points: over, dotsOnly: true },
+      ],
+      xMax: Math.max(2, ...points.map((p) => p.compression)),
+      xLabel: "compression (×)",
+      yLabel: "validation accuracy (%)",
+      clamp: [0, 100],
+      refs,
+      dots: true,
+      empty: ACTIVE.has(view.job.state) ? "waiting for the first rung to end…" : "no point was judged",
+    });
+    const chosen = f && f.chosen;
+    $("#frontier-now").textContent = chosen ? "best so far " + fmtCompression(chosen.compression) : "";
+    $("#frontier-verdict").textContent = (f && f.verdict) || "";
+    const candidates = f && f.candidates.length ? f.candidates : [];
+    $("#frontier-candidates tbody").replaceChildren(
+      ...(candidates.length
+        ? candidates.map((c) =>
+            el(
+              "tr",
+              { class: c.chosen ? "chosen" : "" },
+              el("td", {}, fmtCompression(c.compression) + (c.chosen ? " (chosen)" : "")),
+              el("td", {}, fmtAccuracy(c.val_acc)),
+              el("td", {}, fmtAccuracy(c.test_acc)),
+              el("td", {}, c.file || "–"),
+            ),
+          )
+        : [el("tr", {}, el("td", { colspan: "4", class: "muted" }, "once the job has succeeded"))]),
+    );
   }
 
   function renderCharts(view) {
@@ -943,7 +1029,8 @@
   /**
    * A line chart with axes, ticks, grid and labels.
    * spec: {series: [{name, points: [[x, y], …]}], xMax, xLabel, yLabel, yMin?, yMax?, clamp?: [lo, hi],
-   *        refs?: [{y, label}], empty?: text shown without points}. Each series is a <path class="series" data-points="n">.
+   *        refs?: [{y, label}], empty?: text shown without points, dots?: a dot at every point}. Each series is a
+   *        <path class="series" data-points="n"> (none for a series with dotsOnly); dots are <circle class="point-dot">.
    */
   function lineChart(svg, spec) {
     const W = CHART_W;
@@ -1037,6 +1124,20 @@
     spec.series.forEach((series, i) => {
       if (!series.points.length) return;
       const cls = "s" + (i % 6);
+      if (spec.dots) {
+        // every point as a dot of its own, with its figures on hover
+        for (const p of series.points) {
+          parts.push(
+            svgEl(
+              "circle",
+              { class: "point-dot dot-" + cls, cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 4,
+                "data-series": series.name, "data-x": p[0], "data-y": p[1] },
+              svgEl("title", {}, `${series.name}: ${fmtNum(p[0], 1)}, ${fmtNum(p[1], 2)}`),
+            ),
+          );
+        }
+        if (series.dotsOnly) return;
+      }
       const drawn = thin(series.points, MAX_DRAWN_POINTS);
       const d = drawn.map((p, j) => (j ? "L" : "M") + sx(p[0]).toFixed(1) + " " + sy(p[1]).toFixed(1)).join(" ");
       const lastPoint = drawn[drawn.length - 1];
@@ -1127,6 +1228,7 @@
       formKey = randomKey(); // a changed request is a new job
     });
     $("#method-select").addEventListener("change", syncMethodFields);
+    $("#target-compression").addEventListener("input", syncMethodFields);
     $("#cancel-button").addEventListener("click", clickCancel);
     syncMethodFields();
     window.addEventListener("hashchange", route);

@@ -355,6 +355,73 @@ def test_dashboard_shows_a_failure_and_cancels_a_running_job(
         assert c.get(f"/v1/jobs/{long['id']}").json()["state"] == "cancelled"
 
 
+@needs_browser
+def test_dashboard_starts_a_budget_search_and_draws_its_frontier(
+    service: Service, browser: WebDriver, tmp_path: Path
+) -> None:
+    """The form with no compression and a drop starts a budget-only job; its page draws accuracy against
+    compression, one dot per judged rung, as the rungs end, then the verdict."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from dns_core.data import load_digits
+    from dns_core.io import save_model
+    from dns_core.reference import train_reference
+
+    train, _ = load_digits()
+    save_model(tmp_path / "ref.safetensors", train_reference("lenet-300-100", train, epochs=15, device="cpu"),
+               "lenet-300-100")  # fmt: skip
+    with service.client() as c:
+        model = upload(c, "/v1/models", tmp_path / "ref.safetensors", architecture="lenet-300-100")
+        dataset = c.post("/v1/datasets", json={"builtin": "digits", "name": "digits"}).json()
+
+    sign_in(browser, service)
+    wait(browser, "the model choice", lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#model-select option')].some(o => o.value === arguments[0])",
+        model["id"]))  # fmt: skip
+    Select(browser.find_element(By.ID, "model-select")).select_by_value(model["id"])
+    Select(browser.find_element(By.ID, "dataset-select")).select_by_value(dataset["id"])
+    Select(browser.find_element(By.ID, "method-select")).select_by_value("dns")
+    for field, value in (("target-compression", ""), ("max-accuracy-drop", "2"), ("iterations", "3000")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        if value:
+            box.send_keys(value)
+    browser.find_element(By.ID, "start-job").click()
+    match = wait(browser, "the job's page", lambda d: re.search(r"#/jobs/([0-9a-f-]{36})$", d.current_url) or False)
+    job_id = match.group(1)
+    with service.client() as c:
+        assert c.get(f"/v1/jobs/{job_id}").json()["target"] == {"max_accuracy_drop": 2}
+
+    dots = "#chart-frontier circle.point-dot"
+    seen: list[tuple[int, str | None]] = []
+    deadline = time.monotonic() + 180
+    while (state := page_state(browser)) not in FINISHED:
+        seen.append((len(browser.find_elements(By.CSS_SELECTOR, dots)), state))
+        assert time.monotonic() < deadline, seen[-3:]
+        time.sleep(0.2)
+    assert state == "succeeded", browser.find_element(By.ID, "job-error").text
+    assert any(n > 0 and s == "running" for n, s in seen), f"no dot while the job ran: {seen}"
+    with service.client() as c:
+        frontier = c.get(f"/v1/jobs/{job_id}/frontier").json()
+    wait(browser, "every rung's dot", lambda d: len(d.find_elements(By.CSS_SELECTOR, dots)) == len(frontier["points"]))
+    drawn = browser.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(c => [c.dataset.series, Number(c.dataset.x)])", dots
+    )
+    points = frontier["points"]
+    expected = [["within budget" if p["within_budget"] else "over budget", p["compression"]] for p in points]
+    assert sorted(drawn) == sorted(expected)
+    verdict = wait(browser, "the verdict", lambda d: d.find_element(By.ID, "frontier-verdict").text)
+    assert verdict == frontier["verdict"] and "highest compression found" in verdict
+    labels = browser.find_element(By.ID, "chart-frontier").text
+    assert "reference" in labels and "budget" in labels  # the reference and the budget's floor are drawn
+    assert browser.find_element(By.ID, "frontier-box").is_displayed()
+    rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#frontier-candidates tbody tr")]
+    assert len(rows) == len(frontier["candidates"]) >= 2, rows
+    assert "(chosen)" in rows[0] and "model.sparse.safetensors" in rows[0] and "candidate-2" in rows[1]
+    save_screenshot(browser, "dashboard-frontier.png", tmp_path)
+
+
 def test_dashboard_files_are_served_without_a_key_and_nothing_else(service: Service) -> None:
     import httpx
 
