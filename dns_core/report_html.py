@@ -235,6 +235,61 @@ def chart_figures(report: Mapping[str, Any]) -> dict[str, Figure]:
         }  # fmt: skip
 
 
+def frontier_chart(frontier: Mapping[str, Any]) -> Figure:
+    """A budget search's points: validation accuracy against compression, within budget and over it."""
+    title = "Frontier: validation accuracy (%) against compression (×)"
+    points = [p for p in frontier.get("points") or [] if isinstance(p, Mapping)]
+    if not points:
+        return _no_data(title)
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("compression (×)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(axis="y", color="#eef0f3")
+    held = sorted((float(p["compression"]), float(p["val_acc"])) for p in points if p.get("within_budget"))
+    over = [(float(p["compression"]), float(p["val_acc"])) for p in points if not p.get("within_budget")]
+    if held:
+        ax.plot([x for x, _ in held], [y for _, y in held], color=_GREEN, linewidth=2, marker="o", markersize=4,
+                label="within budget", gid="within")  # fmt: skip
+    if over:
+        ax.plot([x for x, _ in over], [y for _, y in over], linestyle="none", color="#dc2626", marker="o",
+                markersize=4, label="over budget", gid="over")  # fmt: skip
+    ref, budget = _num(frontier.get("reference_val_acc")), _num(frontier.get("max_accuracy_drop"))
+    if ref is not None and budget is not None:
+        ax.axhline(ref - budget, color="#9ca3af", linestyle=(0, (5, 4)), linewidth=1)
+        ax.annotate(f"budget: {ref - budget:.2f} %", (1, ref - budget), xycoords=("axes fraction", "data"),
+                    xytext=(-4, 4), textcoords="offset points", ha="right", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xlim(left=0)
+    ax.legend(loc="lower left", frameon=False)
+    return fig
+
+
+def _frontier_table(frontier: Mapping[str, Any]) -> str:
+    head = "<tr><th>Iteration</th><th>Compression</th><th>Validation</th><th>Test</th><th>Within budget</th></tr>"
+    body = "".join(
+        f'<tr><td class="n">{_e(_fmt_int(p.get("iteration")))}</td>'
+        f'<td class="n">{_e(fmt_ratio(p.get("compression")))}</td>'
+        f'<td class="n">{_e(_fmt_acc(p.get("val_acc")))}</td><td class="n">{_e(_fmt_acc(p.get("test_acc")))}</td>'
+        f"<td>{'yes' if p.get('within_budget') else 'no'}</td></tr>"
+        for p in frontier.get("points") or []
+        if isinstance(p, Mapping)
+    )
+    rows = [f"<table>{head}{body}</table>"]
+    candidates = [c for c in frontier.get("candidates") or [] if isinstance(c, Mapping)]
+    if candidates:
+        head = "<tr><th>Candidate</th><th>Compression</th><th>Validation</th><th>Test</th><th>File</th></tr>"
+        body = "".join(
+            f"<tr><td>{'chosen' if c.get('chosen') else 'next'}</td>"
+            f'<td class="n">{_e(fmt_ratio(c.get("compression")))}</td>'
+            f'<td class="n">{_e(_fmt_acc(c.get("val_acc")))}</td><td class="n">{_e(_fmt_acc(c.get("test_acc")))}</td>'
+            f"<td>{_e(c.get('file') or '–')}</td></tr>"
+            for c in candidates
+        )
+        rows.append(f"<table>{head}{body}</table>")
+    return "".join(rows)
+
+
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     with _style():
@@ -406,6 +461,14 @@ def render_report_html(report: Mapping[str, Any]) -> str:
         "<h2>Layers</h2>",
         charts["layers.png"],
         _layer_table(layers),
+    ]
+    frontier = report.get("frontier")
+    if isinstance(frontier, Mapping):
+        with _style():
+            chart = _svg(frontier_chart(frontier), "frontier")
+        verdict = f"<p>{_e(report['verdict'])}</p>" if report.get("verdict") else ""
+        sections += ["<h2>Frontier</h2>", verdict, chart, _frontier_table(frontier)]
+    sections += [
         "<h2>Files</h2>",
         _files_table(report.get("outputs"), "output files"),
         "<p>report.json and this page are not listed: a file cannot hold its own checksum.</p>",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from dns_core.defaults import ALLOCATIONS, BUILTIN_SETS, CODECS, EDGE_SHARE, FIRST_LAST, METHODS
+from dns_core.defaults import ALLOCATIONS, BUILTIN_SETS, CODECS, EDGE_SHARE, FIRST_LAST, METHODS, SEARCH_METHODS
 from netsurgery.common import CliError, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
@@ -584,7 +584,7 @@ def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    return _outcome(job)
+    return _outcome(job, c)
 
 
 def _follow_events(c: Client, job_id: str, job: dict[str, Any], show: Callable[[dict[str, Any]], None]) -> None:
@@ -610,7 +610,23 @@ def _follow_events(c: Client, job_id: str, job: dict[str, Any], show: Callable[[
                 return
 
 
-def _outcome(job: dict[str, Any]) -> int:
+def _searched(job: dict[str, Any]) -> bool:
+    """A job asked only for an accuracy budget (it searched for the highest compression within it)."""
+    target = job.get("target") or {}
+    return (
+        target.get("compression") is None
+        and target.get("layer_kept") is None
+        and target.get("max_accuracy_drop") is not None
+        and job["method"] in SEARCH_METHODS
+    )
+
+
+def _outcome(job: dict[str, Any], c: Client | None = None) -> int:
+    if job["state"] == "succeeded" and c is not None and _searched(job):
+        verdict = c.frontier(job["id"]).get("verdict")
+        if verdict:
+            print(verdict)
+        print(f"the frontier and the other candidates: `netsurgery frontier {job['id']}`")
     if job["state"] == "succeeded":
         parts = []
         if job.get("compression") is not None:

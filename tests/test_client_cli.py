@@ -229,6 +229,31 @@ def test_upload_submit_watch_list_download(
                    for x in lines), out  # fmt: skip
 
 
+def test_submit_with_only_a_budget_searches_and_frontier_shows_it(
+    service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, _ = run(capsys, "upload-model", str(zoo_file(tmp_path / "m.safetensors")), "--arch", "lenet-300-100",
+                     "-q")  # fmt: skip
+    model_id = out.strip()
+    rc, out, _ = run(capsys, "upload-data", "--builtin", "digits", "-q")
+    dataset_id = out.strip()
+    rc, out, err = run(capsys, "submit", model_id, dataset_id, "--max-drop", "100", "--iterations", "400",
+                       "--watch")  # fmt: skip
+    assert (rc, err) == (0, ""), out
+    job_id = re.match(r"job (\S+) queued: dns, the highest compression within 100 pp, 400 iterations\n", out)[1]  # type: ignore[index]
+    assert re.search(r"\d+\.\dx is the highest compression found within the 100-point budget", out), out
+    assert f"`netsurgery frontier {job_id}`" in out
+    rc, out, err = run(capsys, "frontier", job_id)
+    assert (rc, err) == (0, ""), out
+    assert re.search(r"│ +\d+ │ +2\.0x │ +\d+\.\d\d │ +│ +yes │", out), out  # the first rung, within budget
+    assert "chosen: " in out and "in model.sparse.safetensors" in out and "candidate: " in out
+    rc, out, _ = run(capsys, "frontier", job_id, "--json")
+    frontier = json.loads(out)
+    assert frontier["state"] == "succeeded" and frontier["chosen"]["compression"] > 2
+    rc, out, err = run(capsys, "submit", model_id, dataset_id, "--method", "han", "--max-drop", "1")
+    assert rc == 2 and "only dns and agp search" in err
+
+
 def test_upload_data_file_and_a_job_that_fails(
     service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -152,6 +152,30 @@ def test_a_report_without_history_still_renders() -> None:
         _check_png(data)
 
 
+def test_a_budget_search_report_shows_its_frontier_and_candidates() -> None:
+    points = [
+        {"rung": 0, "iteration": 100, "compression": 2.0, "val_acc": 90.1, "test_acc": 89.9, "within_budget": True},
+        {"rung": 1, "iteration": 250, "compression": 4.0, "val_acc": 89.8, "test_acc": None, "within_budget": True},
+        {"rung": 2, "iteration": 450, "compression": 8.0, "val_acc": 87.0, "test_acc": 86.5, "within_budget": False},
+    ]
+    frontier = {"points": points, "reference_val_acc": 90.0, "max_accuracy_drop": 0.5,
+                "candidates": [{"compression": 4.0, "val_acc": 89.8, "test_acc": None, "chosen": True,
+                                "file": "model.sparse.safetensors"},
+                               {"compression": 2.0, "val_acc": 90.1, "test_acc": 89.9, "chosen": False,
+                                "file": f"candidate-2{HOSTILE}"}]}  # fmt: skip
+    report = {"method": "dns", "compression": 4.0, "history": [], "layers": [], "frontier": frontier,
+              "verdict": "4.0x is the highest compression found within the 0.5-point budget."}  # fmt: skip
+    page = render_report_html(report)
+    _Collect().feed(page)
+    section = page[page.index("<h2>Frontier</h2>") : page.index("<h2>Files</h2>")]
+    assert "4.0x is the highest compression found" in section
+    assert section.count("<td>yes</td>") == 2 and section.count("<td>no</td>") == 1
+    assert "8.0" in section and "87.00" in section and "budget: 89.50 %" in section
+    assert "model.sparse.safetensors" in section and HOSTILE not in page
+    assert 'id="frontier-within"' in section and 'id="frontier-over"' in section  # both kinds of point are drawn
+    assert "<h2>Frontier</h2>" not in render_report_html(report | {"frontier": None})
+
+
 def test_compact_history_keeps_evaluations_and_thins_the_rest() -> None:
     layers = [LayerReport("fc1", 5, 10)]
     history = [
