@@ -34,6 +34,9 @@ from .errors import ConfigError
 from .surgery import ScheduledSurgery
 from .train import Controller, TrainConfig
 
+#: the fewest iterations a rung may have
+MIN_RUNG = 20
+
 
 @dataclass
 class FrontierPoint:
@@ -95,8 +98,12 @@ class BudgetSearch(Controller):
         weights = [self.s.growth**r for r in range(self.s.rungs)]
         ends = [round(iterations * sum(weights[: r + 1]) / sum(weights)) for r in range(self.s.rungs)]
         self.bounds = [0, *ends]  # rung r runs over [bounds[r], bounds[r + 1])
-        if min(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False)) < 20:
-            raise ConfigError(f"a budget search of {self.s.rungs} rungs needs rungs of at least 20 iterations")
+        if min(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False)) < MIN_RUNG:
+            needed = math.ceil(MIN_RUNG * sum(weights) / min(weights))
+            raise ConfigError(
+                f"a budget search needs at least {needed} iterations ({self.s.rungs} rungs of at least {MIN_RUNG}); "
+                f"{iterations} were given"
+            )
         self.evaluate_test = evaluate_test
         self.frontier: list[FrontierPoint] = []
         self.candidates: list[tuple[FrontierPoint, dict[str, Any]]] = []  # best first

@@ -98,6 +98,39 @@ def test_bench_versus_takes_any_pair_of_methods(fake_fashion: Path, capsys: pyte
     assert "--pair takes two methods" in capsys.readouterr().err
 
 
+def test_bench_search_compares_budget_only_dns_with_agp_over_seeds(
+    fake_fashion: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "search", "--quick", "--models", "lenet-300-100", "--seeds", "2", "--iterations", "400"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])["summary"]["lenet-300-100"]
+    recorded = json.loads(Path("docs/results/search-quick.json").read_text())["results"]
+    rows = recorded["rows"]
+    # DNS once, AGP under each of its two timings, each over the two seeds
+    assert [(r["method"], r["seed"]) for r in rows] == [("dns", 0), ("dns", 1), *[("agp", 0), ("agp", 1)] * 2]
+    assert len({json.dumps(r["schedule"]) for r in rows if r["method"] == "agp"}) == 2
+    for r in rows:  # the accuracies are rounded to hundredths: the checks allow for it
+        drop = r["ref_val"] - r["val"]
+        assert drop <= 0.51 if r["budget_met"] else drop > 0.49
+
+        def best(slack: float, frontier: list[list[float]] = r["frontier"], row: dict[str, float] = r) -> float:
+            held = [
+                c for c, v, t in frontier if row["ref_val"] - v <= 0.5 + slack and row["ref_test"] - t <= 0.5 + slack
+            ]
+            return max(held, default=1.0)
+
+        assert best(-0.01) - 0.01 <= r["best_within_both"] <= best(0.01) + 0.01
+    for method in ("dns", "agp"):
+        runs = [r for r in rows if r["method"] == method and r["schedule"] == summary[method]["schedule"]]
+        ordered = sorted(r["best_within_both"] for r in runs)
+        assert summary[method]["median_within_both"] == pytest.approx((ordered[0] + ordered[1]) / 2)
+    assert summary["dns_over_agp"] == pytest.approx(
+        summary["dns"]["median_within_both"] / summary["agp"]["median_within_both"], abs=1e-3
+    )
+    assert any(line.startswith("| lenet-300-100 | 400 |") for line in out)
+
+
 def test_bench_writes_a_results_file_with_the_run_its_figures_and_the_machine(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
