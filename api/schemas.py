@@ -280,6 +280,24 @@ class LayerSnapshot(BaseModel):
     layers: list[LayerKept]
 
 
+class JobResult(BaseModel):
+    """What a succeeded job delivered: its verdict in one place."""
+
+    compression: float | None = Field(description="All parameters over the non-zero ones (×).")
+    compression_bytes: float | None = Field(description="Dense parameter bytes over the compact sparse file's (×).")
+    reference_val_acc: float | None = Field(description="The dense model's validation accuracy, percent.")
+    val_acc: float | None = Field(description="The delivered model's validation accuracy, percent.")
+    val_drop: float | None = Field(description="Reference minus delivered validation accuracy, points.")
+    reference_test_acc: float | None = None
+    test_acc: float | None = None
+    test_drop: float | None = None
+    max_accuracy_drop: float | None = Field(description="The budget asked for, points (null: none).")
+    budget_met: bool | None = Field(description="Validation accuracy within the budget (null: no budget to check).")
+    dense_file_bytes: int | None = Field(description="Size of the dense-with-zeros model file.")
+    sparse_file_bytes: int | None = Field(description="Size of model.sparse.safetensors.")
+    verdict: str | None = Field(default=None, description="A budget search's outcome in one sentence.")
+
+
 class JobRead(_Read):
     """A job and its live summary (the latest progress and per-layer sparsity)."""
 
@@ -299,6 +317,7 @@ class JobRead(_Read):
     compression: float | None = Field(description="Compression (×) reached so far.")
     layers: LayerSnapshot | None = Field(description="Latest per-layer kept/total.")
     error: str | None
+    result: JobResult | None = Field(default=None, description="The verdict, once the job has succeeded.")
     idempotency_key: str | None
     created_at: datetime
     started_at: datetime | None

@@ -269,6 +269,39 @@ def write_artifacts(
     return Artifacts(full, files, packed)
 
 
+def job_result(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The verdict of a finished compression, from its full report (:func:`write_artifacts`'s).
+
+    Compression by parameters and by bytes, validation and test accuracy before and after with
+    their drops, the budget and whether it held, the sizes of the dense and the compact file, and
+    a budget search's one-sentence verdict.
+    """
+
+    def drop(split: str) -> float | None:
+        ref, acc = report.get(f"reference_{split}_acc"), report.get(f"{split}_acc")
+        return None if ref is None or acc is None else ref - acc
+
+    target = report.get("target") or {}
+    sizes = report.get("bytes") or {}
+    outputs = report.get("outputs") or {}
+    dense = next((rec["bytes"] for name, rec in outputs.items() if name in (DENSE_SAFETENSORS, DENSE_ONNX)), None)
+    return {
+        "compression": report.get("compression"),
+        "compression_bytes": sizes.get("compression"),
+        "reference_val_acc": report.get("reference_val_acc"),
+        "val_acc": report.get("val_acc"),
+        "val_drop": drop("val"),
+        "reference_test_acc": report.get("reference_test_acc"),
+        "test_acc": report.get("test_acc"),
+        "test_drop": drop("test"),
+        "max_accuracy_drop": target.get("max_accuracy_drop"),
+        "budget_met": report.get("budget_met"),
+        "dense_file_bytes": dense,
+        "sparse_file_bytes": sizes.get("sparse_file"),
+        "verdict": report.get("verdict"),
+    }
+
+
 def _pruned_weights(report: dict[str, Any], state: dict[str, torch.Tensor]) -> set[str]:
     """The weight tensors of the pruned layers (``weight``, an attention block's ``in_proj_weight`` …);
     not those of the layers left dense on purpose."""

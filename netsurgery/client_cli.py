@@ -621,12 +621,34 @@ def _searched(job: dict[str, Any]) -> bool:
     )
 
 
+def _result_lines(result: dict[str, Any]) -> list[str]:
+    """A succeeded job's verdict: accuracy before and after, the budget, the size on disk."""
+    lines = []
+    for split in ("val", "test"):
+        ref, acc = result.get(f"reference_{split}_acc"), result.get(f"{split}_acc")
+        if ref is not None and acc is not None:
+            name = "validation" if split == "val" else "test"
+            lines.append(f"  {name:<11} {ref:.2f}% → {acc:.2f}% ({acc - ref:+.2f} points)")
+    budget, met = result.get("max_accuracy_drop"), result.get("budget_met")
+    if budget is not None and met is not None:
+        lines.append(f"  budget      {budget:g} points on validation: {'met' if met else 'NOT met'}")
+    dense, sparse = result.get("dense_file_bytes"), result.get("sparse_file_bytes")
+    if dense and sparse:
+        lines.append(
+            f"  on disk     {dense:,} → {sparse:,} bytes ({dense / sparse:.1f}x smaller, model.sparse.safetensors)"
+        )
+    return lines
+
+
 def _outcome(job: dict[str, Any], c: Client | None = None) -> int:
-    if job["state"] == "succeeded" and c is not None and _searched(job):
-        verdict = c.frontier(job["id"]).get("verdict")
-        if verdict:
-            print(verdict)
-        print(f"the frontier and the other candidates: `netsurgery frontier {job['id']}`")
+    if job["state"] == "succeeded" and c is not None and not job.get("result"):
+        job = c.job(job["id"])  # a snapshot taken as the state changed may miss the result
+    if job["state"] == "succeeded":
+        result = job.get("result") or {}
+        if result.get("verdict"):
+            print(result["verdict"])
+        if _searched(job):
+            print(f"the frontier and the other candidates: `netsurgery frontier {job['id']}`")
     if job["state"] == "succeeded":
         parts = []
         if job.get("compression") is not None:
@@ -638,6 +660,8 @@ def _outcome(job: dict[str, Any], c: Client | None = None) -> int:
             took = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
             parts.append(f"in {took.total_seconds():.0f} s")
         print(f"job {job['id']} succeeded: {', '.join(parts)}")
+        for line in _result_lines(job.get("result") or {}):
+            print(line)
         print(f"download its files with `netsurgery download {job['id']}`")
         return 0
     if job["state"] == "failed":

@@ -263,6 +263,9 @@ class Job(Base):
     # a budget-only job's frontier: {"points": [{"iteration", "compression", "val_acc", "test_acc",
     # "within_budget"}, …]} while it runs; the engine's whole frontier (chosen point, candidates) once it ends
     frontier: Mapped[dict[str, Any] | None]
+    # a succeeded job's verdict (dns_core.artifacts.job_result): compression, accuracy before and after,
+    # budget, file sizes
+    result: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[Name | None]
 

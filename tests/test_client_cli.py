@@ -205,6 +205,10 @@ def test_upload_submit_watch_list_download(
     assert re.search(r"│ fc1 +│ +\d[\d,]* │ 235,500 │ +\d+\.\d\d │\n", out), out  # the per-layer table
     done = re.search(rf"job {job_id} succeeded: (\d+\.\d)x, validation accuracy \d+\.\d\d%, 300 iterations", out)
     assert done and 4.5 <= float(done[1]) <= 5.5, out
+    assert re.search(r"\n  validation  \d+\.\d\d% → \d+\.\d\d% \([+-]\d+\.\d\d points\)\n", out), out
+    assert "\n  budget      100 points on validation: met\n" in out
+    on_disk = r"\n  on disk     1,06\d,\d{3} → [\d,]+ bytes \(\d+\.\dx smaller, model.sparse.safetensors\)\n"
+    assert re.search(on_disk, out), out
 
     rc, out, err = run(capsys, "jobs")
     assert (rc, err) == (0, "")

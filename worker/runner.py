@@ -293,7 +293,7 @@ def _finish(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, state: str, **f
 
 
 def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Watch) -> str:
-    from dns_core.artifacts import write_artifacts
+    from dns_core.artifacts import job_result, write_artifacts
     from dns_core.train import Callbacks, Cancelled, evaluate
 
     with session_scope(ctx.sessions) as session:
@@ -389,7 +389,7 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
                                            for r in rep["layers"]]}  # fmt: skip
     return _finish(
         ctx, job_id, attempt, "succeeded", iteration=ran, compression=rep["compression"],
-        val_accuracy=rep.get("val_acc"), layers=layers, frontier=rep.get("frontier"),
+        val_accuracy=rep.get("val_acc"), layers=layers, frontier=rep.get("frontier"), result=job_result(rep),
     )  # fmt: skip
 
 

@@ -118,6 +118,16 @@
     return percent === null || percent === undefined ? "–" : fmtNum(percent, 2) + " %";
   }
 
+  /** A drop in points, as a change: a drop of 0.24 is "−0.24", a gain "+0.10". */
+  function fmtDrop(points) {
+    return points === null || points === undefined ? "–" : (points > 0 ? "−" : "+") + Math.abs(points).toFixed(2);
+  }
+
+  function fmtBudget(result) {
+    if (!result || result.budget_met === null || result.budget_met === undefined) return "–";
+    return (result.budget_met ? "met" : "not met") + " (" + result.max_accuracy_drop + " pt)";
+  }
+
   function fmtTime(iso) {
     if (!iso) return "–";
     const d = new Date(iso);
@@ -301,11 +311,13 @@
         el("td", { "data-field": "iteration", class: "num" }, fmtIteration(job)),
         el("td", { "data-field": "compression", class: "num" }, fmtCompression(job.compression)),
         el("td", { "data-field": "val_accuracy", class: "num" }, fmtAccuracy(job.val_accuracy)),
+        el("td", { "data-field": "val_drop", class: "num" }, fmtDrop(job.result && job.result.val_drop)),
+        el("td", { "data-field": "budget_met" }, fmtBudget(job.result)),
         el("td", { "data-field": "created" }, fmtTime(job.created_at)),
       );
     });
     if (!rows.length) {
-      rows.push(el("tr", {}, el("td", { class: "empty", colspan: 7 }, "No jobs yet: start one with the form.")));
+      rows.push(el("tr", {}, el("td", { class: "empty", colspan: 9 }, "No jobs yet: start one with the form.")));
     }
     $("#jobs-table tbody").replaceChildren(...rows);
     $("#jobs-total").textContent =
@@ -737,6 +749,7 @@
       ["started", "Started", fmtTime(job.started_at)],
       ["finished", "Finished", fmtTime(job.finished_at)],
       ["duration", "Run time", fmtDuration(job.started_at, job.finished_at)],
+      ...resultFields(job.result),
       ["model", "Model", view.names ? view.names.model : job.model_id],
       ["dataset", "Data", view.names ? view.names.dataset : job.dataset_id],
     ];
@@ -751,6 +764,28 @@
     renderFrontier(view);
     renderArtifacts(view);
     if (isSearch(job)) refreshFrontier(view);
+  }
+
+  /** The verdict of a succeeded job, as summary fields. */
+  function resultFields(result) {
+    if (!result) return [];
+    const change = (split) => {
+      const ref = result[`reference_${split}_acc`];
+      const acc = result[`${split}_acc`];
+      if (ref === null || acc === null) return "–";
+      return `${fmtAccuracy(ref)} → ${fmtAccuracy(acc)} (${fmtDrop(result[`${split}_drop`])})`;
+    };
+    const size =
+      result.dense_file_bytes && result.sparse_file_bytes
+        ? `${fmtBytes(result.dense_file_bytes)} → ${fmtBytes(result.sparse_file_bytes)} (` +
+          fmtNum(result.dense_file_bytes / result.sparse_file_bytes, 1) + "× smaller)"
+        : "–";
+    return [
+      ["result_val", "Validation, reference → pruned", change("val")],
+      ["result_test", "Test, reference → pruned", change("test")],
+      ["budget_met", "Accuracy budget", fmtBudget(result)],
+      ["size", "On disk", size],
+    ];
   }
 
   /** A job asked only for an accuracy budget: it searches, and has a frontier. */
@@ -843,12 +878,22 @@
       refs: target ? [{ y: target, label: "target " + target + "×" }] : [],
       empty,
     });
+    const result = job && job.result;
+    const accuracyRefs = [];
+    if (result && result.reference_val_acc !== null) {
+      accuracyRefs.push({ y: result.reference_val_acc, label: "reference " + fmtAccuracy(result.reference_val_acc) });
+      if (result.max_accuracy_drop !== null) {
+        const floor = result.reference_val_acc - result.max_accuracy_drop;
+        accuracyRefs.push({ y: floor, label: "budget " + fmtAccuracy(floor) });
+      }
+    }
     lineChart($("#chart-accuracy"), {
       series: [{ name: "val_accuracy", points: accuracy }],
       xMax: total,
       xLabel: "iteration",
       yLabel: "validation accuracy (%)",
       clamp: [0, 100],
+      refs: accuracyRefs,
       empty,
     });
     const last = (points) => (points.length ? points[points.length - 1][1] : null);

@@ -52,7 +52,16 @@ _SUMMARY_FIELDS: Final = frozenset(
 # what may be set together with a transition; identity, ownership, inputs, state and the attempt
 # number are never set this way
 _TRANSITION_FIELDS: Final = _SUMMARY_FIELDS | frozenset(
-    {"error", "cancel_requested", "finished_at", "lease_owner", "lease_expires_at", "heartbeat_at", "started_at"}
+    {
+        "error",
+        "cancel_requested",
+        "finished_at",
+        "lease_owner",
+        "lease_expires_at",
+        "heartbeat_at",
+        "started_at",
+        "result",
+    }
 )
 assert _TRANSITION_FIELDS.issubset(c.key for c in Job.__table__.columns)
 

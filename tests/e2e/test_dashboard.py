@@ -236,6 +236,7 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
     with service.client() as c:
         progress = c.get(f"/v1/jobs/{job_id}/progress", params={"limit": 1000}).json()["items"]
         listing = c.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+        final = c.get(f"/v1/jobs/{job_id}").json()
     assert chart_points(browser, "#chart-compression") == sum(p["compression"] is not None for p in progress)
     assert chart_points(browser, "#chart-accuracy") == sum(p["val_accuracy"] is not None for p in progress) > 0
     assert chart_points(browser, "#chart-layer-history") > 0
@@ -244,6 +245,19 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
     )
     assert browser.find_element(By.ID, "job-error-box").is_displayed() is False
     assert browser.find_element(By.ID, "cancel-button").is_displayed() is False
+    # the verdict: accuracy before and after, the budget, the size on disk; reference and budget lines drawn
+    wait(browser, "the result fields", lambda d: d.find_elements(By.CSS_SELECTOR, '#job-summary [data-field="size"]'))
+    summary = {
+        dl.get_attribute("data-field"): dl.find_element(By.TAG_NAME, "dd").text
+        for dl in browser.find_elements(By.CSS_SELECTOR, "#job-summary [data-field]")
+    }
+    result = final["result"]
+    assert summary["budget_met"] == "met (10 pt)"
+    assert re.fullmatch(r"\d+\.\d\d % → \d+\.\d\d % \([−+]\d+\.\d\d\)", summary["result_val"]), summary
+    assert f"{result['val_acc']:.2f} %" in summary["result_val"]
+    assert re.fullmatch(r"[\d.]+ [KM]iB → [\d.]+ KiB \(\d+\.\d× smaller\)", summary["size"]), summary
+    accuracy_labels = browser.find_element(By.ID, "chart-accuracy").text
+    assert "reference" in accuracy_labels and "budget" in accuracy_labels
 
     bars = browser.execute_script(
         """return [...document.querySelectorAll('#layers-chart g.layer-bar')].map(g => ({
@@ -288,6 +302,7 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
     assert cells["state"] == "succeeded" and cells["method"] == "dns"
     assert cells["iteration"].replace(",", "") == f"{ITERATIONS} / {ITERATIONS}"
     assert cells["compression"].endswith("×") and cells["val_accuracy"].endswith("%")
+    assert cells["budget_met"] == "met (10 pt)" and re.fullmatch(r"[−+]\d+\.\d\d", cells["val_drop"]), cells
     save_screenshot(browser, "dashboard-jobs.png", tmp_path)
 
     for png in (shot, tmp_path / "dashboard.png"):

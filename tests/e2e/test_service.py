@@ -96,6 +96,14 @@ def test_zoo_model_compressed_by_a_worker_and_downloaded(service: Service, tmp_p
         iters = [p["iteration"] for p in progress]
         assert iters == sorted(iters) and iters[-1] == 400
         files = download_all(c, job["id"], tmp_path)
+    # the verdict in the job itself: what was delivered, against the reference and the budget
+    result = job["result"]
+    assert result["compression"] == job["compression"] and result["val_acc"] == job["val_accuracy"]
+    assert result["val_drop"] == pytest.approx(result["reference_val_acc"] - result["val_acc"])
+    assert result["max_accuracy_drop"] == 100 and result["budget_met"] is True and result["verdict"] is None
+    assert result["sparse_file_bytes"] == files["model.sparse.safetensors"].stat().st_size
+    assert result["dense_file_bytes"] == files["model.safetensors"].stat().st_size
+    assert result["compression_bytes"] > 1 and result["test_acc"] is None  # an uploaded set without a test split
     assert set(files) == {"model.safetensors", "model.sparse.safetensors", "model.sparse.shared.safetensors",
                           *REPORT_FILES}  # fmt: skip
     report = json.loads(files["report.json"].read_text())
