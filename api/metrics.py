@@ -10,8 +10,15 @@ Two kinds of figures:
   and sums across ``instance`` (prometheus-client's multiprocess mode is not wired in).
 - Read from the database at scrape time (:class:`DatabaseCollector`), the same from every
   process: jobs by state, the queue depth (jobs queued in the database and, when the broker is
-  Redis, the length of its ``jobs`` list) and iterations per second per worker, derived from the
-  progress points of running jobs. Workers export nothing themselves.
+  Redis, the length of its ``jobs`` list), iterations per second per worker, derived from the
+  progress points of running jobs, and three series over the jobs that ended:
+  ``netsurgery_job_duration_seconds`` (a histogram of run times by method and outcome, bucketed in
+  SQL), ``netsurgery_jobs_finished_total`` (by state) and ``netsurgery_iterations_total`` (iterations
+  run, by method: ``rate()`` of it is the service's training rate). Being counts of rows, these
+  go down when jobs are deleted, which Prometheus reads as a counter reset. Workers export nothing
+  themselves.
+
+No counter or histogram has a ``*_created`` series (switched off process-wide).
 
 Each app has its own :class:`Metrics` (``app.state.metrics``) on its own registry, so several
 apps in one process (tests) do not share counters. ``/metrics`` needs no API key, like
@@ -28,9 +35,9 @@ from datetime import datetime
 from time import perf_counter
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.gc_collector import GCCollector
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -58,6 +65,13 @@ RATE_FLUSHES: Final = 20
 STALE_SECONDS: Final = 120.0
 #: Seconds to wait for Redis when reading the broker's queue length.
 BROKER_TIMEOUT_S: Final = 1.0
+#: Run-time buckets of finished jobs (seconds): from a quick CPU job to a day on a GPU.
+DURATION_BUCKETS: Final = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0,
+                           24 * 3600.0)  # fmt: skip
+
+# Counters and histograms without their *_created series: they double the series for a timestamp that a
+# scrape of a restarted process tells anyway. Process-wide in prometheus-client, hence here, once.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
 
 
 class Metrics:
@@ -285,6 +299,39 @@ class DatabaseCollector(Collector):
             rate.add_metric([worker], rates[worker] if math.isfinite(rates[worker]) else 0.0)
             running_jobs.add_metric([worker], counts[worker])
         yield from (jobs, queued, rate, running_jobs)
+        yield from self._finished()
+
+    def _finished(self) -> Iterator[Metric]:
+        with self.session_factory() as session:
+            durations = stats.job_durations(session, DURATION_BUCKETS)
+            iterations = stats.iterations_by_method(session)
+        histogram = HistogramMetricFamily(
+            "netsurgery_job_duration_seconds",
+            "Run time of the jobs that ended, from start to end, by method and outcome (from the database: "
+            "deleting jobs lowers it).",
+            labels=["method", "outcome"],
+        )
+        finished = CounterMetricFamily(
+            "netsurgery_jobs_finished",
+            "Jobs that ended, by state (from the database: deleting jobs lowers it).",
+            labels=["state"],
+        )
+        by_state: dict[str, int] = {}
+        for d in durations:
+            buckets = [(str(bound), count) for bound, count in zip(DURATION_BUCKETS, d.at_most, strict=True)]
+            histogram.add_metric([d.method, d.state], [*buckets, ("+Inf", d.count)], d.total_seconds)
+            by_state[d.state] = by_state.get(d.state, 0) + d.count
+        for state in sorted(by_state):
+            finished.add_metric([state], by_state[state])
+        trained = CounterMetricFamily(
+            "netsurgery_iterations",
+            "Training iterations run by the jobs of each method (from the database; rate() gives the service's "
+            "iterations per second).",
+            labels=["method"],
+        )
+        for method in sorted(iterations):
+            trained.add_metric([method], iterations[method])
+        yield from (histogram, finished, trained)
 
     def _broker_queue_length(self) -> int | None:
         import redis

@@ -156,6 +156,33 @@ def test_figures_from_the_database(live: LiveServer, account: Account, redis_que
     r = httpx.get(f"{live.url}/metrics", headers={"Accept": "application/openmetrics-text"})
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert r.text.endswith("# EOF\n") and "netsurgery_jobs{" in r.text
+    assert "_created" not in r.text and "_created" not in httpx.get(f"{live.url}/metrics").text
+
+
+def test_finished_jobs_their_run_times_and_iterations(live: LiveServer, account: Account) -> None:
+    with live.client(account.key) as c:
+        job_id = c.post("/v1/jobs", json=job_body(account, method="agp")).json()["id"]
+    before = scrape(live.url)
+    with session_scope(live.factory) as session:
+        attempt = jobstate.claim(session, uuid.UUID(job_id), "w", 60)
+        assert attempt is not None
+        assert jobs.add_progress(session, uuid.UUID(job_id), attempt, [ProgressSample(300, loss=1.0)])
+        assert jobstate.transition(session, uuid.UUID(job_id), "running", "failed", attempt=attempt, error="x")
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None and job.started_at is not None
+        job.finished_at = job.started_at + timedelta(seconds=42)
+    after = scrape(live.url)
+    name = "netsurgery_job_duration_seconds"
+    labels = {"method": "agp", "outcome": "failed"}
+    assert value(after, f"{name}_count", **labels) == value(before, f"{name}_count", **labels) + 1
+    assert value(after, f"{name}_sum", **labels) == pytest.approx(value(before, f"{name}_sum", **labels) + 42)
+    for le, more in (("30.0", 0), ("60.0", 1), ("+Inf", 1)):
+        bucket = f"{name}_bucket"
+        assert value(after, bucket, le=le, **labels) == value(before, bucket, le=le, **labels) + more
+    finished = "netsurgery_jobs_finished_total"
+    assert value(after, finished, state="failed") == value(before, finished, state="failed") + 1
+    trained = "netsurgery_iterations_total"
+    assert value(after, trained, method="agp") == value(before, trained, method="agp") + 300
 
 
 def test_database_and_broker_down(tmp_path: Path) -> None:

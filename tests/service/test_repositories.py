@@ -310,3 +310,37 @@ def test_dataset_rows_are_checked(session: Session, tenant_id: uuid.UUID) -> Non
     with pytest.raises(IntegrityError):
         session.flush()
     session.rollback()
+
+
+def test_job_durations_and_iterations_for_the_metrics(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    """Run times by method and outcome as histogram buckets, in the database's own SQL (Postgres and SQLite)."""
+    from service.repositories import stats
+
+    runs = [("dns", "succeeded", 5.0), ("dns", "succeeded", 45.0), ("dns", "failed", 400.0), ("agp", "succeeded", 45.0)]
+    ids = []
+    for method, state, run_time in runs:
+        job_id, attempt = _running(factory, tenant_id)
+        with session_scope(factory) as session:
+            assert jobs.add_progress(session, job_id, attempt, [ProgressSample(int(run_time))])
+            assert jobstate.transition(session, job_id, "running", state, attempt=attempt)
+            job = session.get(Job, job_id)
+            assert job is not None and job.started_at is not None
+            job.method = method
+            job.finished_at = job.started_at + timedelta(seconds=run_time)
+        ids.append(job_id)
+    bounds = (10.0, 60.0, 300.0)
+    with factory() as session:
+        found = {(d.method, d.state): d for d in stats.job_durations(session, bounds)}
+        finished = session.execute(select(Job.method, Job.state, Job.started_at, Job.finished_at)).all()
+        iterations = stats.iterations_by_method(session)
+        totals = dict(session.execute(select(Job.method, func.sum(Job.iteration)).group_by(Job.method)).all())
+    expected: dict[tuple[str, str], list[float]] = {}
+    for method, state, started, ended in finished:
+        if state in ("succeeded", "failed", "cancelled") and started is not None and ended is not None:
+            expected.setdefault((method, state), []).append((ended - started).total_seconds())
+    assert set(found) == set(expected) >= {("dns", "succeeded"), ("dns", "failed"), ("agp", "succeeded")}
+    for key, seconds in expected.items():
+        d = found[key]
+        assert d.count == len(seconds) and d.total_seconds == pytest.approx(sum(seconds), abs=1e-3)
+        assert d.at_most == [sum(s <= b + 1e-6 for s in seconds) for b in bounds], key
+    assert iterations == {m: int(t) for m, t in totals.items()} and iterations["dns"] >= 450
