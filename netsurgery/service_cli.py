@@ -36,6 +36,47 @@ def _settings() -> Any:
         raise CliError(f"bad NETSURGERY_* settings: {e}") from None
 
 
+def _use_data_dir(folder: str | None) -> None:
+    """``--data-dir``: this process's state folder, as ``NETSURGERY_DATA_DIR`` would set it (and for the
+    worker it starts); the settings are read again."""
+    if folder is None:
+        return
+    from service.settings import get_settings
+
+    path = Path(folder).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["NETSURGERY_DATA_DIR"] = str(path)
+    get_settings.cache_clear()
+
+
+@contextlib.contextmanager
+def _serving(data_dir: Path) -> Iterator[None]:
+    """Hold the folder's serve lock: a second ``serve`` on the same folder is refused, naming the first."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = data_dir / "serve.lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CliError(
+                f"{data_dir} is already being served (by {holder}); stop that `netsurgery serve` or give this one "
+                "another folder with --data-dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
 def _migrate(url: str) -> None:
     from sqlalchemy.exc import OperationalError
 
@@ -84,7 +125,9 @@ def create_tenant(name: str) -> str:
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
+    _use_data_dir(args.data_dir)
     key = create_tenant(args.name)
+    print(f"database: {_redact(_settings().database_url)}")
     print(f"tenant {args.name!r} created; its API key (shown once, stored only as a hash):")
     print(key)
     return 0
@@ -178,7 +221,9 @@ def _stop_on_sigterm() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _stop_on_sigterm()
-    with embedded(args.host, args.port, with_worker=not args.no_worker) as (url, key, s):
+    _use_data_dir(args.data_dir)
+    with _serving(Path(_settings().data_dir)), embedded(args.host, args.port, with_worker=not args.no_worker) as up:
+        url, key, s = up
         print(f"netsurgery is serving {url} (API docs at {url}/docs; data under {s.data_dir})")
         print(f"API key: {key}")
         print(f"one job, from another terminal:  netsurgery demo --url {url}   (or see the README)")
@@ -259,6 +304,9 @@ def add_service_commands(sub: Subcommands) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--no-worker", action="store_true", help="API only (start workers with `netsurgery worker`)")
+    s.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the state folder: database, broker folders, stored files, the worker's log (default: "
+                        "$NETSURGERY_DATA_DIR, else ~/.local/share/netsurgery); one serve per folder")  # fmt: skip
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run one compression job through the service end to end and download it")
@@ -282,6 +330,9 @@ def add_service_commands(sub: Subcommands) -> None:
     asub = a.add_subparsers(dest="admin_command", required=True)
     t = asub.add_parser("create-tenant", help="create a tenant and print its API key")
     t.add_argument("name")
+    t.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the state folder whose database gets the tenant (default: as serve's); the database "
+                        "used is printed")  # fmt: skip
     t.set_defaults(func=cmd_admin)
 
 

@@ -215,11 +215,12 @@ def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -
     """`netsurgery serve`: SQLite, a filesystem broker, local files and its own worker."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETSURGERY_")}
-    env |= {"NETSURGERY_DATA_DIR": str(tmp_path / "data"), "NETSURGERY_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
+    env |= {"NETSURGERY_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "serve.log"
+    serve = [sys.executable, "-m", "netsurgery", "serve", "--data-dir", "data"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "netsurgery", "serve", "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
+        proc = subprocess.Popen([*serve, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=tmp_path)  # fmt: skip
     try:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, log)
         # the key is printed once the server answers: the health check may win that race by a few ms
@@ -240,6 +241,19 @@ def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -
             files = download_all(c, job["id"], tmp_path)
         state = load_file(str(files["model.safetensors"]))
         assert state.keys() == load_sparse(files["model.sparse.safetensors"]).keys()
+        # a second serve on the same folder is refused, naming the first; admin writes to the served database
+        second = subprocess.run([*serve, "--port", str(free_port())], env=env, cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert second.returncode == 2 and f"{tmp_path / 'data'} is already being served (by pid {proc.pid})" in (
+            second.stderr
+        ), second
+        admin = subprocess.run([sys.executable, "-m", "netsurgery", "admin", "create-tenant", "team-b", "--data-dir",
+                                "data"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert admin.returncode == 0, admin
+        assert f"database: sqlite:///{tmp_path / 'data' / 'netsurgery.db'}" in admin.stdout
+        team_b = admin.stdout.strip().splitlines()[-1]
+        listed = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers={"Authorization": f"Bearer {team_b}"})
+        assert listed.status_code == 200 and listed.json()["total"] == 0  # the running server knows the new key
         assert io.BytesIO(files["report.json"].read_bytes()).read(1) == b"{"
         assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["data"]  # nothing else in the cwd
         children = _children(proc.pid)
