@@ -190,6 +190,18 @@ class Client:
             params["state"] = state
         return dict(self._json("GET", "/v1/jobs", params=params))
 
+    def models(self, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        return dict(self._json("GET", "/v1/models", params={"limit": limit, "offset": offset}))
+
+    def datasets(self, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        return dict(self._json("GET", "/v1/datasets", params={"limit": limit, "offset": offset}))
+
+    def delete(self, kind: str, item_id: str) -> None:
+        """Delete a finished job (``kind="jobs"``), a model or a data set no job uses (``"models"``, ``"datasets"``)."""
+        if kind not in ("jobs", "models", "datasets"):
+            raise ValueError(f"cannot delete {kind!r}")
+        self._request("DELETE", f"/v1/{kind}/{item_id}")
+
     def frontier(self, job_id: str) -> dict[str, Any]:
         """A budget-only job's frontier: each rung's compression and accuracy, the chosen point, the candidates."""
         return dict(self._json("GET", f"/v1/jobs/{job_id}/frontier"))

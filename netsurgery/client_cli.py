@@ -145,11 +145,42 @@ def _client() -> Iterator[Client]:
             raise CliError(say(e)) from None
 
 
+#: what each kind of id names, and the command that lists them
+_KINDS = {"job": ("jobs", "netsurgery jobs"), "model": ("models", "netsurgery models"),
+          "dataset": ("datasets", "netsurgery datasets")}  # fmt: skip
+#: the shortest id prefix taken (the dashboard shows 8 characters)
+MIN_PREFIX = 4
+#: rows per list request when resolving a prefix (the service's page limit)
+MAX_LIST = 1000
+
+
 def _id(text: str, what: str) -> str:
+    """A whole id, or the one id of the caller's ``what`` (job, model, dataset) that starts with ``text``."""
     try:
         return str(uuid.UUID(text))
     except ValueError:
-        raise CliError(f"{text!r} is not a {what} id (ids look like 3f2b8c1e-…; see `netsurgery jobs`)") from None
+        pass
+    kind, command = _KINDS[what]
+    prefix = text.strip().lower()
+    if len(prefix) < MIN_PREFIX or any(ch not in "0123456789abcdef-" for ch in prefix):
+        raise CliError(
+            f"{text!r} is not a {what} id nor the start of one ({MIN_PREFIX}+ hex characters; see `{command}`)"
+        )
+    found: list[str] = []
+    with _client() as c:
+        offset = 0
+        while True:
+            page = getattr(c, kind)(limit=MAX_LIST, offset=offset)
+            found += [item["id"] for item in page["items"] if item["id"].startswith(prefix)]
+            offset += len(page["items"])
+            if not page["items"] or offset >= page["total"]:
+                break
+    if not found:
+        raise CliError(f"no {what} of yours has an id starting with {prefix!r} (see `{command}`)")
+    if len(found) > 1:
+        shown = ", ".join(found[:5]) + (" …" if len(found) > 5 else "")
+        raise CliError(f"{prefix!r} starts {len(found)} {kind} ids ({shown}): give more characters")
+    return found[0]
 
 
 def _local_file(text: str) -> Path:
@@ -424,6 +455,90 @@ def _describe(job: dict[str, Any]) -> str:
         text += f" within {target['max_accuracy_drop']:g} pp"
     total = job.get("total_iterations") or settings.get("iterations")
     return text + (f", {total:,} iterations" if total else "")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    with _client() as c:
+        page = c.models(limit=args.limit)
+    console = _out_console()
+    if not page["items"]:
+        console.print("no models: upload one with `netsurgery upload-model`")
+        return 0
+    table = Table(title=f"models ({_shown(page)}, newest first)")
+    for column, justify in (("id", "left"), ("name", "left"), ("format", "left"), ("architecture", "left"),
+                            ("parameters", "right"), ("bytes", "right"), ("uploaded", "left")):  # fmt: skip
+        table.add_column(column, justify=justify, no_wrap=column in ("id", "uploaded"))  # type: ignore[arg-type]
+    for m in page["items"]:
+        table.add_row(m["id"], m["name"], m["format"], m.get("architecture") or "-", f"{m['parameter_count']:,}",
+                      f"{m['size_bytes']:,}", _when(m.get("created_at")))  # fmt: skip
+    console.print(table)
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    with _client() as c:
+        page = c.datasets(limit=args.limit)
+    console = _out_console()
+    if not page["items"]:
+        console.print("no data sets: add one with `netsurgery upload-data`")
+        return 0
+    table = Table(title=f"data sets ({_shown(page)}, newest first)")
+    for column, justify in (("id", "left"), ("name", "left"), ("kind", "left"), ("examples", "right"),
+                            ("input shape", "left"), ("labels", "left"), ("added", "left")):  # fmt: skip
+        table.add_column(column, justify=justify, no_wrap=column in ("id", "added"))  # type: ignore[arg-type]
+    for d in page["items"]:
+        kind = f"built-in {d['builtin_name']}" if d["kind"] == "builtin" else d["kind"]
+        examples = f"{d['n_examples']:,}" if d.get("n_examples") is not None else "-"
+        shape = "x".join(str(n) for n in d["input_shape"]) if d.get("input_shape") else "-"
+        table.add_row(d["id"], d["name"], kind, examples, shape, "yes" if d["has_targets"] else "no",
+                      _when(d.get("created_at")))  # fmt: skip
+    console.print(table)
+    return 0
+
+
+def _shown(page: dict[str, Any]) -> str:
+    n = len(page["items"])
+    return f"{n} of {page['total']}" if page["total"] > n else str(n)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from netsurgery.client import ApiError
+
+    job_id = _id(args.job, "job")
+    with _client() as c:
+        try:
+            job = c.cancel(job_id)
+        except ApiError as e:
+            if e.status == 409:
+                raise CliError(f"job {job_id} has already ended: nothing to cancel") from None
+            raise
+    if job["state"] == "cancelled":
+        print(f"job {job_id} cancelled")
+    else:
+        print(f"job {job_id} is {job['state']}: its worker stops it at its next check")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from netsurgery.client import ApiError
+
+    what = "model" if args.model else "dataset" if args.dataset else "job"
+    kind = _KINDS[what][0]
+    ids = [_id(text, what) for text in args.ids]
+    with _client() as c:
+        for item_id in ids:
+            try:
+                c.delete(kind, item_id)
+            except ApiError as e:
+                if e.status == 409:
+                    raise CliError(f"{what} {item_id} cannot be deleted: {e.detail}") from None
+                raise
+            print(f"deleted {what} {item_id}")
+    return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -808,6 +923,25 @@ def add_client_commands(sub: Subcommands) -> None:
     j.add_argument("--state", choices=STATES, default=None)
     j.add_argument("--limit", type=_count, default=20, help="at most this many (1-1000; default 20)")
     j.set_defaults(func=cmd_jobs)
+
+    m = sub.add_parser("models", help="list your uploaded models, newest first")
+    m.add_argument("--limit", type=_count, default=20, help="at most this many (1-1000; default 20)")
+    m.set_defaults(func=cmd_models)
+
+    ds = sub.add_parser("datasets", help="list your data sets, newest first")
+    ds.add_argument("--limit", type=_count, default=20, help="at most this many (1-1000; default 20)")
+    ds.set_defaults(func=cmd_datasets)
+
+    x = sub.add_parser("cancel", help="cancel a queued or running job")
+    x.add_argument("job", metavar="JOB", help="its id, or the start of it (4+ characters)")
+    x.set_defaults(func=cmd_cancel)
+
+    r = sub.add_parser("rm", help="delete finished jobs (their files too), or models and data sets no job uses")
+    r.add_argument("ids", nargs="+", metavar="ID", help="ids, or the start of each (4+ characters)")
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--model", action="store_true", help="the ids are models'")
+    which.add_argument("--dataset", action="store_true", help="the ids are data sets'")
+    r.set_defaults(func=cmd_rm)
 
     w = sub.add_parser("watch", help="follow a job live; exit 0 when it succeeds, 1 when it fails or is cancelled")
     w.add_argument("job", metavar="JOB")

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -256,6 +257,57 @@ def test_submit_with_only_a_budget_searches_and_frontier_shows_it(
     assert frontier["state"] == "succeeded" and frontier["chosen"]["compression"] > 2
     rc, out, err = run(capsys, "submit", model_id, dataset_id, "--method", "han", "--max-drop", "1")
     assert rc == 2 and "only dns and agp search" in err
+
+
+def test_models_datasets_cancel_rm_and_id_prefixes(
+    service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, _ = run(capsys, "upload-model", str(zoo_file(tmp_path / "m.safetensors")), "--arch", "lenet-300-100",
+                     "--name", "lenet for rm", "-q")  # fmt: skip
+    model_id = out.strip()
+    _, out, _ = run(capsys, "upload-data", "--builtin", "digits", "--name", "digits for rm", "-q")
+    dataset_id = out.strip()
+    _, out, _ = run(capsys, "upload-data", "--builtin", "digits", "--name", "spare digits", "-q")
+    spare_id = out.strip()
+
+    rc, out, err = run(capsys, "models", "--limit", "1000")
+    assert (rc, err) == (0, "")
+    row = next(line for line in out.splitlines() if model_id in line)
+    assert re.search(r"│ lenet for rm +│ safetensors │ lenet-300-100 +│ +266,610 │ +[\d,]+ │ \d{4}-", row), row
+    rc, out, err = run(capsys, "datasets", "--limit", "1000")
+    assert (rc, err) == (0, "")
+    row = next(line for line in out.splitlines() if dataset_id in line)
+    assert re.search(r"│ digits for rm +│ built-in digits │", row), row
+
+    # a job that runs long enough to be cancelled, named by the first 8 characters of its id (as the dashboard)
+    _, out, _ = run(capsys, "submit", model_id[:8], dataset_id[:8], "--target", "4", "--iterations", "1000000", "-q")
+    job_id = out.strip()
+    assert re.fullmatch(r"[0-9a-f-]{36}", job_id)
+    rc, out, err = run(capsys, "cancel", job_id[:8])
+    assert rc == 0 and out.startswith(f"job {job_id} "), (out, err)
+    with service.client() as c:
+        deadline = time.monotonic() + 60
+        while c.get(f"/v1/jobs/{job_id}").json()["state"] != "cancelled":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    rc, out, err = run(capsys, "cancel", job_id)
+    assert rc == 2 and "has already ended" in err
+
+    # prefixes: too short, no match, a whole id of another kind
+    assert run(capsys, "watch", "ab")[0] == 2
+    rc, _, err = run(capsys, "download", "ffffffff")
+    assert rc == 2 and "no job of yours has an id starting with 'ffffffff'" in err
+
+    # rm: a model a job uses cannot go; the job, then the model and the data sets can
+    rc, _, err = run(capsys, "rm", "--model", model_id[:8])
+    assert rc == 2 and f"model {model_id} cannot be deleted" in err
+    assert run(capsys, "rm", job_id[:8]) == (0, f"deleted job {job_id}\n", "")
+    assert run(capsys, "rm", "--model", model_id) == (0, f"deleted model {model_id}\n", "")
+    rc, out, err = run(capsys, "rm", "--dataset", dataset_id[:8], spare_id)
+    assert (rc, err) == (0, "") and out == f"deleted dataset {dataset_id}\ndeleted dataset {spare_id}\n"
+    with service.client() as c:
+        assert c.get(f"/v1/jobs/{job_id}").status_code == 404
+        assert c.get(f"/v1/models/{model_id}").status_code == 404
 
 
 def test_upload_data_file_and_a_job_that_fails(
