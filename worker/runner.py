@@ -289,6 +289,10 @@ def _finish(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, state: str, **f
     if not _retrying(f"finish {job_id}", go):
         raise LostLease(f"job {job_id} attempt {attempt} could not finish: superseded")
     log.info("job %s: %s", job_id, state)
+    try:  # a job that ended resumes nothing: its checkpoint (weights, masks, optimizer) goes
+        ctx.storage.delete(checkpoint_key(job_id))
+    except OSError as e:  # clutter, not a reason to change the outcome; deleting the job removes it too
+        log.warning("job %s: could not delete its checkpoint: %s", job_id, e)
     return state
 
 

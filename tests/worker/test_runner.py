@@ -172,7 +172,9 @@ def test_cancel_stops_a_running_job_quickly(
     job_id = _job(ctx, tenant, _upload_zoo_model(ctx, tenant, zoo_file), iterations=200_000)
     out: dict[str, str] = {}
     _start(ctx, job_id, background, out)
-    _wait_for(lambda: _row(ctx, job_id).iteration > 0)
+    ckpt = ctx.storage.local_path(keys.checkpoint_key(job_id))
+    assert ckpt is not None
+    _wait_for(lambda: _row(ctx, job_id).iteration > 0 and ckpt.exists())
     with session_scope(ctx.sessions) as s:
         assert jobstate.request_cancel(s, job_id) == "running"
     asked = time.monotonic()
@@ -180,6 +182,7 @@ def test_cancel_stops_a_running_job_quickly(
     assert time.monotonic() - asked < 5
     background[0].join(timeout=10)
     assert out["result"] == "cancelled"
+    assert not ckpt.exists()  # a cancelled job resumes nothing: its checkpoint is gone
 
 
 def test_a_superseded_attempt_stops_and_the_next_resumes_from_the_checkpoint(
@@ -221,6 +224,7 @@ def test_a_superseded_attempt_stops_and_the_next_resumes_from_the_checkpoint(
         resumed = {a.name: a.uri for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))}
         attempts = set(s.scalars(select(ProgressPoint.attempt).where(ProgressPoint.job_id == job_id)))
     assert attempts == {1, 3}
+    assert not ckpt.exists()  # the job ended: its checkpoint is gone
     # the resumed run ends with exactly the weights and masks of the uninterrupted one (compared as
     # tensors: safetensors orders header metadata differently from one write to the next)
     for name, load in (("model.safetensors", load_file), ("model.sparse.safetensors", load_sparse)):
