@@ -129,8 +129,9 @@ def too_large(limit: int, what: str = "the upload") -> PayloadTooLarge:
     return PayloadTooLarge(f"{what} is larger than the {limit:,}-byte limit", headers=_CLOSE)
 
 
-def check_declared_length(request: Request, limit: int, what: str = "the upload") -> None:
-    """413 before reading when ``Content-Length`` already says the body is over ``limit``."""
+def check_declared_length(request: Request, limit: int, what: str = "the upload", *, cap: int | None = None) -> None:
+    """413 before reading when ``Content-Length`` already says the body is over ``limit``; the message quotes
+    ``cap`` (the limit the user knows, such as the file cap of a form whose body may be a little larger)."""
     declared = request.headers.get("content-length")
     if declared is None:
         return
@@ -139,7 +140,7 @@ def check_declared_length(request: Request, limit: int, what: str = "the upload"
     except ValueError:
         raise BadRequest(f"bad Content-Length {declared[:40]!r}") from None
     if size > limit:
-        raise too_large(limit, what)
+        raise too_large(limit if cap is None else cap, what)
 
 
 def multipart_boundary(request: Request) -> bytes | None:
@@ -310,7 +311,7 @@ async def receive_form(
     if boundary is None:
         raise UnsupportedFormat("send the upload as multipart/form-data")
     body_limit = max_file_bytes + FORM_OVERHEAD
-    check_declared_length(request, body_limit)
+    check_declared_length(request, body_limit, cap=max_file_bytes)  # one figure in every 413: the file cap
     sink = _FormSink(folder, file_fields, text_fields, max_file_bytes, repeatable)
     try:
         parser = MultipartParser(boundary, sink.callbacks())

@@ -300,6 +300,8 @@ def test_declared_length_over_the_cap_is_refused_before_reading(live: LiveServer
     answer = _raw_exchange(live, tenant, head, [])  # no body at all: the answer cannot wait for it
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"payload_too_large" in answer
+    # the same figure as a streamed body over the cap gets: the upload cap, not the form's body limit
+    assert f"larger than the {HTTP_MAX_UPLOAD:,}-byte limit".encode() in answer, answer
     assert live.stored_files() == before and list(live.upload_root.iterdir()) == []
 
 
@@ -322,6 +324,7 @@ def test_oversized_upload_from_a_plain_client(live: LiveServer, client: httpx.Cl
     before = live.stored_files()
     r = upload(client, "/v1/models", b"\x08" + b"\0" * (HTTP_MAX_UPLOAD + 1), "big.onnx")
     assert_refused(live, r, 413, "payload_too_large", before)
+    assert f"larger than the {HTTP_MAX_UPLOAD:,}-byte limit" in r.json()["detail"]
 
     def streamed() -> Iterator[bytes]:  # no Content-Length: httpx sends it chunked
         yield _multipart_head("abc")
@@ -331,6 +334,7 @@ def test_oversized_upload_from_a_plain_client(live: LiveServer, client: httpx.Cl
 
     r = client.post("/v1/models", content=streamed(), headers={"Content-Type": "multipart/form-data; boundary=abc"})
     assert_refused(live, r, 413, "payload_too_large", before)
+    assert f"larger than the {HTTP_MAX_UPLOAD:,}-byte limit" in r.json()["detail"]
 
 
 def test_lying_content_length(live: LiveServer, tenant: str) -> None:
