@@ -36,11 +36,18 @@ class ApiError(Exception):
     """The service answered with an error, or could not be reached; ``str()`` is one readable line."""
 
     def __init__(
-        self, message: str, status: int | None = None, code: str | None = None, detail: str | None = None
+        self,
+        message: str,
+        status: int | None = None,
+        code: str | None = None,
+        detail: str | None = None,
+        fields: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.code = status, code
         self.detail = detail  # the service's own words (its ``detail``), without the status; None if unreachable
+        #: a 422's fields: ``{"loc": ["body", "settings", "iterations"], "msg": …}`` each
+        self.fields = fields or []
 
 
 class ChecksumMismatch(ApiError):
@@ -390,13 +397,15 @@ def _parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, str | None, str]]:
 
 
 def _error(r: httpx.Response) -> ApiError:
+    fields: list[dict[str, Any]] = []
     try:
         body = r.json()
         detail, code = body.get("detail") or body, body.get("error")
-    except ValueError:
+        fields = [f for f in body.get("fields") or [] if isinstance(f, dict)]
+    except (ValueError, AttributeError):
         detail, code = r.text[:200] or r.reason_phrase, None
     if r.status_code == 401:
         return ApiError(
             "the service refused the API key (401): check it with `netsurgery login`", 401, code, str(detail)
         )
-    return ApiError(f"{r.status_code} {code or r.reason_phrase}: {detail}", r.status_code, code, str(detail))
+    return ApiError(f"{r.status_code} {code or r.reason_phrase}: {detail}", r.status_code, code, str(detail), fields)

@@ -428,6 +428,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                            allocation=args.allocation, first_last=args.first_last,
                            include=_patterns(args.include), exclude=_patterns(args.exclude))  # fmt: skip
         except ApiError as e:
+            if e.status == 422 and e.fields:
+                said = "; ".join(f"{_flag(f.get('loc') or [])}: {_plain(str(f.get('msg', '')))}" for f in e.fields)
+                raise CliError(f"the service refused the job ({e.status}): {said}") from None
             if e.status in (400, 422) and e.detail:
                 raise CliError(f"the service refused the job ({e.status}): {e.detail}") from None
             raise
@@ -440,6 +443,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.watch:
             return _watch(c, job["id"], shown_state=None if args.quiet else job["state"])
     return 0
+
+
+#: the job body's fields that have a flag of another name
+_FLAGS = {("target", "compression"): "--target", ("target", "max_accuracy_drop"): "--max-drop",
+          ("target", "layer_kept"): "--layer-kept", ("model_id",): "MODEL_ID", ("dataset_id",): "DATASET_ID",
+          ("method",): "--method"}  # fmt: skip
+
+
+def _flag(loc: list[Any]) -> str:
+    """The ``submit`` flag that set a field of the job's body (``["body", "settings", "iterations"]``)."""
+    path = tuple(str(p) for p in loc[1:] if not isinstance(p, int))  # "body" first; list indices dropped
+    if path in _FLAGS:
+        return _FLAGS[path]
+    if len(path) >= 2 and path[0] == "settings":
+        return "--" + path[1].replace("_", "-")
+    if len(path) >= 2 and path[0] == "target":
+        return _FLAGS.get(path[:2], "--" + path[1].replace("_", "-"))
+    return "the job" if not path else ".".join(path)
+
+
+def _plain(message: str) -> str:
+    """pydantic's message without its "Value error, " prefix."""
+    return message.removeprefix("Value error, ")
 
 
 def _describe(job: dict[str, Any]) -> str:

@@ -257,6 +257,12 @@ def test_submit_with_only_a_budget_searches_and_frontier_shows_it(
     assert frontier["state"] == "succeeded" and frontier["chosen"]["compression"] > 2
     rc, out, err = run(capsys, "submit", model_id, dataset_id, "--method", "han", "--max-drop", "1")
     assert rc == 2 and "only dns and agp search" in err
+    # the service's refusals name the flags that set the fields, not the API's field paths
+    rc, out, err = run(capsys, "submit", model_id, dataset_id, "--target", "5", "--iterations", "0", "--lr", "0")
+    assert rc == 2 and "--iterations: Input should be greater than or equal to 1" in err, err
+    assert "--lr: Input should be greater than 0" in err and "body.settings" not in err, err
+    rc, out, err = run(capsys, "submit", model_id, dataset_id, "--target", "0.5")
+    assert rc == 2 and "--target: Input should be greater than or equal to 1" in err, err
 
 
 def test_models_datasets_cancel_rm_and_id_prefixes(
