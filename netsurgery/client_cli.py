@@ -725,7 +725,7 @@ def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    return _outcome(job, c)
+    return _outcome(job)
 
 
 def _follow_events(c: Client, job_id: str, job: dict[str, Any], show: Callable[[dict[str, Any]], None]) -> None:
@@ -781,10 +781,8 @@ def _result_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _outcome(job: dict[str, Any], c: Client | None = None) -> int:
-    if job["state"] == "succeeded" and c is not None and not job.get("result"):
-        job = c.job(job["id"])  # a snapshot taken as the state changed may miss the result
-    if job["state"] == "succeeded":
+def _outcome(job: dict[str, Any]) -> int:
+    if job["state"] == "succeeded":  # the terminal snapshot (polled, or the stream's last state) has the result
         result = job.get("result") or {}
         if result.get("verdict"):
             print(result["verdict"])

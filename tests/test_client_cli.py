@@ -399,10 +399,11 @@ def test_errors_are_one_clear_line(
     assert run(capsys, "watch", UNKNOWN_JOB) == (2, "", f"netsurgery: job {UNKNOWN_JOB} not found\n")
     assert run(capsys, "download", UNKNOWN_JOB) == (2, "", f"netsurgery: job {UNKNOWN_JOB} not found\n")
     assert run(capsys, "watch", "42") == (
-        2, "", "netsurgery: '42' is not a job id (ids look like 3f2b8c1e-…; see `netsurgery jobs`)\n",
+        2, "", "netsurgery: '42' is not a job id nor the start of one (4+ hex characters; see `netsurgery jobs`)\n",
     )  # fmt: skip
     assert run(capsys, "submit", UNKNOWN_JOB, UNKNOWN_JOB) == (
-        2, "", "netsurgery: --method dns needs --target X (overall compression) or --layer-kept name=fraction,…\n",
+        2, "", "netsurgery: --method dns needs --target X (overall compression), --layer-kept name=fraction,… or "
+        "--max-drop alone (the highest compression within that budget)\n",
     )  # fmt: skip
     rc, out, err = run(capsys, "submit", UNKNOWN_JOB, UNKNOWN_JOB, "--target", "5")
     assert (rc, out) == (2, "") and re.fullmatch(rf"netsurgery: model {UNKNOWN_JOB} not found\n", err), err
