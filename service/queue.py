@@ -16,6 +16,7 @@ Policy, on purpose:
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,13 @@ def _job_id_of(raw: bytes | str) -> str | None:
 
 
 def pending_job_ids(app: Celery, settings: Settings) -> set[str] | None:
-    """Job ids with a message waiting in (or delivered but unacknowledged by) the broker.
+    """Job ids with a message waiting in the broker, or delivered to a worker in the last
+    ``requeue_after_seconds`` and not acknowledged yet.
+
+    A message delivered longer ago and still unacknowledged belongs to a worker that died with it (a
+    live worker claims a queued job within milliseconds of receiving it, and a running job is not
+    the reaper's concern): Redis would give it back only after its visibility timeout, an hour, so
+    it does not count as pending, and the job's message counts as lost.
 
     None when the broker cannot be inspected (an unknown transport, or unreachable): the caller then
     does not know which messages were lost and must not guess.
@@ -109,7 +116,15 @@ def pending_job_ids(app: Celery, settings: Settings) -> set[str] | None:
 
             client = redis.Redis.from_url(url, socket_timeout=2)
             try:
-                raw = list(client.lrange(QUEUE, 0, -1)) + list(client.hvals("unacked"))
+                since = time.time() - settings.requeue_after_seconds
+                # kombu's Redis transport: "unacked" maps delivery tags to messages, "unacked_index" scores
+                # each tag with its delivery time
+                delivered: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
+                    "unacked_index", since, "+inf", withscores=True
+                )
+                tags = [tag for tag, _ in delivered]
+                held = [m for m in client.hmget("unacked", tags) if m is not None] if tags else []
+                raw = list(client.lrange(QUEUE, 0, -1)) + held
             finally:
                 client.close()
         elif url.startswith("filesystem://"):
