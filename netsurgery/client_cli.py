@@ -483,47 +483,47 @@ def _describe(job: dict[str, Any]) -> str:
     return text + (f", {total:,} iterations" if total else "")
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+def _list_table(what: str, page: dict[str, Any], empty: str, columns: list[str], rows: list[list[str]]) -> int:
+    """Print one page of the caller's ``what`` as a table (``columns``: names, ">name" right-aligned)."""
     from rich.table import Table
 
-    with _client() as c:
-        page = c.models(limit=args.limit)
     console = _out_console()
     if not page["items"]:
-        console.print("no models: upload one with `netsurgery upload-model`")
+        console.print(empty)
         return 0
-    table = Table(title=f"models ({_shown(page)}, newest first)")
-    for column, justify in (("id", "left"), ("name", "left"), ("format", "left"), ("architecture", "left"),
-                            ("parameters", "right"), ("bytes", "right"), ("uploaded", "left")):  # fmt: skip
-        table.add_column(column, justify=justify, no_wrap=column in ("id", "uploaded"))  # type: ignore[arg-type]
-    for m in page["items"]:
-        table.add_row(m["id"], m["name"], m["format"], m.get("architecture") or "-", f"{m['parameter_count']:,}",
-                      f"{m['size_bytes']:,}", _when(m.get("created_at")))  # fmt: skip
+    table = Table(title=f"{what} ({_shown(page)}, newest first)")
+    for i, column in enumerate(columns):
+        name = column.removeprefix(">")
+        table.add_column(
+            name, justify="right" if column.startswith(">") else "left", no_wrap=i in (0, len(columns) - 1)
+        )
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     return 0
 
 
-def cmd_datasets(args: argparse.Namespace) -> int:
-    from rich.table import Table
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client() as c:
+        page = c.models(limit=args.limit)
+    rows = [[m["id"], m["name"], m["format"], m.get("architecture") or "-", f"{m['parameter_count']:,}",
+             f"{m['size_bytes']:,}", _when(m.get("created_at"))] for m in page["items"]]  # fmt: skip
+    columns = ["id", "name", "format", "architecture", ">parameters", ">bytes", "uploaded"]
+    return _list_table("models", page, "no models: upload one with `netsurgery upload-model`", columns, rows)
 
+
+def cmd_datasets(args: argparse.Namespace) -> int:
     with _client() as c:
         page = c.datasets(limit=args.limit)
-    console = _out_console()
-    if not page["items"]:
-        console.print("no data sets: add one with `netsurgery upload-data`")
-        return 0
-    table = Table(title=f"data sets ({_shown(page)}, newest first)")
-    for column, justify in (("id", "left"), ("name", "left"), ("kind", "left"), ("examples", "right"),
-                            ("input shape", "left"), ("labels", "left"), ("added", "left")):  # fmt: skip
-        table.add_column(column, justify=justify, no_wrap=column in ("id", "added"))  # type: ignore[arg-type]
+    rows = []
     for d in page["items"]:
         kind = f"built-in {d['builtin_name']}" if d["kind"] == "builtin" else d["kind"]
         examples = f"{d['n_examples']:,}" if d.get("n_examples") is not None else "-"
         shape = "x".join(str(n) for n in d["input_shape"]) if d.get("input_shape") else "-"
-        table.add_row(d["id"], d["name"], kind, examples, shape, "yes" if d["has_targets"] else "no",
-                      _when(d.get("created_at")))  # fmt: skip
-    console.print(table)
-    return 0
+        rows.append([d["id"], d["name"], kind, examples, shape, "yes" if d["has_targets"] else "no",
+                     _when(d.get("created_at"))])  # fmt: skip
+    columns = ["id", "name", "kind", ">examples", "input shape", "labels", "added"]
+    return _list_table("data sets", page, "no data sets: add one with `netsurgery upload-data`", columns, rows)
 
 
 def _shown(page: dict[str, Any]) -> str:
