@@ -227,14 +227,15 @@ class BudgetSearch(Controller):
         }
 
     def state_dict(self) -> dict[str, Any]:
+        good_index = self._good_index()
         return {
             "frontier": [asdict(p) for p in self.frontier],
             "candidates": [(asdict(p), state) for p, state in self.candidates],
             "held": self.held,
             "step": self.step,
             # the state to climb from is usually a candidate's too: stored once (checkpoints refuse shared tensors)
-            "good": None if self._good_index() is not None else self.good,
-            "good_index": self._good_index(),
+            "good": None if good_index is not None else self.good,
+            "good_index": good_index,
             "done": self.done,
             "backoffs": self.backoffs,
             "aim": self.aim,
