@@ -1,10 +1,10 @@
 """The FastAPI application: :func:`create_app` builds it, and everything it uses, from the settings.
 
 Routes live under ``/v1`` (one router per resource, :mod:`api.routes`), the OpenAPI description at
-``/openapi.json`` and ``/docs``, probes at ``/healthz`` and ``/readyz``, Prometheus metrics at
-``/metrics`` (:mod:`api.metrics`), the web dashboard at ``/dashboard/`` (``/`` redirects there;
-:mod:`api.routes.dashboard`). The engine, session
-factory, blob store, Celery app, upload folder and whether the deployment trains on CPUs only
+``/openapi.json``, its pages at ``/docs`` and ``/redoc`` (served offline, :mod:`api.routes.docs`),
+probes at ``/healthz`` and ``/readyz``, Prometheus metrics at ``/metrics`` (:mod:`api.metrics`), the web
+dashboard at ``/dashboard/`` (``/`` redirects there; :mod:`api.routes.dashboard`). The engine, session factory,
+blob store, Celery app, upload folder and whether the deployment trains on CPUs only
 (``cpu_only``, :func:`service.estimates.trains_on_cpu_only`) are settled here and kept on ``app.state``; the
 dependencies in :mod:`api.deps` read them from there, so tests build an app from their own
 settings (or override a dependency) and nothing is a module-level global.
@@ -41,7 +41,7 @@ from api.deps import AuthCache
 from api.jobcache import JobCache
 from api.limits import make_rate_limiter
 from api.metrics import Metrics, RequestMetrics
-from api.routes import dashboard, health, metrics, v1
+from api.routes import dashboard, docs, health, metrics, v1
 from api.uploads import remove_stale
 from service.database import Reader, libpq_conninfo, make_engine, make_session_factory
 from service.errors import AppError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
@@ -59,6 +59,19 @@ DB_POOL_TIMEOUT_S: Final = 10
 #: Largest body of a request that is not an upload (job creation JSON …).
 MAX_JSON_BODY: Final = 1024 * 1024
 #: Routes that stream their body themselves, under ``Settings.max_upload_bytes``.
+#: The OpenAPI description's groups, one per resource, in the order the docs pages show them.
+OPENAPI_TAGS: Final = [
+    {"name": "models", "description": "Upload models (ONNX, safetensors weights of an architecture, Hugging Face "
+     "folders), list and delete them."},
+    {"name": "datasets", "description": "Upload data (npz, safetensors, IDX, image folders) or register a built-in "
+     "set; list and delete them."},
+    {"name": "jobs", "description": "Create compression jobs, follow them (poll, progress, per-layer history, "
+     "frontier, log, live events), name and tag them, cancel and delete them."},
+    {"name": "artifacts", "description": "A finished job's files: compressed weights, report, candidates; "
+     "downloads are sha256-checked."},
+    {"name": "health", "description": "Liveness and readiness probes, Prometheus metrics."},
+]  # fmt: skip
+
 UPLOAD_ROUTES: Final = frozenset({("POST", "/v1/models"), ("POST", "/v1/datasets")})
 
 _HTTP_CODES: Final = {
@@ -121,6 +134,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "a compression job, follow its progress, download the compressed weights. Authenticate with "
         '`Authorization: Bearer <api key>`. Errors are JSON `{"error": code, "detail": message}`.',
         lifespan=lifespan,
+        docs_url=None,  # api.routes.docs serves /docs and /redoc with local files instead of a CDN's
+        redoc_url=None,
+        openapi_tags=OPENAPI_TAGS,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -155,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
+    app.include_router(docs.router)
     return app
 
 

@@ -34,6 +34,10 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # a layer name or a glob pattern over layer names ("fc1", "conv*")
 LayerName = Annotated[str, StringConstraints(min_length=1, max_length=NAME_LENGTH)]
 MAX_LAYER_ENTRIES = 1024
+# a job's name (free text, not unique) and its tags (short labels to filter on)
+JobName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_LENGTH)]
+Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w.:/+=@-]+$")]
+MAX_TAGS = 32
 # the crate c_k of a layer: its threshold is max(μ_k + c_k·σ_k, 0)
 Crate = Annotated[float, Field(ge=-100, le=100)]
 
@@ -233,12 +237,20 @@ class JobCreate(_Create):
     method: Method = "dns"
     target: Target | None = None
     settings: JobSettings = Field(default_factory=JobSettings)
+    name: JobName | None = Field(default=None, description="A name to find the job by (need not be unique).")
+    tags: list[Tag] = Field(
+        default_factory=list,
+        max_length=MAX_TAGS,
+        description="Labels to filter and group jobs by (letters, digits and ._:/+=@-; up to 64 characters each).",
+    )
 
     def request(self) -> JobRequest:
         """What the service is asked to run: the knobs (and target values) the client set, nothing else."""
         target = self.target.model_dump(exclude_none=True) if self.target is not None else {}
         settings = self.settings.model_dump(exclude_none=True)
-        return JobRequest(self.model_id, self.dataset_id, self.method, target, settings)
+        return JobRequest(
+            self.model_id, self.dataset_id, self.method, target, settings, self.name, tuple(unique(self.tags))
+        )
 
     @model_validator(mode="after")
     def _target_fits_method(self) -> JobCreate:
@@ -263,6 +275,33 @@ class JobCreate(_Create):
                 "its target by itself"
             )
         return self
+
+
+def unique(items: list[str]) -> list[str]:
+    """``items`` without repeats, in their first order."""
+    return list(dict.fromkeys(items))
+
+
+class JobUpdate(_Create):
+    """New labels for a job: the fields given replace the old ones (``"name": null`` clears the name)."""
+
+    name: JobName | None = Field(default=None, description="The job's new name; null clears it.")
+    tags: list[Tag] | None = Field(default=None, max_length=MAX_TAGS, description="The job's tags, all of them.")
+
+    @model_validator(mode="after")
+    def _tags_are_a_list(self) -> JobUpdate:
+        if "tags" in self.model_fields_set and self.tags is None:
+            raise ValueError("tags must be a list (send [] to remove them all)")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The columns to write: only the fields the client sent."""
+        changed: dict[str, Any] = {}
+        if "name" in self.model_fields_set:
+            changed["name"] = self.name
+        if "tags" in self.model_fields_set and self.tags is not None:
+            changed["tags"] = unique(self.tags)
+        return changed
 
 
 class LayerKept(BaseModel):
@@ -302,6 +341,8 @@ class JobRead(_Read):
     """A job and its live summary (the latest progress and per-layer sparsity)."""
 
     id: uuid.UUID
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
     model_id: uuid.UUID
     dataset_id: uuid.UUID
     state: JobState
@@ -364,6 +405,24 @@ class FrontierRead(BaseModel):
     chosen: FrontierPointRead | None = None
     candidates: list[FrontierCandidate] = Field(default_factory=list)
     verdict: str | None = Field(default=None, description="One sentence on the outcome, once the job has ended.")
+
+
+class LogLineRead(_Read):
+    """One log line a worker wrote while it ran the job."""
+
+    id: int = Field(description="Position in the job's log; pass the last one as ``after`` for newer lines.")
+    attempt: int = Field(description="The claim that wrote it (1 on the first run, more after a worker was lost).")
+    at: datetime
+    level: str = Field(description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    logger: str
+    message: str = Field(description="The formatted line; a failure's traceback follows its message.")
+
+
+class LogRead(BaseModel):
+    """A job's log lines after a cursor, oldest first; pass ``next_after`` as ``after`` to go on."""
+
+    items: list[LogLineRead]
+    next_after: int
 
 
 class ProgressPointRead(_Read):

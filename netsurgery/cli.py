@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from dns_core.errors import InputError
 from netsurgery.client_cli import add_client_commands
-from netsurgery.common import CliError
+from netsurgery.common import CliError, DefaultsHelpFormatter
 from netsurgery.engine_cli import add_engine_commands
 from netsurgery.service_cli import add_service_commands
 
@@ -31,7 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_commands(sub)
     add_service_commands(sub)
     add_client_commands(sub)
+    _state_defaults(p)
     return p
+
+
+def _state_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every command's ``--help`` names each option's default (:class:`DefaultsHelpFormatter`), nested ones too."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _state_defaults(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ Only HTTP: importing this module loads neither torch nor the service.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
 
 import httpx
 
@@ -30,6 +31,15 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 EVENT_RETRIES = 4
 EVENT_BACKOFF_SECONDS = 0.5
 EVENT_TIMEOUT = httpx.Timeout(30, read=60)  # the service sends a ping comment every 15 s
+
+
+class Unset(enum.Enum):
+    """The type of :data:`UNSET`: an argument left out, as opposed to one given as None."""
+
+    UNSET = enum.auto()
+
+
+UNSET: Final = Unset.UNSET
 
 
 class ApiError(Exception):
@@ -174,28 +184,62 @@ class Client:
         layer_kept: dict[str, float] | None = None,
         max_drop: float | None = None,
         idempotency_key: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
         **settings: Any,
     ) -> dict[str, Any]:
         """Create a job; ``settings`` are the expert knobs (iterations, lr, crates, gamma, seed, codec …)."""
         target = {"compression": compression, "layer_kept": layer_kept, "max_accuracy_drop": max_drop}
-        body = {
+        body: dict[str, Any] = {
             "model_id": model_id,
             "dataset_id": dataset_id,
             "method": method,
             "target": {k: v for k, v in target.items() if v is not None} or None,
             "settings": {k: v for k, v in settings.items() if v is not None},
         }
+        if name is not None:
+            body["name"] = name
+        if tags:
+            body["tags"] = tags
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         return dict(self._json("POST", "/v1/jobs", json=body, headers=headers))
 
     def job(self, job_id: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/v1/jobs/{job_id}"))
 
-    def jobs(self, *, state: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    def jobs(
+        self,
+        *,
+        state: str | list[str] | None = None,
+        method: str | None = None,
+        model_id: str | None = None,
+        dataset_id: str | None = None,
+        name: str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        """A page of jobs, newest first; every filter given must hold (``state``: any of those given)."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
-        if state:
-            params["state"] = state
+        filters = {"state": state, "method": method, "model_id": model_id, "dataset_id": dataset_id, "name": name,
+                   "tag": tag}  # fmt: skip
+        params.update({k: v for k, v in filters.items() if v})
         return dict(self._json("GET", "/v1/jobs", params=params))
+
+    def label(
+        self, job_id: str, *, name: str | Unset | None = UNSET, tags: list[str] | Unset = UNSET
+    ) -> dict[str, Any]:
+        """Rename and/or retag a job: what is given replaces the old value (``name=None`` clears the name)."""
+        body: dict[str, Any] = {}
+        if not isinstance(name, Unset):
+            body["name"] = name
+        if not isinstance(tags, Unset):
+            body["tags"] = tags
+        return dict(self._json("PATCH", f"/v1/jobs/{job_id}", json=body))
+
+    def logs(self, job_id: str, *, after: int = 0, limit: int = 500) -> dict[str, Any]:
+        """The job's log lines after the cursor ``after``: ``{"items": [...], "next_after": n}``."""
+        return dict(self._json("GET", f"/v1/jobs/{job_id}/logs", params={"after": after, "limit": limit}))
 
     def models(self, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         return dict(self._json("GET", "/v1/models", params={"limit": limit, "offset": offset}))

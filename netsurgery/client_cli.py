@@ -1,4 +1,5 @@
-"""The client commands: ``login``, ``upload-model``, ``upload-data``, ``submit``, ``jobs``, ``watch``, ``download``.
+"""The client commands: ``login``, ``upload-model``, ``upload-data``, ``submit``, ``jobs``, ``label``, ``logs``,
+``watch``, ``download`` and the rest.
 
 They talk to a running service over HTTP through :class:`netsurgery.client.Client`; nothing here loads
 torch, FastAPI or Celery (httpx and rich load only when a command runs).
@@ -27,7 +28,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from dns_core.defaults import ALLOCATIONS, BUILTIN_SETS, CODECS, EDGE_SHARE, FIRST_LAST, METHODS, SEARCH_METHODS
+from dns_core.defaults import (
+    ALLOCATIONS,
+    BATCH_SIZE,
+    BUILTIN_SETS,
+    CODECS,
+    EDGE_SHARE,
+    FIRST_LAST,
+    GAMMA,
+    LR,
+    METHODS,
+    POWER,
+    SEARCH_METHODS,
+)
 from netsurgery.common import CliError, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
@@ -263,6 +276,17 @@ def _count(text: str) -> int:
     return n
 
 
+def _offset(text: str) -> int:
+    """An argparse type: how many rows to skip, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 up, got {text!r}")
+    return n
+
+
 def _size(n: int | None) -> str:
     return "?" if n is None else f"{n:,} bytes"
 
@@ -426,7 +450,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, seed=args.seed, codec=args.codec, crates=crates,
                            crate=args.crate, gamma=args.gamma, power=args.power, iter_stop=args.iter_stop,
                            allocation=args.allocation, first_last=args.first_last,
-                           include=_patterns(args.include), exclude=_patterns(args.exclude))  # fmt: skip
+                           include=_patterns(args.include), exclude=_patterns(args.exclude),
+                           name=args.name, tags=args.tag or None)  # fmt: skip
         except ApiError as e:
             if e.status == 422 and e.fields:
                 said = "; ".join(f"{_flag(f.get('loc') or [])}: {_plain(str(f.get('msg', '')))}" for f in e.fields)
@@ -570,32 +595,97 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    model_id = _id(args.model, "model") if args.model else None
+    dataset_id = _id(args.dataset, "dataset") if args.dataset else None
     with _client() as c:
-        page = c.jobs(state=args.state, limit=args.limit)
+        page = c.jobs(state=args.state, method=args.method, model_id=model_id, dataset_id=dataset_id,
+                      name=args.name, tag=args.tag, limit=args.limit, offset=args.offset)  # fmt: skip
     console = _out_console()
     items = page["items"]
+    states = " or ".join(args.state or [])
     if not items:
-        console.print(f"no {args.state + ' ' if args.state else ''}jobs")
+        filtered = any((args.method, model_id, dataset_id, args.name, args.tag))
+        console.print(f"no {states + ' ' if states else ''}jobs{' match' if filtered else ''}"
+                      + (f" past the first {args.offset}" if args.offset else ""))  # fmt: skip
         return 0
-    shown = f"{len(items)} of {page['total']}" if page["total"] > len(items) else f"{len(items)}"
-    table = Table(title=f"{args.state + ' ' if args.state else ''}jobs ({shown}, newest first)")
+    first, last = args.offset + 1, args.offset + len(items)
+    shown = f"{first}-{last} of {page['total']}" if page["total"] > len(items) else f"{len(items)}"
+    table = Table(title=f"{states + ' ' if states else ''}jobs ({shown}, newest first)")
     table.add_column("id", no_wrap=True, min_width=36)
+    table.add_column("name")
     table.add_column("state")
+    table.add_column("method")
     table.add_column("iteration", justify="right")
     table.add_column("compression", justify="right")
     table.add_column("val acc", justify="right")
+    table.add_column("drop", justify="right")
+    table.add_column("tags")
     table.add_column("created", no_wrap=True)
     for j in items:
         total = j.get("total_iterations")
+        result = j.get("result") or {}
+        drop = result.get("val_drop")
         table.add_row(
             j["id"],
+            j.get("name") or "-",
             f"[{_STATE_STYLE.get(j['state'], '')}]{j['state']}",
+            j["method"],
             f"{j['iteration']:,}/{total:,}" if total else f"{j['iteration']:,}",
             f"{j['compression']:.1f}x" if j.get("compression") is not None else "-",
             f"{j['val_accuracy']:.2f}%" if j.get("val_accuracy") is not None else "-",
+            f"{drop:+.2f}" if drop is not None else "-",
+            ", ".join(j.get("tags") or []) or "-",
             _when(j.get("created_at")),
         )
     console.print(table)
+    if page["total"] > last:
+        console.print(f"more: `netsurgery jobs --offset {last}`" + (" with the same filters" if states else ""))
+    return 0
+
+
+def _tags(text: str) -> list[str]:
+    """``--tags a,b``: the tags, in order, without repeats (an empty text: none)."""
+    return list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from netsurgery.client import UNSET, Unset
+
+    if args.name is None and not args.clear_name and args.tags is None:
+        raise CliError("give --name NAME, --clear-name or --tags a,b (--tags '' removes them all)")
+    job_id = _id(args.job, "job")
+    name: str | Unset | None = None if args.clear_name else args.name if args.name is not None else UNSET
+    tags: list[str] | Unset = _tags(args.tags) if args.tags is not None else UNSET
+    with _client() as c:
+        job = c.label(job_id, name=name, tags=tags)
+    print(f"job {job_id}: name {job.get('name') or '-'}, tags {', '.join(job.get('tags') or []) or '-'}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print the job's log; with ``--follow``, keep printing new lines until the job has ended."""
+    from netsurgery.client import TERMINAL
+
+    job_id = _id(args.job, "job")
+    after, printed = 0, 0
+    with _client() as c:
+        while True:
+            job = c.job(job_id) if args.follow else None
+            while True:
+                page = c.logs(job_id, after=after)
+                for line in page["items"]:
+                    stamp = _when(line["at"]) if not args.utc else line["at"]
+                    text = line["message"].replace("\n", "\n    ")
+                    print(f"{stamp} {line['level']:<7} {text}", flush=True)
+                    printed += 1
+                after = page["next_after"]
+                if not page["items"]:
+                    break
+            if job is None or job["state"] in TERMINAL:
+                break
+            time.sleep(POLL_SECONDS)
+    if not printed:
+        print(f"job {job_id} has no log lines yet", file=sys.stderr)
     return 0
 
 
@@ -885,8 +975,8 @@ def add_client_commands(sub: Subcommands) -> None:
     login = sub.add_parser("login", help="check a service URL and API key, and save them for the commands below")
     login.add_argument("--url", default=None, help=f"the service (prompted; default {DEFAULT_URL})")
     login.add_argument("--key", default=None,
-                       help="the API key (prompted without echo, or read from stdin; on the command line it shows "
-                            "in `ps`)")  # fmt: skip
+                       help="the API key (default: prompted without echo, or read from stdin; on the command line "
+                            "it shows in `ps`)")  # fmt: skip
     login.set_defaults(func=cmd_login)
 
     m = sub.add_parser("upload-model", help="upload a model: ONNX, safetensors weights of an architecture, or a "
@@ -894,17 +984,20 @@ def add_client_commands(sub: Subcommands) -> None:
     m.add_argument("file", help="model.onnx, weights.safetensors, a model folder (Hugging Face: config.json + "
                                 "model.safetensors; or model.onnx + model.onnx.data) or a zip/tar of one (judged "
                                 "by content; pickles are refused)")  # fmt: skip
-    m.add_argument("--arch", default=None, help="architecture of safetensors weights: built-in (e.g. lenet-300-100), "
+    m.add_argument("--arch", default=None, help="architecture of safetensors weights (default: the one the file "
+                   "names in its header): built-in (e.g. lenet-300-100), "
                                                 "torchvision:<name> or timm:<name>")  # fmt: skip
-    m.add_argument("--config", default=None, help="JSON config of the architecture, e.g. '{\"num_classes\": 4}'")
+    m.add_argument("--config", default=None, help="JSON config of the architecture, e.g. '{\"num_classes\": 4}' "
+                   "(default: the architecture's own)")  # fmt: skip
     m.add_argument("--name", default=None, help="a name (default: the file's)")
     m.add_argument("-q", "--quiet", action="store_true", help="print only the model's id")
     m.set_defaults(func=cmd_upload_model)
 
     d = sub.add_parser("upload-data", help="upload a data file, or register a built-in data set")
     d.add_argument("file", nargs="?", default=None, help=".npz or safetensors with inputs (and targets), or IDX inputs")
-    d.add_argument("--targets", default=None, help="IDX labels for IDX inputs")
-    d.add_argument("--builtin", choices=BUILTIN_SETS, default=None, help="a built-in set instead of a file")
+    d.add_argument("--targets", default=None, help="IDX labels for IDX inputs (default: none)")
+    d.add_argument("--builtin", choices=BUILTIN_SETS, default=None, help="a built-in set instead of a file "
+                   "(default: none)")  # fmt: skip
     d.add_argument("--name", default=None, help="a name (default: the file's or the set's)")
     d.add_argument("-q", "--quiet", action="store_true", help="print only the data set's id")
     d.set_defaults(func=cmd_upload_data)
@@ -912,15 +1005,22 @@ def add_client_commands(sub: Subcommands) -> None:
     s = sub.add_parser("submit", help="start a compression job on an uploaded model and data set")
     s.add_argument("model_id", metavar="MODEL_ID")
     s.add_argument("dataset_id", metavar="DATASET_ID")
-    s.add_argument("--method", choices=METHODS, default="dns")
+    s.add_argument("--method", choices=METHODS, default="dns", help="compression method")
     goal = s.add_mutually_exclusive_group()
-    goal.add_argument("--target", type=float, default=None, help="overall compression (x), e.g. 40; left out "
-                      "with --max-drop given, the job searches for the highest compression within it")  # fmt: skip
-    goal.add_argument("--layer-kept", default=None, help="per-layer kept fractions instead: fc1=0.02,fc2=0.05")
-    s.add_argument("--max-drop", type=float, default=None, help="accuracy budget in percentage points")
-    for flag, kind in (("--iterations", int), ("--lr", float), ("--batch-size", int), ("--seed", int)):
-        s.add_argument(flag, type=kind, default=None)
-    s.add_argument("--codec", choices=CODECS, default=None, help="also a sparse file with compressed values")
+    goal.add_argument("--target", type=float, default=None,
+                      help="overall compression (x), e.g. 40 (default: none); left out with --max-drop given, the "
+                           "job searches for the highest compression within it")  # fmt: skip
+    goal.add_argument("--layer-kept", default=None,
+                      help="per-layer kept fractions instead: fc1=0.02,fc2=0.05 (default: none)")  # fmt: skip
+    s.add_argument("--max-drop", type=float, default=None,
+                   help="accuracy budget in percentage points of validation accuracy (default: none)")  # fmt: skip
+    s.add_argument("--iterations", type=int, default=None,
+                   help="training iterations (default: the service's, NETSURGERY_DEFAULT_ITERATIONS)")  # fmt: skip
+    s.add_argument("--lr", type=float, default=None, help=f"peak learning rate of the fine-tuning (default {LR})")
+    s.add_argument("--batch-size", type=int, default=None, help=f"examples per iteration (default {BATCH_SIZE})")
+    s.add_argument("--seed", type=int, default=None, help="seed of the data order and the surgery's draws (default 0)")
+    s.add_argument("--codec", choices=CODECS, default=None,
+                   help="also a sparse file with compressed values (default: none)")  # fmt: skip
     s.add_argument(
         "--allocation", choices=ALLOCATIONS, default=None,
         help="kept weights shared by one ranking held in a band around the overall fraction per layer "
@@ -929,24 +1029,58 @@ def add_client_commands(sub: Subcommands) -> None:
     )  # fmt: skip
     s.add_argument("--include", default=None, help="Linear/Conv layer names or glob patterns to prune, "
                    "comma-separated (default: all)")  # fmt: skip
-    s.add_argument("--exclude", default=None, help="layer names or glob patterns to leave dense, comma-separated")
+    s.add_argument("--exclude", default=None,
+                   help="layer names or glob patterns to leave dense, comma-separated (default: none)")  # fmt: skip
     s.add_argument(
         "--first-last", choices=FIRST_LAST, default=None,
         help="the first convolution and the classifier head: dense, prune, or auto (the default: dense while they "
-             f"take at most {EDGE_SHARE:.0%} of the weights the target keeps)",
+             f"take at most {EDGE_SHARE * 100:.0f}%% of the weights the target keeps)",
     )  # fmt: skip
-    s.add_argument("--crates", default=None, help="dns-fixed-crates: per-layer crates, conv1=1,fc1=4")
+    s.add_argument("--crates", default=None,
+                   help="dns-fixed-crates: per-layer crates, conv1=1,fc1=4 (default: --crate for all)")  # fmt: skip
     s.add_argument("--crate", type=float, default=None, help="dns-fixed-crates: default crate")
-    for flag, kind in (("--gamma", float), ("--power", float), ("--iter-stop", int)):
-        s.add_argument(flag, type=kind, default=None)
+    s.add_argument("--gamma", type=float, default=None,
+                   help=f"dns-fixed-crates: surgery probability (1 + gamma*t)^-power (default {GAMMA})")  # fmt: skip
+    s.add_argument("--power", type=float, default=None, help=f"dns-fixed-crates: see --gamma (default {POWER})")
+    s.add_argument("--iter-stop", type=int, default=None,
+                   help="masks stop changing after this iteration (default: the method's)")  # fmt: skip
+    s.add_argument("--name", default=None, help="a name to find the job by (default: none)")
+    s.add_argument("--tag", action="append", default=None, metavar="TAG",
+                   help="a label to filter jobs by; repeat for more (default: none)")  # fmt: skip
     s.add_argument("--watch", action="store_true", help="follow the job until it ends (as `netsurgery watch`)")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the job's id")
     s.set_defaults(func=cmd_submit)
 
     j = sub.add_parser("jobs", help="list your jobs, newest first")
-    j.add_argument("--state", choices=STATES, default=None)
+    j.add_argument("--state", choices=STATES, action="append", default=None,
+                   help="only jobs in this state; repeat for several (default: any)")  # fmt: skip
+    j.add_argument("--method", choices=METHODS, default=None, help="only jobs of this method (default: any)")
+    j.add_argument(
+        "--model", default=None, metavar="MODEL", help="only jobs on this model: id or its start (default: any)"
+    )
+    j.add_argument(
+        "--dataset", default=None, metavar="DATASET", help="only jobs on this data set: id or its start (default: any)"
+    )
+    j.add_argument("--name", default=None, help="only jobs whose name holds this, any case (default: any)")
+    j.add_argument("--tag", default=None, help="only jobs with this tag (default: any)")
     j.add_argument("--limit", type=_count, default=20, help="at most this many (1-1000; default 20)")
+    j.add_argument("--offset", type=_offset, default=0, help="skip this many of the newest first (default 0)")
     j.set_defaults(func=cmd_jobs)
+
+    lb = sub.add_parser("label", help="rename or retag a job")
+    lb.add_argument("job", metavar="JOB", help="its id, or the start of it (4+ characters)")
+    naming = lb.add_mutually_exclusive_group()
+    naming.add_argument("--name", default=None, help="the job's new name (default: unchanged)")
+    naming.add_argument("--clear-name", action="store_true", help="remove the job's name")
+    lb.add_argument("--tags", default=None, help="the job's tags, comma-separated; they replace the old ones ('' "
+                    "removes them all; default: unchanged)")  # fmt: skip
+    lb.set_defaults(func=cmd_label)
+
+    lg = sub.add_parser("logs", help="print a job's log: what its worker did, and a failure's traceback")
+    lg.add_argument("job", metavar="JOB", help="its id, or the start of it (4+ characters)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
+    lg.add_argument("--utc", action="store_true", help="print times as the service gives them (UTC, ISO 8601)")
+    lg.set_defaults(func=cmd_logs)
 
     m = sub.add_parser("models", help="list your uploaded models, newest first")
     m.add_argument("--limit", type=_count, default=20, help="at most this many (1-1000; default 20)")

@@ -21,6 +21,26 @@ class CliError(Exception):
     """An error a person can act on: printed as one line, exit status 2."""
 
 
+def states_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` should add the option's default to its text: it takes a value, has a default
+    worth saying, and its text does not name it already."""
+    if not action.option_strings or action.nargs == 0 or action.required:
+        return False
+    if action.default in (None, "", argparse.SUPPRESS) or isinstance(action.default, bool):
+        return False
+    return "default" not in (action.help or "")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that ends each option's text with ``(default: X)`` where the text does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text is not None and text is not argparse.SUPPRESS and states_default(action):
+            text += " (default: %(default)s)"
+        return text
+
+
 def parse_pairs(text: str | None, what: str) -> dict[str, float] | None:
     """Parse ``name=value,name=value``."""
     if not text:

@@ -415,38 +415,45 @@ def add_engine_commands(sub: Subcommands) -> None:
     """Register compress, train-reference, pack and bench on the ``netsurgery`` subparsers."""
     c = sub.add_parser("compress", help="prune and splice a model toward a target (local, no service)")
     c.add_argument("--arch", default=None, help=f"zoo architecture (default {DEFAULT_ARCH})")
-    c.add_argument("--model", help="the dense model (judged by content): ONNX, safetensors weights of an --arch, "
+    c.add_argument("--model", help="the dense model (judged by content; default: a new --arch): ONNX, safetensors "
+                   "weights of an --arch, "
                                    "or a folder or zip/tar of a Hugging Face folder or of model.onnx with its "
                                    "external data")  # fmt: skip
     c.add_argument("--weights", help=argparse.SUPPRESS)  # the earlier name of --model
-    c.add_argument("--config", help="JSON config of the zoo architecture, e.g. '{\"num_classes\": 4}'")
+    c.add_argument("--config", help="JSON config of the zoo architecture, e.g. '{\"num_classes\": 4}' (default: "
+                   "the architecture's own)")  # fmt: skip
     c.add_argument("--data", default="fashion-mnist",
                    help=f"built-in set ({', '.join(BUILTIN_SETS)}) or a file: .npz/safetensors with inputs[, targets], "
                         "or IDX inputs")  # fmt: skip
-    c.add_argument("--targets", help="IDX labels for IDX --data")
+    c.add_argument("--targets", help="IDX labels for IDX --data (default: none)")
     c.add_argument("--valid-data", help="validation file (default: carve --valid-fraction of --data)")
-    c.add_argument("--valid-targets", help="IDX labels for IDX --valid-data")
-    c.add_argument("--valid-fraction", type=float, default=0.1)
-    c.add_argument("--method", default="dns", choices=METHODS)
+    c.add_argument("--valid-targets", help="IDX labels for IDX --valid-data (default: none)")
+    c.add_argument("--valid-fraction", type=float, default=0.1,
+                   help="share of the training data held out for validation when no --valid-data is given")  # fmt: skip
+    c.add_argument("--method", default="dns", choices=METHODS, help="compression method")
     c.add_argument("--target", type=float, default=None,
-                   help="overall compression (x); left out, the run searches for the highest compression within "
-                        "--max-drop (dns and agp) and writes the next-best candidates too")  # fmt: skip
-    c.add_argument("--layer-kept", help="per-layer kept fractions instead: fc1=0.02,fc2=0.05")
+                   help="overall compression (x) (default: none); left out, the run searches for the highest "
+                        "compression within --max-drop (dns and agp) and writes the next-best candidates "
+                        "too")  # fmt: skip
+    c.add_argument("--layer-kept", help="per-layer kept fractions instead: fc1=0.02,fc2=0.05 (default: none)")
     c.add_argument("--max-drop", type=float, default=0.5,
                    help="accuracy budget, percentage points of validation accuracy (default %(default)s)")  # fmt: skip
-    c.add_argument("--iterations", type=int, default=ITERATIONS)
-    c.add_argument("--lr", type=float, default=LR)
-    c.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    c.add_argument("--objective", default="ce", choices=OBJECTIVES)
+    c.add_argument("--iterations", type=int, default=ITERATIONS, help="training iterations")
+    c.add_argument("--lr", type=float, default=LR, help="peak learning rate of the fine-tuning")
+    c.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="examples per iteration")
+    c.add_argument("--objective", default="ce", choices=OBJECTIVES,
+                   help="training loss: cross-entropy on the labels, or distillation from the dense model")  # fmt: skip
     c.add_argument("--crate", type=float, default=None, help=f"dns-fixed-crates only: default crate (default {CRATE})")
-    c.add_argument("--crates", help="dns-fixed-crates only: per-layer crates, conv1=1,fc1=4")
+    c.add_argument("--crates", help="dns-fixed-crates only: per-layer crates, conv1=1,fc1=4 (default: --crate for all)")
     c.add_argument("--gamma", type=float, default=None,
                    help=f"dns-fixed-crates only: surgery probability (1+gamma*t)^-power (default {GAMMA})")  # fmt: skip
     c.add_argument("--power", type=float, default=None, help=f"dns-fixed-crates only (default {POWER})")
-    c.add_argument("--iter-stop", type=int, default=None)
+    c.add_argument("--iter-stop", type=int, default=None,
+                   help="masks stop changing after this iteration (default: the method's)")  # fmt: skip
     c.add_argument("--include", default="*", help="Linear/Conv layer names or glob patterns to prune, "
                    "comma-separated (default: all)")  # fmt: skip
-    c.add_argument("--exclude", default="", help="layer names or glob patterns to leave dense, comma-separated")
+    c.add_argument("--exclude", default="",
+                   help="layer names or glob patterns to leave dense, comma-separated (default: none)")  # fmt: skip
     c.add_argument(
         "--allocation", choices=ALLOCATIONS, default=ALLOCATION,
         help="how the kept weights are shared among layers: one magnitude ranking with each layer held in a "
@@ -457,37 +464,39 @@ def add_engine_commands(sub: Subcommands) -> None:
     c.add_argument(
         "--first-last", choices=FIRST_LAST, default=FIRST_LAST_DEFAULT,
         help="the first convolution and the classifier head: kept dense, pruned, or auto: dense while they take "
-             f"at most {EDGE_SHARE:.0%} of the weights the target keeps (default %(default)s)",
+             f"at most {EDGE_SHARE * 100:.0f}%% of the weights the target keeps (default %(default)s)",
     )  # fmt: skip
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="auto")
-    c.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every, resumed if present")
-    c.add_argument("--checkpoint-every", type=int, default=1000)
+    c.add_argument("--seed", type=int, default=0, help="seed of the data order and the surgery's draws")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when there is one)")
+    c.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every, resumed if present "
+                   "(default: none)")  # fmt: skip
+    c.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between checkpoints")
     c.add_argument(
         "--codec",
         choices=CODECS,
         default=None,
-        help="also write the sparse file with compressed values (accuracy effect in the report)",
+        help="also write the sparse file with compressed values (accuracy effect in the report; default: none)",
     )
     c.add_argument("--clusters", type=int, default=256, help="codebook size of --codec shared (2-256)")
     c.add_argument("--out", default="out", help="output folder (model, sparse model, report.json)")
     c.set_defaults(func=cmd_compress)
 
     r = sub.add_parser("train-reference", help="train a converged dense reference model")
-    r.add_argument("--arch", default=DEFAULT_ARCH)
-    r.add_argument("--data", default="fashion-mnist")
-    r.add_argument("--epochs", type=int, default=20)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--out", default="reference.safetensors")
+    r.add_argument("--arch", default=DEFAULT_ARCH, help="zoo architecture to train")
+    r.add_argument("--data", default="fashion-mnist", help="built-in set or data file to train on")
+    r.add_argument("--epochs", type=int, default=20, help="passes over the training data")
+    r.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when there is one)")
+    r.add_argument("--out", default="reference.safetensors", help="where the trained weights go")
     r.set_defaults(func=cmd_train_reference)
 
     k = sub.add_parser("pack", help="write pruned weights as a compact sparse file and print its size")
     k.add_argument("weights", help="pruned weights (safetensors, dense with zeros)")
     k.add_argument("--out", help="output file (default: <weights>.sparse[.<codec>].safetensors)")
-    k.add_argument("--codec", choices=CODECS, default=None, help="compress the weight values")
+    k.add_argument("--codec", choices=CODECS, default=None, help="compress the weight values (default: none)")
     k.add_argument("--clusters", type=int, default=256, help="codebook size of --codec shared (2-256)")
-    k.add_argument("--data", default=None, help="built-in set whose test split measures accuracy before and after")
+    k.add_argument("--data", default=None, help="built-in set whose test split measures accuracy before and after "
+                   "(default: none, no accuracy)")  # fmt: skip
     k.set_defaults(func=cmd_pack)
 
     b = sub.add_parser("bench", help="benchmarks: the paper table, surgery step overhead, the service's figures")
@@ -497,7 +506,8 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--models", default=None, help="table, versus: zoo models (default lenet-300-100,lenet-5); "
                    "models, allocation: resnet-20,vit")  # fmt: skip
     b.add_argument("--methods", default=None, help="subset of methods (default: all rows)")
-    b.add_argument("--iterations", type=int, default=None, help="iteration budget per method")
+    b.add_argument("--iterations", type=int, default=None,
+                   help="iteration budget per method (default: the benchmark's own, smaller with --quick)")  # fmt: skip
     b.add_argument("--allocation", choices=ALLOCATIONS, default=ALLOCATION,
                    help="models: the allocation rule of the searches (default %(default)s)")  # fmt: skip
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")

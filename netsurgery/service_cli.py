@@ -301,8 +301,8 @@ def _demo(args: argparse.Namespace, url: str, key: str) -> int:
 def add_service_commands(sub: Subcommands) -> None:
     """Register serve, demo, worker, migrate and admin on the ``netsurgery`` subparsers."""
     s = sub.add_parser("serve", help="run the service on this machine: API, one worker, SQLite, local files")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    s.add_argument("--port", type=int, default=8000, help="port the API listens on")
     s.add_argument("--no-worker", action="store_true", help="API only (start workers with `netsurgery worker`)")
     s.add_argument("--data-dir", default=None, metavar="DIR",
                    help="the state folder: database, broker folders, stored files, the worker's log (default: "
@@ -312,15 +312,15 @@ def add_service_commands(sub: Subcommands) -> None:
     d = sub.add_parser("demo", help="run one compression job through the service end to end and download it")
     d.add_argument("--url", default=None, help="a running service (default: start the embedded one for the job)")
     d.add_argument("--key", default=None, help="its API key (default: $NETSURGERY_API_KEY or the embedded key)")
-    d.add_argument("--target", type=float, default=40.0)
-    d.add_argument("--max-drop", type=float, default=0.5)
-    d.add_argument("--iterations", type=int, default=ITERATIONS)
-    d.add_argument("--out", default="out")
+    d.add_argument("--target", type=float, default=40.0, help="compression to ask for (x)")
+    d.add_argument("--max-drop", type=float, default=0.5, help="accuracy budget, percentage points")
+    d.add_argument("--iterations", type=int, default=ITERATIONS, help="training iterations of the job")
+    d.add_argument("--out", default="out", help="folder the job's files are downloaded to")
     d.set_defaults(func=cmd_demo)
 
     w = sub.add_parser("worker", help="run one Celery worker process (one per GPU: set CUDA_VISIBLE_DEVICES)")
     w.add_argument("--hostname", default=None, help="Celery node name (default: celery@<host>)")
-    w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     w.set_defaults(func=cmd_worker)
 
     m = sub.add_parser("migrate", help="bring the database (NETSURGERY_DATABASE_URL) to the latest schema")

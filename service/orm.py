@@ -36,6 +36,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Text,
@@ -230,6 +231,7 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key"),
         Index("ix_jobs_tenant_id_state_created_at", "tenant_id", "state", "created_at"),
         Index("ix_jobs_tenant_id_created_at", "tenant_id", "created_at"),
+        Index("ix_jobs_tenant_id_name", "tenant_id", "name"),
         # the reaper's scan: running jobs by lease expiry
         Index("ix_jobs_state_lease_expires_at", "state", "lease_expires_at"),
     )
@@ -239,6 +241,9 @@ class Job(Base):
     model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), index=True)
     dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"), index=True)
 
+    # the user's labels: a name (not unique) and tags, set at submit or later
+    name: Mapped[Name | None]
+    tags: Mapped[list[Any]] = mapped_column(default=list, server_default=text("'[]'"))
     state: Mapped[Code] = mapped_column(default="queued", server_default="queued")
     cancel_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
     # the compression method, e.g. "dns"
@@ -290,6 +295,23 @@ class ProgressPoint(Base):
     val_accuracy: Mapped[float | None]
     compression: Mapped[float | None]
     at: Mapped[Created]
+
+
+class JobLog(Base):
+    """One log line a worker wrote while it ran a job (a failed attempt's traceback among them), in order."""
+
+    __tablename__ = "job_logs"
+    __table_args__ = (Index("ix_job_logs_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int]
+    at: Mapped[Created]
+    level: Mapped[Code]
+    logger: Mapped[Name]
+    message: Mapped[str] = mapped_column(Text)
 
 
 class LayerPoint(Base):

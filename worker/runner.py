@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ from service.settings import Settings
 from service.storage import Storage
 
 log = logging.getLogger("netsurgery.worker")
+# the job log (GET /v1/jobs/{id}/logs) keeps this logger's INFO lines whatever the process's level is
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
 
 
 @dataclass
@@ -77,6 +81,44 @@ class LostLease(Exception):
 #: by its callbacks: not the job's fault, so they end the attempt without finishing the job, and the
 #: job goes to a next attempt (or the one that took it over).
 RETRIED = (LostLease, OSError, SQLAlchemyError)
+
+
+class _JobLog(logging.Handler):
+    """Keeps the log records of one job's threads (the runner's and its heartbeat's) for its log.
+
+    Attached to the root logger while the attempt runs, so it sees what the runner, the engine and
+    the libraries log from those threads (at the levels their loggers let through), each record
+    formatted with its traceback. :meth:`take` hands the lines over to be written.
+    """
+
+    def __init__(self, job_id: uuid.UUID) -> None:
+        super().__init__(logging.INFO)
+        self.threads = {threading.get_ident()}
+        self.heartbeat = f"heartbeat-{job_id}"
+        self.lines: list[jobs.LogLine] = []
+        self._lines_lock = threading.Lock()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread not in self.threads and record.threadName != self.heartbeat:
+            return
+        try:
+            message = self.format(record)
+        except Exception:  # a record whose arguments do not format: keep what it says
+            message = f"{record.msg!r} % {record.args!r}"
+        line = jobs.LogLine(record.levelname, record.name, message, datetime.fromtimestamp(record.created, UTC))
+        with self._lines_lock:
+            self.lines.append(line)
+
+    def take(self) -> list[jobs.LogLine]:
+        with self._lines_lock:
+            lines, self.lines = self.lines, []
+        return lines
+
+    def give_back(self, lines: list[jobs.LogLine]) -> None:
+        """Lines whose write failed go back in front, to be written with the next batch."""
+        with self._lines_lock:
+            self.lines[:0] = lines
 
 
 class _Watch:
@@ -132,8 +174,9 @@ class _Watch:
 class _Recorder:
     """Buffers progress and per-layer points; writes them in batches fenced by the attempt."""
 
-    def __init__(self, ctx: WorkerContext, job_id: uuid.UUID, attempt: int) -> None:
+    def __init__(self, ctx: WorkerContext, job_id: uuid.UUID, attempt: int, joblog: _JobLog | None = None) -> None:
         self.ctx, self.job_id, self.attempt = ctx, job_id, attempt
+        self.joblog = joblog
         self.points: list[jobs.ProgressSample] = []
         self.layers: list[jobs.LayerSample] = []
         self.frontier: dict[str, Any] | None = None  # a budget search's points, when new ones came
@@ -145,13 +188,28 @@ class _Recorder:
             jobs.ProgressSample(iteration=p.iteration, loss=p.loss, val_accuracy=p.val_acc, compression=p.compression)
         )
         self.layers.extend(jobs.LayerSample(p.iteration, r.name, r.kept, r.total) for r in p.layers)
+        if p.val_acc is not None:
+            log.info(
+                "iteration %d of %d: validation accuracy %.2f%%, compression %s, loss %.4f, learning rate %.3g",
+                p.iteration, p.total, p.val_acc, f"{p.compression:.2f}x" if p.compression else "-", p.loss, p.lr,
+            )  # fmt: skip
         if p.frontier is not None:
+            if p.frontier and (self.frontier is None or len(p.frontier) != len(self.frontier["points"])):
+                last = p.frontier[-1]
+                verdict = "within budget" if last.get("within_budget") else "over budget"
+                log.info(
+                    "search: %.2fx judged at %.2f%% validation accuracy, %s",
+                    last["compression"],
+                    last["val_acc"],
+                    verdict,
+                )
             self.frontier = {"points": p.frontier}
         if time.monotonic() - self._last_flush >= self.ctx.settings.progress_flush_seconds:
             self.flush()
 
     def flush(self) -> None:
-        if not self.points and not self.layers and self.frontier is None:
+        lines = self.joblog.take() if self.joblog is not None else []
+        if not self.points and not self.layers and self.frontier is None and not lines:
             return
         points, layers, frontier = self.points, self.layers, self.frontier
         for attempt in range(5):  # the database may be restarting: retry, then give the batch up to the next flush
@@ -161,6 +219,7 @@ class _Recorder:
                     ok = ok and jobs.add_layer_points(session, self.job_id, self.attempt, layers)
                     if ok and frontier is not None:
                         ok = jobstate.update_live(session, self.job_id, self.attempt, frontier=frontier)
+                    ok = ok and jobs.add_logs(session, self.job_id, self.attempt, lines)
                     if not ok:
                         session.rollback()
                 break
@@ -168,6 +227,8 @@ class _Recorder:
                 raise
             except Exception:
                 if attempt == 4:
+                    if self.joblog is not None:
+                        self.joblog.give_back(lines)
                     log.exception("job %s: progress write failed; keeping the batch", self.job_id)
                     return
                 time.sleep(0.5 * 2**attempt)
@@ -272,13 +333,38 @@ def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     if attempt is None:
         log.info("job %s: not claimable (finished, cancelled, or held by a live lease)", job_id)
         return "skipped"
-    log.info("job %s: attempt %s on %s", job_id, attempt, ctx.owner)
-    with _Watch(ctx, job_id, attempt) as watch:
-        try:
-            return _run_claimed(ctx, job_id, attempt, watch)
-        except LostLease:
-            log.warning("job %s attempt %s: superseded; stopped without finishing", job_id, attempt)
-            return "lost"
+    joblog = _JobLog(job_id)
+    logging.getLogger().addHandler(joblog)
+    try:
+        log.info("job %s: attempt %s on %s", job_id, attempt, ctx.owner)
+        with _Watch(ctx, job_id, attempt) as watch:
+            try:
+                return _run_claimed(ctx, job_id, attempt, watch, joblog)
+            except LostLease:
+                log.warning("job %s attempt %s: superseded; stopped without finishing", job_id, attempt)
+                return "lost"
+    finally:
+        logging.getLogger().removeHandler(joblog)
+        _write_last_lines(ctx, job_id, attempt, joblog.take())
+
+
+def _write_last_lines(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, lines: list[jobs.LogLine]) -> None:
+    """Write an attempt's last log lines (its outcome, a failure's traceback) after it has ended.
+
+    Not fenced: the job may already be finished, which is when these lines matter most. Best effort:
+    a database that stays away loses them (the worker's own log still has them).
+    """
+    if not lines:
+        return
+
+    def write() -> bool:
+        with session_scope(ctx.sessions) as session:
+            return jobs.add_logs(session, job_id, attempt, lines, fenced=False)
+
+    try:
+        _retrying(f"log {job_id}", write, tries=4)
+    except Exception:
+        log.exception("job %s: could not keep its last %d log lines", job_id, len(lines))
 
 
 def _finish(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, state: str, **fields: Any) -> str:
@@ -288,7 +374,10 @@ def _finish(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, state: str, **f
 
     if not _retrying(f"finish {job_id}", go):
         raise LostLease(f"job {job_id} attempt {attempt} could not finish: superseded")
-    log.info("job %s: %s", job_id, state)
+    if fields.get("error"):
+        log.error("job %s: %s: %s", job_id, state, fields["error"])
+    else:
+        log.info("job %s: %s", job_id, state)
     try:  # a job that ended resumes nothing: its checkpoint (weights, masks, optimizer) goes
         ctx.storage.delete(checkpoint_key(job_id))
     except OSError as e:  # clutter, not a reason to change the outcome; deleting the job removes it too
@@ -296,7 +385,7 @@ def _finish(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, state: str, **f
     return state
 
 
-def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Watch) -> str:
+def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Watch, joblog: _JobLog) -> str:
     from dns_core.artifacts import job_result, write_artifacts
     from dns_core.train import Callbacks, Cancelled, evaluate
 
@@ -316,6 +405,7 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
     except Exception as e:
         return _failed(ctx, job_id, attempt, e, "")
     iterations = spec.iterations
+    _describe(job, model_row, dataset_row, loaded, train, valid, test, iterations)
 
     def announce() -> bool:  # the job's total, for progress bars, once it is known
         with session_scope(ctx.sessions) as session:
@@ -325,7 +415,7 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
         raise LostLease(f"job {job_id} attempt {attempt} was superseded before it started")
     if attempt > 1:
         _remove_temporaries(ctx, job_id)
-    recorder = _Recorder(ctx, job_id, attempt)
+    recorder = _Recorder(ctx, job_id, attempt, joblog)
     with tempfile.TemporaryDirectory(prefix=f"netsurgery-{job_id}-") as tmp:
         work = Path(tmp)
         ckpt = _local_checkpoint(ctx, job_id, work)
@@ -385,6 +475,7 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
 
             if not _retrying(f"artifact {name}", record):
                 raise LostLease(f"job {job_id} attempt {attempt}: superseded while publishing")
+            log.info("artifact %s: %s bytes", name, f"{stored.size:,}")
     rep = made.report
     # the final model's layers: after a fall-back to the last state within the budget they differ
     # from the last progress report's
@@ -395,6 +486,22 @@ def _run_claimed(ctx: WorkerContext, job_id: uuid.UUID, attempt: int, watch: _Wa
         ctx, job_id, attempt, "succeeded", iteration=ran, compression=rep["compression"],
         val_accuracy=rep.get("val_acc"), layers=layers, frontier=rep.get("frontier"), result=job_result(rep),
     )  # fmt: skip
+
+
+def _describe(job: Job, model_row: Model, dataset_row: Dataset, loaded: Any, train: Any, valid: Any, test: Any,
+              iterations: int) -> None:  # fmt: skip
+    """The job log's opening lines: what runs, on what."""
+    target = ", ".join(f"{k} {v}" for k, v in sorted(job.target.items())) or "none"
+    log.info("method %s, target: %s, %d iterations", job.method, target, iterations)
+    if job.settings:
+        log.info("settings: %s", ", ".join(f"{k}={v}" for k, v in sorted(job.settings.items())))
+    arch = f", {loaded.arch}" if loaded.arch else ""
+    params = sum(p.numel() for p in loaded.module.parameters())
+    log.info("model %r (%s%s): %s parameters", model_row.name, model_row.format, arch, f"{params:,}")
+    sizes = f"{len(train):,} training, {len(valid):,} validation" + (
+        f", {len(test):,} test" if test is not None else ""
+    )
+    log.info("data set %r (%s): %s examples", dataset_row.name, dataset_row.kind, sizes)
 
 
 def _kind(name: str) -> str:

@@ -295,9 +295,53 @@
     every(POLL_LIST_MS, refreshJobs);
   }
 
+  const LIST_PAGE = 50;
+  const listQuery = { state: "", method: "", name: "", tag: "", offset: 0 }; // the list's filters and page
+
+  /** Tags typed as "a, b,a": ["a", "b"]. */
+  function parseTags(text) {
+    return [...new Set(text.split(",").map((t) => t.trim()).filter(Boolean))];
+  }
+
+  function tagChips(tags) {
+    return el("span", { class: "tags" }, ...(tags || []).map((t) => el("span", { class: "tag" }, t)));
+  }
+
+  function listPath() {
+    const params = new URLSearchParams({ limit: String(LIST_PAGE), offset: String(listQuery.offset) });
+    for (const key of ["state", "method", "name", "tag"]) {
+      if (listQuery[key]) params.set(key, listQuery[key]);
+    }
+    return "v1/jobs?" + params.toString();
+  }
+
+  /** A filter changed: back to the first page, and ask at once. */
+  function filterChanged() {
+    if ($("#list-view").hidden) return; // a late keystroke's timer, after the list was left
+    const form = $("#jobs-filter");
+    for (const key of ["state", "method", "name", "tag"]) listQuery[key] = form.elements[key].value.trim();
+    listQuery.offset = 0;
+    generation += 1;
+    clearTimeout(timer);
+    every(POLL_LIST_MS, refreshJobs);
+  }
+
+  function turnPage(step) {
+    if ($("#list-view").hidden) return;
+    listQuery.offset = Math.max(0, listQuery.offset + step * LIST_PAGE);
+    generation += 1;
+    clearTimeout(timer);
+    every(POLL_LIST_MS, refreshJobs);
+  }
+
   async function refreshJobs(gen) {
-    const page = await api("v1/jobs?limit=50");
+    const page = await api(listPath());
     if (gen !== generation) return false;
+    if (!page.items.length && page.total > 0 && listQuery.offset > 0) {
+      // the page emptied (jobs deleted): go to the last one that has jobs
+      listQuery.offset = Math.max(0, Math.floor((page.total - 1) / LIST_PAGE) * LIST_PAGE);
+      return true;
+    }
     const rows = page.items.map((job) => {
       const link = el("a", { href: "#/jobs/" + job.id, title: job.id }, el("code", {}, job.id.slice(0, 8)));
       const state = el("span", { class: "state", "data-state": job.state }, job.state);
@@ -306,6 +350,7 @@
         "tr",
         { "data-job-id": job.id, "data-state": job.state },
         el("td", { "data-field": "id" }, link),
+        el("td", { "data-field": "name" }, job.name || ""),
         el("td", { "data-field": "state" }, state, cancelling),
         el("td", { "data-field": "method" }, job.method),
         el("td", { "data-field": "iteration", class: "num" }, fmtIteration(job)),
@@ -313,15 +358,22 @@
         el("td", { "data-field": "val_accuracy", class: "num" }, fmtAccuracy(job.val_accuracy)),
         el("td", { "data-field": "val_drop", class: "num" }, fmtDrop(job.result && job.result.val_drop)),
         el("td", { "data-field": "budget_met" }, fmtBudget(job.result)),
+        el("td", { "data-field": "tags" }, tagChips(job.tags)),
         el("td", { "data-field": "created" }, fmtTime(job.created_at)),
       );
     });
+    const filtered = ["state", "method", "name", "tag"].some((key) => listQuery[key]);
     if (!rows.length) {
-      rows.push(el("tr", {}, el("td", { class: "empty", colspan: 9 }, "No jobs yet: start one with the form.")));
+      const text = filtered ? "No jobs match these filters." : "No jobs yet: start one with the form.";
+      rows.push(el("tr", {}, el("td", { class: "empty", colspan: 11 }, text)));
     }
     $("#jobs-table tbody").replaceChildren(...rows);
-    $("#jobs-total").textContent =
-      page.total > page.items.length ? `newest ${page.items.length} of ${page.total}` : `${page.total} in all`;
+    const first = page.items.length ? listQuery.offset + 1 : 0;
+    const last = listQuery.offset + page.items.length;
+    $("#jobs-total").textContent = `${page.total} ${filtered ? "matching" : "in all"}`;
+    $("#page-at").textContent = page.total ? `${first}–${last} of ${page.total}` : "";
+    $("#page-prev").disabled = listQuery.offset === 0;
+    $("#page-next").disabled = last >= page.total;
     setStatus("updated " + new Date().toLocaleTimeString());
     return true;
   }
@@ -383,6 +435,10 @@
     if (Object.keys(target).length) body.target = target;
     const iterations = $("#iterations").value.trim();
     if (iterations !== "") body.settings.iterations = Number(iterations);
+    const name = $("#job-name-input").value.trim();
+    if (name !== "") body.name = name;
+    const tags = parseTags($("#job-tags-input").value);
+    if (tags.length) body.tags = tags;
 
     const error = $("#form-error");
     const button = $("#start-job");
@@ -411,8 +467,14 @@
     current = {
       id, job: null, progress: [], progressAfter: -1, layers: [], layersAfter: -1, artifacts: null, names: null,
       frontier: null, frontierMark: null, frontierBusy: false,
+      logAfter: 0, logLines: 0, logMark: null, logDone: false, logBusy: false,
     };
     $("#frontier-box").hidden = true;
+    $("#job-log").replaceChildren();
+    $("#log-count").textContent = "";
+    $("#job-name").textContent = "";
+    $("#job-tags").replaceChildren();
+    showLabelsForm(false);
     $("#job-id").textContent = id;
     $("#job-state").textContent = "loading…";
     $("#job-state").removeAttribute("data-state");
@@ -722,6 +784,8 @@
 
   function renderJob(view) {
     const job = view.job;
+    $("#job-name").textContent = job.name ? "· " + job.name : "";
+    $("#job-tags").replaceChildren(...tagChips(job.tags).childNodes);
     const state = $("#job-state");
     state.textContent = job.cancel_requested && ACTIVE.has(job.state) ? job.state + " · cancelling" : job.state;
     state.dataset.state = job.state;
@@ -764,6 +828,87 @@
     renderFrontier(view);
     renderArtifacts(view);
     if (isSearch(job)) refreshFrontier(view);
+    refreshLog(view);
+  }
+
+  /** Fetch the job's new log lines (one request at a time; again when the job moved on meanwhile). */
+  async function refreshLog(view) {
+    const job = view.job;
+    const mark = job.state + ":" + job.iteration + ":" + job.attempt;
+    if (view.logBusy || (view.logMark === mark && view.logDone)) return;
+    view.logBusy = true;
+    try {
+      for (;;) {
+        const page = await api(`v1/jobs/${view.id}/logs?after=${view.logAfter}&limit=500`);
+        if (current !== view) return;
+        appendLog(view, page.items);
+        view.logAfter = page.next_after;
+        if (page.items.length < 500) break;
+      }
+      view.logMark = mark;
+      view.logDone = !ACTIVE.has(job.state);
+    } catch (e) {
+      /* the next render asks again */
+    } finally {
+      view.logBusy = false;
+    }
+    if (current === view && view.job && view.logMark !== `${view.job.state}:${view.job.iteration}:${view.job.attempt}`) {
+      refreshLog(view);
+    }
+  }
+
+  function appendLog(view, lines) {
+    const pre = $("#job-log");
+    const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    for (const line of lines) {
+      const when = new Date(line.at).toLocaleTimeString();
+      pre.append(
+        el(
+          "span",
+          { class: "lvl-" + line.level, "data-attempt": line.attempt },
+          el("span", { class: "when" }, when + " "),
+          `${line.level.padEnd(7)} ${line.message}\n`,
+        ),
+      );
+      view.logLines += 1;
+    }
+    $("#log-count").textContent = view.logLines ? `${fmtInt(view.logLines)} lines` : "no lines yet";
+    if (atEnd && lines.length) pre.scrollTop = pre.scrollHeight;
+  }
+
+  function showLabelsForm(show) {
+    const form = $("#labels-form");
+    form.hidden = !show;
+    $("#labels-error").hidden = true;
+    if (show && current && current.job) {
+      $("#labels-name").value = current.job.name || "";
+      $("#labels-tags").value = (current.job.tags || []).join(", ");
+      $("#labels-name").focus();
+    }
+  }
+
+  async function saveLabels(event) {
+    event.preventDefault();
+    const view = current;
+    if (!view) return;
+    const name = $("#labels-name").value.trim();
+    const body = { name: name === "" ? null : name, tags: parseTags($("#labels-tags").value) };
+    const button = $("#labels-save");
+    button.disabled = true;
+    try {
+      const job = await api("v1/jobs/" + view.id, { method: "PATCH", json: body });
+      if (current !== view) return;
+      view.job = Object.assign({}, view.job, { name: job.name, tags: job.tags });
+      renderJob(view);
+      showLabelsForm(false);
+    } catch (e) {
+      if (e.status !== 401) {
+        $("#labels-error").textContent = "Not saved: " + describe(e);
+        $("#labels-error").hidden = false;
+      }
+    } finally {
+      button.disabled = false;
+    }
   }
 
   /** The verdict of a succeeded job, as summary fields. */
@@ -1275,6 +1420,19 @@
     $("#method-select").addEventListener("change", syncMethodFields);
     $("#target-compression").addEventListener("input", syncMethodFields);
     $("#cancel-button").addEventListener("click", clickCancel);
+    $("#jobs-filter").addEventListener("submit", (event) => event.preventDefault());
+    $("#jobs-filter").addEventListener("change", filterChanged);
+    let typing = null;
+    $("#jobs-filter").addEventListener("input", (event) => {
+      if (event.target.tagName !== "INPUT") return;
+      clearTimeout(typing);
+      typing = setTimeout(filterChanged, 300);
+    });
+    $("#page-prev").addEventListener("click", () => turnPage(-1));
+    $("#page-next").addEventListener("click", () => turnPage(1));
+    $("#edit-labels").addEventListener("click", () => showLabelsForm($("#labels-form").hidden));
+    $("#labels-cancel").addEventListener("click", () => showLabelsForm(false));
+    $("#labels-form").addEventListener("submit", saveLabels);
     syncMethodFields();
     window.addEventListener("hashchange", route);
     route();

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes import artifacts, dashboard, datasets, events, health, jobs, metrics, models
+from api.routes import artifacts, dashboard, datasets, docs, events, health, jobs, metrics, models
 
 v1 = APIRouter(prefix="/v1")
 v1.include_router(models.router)
@@ -13,4 +13,4 @@ v1.include_router(jobs.router)
 v1.include_router(events.router)
 v1.include_router(artifacts.router)
 
-__all__ = ["dashboard", "health", "metrics", "v1"]
+__all__ = ["dashboard", "docs", "health", "metrics", "v1"]

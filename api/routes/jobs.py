@@ -34,15 +34,20 @@ from api.schemas import (
     JobPage,
     JobRead,
     JobState,
+    JobUpdate,
     LayerHistoryRead,
     LayerKept,
     LayerSnapshot,
+    LogLineRead,
+    LogRead,
     ProgressPointRead,
     ProgressRead,
+    Tag,
 )
+from dns_core.defaults import Method
 from service.database import Reader
 from service.errors import BadRequest, Conflict, ExceedsCpuTimeLimit, NotFound, QuotaExceeded
-from service.orm import Job
+from service.orm import NAME_LENGTH, Job
 from service.repositories import MAX_PAGE
 from service.repositories import jobs as repository
 from service.usecases import jobs
@@ -109,12 +114,24 @@ def create_job(
 def list_jobs(
     tenant: TenantDep,
     session: SessionDep,
-    state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+    state: Annotated[
+        list[JobState] | None, Query(description="Only jobs in one of these states (repeat the parameter).")
+    ] = None,
+    method: Annotated[Method | None, Query(description="Only jobs of this method.")] = None,
+    model_id: Annotated[uuid.UUID | None, Query(description="Only jobs on this model.")] = None,
+    dataset_id: Annotated[uuid.UUID | None, Query(description="Only jobs on this data set.")] = None,
+    name: Annotated[
+        str | None, Query(max_length=NAME_LENGTH, description="Only jobs whose name holds this (any case).")
+    ] = None,
+    tag: Annotated[Tag | None, Query(description="Only jobs with this tag.")] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> JobPage:
-    """The tenant's jobs, newest first."""
-    page = repository.list_jobs(session, tenant.tenant_id, state=state, limit=limit, offset=offset)
+    """The tenant's jobs, newest first, with ``total`` across all pages; every filter given must hold."""
+    where = repository.JobFilter(
+        states=state or (), method=method, model_id=model_id, dataset_id=dataset_id, name=name, tag=tag
+    )
+    page = repository.list_jobs(session, tenant.tenant_id, where=where, limit=limit, offset=offset)
     return JobPage(items=[JobRead.model_validate(j) for j in page.items], total=page.total, limit=limit, offset=offset)
 
 
@@ -137,6 +154,33 @@ async def get_job(job_id: uuid.UUID, tenant: TenantDep, request: Request) -> Job
     if cache is not None:
         cache.put(job_id, tenant.tenant_id, answer, token)
     return answer
+
+
+@router.patch("/{job_id}", response_model=JobRead, summary="Rename or retag a job", responses=responses(NotFound))
+def update_job(
+    job_id: uuid.UUID, body: JobUpdate, tenant: TenantDep, session: SessionDep, cache: JobCacheDep
+) -> JobRead:
+    """Set the job's ``name`` and/or ``tags`` (the fields sent replace the old values), in any state."""
+    job = jobs.update_labels(session, tenant.tenant_id, job_id, body.changes())
+    if cache is not None:
+        cache.invalidate(job_id)
+    return JobRead.model_validate(job)
+
+
+@router.get("/{job_id}/logs", response_model=LogRead, summary="Job log", responses=responses(NotFound))
+def get_logs(
+    job: JobDep,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0, description="Cursor: lines after this id (0: from the start).")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Lines per page.")] = 500,
+) -> LogRead:
+    """The log lines the worker wrote while it ran the job, oldest first; a failed job's traceback is
+    among them. Poll with ``after=next_after`` for new lines.
+    """
+    lines = repository.list_logs(session, job.id, after=after, limit=limit)
+    return LogRead(
+        items=[LogLineRead.model_validate(line) for line in lines], next_after=lines[-1].id if lines else after
+    )
 
 
 @router.get(

@@ -13,12 +13,24 @@ from datetime import datetime
 from typing import Any, Final, TypeVar
 
 import psycopg
-from sqlalchemy import bindparam, case, delete, select
+from sqlalchemy import ColumnElement, bindparam, case, cast, delete, exists, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict, NotFound
-from service.orm import JOB_STATES, TERMINAL_STATES, Artifact, Dataset, Job, LayerPoint, Model, ProgressPoint, utcnow
+from service.orm import (
+    JOB_STATES,
+    NAME_LENGTH,
+    TERMINAL_STATES,
+    Artifact,
+    Dataset,
+    Job,
+    JobLog,
+    LayerPoint,
+    Model,
+    ProgressPoint,
+    utcnow,
+)
 from service.repositories import (
     MAX_PAGE,
     Page,
@@ -46,6 +58,8 @@ def create_job(
     settings: dict[str, Any],
     total_iterations: int | None = None,
     idempotency_key: str | None = None,
+    name: str | None = None,
+    tags: Sequence[str] = (),
 ) -> tuple[Job, bool]:
     """A new queued job, and True; or, for an ``idempotency_key`` the tenant used before, that job and False.
 
@@ -69,6 +83,8 @@ def create_job(
         "settings": settings,
         "total_iterations": total_iterations,
         "idempotency_key": idempotency_key,
+        "name": name,
+        "tags": list(tags),
     }
     if idempotency_key is None:
         job = Job(**values)
@@ -97,21 +113,78 @@ def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job | 
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 
 
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """Which of a tenant's jobs to list: every field given must hold (``states``: any of them)."""
+
+    states: Sequence[str] = ()
+    method: str | None = None
+    model_id: uuid.UUID | None = None
+    dataset_id: uuid.UUID | None = None
+    name: str | None = None  # a case-insensitive part of the name
+    tag: str | None = None  # one of the job's tags, exactly
+
+
+def _like_pattern(text: str) -> str:
+    """``%text%`` with LIKE's wildcards in ``text`` taken literally (escape character ``\\``)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _has_tag(session: Session, tag: str) -> ColumnElement[bool]:
+    """The condition that a job's ``tags`` (a JSON list) holds ``tag``, on the session's database."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return cast(Job.tags, postgresql.JSONB).contains([tag])
+    if dialect == "sqlite":
+        element = func.json_each(Job.tags).table_valued("value")
+        return exists(select(1).select_from(element).where(element.c.value == tag))
+    raise NotImplementedError(f"tag filter on {dialect!r}")  # pragma: no cover
+
+
 def list_jobs(
     session: Session,
     tenant_id: uuid.UUID,
     *,
     state: str | None = None,
+    where: JobFilter | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> Page[Job]:
-    """The tenant's jobs, newest first, optionally only those in ``state``."""
-    conditions = [Job.tenant_id == tenant_id]
-    if state is not None:
-        if state not in JOB_STATES:
-            raise ValueError(f"job state must be one of {JOB_STATES}, got {state!r}")
-        conditions.append(Job.state == state)
+    """The tenant's jobs, newest first: those in ``state`` if given, and those ``where`` selects."""
+    where = where or JobFilter()
+    states = list(where.states) + ([state] if state is not None else [])
+    for s in states:
+        if s not in JOB_STATES:
+            raise ValueError(f"job state must be one of {JOB_STATES}, got {s!r}")
+    conditions: list[ColumnElement[bool]] = [Job.tenant_id == tenant_id]
+    if states:
+        conditions.append(Job.state.in_(sorted(set(states))))
+    if where.method is not None:
+        conditions.append(Job.method == where.method)
+    if where.model_id is not None:
+        conditions.append(Job.model_id == where.model_id)
+    if where.dataset_id is not None:
+        conditions.append(Job.dataset_id == where.dataset_id)
+    if where.name:
+        conditions.append(Job.name.ilike(_like_pattern(where.name), escape="\\"))
+    if where.tag:
+        conditions.append(_has_tag(session, where.tag))
     return page(session, Job, conditions, [Job.created_at.desc(), Job.id.desc()], limit, offset)
+
+
+def update_labels(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, changes: dict[str, Any]) -> Job | None:
+    """Set the tenant's job's ``name`` and/or ``tags`` (only those keys); the job, or None if not the tenant's."""
+    unknown = set(changes) - {"name", "tags"}
+    if unknown:
+        raise ValueError(f"only a job's name and tags can change, not {sorted(unknown)}")
+    job = get_job(session, tenant_id, job_id)
+    if job is None:
+        return None
+    for column, value in changes.items():
+        setattr(job, column, value)
+    session.flush()
+    return job
 
 
 def delete_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> bool:
@@ -352,6 +425,75 @@ def get_job_inputs(session: Session, job_id: uuid.UUID) -> tuple[Job, Model, Dat
     model, dataset = session.get(Model, job.model_id), session.get(Dataset, job.dataset_id)
     assert model is not None and dataset is not None, "the foreign keys keep a job's model and data set"
     return job, model, dataset
+
+
+# ------------------------------------------------------------------------------------------- logs
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One log record of a job, as a worker captured it."""
+
+    level: str
+    logger: str
+    message: str
+    at: datetime | None = None
+
+
+#: The longest log line kept, in characters (a longer one keeps its start and end).
+MAX_LOG_LINE: Final = 16_384
+#: The most log lines kept per job; past it, lines are dropped but the last attempt's failure is kept.
+MAX_LOG_LINES: Final = 10_000
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_LOG_LINE:
+        return message
+    half = MAX_LOG_LINE // 2
+    return f"{message[:half]}\n… {len(message) - 2 * half:,} characters left out …\n{message[-half:]}"
+
+
+def add_logs(
+    session: Session, job_id: uuid.UUID, attempt: int, lines: Sequence[LogLine], *, fenced: bool = True
+) -> bool:
+    """Append log lines of an attempt; False (nothing written) if ``fenced`` and the attempt is stale.
+
+    A job keeps at most :data:`MAX_LOG_LINES` lines: later ones are dropped, except lines at ERROR or
+    above, so a failure's traceback is always there. ``fenced=False`` writes for an attempt that has
+    already ended (its last lines, the failure among them).
+    """
+    if fenced and not jobstate.update_live(session, job_id, attempt):
+        return False
+    if not lines:
+        return True
+    kept = session.scalar(select(func.count()).select_from(JobLog).where(JobLog.job_id == job_id)) or 0
+    room = max(0, MAX_LOG_LINES - kept)
+    now = utcnow()
+    rows = []
+    for line in lines:
+        if room <= 0 and line.level not in ("ERROR", "CRITICAL"):
+            continue
+        room -= 1
+        rows.append(
+            {
+                "job_id": job_id,
+                "attempt": attempt,
+                "at": line.at or now,
+                "level": line.level[:16],
+                "logger": line.logger[:NAME_LENGTH],
+                "message": _clip(line.message),
+            }
+        )
+    if rows:
+        session.execute(insert(JobLog), rows)
+    return True
+
+
+def list_logs(session: Session, job_id: uuid.UUID, *, after: int = 0, limit: int = MAX_PAGE) -> list[JobLog]:
+    """The job's log lines with id > ``after``, oldest first."""
+    check_page(limit, 0)
+    stmt = select(JobLog).where(JobLog.job_id == job_id, JobLog.id > after).order_by(JobLog.id).limit(limit)
+    return list(session.scalars(stmt))
 
 
 # --------------------------------------------------------------------------------- change notices

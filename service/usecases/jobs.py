@@ -43,6 +43,8 @@ class JobRequest:
     method: str
     target: dict[str, Any]
     settings: dict[str, Any]
+    name: str | None = None
+    tags: tuple[str, ...] = ()
 
 
 def create_job(
@@ -72,7 +74,10 @@ def create_job(
         session, tenant_id, total_iterations=total, idempotency_key=idempotency_key, **asdict(request)
     )
     if not created:
-        if JobRequest(job.model_id, job.dataset_id, job.method, job.target, job.settings) != request:
+        stored = JobRequest(
+            job.model_id, job.dataset_id, job.method, job.target, job.settings, job.name, tuple(job.tags)
+        )
+        if stored != request:
             raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different job request")
         return job, False
     session.commit()  # the task must find the row: enqueue only after the commit
@@ -109,6 +114,14 @@ def check_cpu_time(
 def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     """The tenant's job; :class:`NotFound` if missing or another tenant's."""
     return found(jobs.get_job(session, tenant_id, job_id), "job", job_id)
+
+
+def update_labels(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, changes: dict[str, Any]) -> Job:
+    """Set the tenant's job's name and/or tags (committed); :class:`NotFound` if not the tenant's."""
+    job = found(jobs.update_labels(session, tenant_id, job_id, changes), "job", job_id)
+    session.commit()
+    session.refresh(job)
+    return job
 
 
 def cancel_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:

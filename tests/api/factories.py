@@ -29,9 +29,6 @@ def new_job(factory: sessionmaker[Session], tenant_id: uuid.UUID, **job: Any) ->
             tenant_id,
             model_id=model.id,
             dataset_id=dataset.id,
-            method="dns",
-            target={"compression": 40.0},
-            settings={"iterations": 100},
-            **job,
+            **({"method": "dns", "target": {"compression": 40.0}, "settings": {"iterations": 100}} | job),
         )
         return created.id

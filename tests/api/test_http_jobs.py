@@ -137,12 +137,14 @@ def test_other_tenants_see_nothing(live: LiveServer, account: Account) -> None:
             ("GET", f"/v1/jobs/{j}/progress"),
             ("GET", f"/v1/jobs/{j}/layers"),
             ("GET", f"/v1/jobs/{j}/frontier"),
+            ("GET", f"/v1/jobs/{j}/logs"),
+            ("PATCH", f"/v1/jobs/{j}"),
             ("POST", f"/v1/jobs/{j}/cancel"),
             ("DELETE", f"/v1/jobs/{j}"),
             ("GET", f"/v1/jobs/{j}/artifacts"),
             ("GET", f"/v1/jobs/{j}/artifacts/report.json"),
         ]:
-            r = c.request(method, path)
+            r = c.request(method, path, json={"name": "mine now"} if method == "PATCH" else None)
             assert r.status_code == 404, (method, path, r.text)
             assert r.json()["error"] == "not_found"
         for body in (job_body(account), job_body(other, model_id=m), job_body(other, dataset_id=d)):
@@ -305,6 +307,69 @@ def test_list_with_state_filter_and_pages(live: LiveServer) -> None:
         assert c.get("/v1/jobs", params={"offset": -1}).status_code == 422
 
 
+def test_names_tags_and_the_filters_of_the_list(live: LiveServer) -> None:
+    account = new_account(live)
+    with live.client(account.key) as c:
+        sweep = [
+            c.post("/v1/jobs", json=job_body(account, name=f"  sweep {i} ", tags=["sweep", "lenet", "sweep"])).json()
+            for i in range(3)
+        ]
+        assert sweep[0]["name"] == "sweep 0" and sweep[0]["tags"] == ["sweep", "lenet"]  # trimmed, no repeats
+        agp = c.post("/v1/jobs", json=job_body(account, method="agp", name="AGP baseline")).json()
+        plain = c.post("/v1/jobs", json=job_body(account)).json()
+        assert plain["name"] is None and plain["tags"] == []
+        claim(live, sweep[1]["id"])
+
+        def ids(**params: Any) -> list[str]:
+            page = c.get("/v1/jobs", params=params).json()
+            assert page["total"] == len(page["items"]), page
+            return [j["id"] for j in page["items"]]
+
+        assert ids(name="SWEEP") == [j["id"] for j in sweep[::-1]]
+        assert ids(tag="sweep", state="running") == [sweep[1]["id"]]
+        assert ids(state=["running", "queued"], method="agp") == [agp["id"]]
+        assert ids(tag="lenet", name="2") == [sweep[2]["id"]]
+        assert ids(model_id=account.model_id, method="dns", tag="nope") == []
+        assert ids(dataset_id=account.dataset_id) == [j["id"] for j in (plain, agp, *sweep[::-1])]
+        for bad in ({"method": "prune"}, {"model_id": "x"}, {"tag": "a b"}, {"name": "n" * 256}):
+            assert c.get("/v1/jobs", params=bad).status_code == 422, bad
+
+        r = c.patch(f"/v1/jobs/{plain['id']}", json={"name": "renamed", "tags": ["b", "a", "b"]})
+        assert r.status_code == 200 and (r.json()["name"], r.json()["tags"]) == ("renamed", ["b", "a"])
+        assert c.get(f"/v1/jobs/{plain['id']}").json()["name"] == "renamed"  # the polled route sees it at once
+        r = c.patch(f"/v1/jobs/{plain['id']}", json={"tags": []})
+        assert (r.json()["name"], r.json()["tags"]) == ("renamed", [])
+        r = c.patch(f"/v1/jobs/{plain['id']}", json={"name": None})
+        assert r.json()["name"] is None and c.get(f"/v1/jobs/{plain['id']}").json()["name"] is None
+        for bad_body in ({"tags": None}, {"tags": ["x y"]}, {"name": ""}, {"state": "succeeded"}, {"tags": ["t"] * 33}):
+            r = c.patch(f"/v1/jobs/{plain['id']}", json=bad_body)
+            assert r.status_code == 422 and r.json()["error"] == "invalid_request", bad_body
+        assert c.patch(f"/v1/jobs/{uuid.uuid4()}", json={"name": "x"}).status_code == 404
+        for bad_job in ({"tags": ["ok", ""]}, {"name": "x" * 256}, {"tags": "sweep"}):
+            assert c.post("/v1/jobs", json=job_body(account, **bad_job)).status_code == 422, bad_job
+
+
+def test_a_job_s_log_is_read_in_pages_by_its_owner_only(
+    live: LiveServer, client: httpx.Client, account: Account
+) -> None:
+    job_id = client.post("/v1/jobs", json=job_body(account)).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}/logs").json() == {"items": [], "next_after": 0}
+    attempt = claim(live, job_id)
+    with session_scope(live.factory) as session:
+        lines = [jobs.LogLine("INFO", "netsurgery.worker", f"line {i}") for i in range(5)]
+        lines.append(jobs.LogLine("ERROR", "netsurgery.worker", "internal error\nTraceback (most recent call last):"))
+        assert jobs.add_logs(session, uuid.UUID(job_id), attempt, lines)
+    first = client.get(f"/v1/jobs/{job_id}/logs", params={"limit": 4}).json()
+    assert [x["message"] for x in first["items"]] == ["line 0", "line 1", "line 2", "line 3"]
+    assert first["items"][0]["attempt"] == attempt and first["items"][0]["level"] == "INFO"
+    rest = client.get(f"/v1/jobs/{job_id}/logs", params={"after": first["next_after"]}).json()
+    assert [x["level"] for x in rest["items"]] == ["INFO", "ERROR"] and "Traceback" in rest["items"][1]["message"]
+    again = client.get(f"/v1/jobs/{job_id}/logs", params={"after": rest["next_after"]}).json()
+    assert again == {"items": [], "next_after": rest["next_after"]}
+    assert client.get(f"/v1/jobs/{job_id}/logs", params={"after": -1}).status_code == 422
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}/logs").status_code == 404
+
+
 def test_progress_and_layers(live: LiveServer, client: httpx.Client, account: Account) -> None:
     job_id = client.post("/v1/jobs", json=job_body(account, settings={"iterations": 300})).json()["id"]
     attempt = claim(live, job_id)
@@ -463,6 +528,6 @@ def test_found_by_schemathesis(live: LiveServer, account: Account) -> None:
         r = c.get("/v1/models", params={"offset": 10**22})
         assert r.status_code == 422 and r.json()["error"] == "invalid_request"
         r = c.put(f"/v1/jobs/{uuid.uuid4()}")
-        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PATCH"
         r = c.post("/v1/jobs", content=b"\xff\x00not json", headers={"Content-Type": "application/json"})
         assert r.status_code in (400, 422)

@@ -19,10 +19,12 @@ import os
 import re
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import httpx
 import pytest
 
 from tests.e2e.conftest import Service
@@ -464,3 +466,172 @@ def test_dashboard_files_are_served_without_a_key_and_nothing_else(service: Serv
         # the data is not: the API still wants its key
         assert c.get("/v1/jobs").status_code == 401
         assert "/dashboard/" not in c.get("/openapi.json").json()["paths"]
+
+
+def sign_in_with(driver: WebDriver, service: Service, key: str) -> None:
+    """Open the dashboard and give it ``key`` through its form."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(service.url + "/dashboard/")
+    key_input = wait(driver, "the key form", lambda d: d.find_element(By.ID, "key-input"))
+    key_input.send_keys(key)
+    driver.find_element(By.ID, "key-submit").click()
+    wait(driver, "the job list", lambda d: d.find_element(By.ID, "list-view").is_displayed())
+
+
+def _finished_jobs(service: Service, tmp_path: Path, count: int) -> tuple[str, list[uuid.UUID]]:
+    """A new tenant's key and ``count`` finished jobs of it, written straight to the database (no worker
+    runs them): ``run-000`` …, every fourth succeeded and the rest cancelled, every tenth tagged ``gold``,
+    odd ones by agp."""
+    from service.database import make_engine, make_session_factory, session_scope
+    from service.repositories import jobs, jobstate, tenants
+
+    engine = make_engine(service.env["NETSURGERY_DATABASE_URL"])
+    factory = make_session_factory(engine)
+    try:
+        with session_scope(factory) as s:
+            _, key = tenants.create_tenant(s, f"runs-{uuid.uuid4().hex[:8]}")
+        with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+            model = upload(c, "/v1/models", _zoo_file(tmp_path / "m.safetensors"), architecture="lenet-300-100")
+            dataset = c.post("/v1/datasets", json={"builtin": "digits"}).json()
+        with session_scope(factory) as s:
+            tenant = tenants.tenant_for_key(s, key)
+            assert tenant is not None
+            tenant_id = tenant.id
+        ids = []
+        for i in range(count):
+            with session_scope(factory) as s:
+                job, _ = jobs.create_job(
+                    s, tenant_id, model_id=uuid.UUID(model["id"]), dataset_id=uuid.UUID(dataset["id"]),
+                    method="agp" if i % 2 else "dns", target={"compression": 10.0}, settings={"iterations": 100},
+                    name=f"run-{i:03d}", tags=["sweep", "gold"] if i % 10 == 0 else ["sweep"],
+                )  # fmt: skip
+            with session_scope(factory) as s:
+                if i % 4 == 0:
+                    attempt = jobstate.claim(s, job.id, "test", 60)
+                    assert attempt is not None
+                    assert jobstate.transition(s, job.id, "running", "succeeded", attempt=attempt, compression=10.0)
+                else:
+                    assert jobstate.transition(s, job.id, "queued", "cancelled")
+            ids.append(job.id)
+        return key, ids
+    finally:
+        engine.dispose()
+
+
+@needs_browser
+def test_dashboard_filters_and_pages_200_jobs_and_names_and_tags_one(
+    service: Service, browser: WebDriver, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    key, ids = _finished_jobs(service, tmp_path, 200)
+    sign_in_with(browser, service, key)
+
+    def listed() -> tuple[str, str, list[str]]:
+        total, at, names = browser.execute_script(
+            """return [document.querySelector('#jobs-total').textContent,
+                document.querySelector('#page-at').textContent,
+                [...document.querySelectorAll('#jobs-table tbody td[data-field=name]')].map(td => td.textContent)];"""
+        )
+        return total, at, names
+
+    def shows(total: str, at: str, names: list[str]) -> Callable[[WebDriver], bool]:
+        return lambda d: listed() == (total, at, names)
+
+    newest = [f"run-{i:03d}" for i in range(199, 149, -1)]
+    wait(browser, "the first page", shows("200 in all", "1–50 of 200", newest))
+    assert browser.find_element(By.ID, "page-prev").get_attribute("disabled") is not None
+    for page in range(1, 4):
+        browser.find_element(By.ID, "page-next").click()
+        first, last = 200 - 50 * page - 1, 200 - 50 * (page + 1)
+        names = [f"run-{i:03d}" for i in range(first, last - 1, -1)]
+        wait(browser, f"page {page + 1}", shows("200 in all", f"{50 * page + 1}–{50 * (page + 1)} of 200", names))
+    assert browser.find_element(By.ID, "page-next").get_attribute("disabled") is not None
+    browser.find_element(By.ID, "page-prev").click()
+    wait(browser, "page 3 again", lambda d: listed()[1] == "101–150 of 200")
+
+    # filters: server-side, back to the first page
+    Select(browser.find_element(By.ID, "filter-state")).select_by_value("succeeded")
+    wait(browser, "the succeeded jobs", lambda d: listed()[:2] == ("50 matching", "1–50 of 50"))
+    name = browser.find_element(By.ID, "filter-name")
+    name.send_keys("RUN-19")
+    wait(browser, "run-19x succeeded", shows("2 matching", "1–2 of 2", ["run-196", "run-192"]))
+    name.clear()
+    name.send_keys("run-1")  # clear() fires no input event: typing does
+    Select(browser.find_element(By.ID, "filter-state")).select_by_value("")
+    Select(browser.find_element(By.ID, "filter-method")).select_by_value("dns")
+    browser.find_element(By.ID, "filter-tag").send_keys("gold")
+    gold = [f"run-{i:03d}" for i in range(190, 99, -10)]
+    wait(browser, "the gold dns run-1xx jobs", shows("10 matching", "1–10 of 10", gold))
+    cells = browser.find_elements(By.CSS_SELECTOR, "#jobs-table tbody tr td[data-field=tags]")
+    assert all(c.text.split() == ["sweep", "gold"] for c in cells), [c.text for c in cells]
+    browser.find_element(By.ID, "filter-tag").send_keys("x")
+    wait(browser, "no match", lambda d: "No jobs match these filters." in d.find_element(By.ID, "jobs-table").text)
+
+    # one job's page: its name and tags, changed from the page
+    job_id = str(ids[100])
+    browser.get(f"{service.url}/dashboard/#/jobs/{job_id}")
+    wait(browser, "the job's name", lambda d: d.find_element(By.ID, "job-name").text == "· run-100")
+    assert browser.find_element(By.ID, "job-tags").text.split() == ["sweep", "gold"]
+    browser.find_element(By.ID, "edit-labels").click()
+    box = browser.find_element(By.ID, "labels-name")
+    box.clear()
+    box.send_keys("best so far")
+    tags = browser.find_element(By.ID, "labels-tags")
+    tags.clear()
+    tags.send_keys("gold, keep, gold")
+    browser.find_element(By.ID, "labels-save").click()
+    wait(browser, "the new name", lambda d: d.find_element(By.ID, "job-name").text == "· best so far")
+    assert browser.find_element(By.ID, "job-tags").text.split() == ["gold", "keep"]
+    assert not browser.find_element(By.ID, "labels-form").is_displayed()
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+        stored = c.get(f"/v1/jobs/{job_id}").json()
+        assert (stored["name"], stored["tags"]) == ("best so far", ["gold", "keep"])
+        assert c.get("/v1/jobs", params={"tag": "keep"}).json()["total"] == 1
+
+
+@needs_browser
+def test_api_docs_render_offline_from_local_files(service: Service, browser: WebDriver, tmp_path: Path) -> None:
+    """Swagger UI and ReDoc draw every operation with nothing but the service reachable (https is blocked)."""
+    from selenium.webdriver.common.by import By
+
+    with httpx.Client(base_url=service.url, timeout=30) as c:
+        spec = c.get("/openapi.json").json()
+    operations = [(m, p) for p, ops in spec["paths"].items() for m in ops]
+    tags = [t["name"] for t in spec["tags"]]
+    assert tags == ["models", "datasets", "jobs", "artifacts", "health"] and all(t["description"] for t in spec["tags"])
+    assert {t for ops in spec["paths"].values() for op in ops.values() for t in op["tags"]} == set(tags)
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["https://*", "*cdn*", "*fonts.g*"]})
+
+    sign_in(browser, service)
+    link = browser.find_element(By.ID, "docs-link")
+    href = link.get_attribute("href")
+    assert href == service.url + "/docs"
+    browser.get(href)
+    wait(browser, "every operation", lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == len(operations))
+    sections = [e.text.split("\n")[0] for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-tag-section h3")]
+    assert sections == tags
+    assert "/v1/jobs/{job_id}/logs" in browser.find_element(By.ID, "swagger-ui").text
+    assert_local_only(browser, service)
+    save_screenshot(browser, "api-docs.png", tmp_path)
+
+    browser.get(service.url + "/redoc")
+    wait(browser, "ReDoc's operations", lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-section-id^='tag/']")) > 0
+         and len(d.find_elements(By.CSS_SELECTOR, "[data-section-id*='/operation/']")) == len(operations))  # fmt: skip
+    assert_local_only(browser, service)
+    assert "GET /v1/jobs/{job_id}/logs" in " ".join(browser.find_element(By.TAG_NAME, "redoc").text.split())
+
+
+def assert_local_only(browser: WebDriver, service: Service) -> None:
+    """Everything the page loaded came from the service; a request elsewhere (ReDoc's "powered by" logo,
+    refused by the page's Content-Security-Policy) got nothing."""
+    entries = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.responseStatus, e.encodedBodySize])"
+    )
+    local = [(status, size) for url, status, size in entries if url.startswith(service.url + "/")]
+    elsewhere = [(url, status, size) for url, status, size in entries if not url.startswith(service.url + "/")]
+    assert local and all(status == 200 and size > 0 for status, size in local), entries
+    assert all(status == 0 and size == 0 for _, status, size in elsewhere), elsewhere

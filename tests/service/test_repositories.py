@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.database import session_scope
 from service.errors import Conflict, NotFound
-from service.orm import ApiKey, Artifact, Job, LayerPoint, ProgressPoint, Tenant
+from service.orm import ApiKey, Artifact, Job, JobLog, LayerPoint, ProgressPoint, Tenant
 from service.repositories import StoredUpload, datasets, jobs, jobstate, models, tenants
-from service.repositories.jobs import LayerSample, ProgressSample
+from service.repositories.jobs import LayerSample, LogLine, ProgressSample
 from tests.api.factories import new_job, new_tenant
 
 
@@ -145,6 +145,86 @@ def test_list_jobs_filters_pages_and_counts(factory: sessionmaker[Session], tena
             jobs.list_jobs(session, tenant_id, state="paused")
         with pytest.raises(ValueError):
             jobs.list_jobs(session, tenant_id, limit=0)
+
+
+def test_jobs_are_found_by_method_model_data_name_and_tag(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    plain = new_job(factory, tenant_id)
+    named = new_job(factory, tenant_id, name="ResNet 50% sweep_1", tags=["sweep", "gpu:a100"])
+    other = new_job(factory, tenant_id, name="resnet baseline", tags=["baseline"], method="agp")
+    elsewhere = new_job(factory, new_tenant(factory), name="resnet", tags=["sweep"])
+    with session_scope(factory) as session:
+        assert jobstate.transition(session, named, "queued", "cancelled")
+
+    def found(**where: object) -> set[uuid.UUID]:
+        with factory() as session:
+            page = jobs.list_jobs(session, tenant_id, where=jobs.JobFilter(**where), limit=100)  # type: ignore[arg-type]
+        assert page.total == len(page.items)
+        return {j.id for j in page.items}
+
+    assert found() == {plain, named, other}
+    assert found(name="RESNET") == {named, other}  # a part of the name, any case; another tenant's never
+    assert found(name="50%") == {named} and found(name="5%") == set()  # LIKE's wildcards are literal
+    assert found(name="p_1") == {named} and found(name="p1") == set()
+    assert found(tag="sweep") == {named} and found(tag="gpu:a100") == {named} and found(tag="swee") == set()
+    assert found(method="agp") == {other}
+    assert found(states=["cancelled", "succeeded"]) == {named} and found(states=["queued"]) == {plain, other}
+    assert found(name="resnet", states=["queued"]) == {other}
+    with factory() as session:
+        job = jobs.get_job(session, tenant_id, plain)
+        assert job is not None and job.name is None and job.tags == []
+        model_id, dataset_id = job.model_id, job.dataset_id
+    assert found(model_id=model_id) == {plain} and found(dataset_id=dataset_id) == {plain}
+    with pytest.raises(ValueError):
+        found(states=["paused"])
+    assert elsewhere not in found(tag="sweep")
+
+
+def test_a_job_s_name_and_tags_change_and_nothing_else(factory: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
+    job_id = new_job(factory, tenant_id, name="first", tags=["a"])
+    stranger = new_tenant(factory)
+    with session_scope(factory) as session:
+        job = jobs.update_labels(session, tenant_id, job_id, {"tags": ["b", "c"]})
+        assert job is not None and job.name == "first" and job.tags == ["b", "c"]
+    with session_scope(factory) as session:
+        job = jobs.update_labels(session, tenant_id, job_id, {"name": None})
+        assert job is not None and job.name is None and job.tags == ["b", "c"]
+        assert jobs.update_labels(session, stranger, job_id, {"name": "x"}) is None
+        with pytest.raises(ValueError):
+            jobs.update_labels(session, tenant_id, job_id, {"state": "succeeded"})
+    with factory() as session:
+        stored = jobs.get_job(session, tenant_id, job_id)
+        assert stored is not None and stored.name is None and stored.tags == ["b", "c"] and stored.state == "queued"
+
+
+def test_a_job_s_log_is_fenced_kept_in_order_capped_and_goes_with_the_job(
+    factory: sessionmaker[Session], tenant_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id, attempt = _running(factory, tenant_id)
+    with session_scope(factory) as session:
+        assert jobs.add_logs(
+            session, job_id, attempt, [LogLine("INFO", "netsurgery.worker", f"line {i}") for i in range(3)]
+        )
+        assert not jobs.add_logs(session, job_id, attempt + 1, [LogLine("INFO", "x", "stale")])  # not the live attempt
+    monkeypatch.setattr(jobs, "MAX_LOG_LINES", 5)
+    monkeypatch.setattr(jobs, "MAX_LOG_LINE", 100)
+    with session_scope(factory) as session:
+        lines = [LogLine("INFO", "x", "y" * 500), LogLine("INFO", "x", "z"), LogLine("INFO", "x", "dropped")]
+        assert jobs.add_logs(session, job_id, attempt, [*lines, LogLine("ERROR", "x", "Traceback …")])
+    with session_scope(factory) as session:
+        assert jobstate.transition(session, job_id, "running", "failed", attempt=attempt, error="boom")
+    with session_scope(factory) as session:  # after the end: only unfenced
+        assert not jobs.add_logs(session, job_id, attempt, [LogLine("ERROR", "x", "late")])
+        assert jobs.add_logs(session, job_id, attempt, [LogLine("ERROR", "x", "last words")], fenced=False)
+    with factory() as session:
+        got = jobs.list_logs(session, job_id)
+        assert [line.message[:6] for line in got] == ["line 0", "line 1", "line 2", "yyyyyy", "z", "Traceb", "last w"]
+        assert len(got[3].message) < 200 and "characters left out" in got[3].message
+        assert [line.id for line in got] == sorted(line.id for line in got)
+        assert [line.message for line in jobs.list_logs(session, job_id, after=got[4].id, limit=1)] == ["Traceback …"]
+    with session_scope(factory) as session:
+        assert jobs.delete_job(session, tenant_id, job_id)
+    with factory() as session:
+        assert _count(session, JobLog, job_id) == 0
 
 
 def test_timestamps_are_aware_utc_and_relationships_never_lazy_load(

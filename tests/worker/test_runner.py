@@ -120,6 +120,23 @@ def test_a_job_runs_to_succeeded_with_progress_layers_and_artifacts(ctx: WorkerC
     assert job.total_iterations == 300 and job.layers is not None
     assert [(x["layer"], x["kept"]) for x in job.layers["layers"]] == [(r["name"], r["kept"]) for r in report["layers"]]
     assert run_job(ctx, job_id) == "skipped"  # a duplicate delivery of a finished job does nothing
+    # the job's log: what ran on what, each evaluation, each file, the outcome last; one attempt, in order
+    log = _log(ctx, job_id)
+    assert [line.id for line in log] == sorted(line.id for line in log) and {line.attempt for line in log} == {1}
+    text = [line.message for line in log]
+    assert any("method dns, target: compression 5.0, max_accuracy_drop 100.0, 300 iterations" in t for t in text)
+    assert any(t.startswith("model 'lenet' (safetensors, lenet-300-100): 266,610 parameters") for t in text)
+    assert any(t.startswith("data set 'digits' (builtin): ") and "validation" in t for t in text)
+    assert any(t.startswith("iteration 300 of 300: validation accuracy ") for t in text)
+    assert any(t.startswith("artifact model.sparse.safetensors: ") for t in text)
+    assert text[-1] == f"job {job_id}: succeeded" and all(line.level == "INFO" for line in log)
+
+
+def _log(ctx: WorkerContext, job_id: uuid.UUID) -> list[Any]:
+    with session_scope(ctx.sessions) as s:
+        lines = jobs.list_logs(s, job_id)
+        s.expunge_all()
+    return lines
 
 
 def test_a_model_that_cannot_be_used_fails_with_a_sentence(ctx: WorkerContext, tmp_path: Path) -> None:
@@ -275,6 +292,14 @@ def test_the_engine_s_input_errors_fail_a_job_as_bad_input_and_its_bugs_as_inter
     assert job.state == "failed" and job.error == reported
     traced = [r for r in caplog.records if r.exc_info is not None and r.exc_info[1] is error]
     assert len(traced) == (0 if raised == "input" else 1)
+    # the job's own log ends with the failure; a bug's traceback is there for the job's owner to read
+    errors = [line for line in _log(ctx, job_id) if line.level == "ERROR"]
+    assert errors and errors[-1].message == f"job {job_id}: failed: {reported}"
+    tracebacks = [line.message for line in errors if "Traceback (most recent call last)" in line.message]
+    if raised == "input":
+        assert tracebacks == []
+    else:
+        assert len(tracebacks) == 1 and f"{type(error).__name__}: {error}" in tracebacks[0]
 
 
 def test_a_database_failure_out_of_the_engine_ends_the_attempt_not_the_job(
