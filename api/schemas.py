@@ -94,6 +94,11 @@ class ModelRead(_Read):
         "2 per multiply-add), counted at upload; a CPU-only deployment estimates a job's training time from it. "
         "Null for models uploaded before it was recorded, or whose forward pass could not be counted.",
     )
+    layers: list[str] | None = Field(
+        default=None,
+        description="Its prunable layers (Linear, Conv, attention), by the names that layer_kept, include, exclude "
+        "and crates match; null for models uploaded before they were recorded.",
+    )
     size_bytes: int
     sha256: str = Field(description="SHA-256 of the uploaded file, hex.")
     created_at: datetime

@@ -67,6 +67,7 @@ from dns_core.data import DataError, load_data_file
 from dns_core.hf import inspect_hf_folder
 from dns_core.onnx_convert import check_onnx
 from dns_core.onnx_validate import OnnxFormatError
+from dns_core.surgery import prunable_layers
 from service.errors import (
     AppError,
     BadRequest,
@@ -513,7 +514,7 @@ def _inspect_hf(root: Path, max_memory_bytes: int) -> ModelFacts:
         raise upload_error(e) from None
     except ValueError as e:  # ModelError: refused architecture, remote code, too large, mismatched weights
         raise InvalidFile(str(e)) from None
-    return ModelFacts("hf", facts.num_parameters, facts.architecture, None, facts.flops_per_example)
+    return ModelFacts("hf", facts.num_parameters, facts.architecture, None, facts.flops_per_example, list(facts.layers))
 
 
 def _inspect_onnx(path: Path, max_bytes: int, max_memory_bytes: int, external_dir: Path | None) -> ModelFacts:
@@ -527,7 +528,8 @@ def _inspect_onnx(path: Path, max_bytes: int, max_memory_bytes: int, external_di
         raise InvalidFile(message) from None
     except ValueError as e:  # too large for the worker's memory (a ModelError)
         raise InvalidFile(str(e)) from None
-    return ModelFacts("onnx", facts.num_parameters, flops_per_example=facts.flops_per_example)
+    layers = [name for name, _ in prunable_layers(facts.module)]
+    return ModelFacts("onnx", facts.num_parameters, flops_per_example=facts.flops_per_example, layers=layers)
 
 
 def _config(
@@ -575,7 +577,8 @@ def _inspect_safetensors(path: Path, max_bytes: int, architecture: str | None, c
     stored = json.loads(json.dumps(config))  # tuples (vgg widths) as JSON lists
     # one example's forward pass, counted on shapes alone (eval mode: batch norm takes a batch of one)
     flops = cost.forward_flops(module.eval(), cost.meta_example(models.model_input(arch, config)))
-    return ModelFacts("safetensors", models.count_parameters(module), arch, stored, flops)
+    layers = [name for name, _ in prunable_layers(module)]
+    return ModelFacts("safetensors", models.count_parameters(module), arch, stored, flops, layers)
 
 
 # ---------------------------------------------------------------------------------------- datasets

@@ -134,6 +134,8 @@ class HFFacts:
     parameter_bytes: int = 0
     activation_bytes: int = 0
     flops_per_example: int | None = None
+    #: the prunable layers (Linear, Conv, attention) as a job names them: inside :class:`HFClassifier`
+    layers: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -610,10 +612,12 @@ def _check(
         )
     mapping = _match_weights(meta, _header(files, max_file_bytes))
     num_labels = int(config.num_labels or 0)
+    from .surgery import prunable_layers
+
     facts = HFFacts(
         name, task, num_parameters, raw, spec, num_labels,
         estimate_bytes=total, parameter_bytes=parameter_bytes, activation_bytes=per_example,
-        flops_per_example=flops,
+        flops_per_example=flops, layers=tuple(f"model.{n}" for n, _ in prunable_layers(meta)),
     )  # fmt: skip
     return _Checked(name, raw, config, facts, files, mapping)
 

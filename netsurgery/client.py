@@ -70,6 +70,8 @@ class Client:
         self._http = httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout, transport=transport
         )
+        #: whether the last upload added a new entry (False: you had uploaded those bytes already)
+        self.last_upload_created: bool | None = None
 
     def close(self) -> None:
         self._http.close()
@@ -110,12 +112,15 @@ class Client:
         config: dict[str, Any] | None = None,
         name: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        new: bool = False,
     ) -> dict[str, Any]:
         """Upload a model: an ONNX graph, safetensors weights of an ``architecture`` (built-in,
         ``torchvision:<name>`` or ``timm:<name>``), an archive of a model folder, or a folder itself (a
         Hugging Face folder, or ``model.onnx`` with its external data), whose files go up side by side.
 
-        ``progress(sent_bytes, total_bytes)`` is called as the files' bytes go out.
+        ``progress(sent_bytes, total_bytes)`` is called as the files' bytes go out. Bytes you uploaded
+        before return the model you have (:attr:`last_upload_created` is then False); ``new`` adds
+        another entry all the same.
         """
         form = {"name": name, "architecture": architecture, "config": json.dumps(config) if config else None}
         p = Path(path)
@@ -127,8 +132,8 @@ class Client:
                 raise FileNotFoundError(f"{p}: no files in the folder")
             if name is None:
                 form["name"] = p.name
-            return self._upload("/v1/models", files, form, progress)
-        return self._upload("/v1/models", [("file", p)], form, progress)
+            return self._upload("/v1/models", files, form, progress, new)
+        return self._upload("/v1/models", [("file", p)], form, progress, new)
 
     def upload_data(
         self,
@@ -137,15 +142,17 @@ class Client:
         targets: str | os.PathLike[str] | None = None,
         name: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        new: bool = False,
     ) -> dict[str, Any]:
         """Upload data: .npz/safetensors with inputs (and targets), or IDX inputs plus IDX ``targets``.
 
-        ``progress(sent_bytes, total_bytes)`` counts the bytes of both files.
+        ``progress(sent_bytes, total_bytes)`` counts the bytes of both files. A file you uploaded before
+        returns the data set you have (:attr:`last_upload_created` is then False); ``new`` adds another.
         """
         files: list[tuple[str, str | os.PathLike[str]]] = [("file", path)]
         if targets is not None:
             files.append(("targets", targets))
-        return self._upload("/v1/datasets", files, {"name": name}, progress)
+        return self._upload("/v1/datasets", files, {"name": name}, progress, new)
 
     def builtin_data(self, name: str, *, dataset_name: str | None = None) -> dict[str, Any]:
         """Register a built-in data set (``fashion-mnist``, ``digits``), named ``dataset_name`` (default ``name``)."""
@@ -158,6 +165,7 @@ class Client:
         files: list[tuple[str, str | os.PathLike[str]]],
         form: dict[str, str | None],
         progress: Callable[[int, int], None] | None = None,
+        new: bool = False,
     ) -> dict[str, Any]:
         handles = [open(path, "rb") for _, path in files]  # noqa: SIM115 - closed below
         try:
@@ -167,7 +175,10 @@ class Client:
                 bodies = [_CountingReader(f, counter) for f in handles]
             parts = [(field, (Path(path).name, body)) for (field, path), body in zip(files, bodies, strict=True)]
             data = {k: v for k, v in form.items() if v is not None}
-            return dict(self._json("POST", route, files=parts, data=data))
+            params = {"duplicate": "new" if new else "existing"}
+            r = self._request("POST", route, files=parts, data=data, params=params)
+            self.last_upload_created = r.status_code == 201
+            return dict(r.json())
         finally:
             for f in handles:
                 f.close()

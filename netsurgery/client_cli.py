@@ -377,9 +377,14 @@ def cmd_upload_model(args: argparse.Namespace) -> int:
             raise CliError("--config must be a JSON object, e.g. '{\"num_classes\": 10}'")
     with _client() as c:
         m = _upload(path, lambda progress: c.upload_model(path, architecture=args.arch, config=config,
-                                                          name=args.name, progress=progress))  # fmt: skip
+                                                          name=args.name, progress=progress, new=args.new))  # fmt: skip
+        created = c.last_upload_created
     if args.quiet:
         print(m["id"])
+        return 0
+    if created is False:
+        print(f"model {m['id']}: you uploaded these bytes before, as {m['name']!r}; nothing new was stored "
+              "(--new adds another entry)")  # fmt: skip
         return 0
     print(f"model {m['id']}")
     rows = [("name", m["name"]), ("format", m["format"]), ("architecture", m.get("architecture") or "-"),
@@ -401,9 +406,15 @@ def cmd_upload_data(args: argparse.Namespace) -> int:
         if args.builtin:
             d = c.builtin_data(args.builtin, dataset_name=args.name)
         else:
-            d = _upload(path, lambda progress: c.upload_data(path, targets=targets, name=args.name, progress=progress))
+            d = _upload(path, lambda progress: c.upload_data(path, targets=targets, name=args.name, progress=progress,
+                                                             new=args.new))  # fmt: skip
+        created = c.last_upload_created
     if args.quiet:
         print(d["id"])
+        return 0
+    if created is False:
+        print(f"dataset {d['id']}: you uploaded this file before, as {d['name']!r}; nothing new was stored "
+              "(--new adds another entry)")  # fmt: skip
         return 0
     print(f"dataset {d['id']}")
     rows = [("name", d["name"]), ("kind", d["kind"] if d["kind"] != "builtin" else f"built-in {d['builtin_name']}")]
@@ -990,6 +1001,8 @@ def add_client_commands(sub: Subcommands) -> None:
     m.add_argument("--config", default=None, help="JSON config of the architecture, e.g. '{\"num_classes\": 4}' "
                    "(default: the architecture's own)")  # fmt: skip
     m.add_argument("--name", default=None, help="a name (default: the file's)")
+    m.add_argument("--new", action="store_true", help="add a new entry even if you uploaded these bytes before "
+                   "(by default the service answers with the model you have)")  # fmt: skip
     m.add_argument("-q", "--quiet", action="store_true", help="print only the model's id")
     m.set_defaults(func=cmd_upload_model)
 
@@ -999,6 +1012,8 @@ def add_client_commands(sub: Subcommands) -> None:
     d.add_argument("--builtin", choices=BUILTIN_SETS, default=None, help="a built-in set instead of a file "
                    "(default: none)")  # fmt: skip
     d.add_argument("--name", default=None, help="a name (default: the file's or the set's)")
+    d.add_argument("--new", action="store_true", help="add a new entry even if you uploaded this file before "
+                   "(by default the service answers with the data set you have)")  # fmt: skip
     d.add_argument("-q", "--quiet", action="store_true", help="print only the data set's id")
     d.set_defaults(func=cmd_upload_data)
 

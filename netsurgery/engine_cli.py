@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,19 +41,33 @@ DEFAULT_ARCH = "lenet-300-100"
 
 
 class _Bar:
-    """A rich progress bar fed by dns_core's progress callback."""
+    """A rich progress bar fed by dns_core's progress callback; plain lines when stdout is not a terminal.
+
+    Redirected to a file or a pipe (a batch job, ``tee``, CI), the bar would show nothing until the end:
+    there each evaluation is a line, and so is each further 1/:attr:`LINE_PARTS` of the run, and the
+    progress at least every :attr:`LINE_SECONDS`.
+    """
+
+    LINE_SECONDS = 30.0
+    LINE_PARTS = 20
 
     def __init__(self, description: str, total: int) -> None:
         self.progress = progress_bar(transient=False)
         self.task = self.progress.add_task(description, total=total, status="")
         self.last_acc: float | None = None
+        self.description, self.total = description, total
+        self.lines = not self.progress.console.is_terminal
+        self.last_line = time.monotonic()
+        self.parts_done = 0
 
     def __enter__(self) -> _Bar:
-        self.progress.start()
+        if not self.lines:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if not self.lines:
+            self.progress.stop()
 
     def __call__(self, p: Progress) -> None:
         if p.val_acc is not None:
@@ -62,7 +77,15 @@ class _Bar:
             parts.append(f"val {self.last_acc:.2f}%")
         if p.compression is not None:
             parts.append(f"{p.compression:.1f}x")
-        self.progress.update(self.task, completed=p.iteration, status="  ".join(parts))
+        status = "  ".join(parts)
+        if not self.lines:
+            self.progress.update(self.task, completed=p.iteration, status=status)
+            return
+        now = time.monotonic()
+        done = p.iteration * self.LINE_PARTS // max(self.total, 1)  # whole parts of the run done
+        if p.val_acc is not None or done > self.parts_done or now - self.last_line >= self.LINE_SECONDS:
+            self.last_line, self.parts_done = now, done
+            print(f"{self.description}: {p.iteration:,}/{self.total:,}  {status}", flush=True)
 
 
 def cmd_train_reference(args: argparse.Namespace) -> int:

@@ -179,6 +179,8 @@ class Model(Base):
     parameter_count: Mapped[BigInt]
     # FLOPs of one example's forward pass, counted at upload; NULL if not counted (or uploaded before 0004)
     flops_per_example: Mapped[int | None] = mapped_column(BigInteger)
+    # the prunable layers' names (Linear, Conv, attention), as a job names them; None for older uploads
+    layers: Mapped[list[Any] | None]
     size_bytes: Mapped[BigInt]
     sha256: Mapped[Sha256]
     uri: Mapped[Uri]

@@ -251,3 +251,25 @@ def test_an_input_error_is_one_line_without_a_traceback(
     assert err.startswith("netsurgery: Fashion-MNIST not found"), err
     assert "Traceback" not in err
     assert not (tmp_path / "docs").exists()  # nothing written for a run that never started
+
+
+def test_train_reference_prints_progress_lines_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
+    """Piped (a batch job, tee, CI), the output shows each evaluation as it happens, before the end."""
+    out = tmp_path / "ref.safetensors"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netsurgery", "train-reference", "--data", "digits", "--epochs", "3", "--device", "cpu",
+         "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if len(lines) == 1:
+            assert not out.exists()  # the first line comes while training runs, not after it
+    assert proc.wait(timeout=300) == 0, lines
+    progress = [line for line in lines if line.startswith("reference lenet-300-100: ")]
+    assert len(progress) >= 10 and all(" loss " in line for line in progress), lines
+    done = [int(line.split(": ")[1].split("/")[0].replace(",", "")) for line in progress]
+    assert done == sorted(done) and done[-1] == 69, lines  # 3 epochs of 23 batches
+    assert lines[-1].startswith(f"saved {out}: lenet-300-100, ") and "\x1b" not in "".join(lines)

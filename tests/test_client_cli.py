@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,7 @@ from dns_core.artifacts import REPORT_FILES
 from dns_core.io import save_model
 from netsurgery import client_cli
 from netsurgery.cli import main
+from netsurgery.common import CliError
 from service.migrate import upgrade
 from tests.api.conftest import _postgres_database
 from tests.e2e.conftest import Service, _redis, free_port, running_service
@@ -289,9 +291,16 @@ def test_submit_with_only_a_budget_searches_and_frontier_shows_it(
 def test_models_datasets_cancel_rm_and_id_prefixes(
     service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rc, out, _ = run(capsys, "upload-model", str(zoo_file(tmp_path / "m.safetensors")), "--arch", "lenet-300-100",
-                     "--name", "lenet for rm", "-q")  # fmt: skip
+    weights = str(zoo_file(tmp_path / "m.safetensors"))
+    rc, out, _ = run(capsys, "upload-model", weights, "--arch", "lenet-300-100", "--name", "lenet for rm", "--new",
+                     "-q")  # fmt: skip
     model_id = out.strip()
+    # the same bytes again: the service answers with the model there (the first of them), stores nothing
+    with service.client() as c:
+        before = c.get("/v1/models").json()["total"]
+        rc, out, err = run(capsys, "upload-model", weights, "--arch", "lenet-300-100", "--name", "another name")
+        assert (rc, err) == (0, "") and "you uploaded these bytes before, as '" in out, out
+        assert "'another name'" not in out and c.get("/v1/models").json()["total"] == before
     _, out, _ = run(capsys, "upload-data", "--builtin", "digits", "--name", "digits for rm", "-q")
     dataset_id = out.strip()
     _, out, _ = run(capsys, "upload-data", "--builtin", "digits", "--name", "spare digits", "-q")
@@ -389,3 +398,289 @@ def test_every_flag_says_what_it_does_and_its_default() -> None:
 
     check("", build_parser())
     assert missing == []
+
+
+def test_upload_progress_counts_the_file_bytes(service: Service, tmp_path: Path) -> None:
+    from netsurgery.client import Client
+
+    weights = zoo_file(tmp_path / "lenet.safetensors")
+    size = weights.stat().st_size
+    seen: list[tuple[int, int]] = []
+    with Client(service.url, service.key) as c:
+        m = c.upload_model(weights, progress=lambda done, total: seen.append((done, total)))
+    assert m["size_bytes"] == size and seen[-1] == (size, size) and len(seen) > 2
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and {t for _, t in seen} == {size}
+
+
+def test_upload_model_sends_a_folder_as_its_files(
+    service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`upload-model <folder>` sends every file of a Hugging Face folder side by side; the service keeps
+    the ones it reads, and the progress covers all of them."""
+    from dns_core import suite
+    from netsurgery.client import Client
+
+    folder = suite.write_suite_folder("vit", tmp_path / "vit-tiny")
+    (folder / ".DS_Store").write_bytes(b"not sent")
+    rc, out, err = run(capsys, "upload-model", str(folder))
+    assert rc == 0, err
+    assert re.search(r"format\s+hf", out) and re.search(r"architecture\s+ViTForImageClassification", out), out
+    assert re.search(r"name\s+vit-tiny", out), out
+    sizes = sum(p.stat().st_size for p in folder.iterdir() if not p.name.startswith("."))
+    seen: list[tuple[int, int]] = []
+    with Client(service.url, service.key) as c:
+        m = c.upload_model(folder, progress=lambda done, total: seen.append((done, total)))
+    assert m["format"] == "hf" and seen[-1] == (sizes, sizes)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_errors_are_one_clear_line(
+    service: Service, logged_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pickle = tmp_path / "evil.pt"
+    pickle.write_bytes(b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00.")
+    rc, out, err = run(capsys, "upload-model", str(pickle))
+    assert (rc, out) == (2, "")
+    assert re.fullmatch(r"netsurgery: the service refused evil\.pt \(415\): .*is a pickle.*\n", err), err
+
+    wrong = zoo_file(tmp_path / "lenet.safetensors")
+    rc, out, err = run(capsys, "upload-model", str(wrong), "--arch", "lenet-5")
+    assert rc == 2 and re.fullmatch(r"netsurgery: the service refused lenet\.safetensors \(422\): .+\n", err), err
+
+    assert run(capsys, "upload-model", str(tmp_path / "nope.onnx")) == (
+        2, "", f"netsurgery: {tmp_path / 'nope.onnx'}: no such file\n",
+    )  # fmt: skip
+    assert run(capsys, "upload-data", str(tmp_path)) == (2, "", f"netsurgery: {tmp_path}: not a file\n")
+    assert run(capsys, "upload-model", str(wrong), "--config", "{x") == (
+        2, "", "netsurgery: --config is not JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
+               "(char 1)\n",
+    )  # fmt: skip
+    assert run(capsys, "watch", UNKNOWN_JOB) == (2, "", f"netsurgery: job {UNKNOWN_JOB} not found\n")
+    assert run(capsys, "download", UNKNOWN_JOB) == (2, "", f"netsurgery: job {UNKNOWN_JOB} not found\n")
+    assert run(capsys, "watch", "42") == (
+        2, "", "netsurgery: '42' is not a job id nor the start of one (4+ hex characters; see `netsurgery jobs`)\n",
+    )  # fmt: skip
+    assert run(capsys, "submit", UNKNOWN_JOB, UNKNOWN_JOB) == (
+        2, "", "netsurgery: --method dns needs --target X (overall compression), --layer-kept name=fraction,… or "
+        "--max-drop alone (the highest compression within that budget)\n",
+    )  # fmt: skip
+    rc, out, err = run(capsys, "submit", UNKNOWN_JOB, UNKNOWN_JOB, "--target", "5")
+    assert (rc, out) == (2, "") and re.fullmatch(rf"netsurgery: model {UNKNOWN_JOB} not found\n", err), err
+    # a layer the model does not have: refused at submit, naming the flag and the model's layers
+    model_id = run(capsys, "upload-model", str(wrong), "-q")[1].strip()
+    dataset_id = run(capsys, "upload-data", "--builtin", "digits", "-q")[1].strip()
+    rc, out, err = run(capsys, "submit", model_id, dataset_id, "--layer-kept", "fc9=0.1,fc1=0.2", "--exclude", "conv*")
+    assert (rc, out) == (2, "")
+    assert err == (
+        "netsurgery: the service refused the job (422): --layer-kept: 'fc9' matches no prunable layer of the model; "
+        "its layers: fc1, fc2, fc3; --exclude: 'conv*' matches no prunable layer of the model; its layers: fc1, fc2, "
+        "fc3\n"
+    ), err
+
+
+def test_download_before_the_job_succeeded_and_ctrl_c_does_not_cancel(
+    service: Service,
+    logged_in: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rc, out, _ = run(capsys, "upload-model", str(zoo_file(tmp_path / "m.safetensors")), "-q")
+    model_id = out.strip()
+    rc, out, _ = run(capsys, "upload-data", "--builtin", "digits", "-q")
+    rc, out, _ = run(capsys, "submit", model_id, out.strip(), "--target", "5", "--iterations", "1000000", "-q")
+    job_id = out.strip()
+
+    rc, out, err = run(capsys, "download", job_id, "--out", str(tmp_path / "dl"))
+    assert (rc, out) == (2, "")
+    assert re.fullmatch(
+        rf"netsurgery: cannot download job {job_id}: it is (queued|running) \(iteration [\d,]+ of 1,000,000\): its "
+        rf"files come when it has succeeded \(`netsurgery watch {job_id}`\)\n",
+        err,
+    ), err
+    assert not (tmp_path / "dl").exists()
+
+    shown = client_cli._JobView.update
+
+    def interrupt(view: client_cli._JobView, job: dict[str, object]) -> None:
+        if view.job is not None:  # the first change after the first snapshot: Ctrl-C then
+            raise KeyboardInterrupt
+        shown(view, job)
+
+    with monkeypatch.context() as m:
+        m.setattr(client_cli._JobView, "update", interrupt)
+        rc, out, err = run(capsys, "watch", job_id)
+    assert rc == 130
+    assert re.fullmatch(
+        rf"stopped watching; job {job_id} is still (queued|running) \(it was not cancelled\): "
+        rf"`netsurgery watch {job_id}` to follow it again\n",
+        err,
+    ), err
+    with service.client() as c:
+        assert c.get(f"/v1/jobs/{job_id}").json()["state"] in ("queued", "running")
+        assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    rc, out, err = run(capsys, "watch", job_id)
+    assert (rc, err) == (1, f"netsurgery: job {job_id} was cancelled\n")
+
+
+# --------------------------------------------------------------------- watch through a flaky service
+
+
+def _flaky(answers: list[int]) -> httpx.MockTransport:
+    """GET /v1/jobs/{id}: the statuses in ``answers`` in turn (200: the job, one iteration further each time)."""
+    calls = {"n": 0}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        n = calls["n"] = calls["n"] + 1
+        status = answers[min(n, len(answers)) - 1]
+        if status != 200:
+            return httpx.Response(status, json={"error": "unavailable", "detail": "the database cannot be reached"})
+        done = n >= len(answers)
+        return httpx.Response(200, json={
+            "id": UNKNOWN_JOB, "state": "succeeded" if done else "running", "iteration": 100 if done else n,
+            "total_iterations": 100, "loss": 0.5, "val_accuracy": 90.0, "compression": 3.0, "error": None,
+            "layers": {"iteration": n, "layers": [{"layer": "fc1", "kept": 10, "total": 40}]},
+            "started_at": None, "finished_at": None,
+        })  # fmt: skip
+
+    return httpx.MockTransport(handle)
+
+
+def test_watch_rides_out_a_service_that_stops_answering_for_a_while(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from netsurgery.client import Client
+
+    monkeypatch.setattr(client_cli, "POLL_SECONDS", 0.0)
+    with Client("http://svc", "k", transport=_flaky([200, 503, 429, 200, 200])) as c:
+        assert client_cli._watch(c, UNKNOWN_JOB) == 0
+    out = capsys.readouterr().out
+    assert f"job {UNKNOWN_JOB} succeeded: 3.0x, validation accuracy 90.00%, 100 iterations\n" in out
+    assert re.search(r"│ fc1 +│ +10 │ +40 │ +25\.00 │", out), out
+
+    monkeypatch.setattr(client_cli, "RECONNECT_SECONDS", 0.0)
+    with Client("http://svc", "k", transport=_flaky([200, 503])) as c, pytest.raises(CliError) as e:
+        client_cli._watch(c, UNKNOWN_JOB)
+    assert str(e.value) == "503 unavailable: the database cannot be reached (gave up watching after 0 s)"
+
+
+# ------------------------------------------------------------------------------------ the event stream
+
+
+def test_events_of_a_finished_job_in_order_and_resumed_after_any_one(service: Service, tmp_path: Path) -> None:
+    from netsurgery.client import Client
+
+    with Client(service.url, service.key) as c:
+        model = c.upload_model(zoo_file(tmp_path / "m.safetensors"))
+        data = c.builtin_data("digits")
+        job = c.wait(c.submit(model["id"], data["id"], compression=5, iterations=200, seed=0)["id"], poll=0.2)
+        assert job["state"] == "succeeded"
+        events = list(c.events(job["id"]))
+        progress = c._json("GET", f"/v1/jobs/{job['id']}/progress")["items"]
+        layers = c._json("GET", f"/v1/jobs/{job['id']}/layers")["items"]
+
+        # every point, progress before layers at one iteration, then the terminal state (and the stream ends)
+        expected = sorted([(p["iteration"], 0) for p in progress] + [(s["iteration"], 1) for s in layers])
+        got = [(d["iteration"], 0 if k == "progress" else 1) for k, _, d in events[:-1]]
+        assert got == expected and len(got) >= 4
+        assert [d for k, _, d in events if k == "progress"] == progress
+        assert [d for k, _, d in events if k == "layers"] == layers
+        kind, last_id, final = events[-1]
+        assert (kind, final["state"], final["iteration"]) == ("state", "succeeded", job["iteration"])
+        assert last_id == f"{progress[-1]['iteration']}:{layers[-1]['iteration']}:succeeded"
+        assert len({i for _, i, _ in events}) == len(events)
+
+        # reconnecting after the third event: the rest, no gap, no repeat; after the last one: nothing (204)
+        assert list(c.events(job["id"], last_event_id=events[2][1])) == events[3:]
+        assert list(c.events(job["id"], last_event_id=last_id)) == []
+
+
+def _streaming(chunks: list[list[bytes]], seen: list[httpx.Request], events: int = 200) -> httpx.MockTransport:
+    """GET /v1/jobs/{id}: the job, running; GET …/events: the ``chunks`` of one answer after another (an
+    answer that ends without a terminal event breaks off, as a dropped connection); ``events``: its status."""
+    job = {"id": UNKNOWN_JOB, "state": "running", "iteration": 10, "total_iterations": 100, "loss": 0.9,
+           "val_accuracy": None, "compression": 1.0, "error": None, "layers": None,
+           "started_at": "2024-01-01T00:00:00+00:00", "finished_at": None}  # fmt: skip
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if not request.url.path.endswith("/events"):
+            return httpx.Response(200, json=job)
+        if events != 200:
+            return httpx.Response(events, json={"error": "not_found", "detail": "Not Found"})
+        answer = chunks.pop(0)
+
+        def body() -> Iterator[bytes]:
+            yield from answer
+            if b"succeeded" not in b"".join(answer):
+                raise httpx.RemoteProtocolError("peer closed connection")
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    return httpx.MockTransport(handle)
+
+
+def test_watch_follows_the_event_stream_and_resumes_it_when_it_breaks_off(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from netsurgery import client
+
+    monkeypatch.setattr(client, "EVENT_BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(client_cli, "POLL_SECONDS", 3600.0)  # it must not poll
+    done = {"id": UNKNOWN_JOB, "state": "succeeded", "iteration": 100, "total_iterations": 100, "loss": 0.2,
+            "val_accuracy": 91.5, "compression": 4.0, "error": None,
+            "layers": {"iteration": 100, "layers": [{"layer": "fc1", "kept": 10, "total": 40}]},
+            "started_at": "2024-01-01T00:00:00+00:00", "finished_at": "2024-01-01T00:01:00+00:00"}  # fmt: skip
+    first = [
+        b": ping\n\n",
+        b'event: state\nid: 10:-1:running\ndata: {"id": "x", "state": "running", "iteration": 10, '
+        b'"total_iterations": 100, "loss": 0.9, "val_accuracy": null, "compression": 1.0, "layers": null}\n\n',
+        b'event: progress\nid: 50:-1:running\ndata: {"iteration": 50, "loss": 0.5, "val_accuracy": 80.0,\n',
+        b'data: "compression": 2.0}\n\n',
+        b'event: layers\nid: 50:50:running\ndata: {"iteration": 50, ',  # cut off: dropped, sent again
+    ]
+    rest = [
+        b'event: layers\nid: 50:50:running\ndata: {"iteration": 50, "layers": [{"layer": "fc1", '
+        b'"kept": 20, "total": 40}]}\n\n',
+        f"event: state\nid: 50:50:succeeded\ndata: {json.dumps(done)}\n\n".encode(),
+    ]
+    seen: list[httpx.Request] = []
+    with client.Client("http://svc", "k", transport=_streaming([first, rest], seen)) as c:
+        assert client_cli._watch(c, UNKNOWN_JOB) == 0
+    out = capsys.readouterr().out
+    assert f"job {UNKNOWN_JOB} running\n" in out and out.count("running\n") == 1
+    assert f"job {UNKNOWN_JOB} succeeded: 4.0x, validation accuracy 91.50%, 100 iterations, in 60 s\n" in out
+    assert re.search(r"│ fc1 +│ +10 │ +40 │ +25\.00 │", out), out
+    assert [(r.url.path, r.headers.get("Last-Event-ID")) for r in seen] == [
+        (f"/v1/jobs/{UNKNOWN_JOB}", None),
+        (f"/v1/jobs/{UNKNOWN_JOB}/events", "10:-1:"),  # after what the snapshot shows
+        (f"/v1/jobs/{UNKNOWN_JOB}/events", "50:-1:running"),  # after the last whole event
+    ]
+    assert seen[1].headers["Accept"] == "text/event-stream"
+
+
+def test_watch_polls_a_service_without_the_event_stream(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from netsurgery.client import Client
+
+    monkeypatch.setattr(client_cli, "POLL_SECONDS", 0.0)
+    seen: list[httpx.Request] = []
+    polls = {"n": 0}
+    transport = _streaming([], seen, events=404)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        r = transport.handle_request(request)
+        if not request.url.path.endswith("/events"):
+            polls["n"] += 1
+            if polls["n"] == 3:
+                body = r.read()
+                return httpx.Response(200, json=json.loads(body) | {"state": "cancelled"})
+        return r
+
+    with Client("http://svc", "k", transport=httpx.MockTransport(handle)) as c:
+        assert client_cli._watch(c, UNKNOWN_JOB) == 1
+    assert capsys.readouterr().err == f"netsurgery: job {UNKNOWN_JOB} was cancelled\n"
+    assert [r.url.path.rsplit("/", 1)[-1] for r in seen] == [UNKNOWN_JOB, "events", UNKNOWN_JOB, UNKNOWN_JOB]

@@ -29,6 +29,8 @@
   const SEARCHING = new Set(["dns", "agp"]); // the methods that search when given only an accuracy budget
   const SVG_NS = "http://www.w3.org/2000/svg";
   const JOB_HASH = /^#\/jobs\/([0-9a-fA-F-]{36})$/;
+  const COMPARE_HASH = /^#\/compare\/([0-9a-fA-F,-]+)$/;
+  const MAX_COMPARED = 12;
   const STREAM_RECONNECTS = 3; // drops in a row (no event in between) before the page falls back to polling
   const STREAM_RETRY_MS = 1000;
   const RENDER_MS = 100; // events are drawn at most this often
@@ -205,7 +207,7 @@
   }
 
   function showView(id) {
-    for (const view of ["key-view", "list-view", "job-view"]) {
+    for (const view of ["key-view", "list-view", "job-view", "compare-view"]) {
       document.getElementById(view).hidden = view !== id;
     }
   }
@@ -241,7 +243,9 @@
     }
     $("#forget-key").hidden = false;
     const match = location.hash.match(JOB_HASH);
+    const compare = location.hash.match(COMPARE_HASH);
     if (match) showJob(match[1].toLowerCase());
+    else if (compare) showCompare(compare[1].toLowerCase().split(",").filter(Boolean));
     else showList();
   }
 
@@ -296,6 +300,13 @@
   }
 
   const LIST_PAGE = 50;
+  const picked = new Set(); // the jobs ticked for comparison, kept across pages and filters
+
+  function syncCompareButton() {
+    const button = $("#compare-button");
+    button.disabled = picked.size < 2 || picked.size > MAX_COMPARED;
+    button.textContent = picked.size ? `Compare ${picked.size}` : "Compare";
+  }
   const listQuery = { state: "", method: "", name: "", tag: "", offset: 0 }; // the list's filters and page
 
   /** Tags typed as "a, b,a": ["a", "b"]. */
@@ -346,9 +357,17 @@
       const link = el("a", { href: "#/jobs/" + job.id, title: job.id }, el("code", {}, job.id.slice(0, 8)));
       const state = el("span", { class: "state", "data-state": job.state }, job.state);
       const cancelling = job.cancel_requested && ACTIVE.has(job.state) ? " · cancelling" : "";
+      const pick = el("input", { type: "checkbox", "aria-label": "compare " + (job.name || job.id.slice(0, 8)) });
+      pick.checked = picked.has(job.id);
+      pick.addEventListener("change", () => {
+        if (pick.checked) picked.add(job.id);
+        else picked.delete(job.id);
+        syncCompareButton();
+      });
       return el(
         "tr",
         { "data-job-id": job.id, "data-state": job.state },
+        el("td", { "data-field": "pick", class: "pick" }, pick),
         el("td", { "data-field": "id" }, link),
         el("td", { "data-field": "name" }, job.name || ""),
         el("td", { "data-field": "state" }, state, cancelling),
@@ -365,7 +384,7 @@
     const filtered = ["state", "method", "name", "tag"].some((key) => listQuery[key]);
     if (!rows.length) {
       const text = filtered ? "No jobs match these filters." : "No jobs yet: start one with the form.";
-      rows.push(el("tr", {}, el("td", { class: "empty", colspan: 11 }, text)));
+      rows.push(el("tr", {}, el("td", { class: "empty", colspan: 12 }, text)));
     }
     $("#jobs-table tbody").replaceChildren(...rows);
     const first = page.items.length ? listQuery.offset + 1 : 0;
@@ -376,6 +395,119 @@
     $("#page-next").disabled = last >= page.total;
     setStatus("updated " + new Date().toLocaleTimeString());
     return true;
+  }
+
+  // ------------------------------------------------------------------------------- comparing jobs
+
+  let compared = null; // {ids, jobs: Map(id -> job), progress: Map(id -> points)}
+
+  function showCompare(ids) {
+    showView("compare-view");
+    const unique = [...new Set(ids)].slice(0, MAX_COMPARED);
+    compared = { ids: unique, jobs: new Map(), progress: new Map(), after: new Map() };
+    for (const id of unique) {
+      compared.progress.set(id, []);
+      compared.after.set(id, -1);
+    }
+    $("#compare-count").textContent = String(unique.length);
+    every(POLL_LIST_MS, refreshCompare);
+  }
+
+  /** Every job of the comparison with its new progress points; true while one of them is still active. */
+  async function refreshCompare(gen) {
+    const view = compared;
+    for (const id of view.ids) {
+      if (view.jobs.has(id) && !ACTIVE.has(view.jobs.get(id).state)) continue; // finished: its history is complete
+      let job;
+      try {
+        job = await api("v1/jobs/" + id);
+      } catch (e) {
+        if (e.status !== 404) throw e;
+        view.jobs.set(id, { id, missing: true, state: "deleted" });
+        continue;
+      }
+      if (gen !== generation) return false;
+      for (;;) {
+        const page = await api(`v1/jobs/${id}/progress?after=${view.after.get(id)}&limit=${PROGRESS_PAGE}`);
+        if (gen !== generation) return false;
+        view.progress.get(id).push(...page.items);
+        view.after.set(id, page.next_after);
+        if (page.items.length < PROGRESS_PAGE) break;
+      }
+      view.jobs.set(id, job);
+    }
+    renderCompare(view);
+    const active = view.ids.some((id) => ACTIVE.has(view.jobs.get(id).state));
+    setStatus((active ? "live; " : "") + "updated " + new Date().toLocaleTimeString());
+    return active;
+  }
+
+  function jobLabel(job) {
+    return job.name ? `${job.name} (${job.id.slice(0, 8)})` : job.id.slice(0, 8);
+  }
+
+  function renderCompare(view) {
+    const jobs = view.ids.map((id) => view.jobs.get(id)).filter((job) => job && !job.missing);
+    $("#compare-table tbody").replaceChildren(
+      ...view.ids.map((id, i) => {
+        const job = view.jobs.get(id);
+        const swatch = el("i", { class: "swatch s" + (i % 6) });
+        const link = el("a", { href: "#/jobs/" + id, title: id }, el("code", {}, id.slice(0, 8)));
+        if (!job || job.missing) {
+          return el("tr", { "data-job-id": id }, el("td", {}, swatch, link), el("td", { colspan: 8 }, "not found"));
+        }
+        const result = job.result;
+        return el(
+          "tr",
+          { "data-job-id": id, "data-state": job.state },
+          el("td", {}, swatch, link),
+          el("td", { "data-field": "name" }, job.name || ""),
+          el("td", {}, el("span", { class: "state", "data-state": job.state }, job.state)),
+          el("td", {}, job.method),
+          el("td", {}, fmtTarget(job)),
+          el("td", { class: "num", "data-field": "compression" }, fmtCompression(job.compression)),
+          el("td", { class: "num", "data-field": "val_accuracy" }, fmtAccuracy(result ? result.val_acc : job.val_accuracy)),
+          el("td", { class: "num" }, fmtDrop(result && result.val_drop)),
+          el("td", {}, fmtBudget(result)),
+        );
+      }),
+    );
+    $("#compare-legend").replaceChildren(
+      ...view.ids.map((id, i) => {
+        const job = view.jobs.get(id);
+        return el("span", {}, el("i", { class: "swatch s" + (i % 6) }), job && !job.missing ? jobLabel(job) : id.slice(0, 8));
+      }),
+    );
+    const series = (field) =>
+      view.ids.map((id) => {
+        const job = view.jobs.get(id);
+        const points = view.progress.get(id).filter((p) => p[field] !== null).map((p) => [p.iteration, p[field]]);
+        return { name: job && !job.missing ? jobLabel(job) : id.slice(0, 8), points };
+      });
+    const xMax = Math.max(0, ...jobs.map((job) => job.total_iterations || job.iteration || 0));
+    lineChart($("#compare-compression"), {
+      series: series("compression"), xMax, xLabel: "iteration", yLabel: "compression (×)", yMin: 1,
+      empty: "no progress recorded yet",
+    });
+    lineChart($("#compare-accuracy"), {
+      series: series("val_accuracy"), xMax, xLabel: "iteration", yLabel: "validation accuracy (%)", clamp: [0, 100],
+      empty: "no evaluation recorded yet",
+    });
+    // one dot per job: what it delivered (its verdict) once it succeeded, else where it stands
+    lineChart($("#compare-scatter"), {
+      series: view.ids.map((id) => {
+        const job = view.jobs.get(id);
+        if (!job || job.missing) return { name: id.slice(0, 8), points: [], dotsOnly: true };
+        const r = job.result;
+        const compression = r && r.compression !== null ? r.compression : job.compression;
+        const accuracy = r && r.val_acc !== null ? r.val_acc : job.val_accuracy;
+        const points = compression !== null && accuracy !== null ? [[compression, accuracy]] : [];
+        return { name: jobLabel(job), points, dotsOnly: true };
+      }),
+      xMax: Math.max(2, ...jobs.map((job) => (job.result && job.result.compression) || job.compression || 0)),
+      xLabel: "compression (×)", yLabel: "validation accuracy (%)", clamp: [0, 100], dots: true,
+      empty: "no job has a compression and an accuracy yet",
+    });
   }
 
   // --------------------------------------------------------------------------- the new-job form
@@ -406,11 +538,39 @@
     if (items.some((item) => item.id === previous)) select.value = previous;
   }
 
+  /** The method settings filled in (empty ones are left to their defaults). */
+  function formSettings(method) {
+    const settings = {};
+    for (const field of document.querySelectorAll("#job-settings [data-setting]")) {
+      const row = field.closest("[data-for]");
+      if (row && row.dataset.for !== method) continue; // a setting of another method
+      const text = field.value.trim();
+      if (text === "") continue;
+      const key = field.dataset.setting;
+      const type = field.dataset.type;
+      if (type === "int" || type === "float") settings[key] = Number(text);
+      else if (type === "list") settings[key] = text.split(",").map((t) => t.trim()).filter(Boolean);
+      else if (type === "pairs") {
+        const pairs = {};
+        for (const item of text.split(",").map((t) => t.trim()).filter(Boolean)) {
+          const [layer, value] = item.split("=").map((t) => t.trim());
+          if (!layer || value === undefined || value === "" || Number.isNaN(Number(value))) {
+            throw new Error(`${field.labels[0].textContent}: expected layer=number, got "${item}"`);
+          }
+          pairs[layer] = Number(value);
+        }
+        settings[key] = pairs;
+      } else settings[key] = text;
+    }
+    return settings;
+  }
+
   function syncMethodFields() {
     // dns-fixed-crates is driven by its crates: its target may carry only the accuracy budget; dns and agp
     // search for the highest compression within the budget when the compression is left empty
     const method = $("#method-select").value;
     const fixed = method === "dns-fixed-crates";
+    for (const row of document.querySelectorAll("#job-settings [data-for]")) row.hidden = row.dataset.for !== method;
     const compression = $("#target-compression");
     compression.disabled = fixed;
     compression.required = !fixed && !SEARCHING.has(method);
@@ -435,6 +595,14 @@
     if (Object.keys(target).length) body.target = target;
     const iterations = $("#iterations").value.trim();
     if (iterations !== "") body.settings.iterations = Number(iterations);
+    try {
+      Object.assign(body.settings, formSettings(method));
+    } catch (e) {
+      const error = $("#form-error");
+      error.textContent = "Not started: " + e.message;
+      error.hidden = false;
+      return;
+    }
     const name = $("#job-name-input").value.trim();
     if (name !== "") body.name = name;
     const tags = parseTags($("#job-tags-input").value);
@@ -471,6 +639,8 @@
     };
     $("#frontier-box").hidden = true;
     $("#job-log").replaceChildren();
+    $("#report-box").hidden = true;
+    $("#report-frame").srcdoc = "";
     $("#log-count").textContent = "";
     $("#job-name").textContent = "";
     $("#job-tags").replaceChildren();
@@ -1130,10 +1300,16 @@
           event.preventDefault(); // a plain link cannot send the Authorization header
           download(path, art, status);
         });
+        let view = null;
+        if (art.name === "report.html") {
+          view = el("button", { type: "button", class: "link-button", id: "view-report" }, "View");
+          view.addEventListener("click", () => showReport(path, status));
+        }
         return el(
           "li",
           { "data-artifact": art.name },
           link,
+          view,
           el("span", { class: "muted" }, art.kind),
           el("span", {}, fmtBytes(art.size_bytes)),
           el("code", { title: "sha256 " + art.sha256 }, "sha256 " + art.sha256.slice(0, 12) + "…"),
@@ -1141,6 +1317,25 @@
         );
       }),
     );
+  }
+
+  /** The report, shown in the page: fetched with the key, drawn in a sandboxed frame (no script runs). */
+  async function showReport(path, status) {
+    const view = current;
+    status.textContent = "loading the report…";
+    status.classList.remove("error");
+    try {
+      const response = await api(path, { raw: true });
+      const html = await response.text();
+      if (current !== view) return;
+      $("#report-frame").srcdoc = html;
+      $("#report-box").hidden = false;
+      $("#report-box").scrollIntoView({ block: "start" });
+      status.textContent = "";
+    } catch (e) {
+      status.textContent = "could not load the report: " + describe(e);
+      status.classList.add("error");
+    }
   }
 
   async function download(path, art, status) {
@@ -1429,9 +1624,16 @@
       typing = setTimeout(filterChanged, 300);
     });
     $("#page-prev").addEventListener("click", () => turnPage(-1));
+    $("#compare-button").addEventListener("click", () => {
+      if (picked.size >= 2) location.hash = "#/compare/" + [...picked].join(",");
+    });
     $("#page-next").addEventListener("click", () => turnPage(1));
     $("#edit-labels").addEventListener("click", () => showLabelsForm($("#labels-form").hidden));
     $("#labels-cancel").addEventListener("click", () => showLabelsForm(false));
+    $("#report-close").addEventListener("click", () => {
+      $("#report-box").hidden = true;
+      $("#report-frame").srcdoc = "";
+    });
     $("#labels-form").addEventListener("submit", saveLabels);
     syncMethodFields();
     window.addEventListener("hashchange", route);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
@@ -30,6 +30,14 @@ from service.storage import Storage
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page.")]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="Rows to skip.")]
+#: What an upload of a file the tenant already uploaded does: answer with the one it has (200), or add a new one.
+Duplicate = Annotated[
+    Literal["existing", "new"],
+    Query(
+        description="An upload of a file you already have (same bytes, read the same way): `existing` answers "
+        "200 with that one and stores nothing; `new` adds another entry (201)."
+    ),
+]
 
 #: Errors any authenticated route can answer: no key, bad query/path values, the key's rate limit, database down.
 COMMON: Final[tuple[type[AppError], ...]] = (Unauthorized, InvalidRequest, TooManyRequests, ServiceUnavailable)
@@ -77,3 +85,9 @@ UploadScopeDep = Annotated[UploadScope, Depends(get_upload_scope)]
 
 #: The errors an upload route declares: unparsable body, over the byte cap, refused format, bad file, quota.
 UPLOAD_ERRORS = responses(BadRequest, PayloadTooLarge, UnsupportedFormat, InvalidFile, QuotaExceeded)
+
+
+def duplicate_responses(what: str, model: type[Any]) -> dict[int | str, dict[str, Any]]:
+    """:data:`UPLOAD_ERRORS` and the 200 of an upload that repeats one of the tenant's ``what``."""
+    return {200: {"model": model, "description": f"The {what} you already have with these bytes (duplicate=existing)."},
+            **UPLOAD_ERRORS}  # fmt: skip

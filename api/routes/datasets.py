@@ -7,12 +7,14 @@ Stored layout: :func:`service.keys.dataset_inputs_key` and, for IDX inputs with 
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.metrics import record_upload
-from api.routes.common import UPLOAD_ERRORS, UploadScopeDep
+from api.routes.common import Duplicate, UploadScopeDep, duplicate_responses
 from api.routes.stored import add_read_and_delete_routes
 from api.schemas import BuiltinDatasetCreate, DatasetRead
 from api.uploads import multipart_boundary, read_small_body, receive_dataset, upload_folder
@@ -72,12 +74,22 @@ async def read_builtin_request(request: Request) -> tuple[str, str | None]:
     return parsed.builtin, parsed.name
 
 
-@router.post("", status_code=201, summary="Add a data set", responses=UPLOAD_ERRORS, openapi_extra=_CREATE_BODY)
-async def create_dataset(request: Request, response: Response, scope: UploadScopeDep) -> DatasetRead:
+@router.post(
+    "",
+    status_code=201,
+    summary="Add a data set",
+    responses=duplicate_responses("data set", DatasetRead),
+    openapi_extra=_CREATE_BODY,
+)
+async def create_dataset(
+    request: Request, response: Response, scope: UploadScopeDep, duplicate: Duplicate = "existing"
+) -> DatasetRead:
     """Add a data set: JSON ``{"builtin": "digits"}`` names a built-in set; a ``multipart/form-data``
     upload (``file``, optional ``targets`` and ``name``) is streamed under the byte cap and read
     safely (no pickle; archives checked first) to learn its size and shape before it is stored.
     An upload that would take the tenant past its stored-bytes quota is a 429 (``quota_exceeded``).
+    The same file again (one file, no separate targets) answers **200** with the data set you already
+    have and stores nothing; ``duplicate=new`` adds another one (201).
     """
     if multipart_boundary(request) is None:
         builtin, name = await read_builtin_request(request)
@@ -85,10 +97,13 @@ async def create_dataset(request: Request, response: Response, scope: UploadScop
     else:
         with upload_folder(scope.root, "dataset-") as folder:
             upload = await receive_dataset(request, scope.session, scope.settings, scope.tenant_id, folder)
-            dataset = await run_in_threadpool(
-                datasets.store_dataset, scope.session, scope.storage, scope.tenant_id, upload
-            )
+            dataset, created = await run_in_threadpool(
+                partial(datasets.store_dataset, reuse=duplicate == "existing"),
+                scope.session, scope.storage, scope.tenant_id, upload,
+            )  # fmt: skip
         record_upload(request.app, "dataset", dataset.size_bytes or 0)
+        if not created:
+            response.status_code = 200
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return DatasetRead.model_validate(dataset)
 

@@ -6,11 +6,13 @@ Stored layout: :func:`service.keys.model_key`; ``models.uri`` holds that storage
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.metrics import record_upload
-from api.routes.common import UPLOAD_ERRORS, UploadScopeDep
+from api.routes.common import Duplicate, UploadScopeDep, duplicate_responses
 from api.routes.stored import add_read_and_delete_routes
 from api.schemas import ModelRead
 from api.uploads import receive_model, upload_folder
@@ -60,8 +62,16 @@ _UPLOAD_BODY = {
 }
 
 
-@router.post("", status_code=201, summary="Upload a model", responses=UPLOAD_ERRORS, openapi_extra=_UPLOAD_BODY)
-async def upload_model(request: Request, response: Response, scope: UploadScopeDep) -> ModelRead:
+@router.post(
+    "",
+    status_code=201,
+    summary="Upload a model",
+    responses=duplicate_responses("model", ModelRead),
+    openapi_extra=_UPLOAD_BODY,
+)
+async def upload_model(
+    request: Request, response: Response, scope: UploadScopeDep, duplicate: Duplicate = "existing"
+) -> ModelRead:
     """Upload a model as ``multipart/form-data``: an ONNX graph (with its external data), safetensors
     weights of an architecture, or a Hugging Face folder (an archive, or its files side by side).
 
@@ -71,11 +81,20 @@ async def upload_model(request: Request, response: Response, scope: UploadScopeD
     422. Only an accepted file is moved into storage and recorded. An upload that would take the
     tenant past its stored-bytes quota is a 429 (``quota_exceeded``): before the body is read when
     ``Content-Length`` already says so, else once it is received.
+
+    The same bytes again (read the same way: format, architecture, config) answer **200** with the model
+    you already have and store nothing, so a repeated upload leaves one entry; ``duplicate=new`` adds
+    another one (201).
     """
     with upload_folder(scope.root, "model-") as folder:
         upload = await receive_model(request, scope.session, scope.settings, scope.tenant_id, folder)
-        model = await run_in_threadpool(models.store_model, scope.session, scope.storage, scope.tenant_id, upload)
+        model, created = await run_in_threadpool(
+            partial(models.store_model, reuse=duplicate == "existing"),
+            scope.session, scope.storage, scope.tenant_id, upload,
+        )  # fmt: skip
     record_upload(request.app, "model", model.size_bytes)
+    if not created:
+        response.status_code = 200
     response.headers["Location"] = f"/v1/models/{model.id}"
     return ModelRead.model_validate(model)
 

@@ -139,6 +139,16 @@ class UploadRows(Generic[OwnedT]):
         newest_first = [entity.created_at.desc(), entity.id.desc()]
         return page(session, entity, [entity.tenant_id == tenant_id], newest_first, limit, offset)
 
+    def same_file(self, session: Session, tenant_id: uuid.UUID, sha256: str, size_bytes: int) -> Sequence[OwnedT]:
+        """The tenant's rows whose stored file has this sha256 and size, oldest first (duplicates of an upload)."""
+        entity: type[OwnedT] = self.entity
+        stmt = (
+            select(entity)
+            .where(entity.tenant_id == tenant_id, entity.sha256 == sha256, entity.size_bytes == size_bytes)
+            .order_by(entity.created_at, entity.id)
+        )
+        return session.scalars(stmt).all()
+
     def delete(self, session: Session, tenant_id: uuid.UUID, row_id: uuid.UUID) -> bool:
         """Delete the tenant's row ``row_id`` unless a job refers to it.
 

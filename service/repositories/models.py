@@ -17,6 +17,7 @@ class ModelFacts:
     """What the upload checks found an accepted model file to be: its ``models`` columns besides the stored ones.
 
     ``flops_per_example``: the forward pass of one example, counted at upload; None if it could not be.
+    ``layers``: the names of its prunable layers (Linear, Conv, attention) as a job sees them.
     """
 
     format: str
@@ -24,6 +25,7 @@ class ModelFacts:
     architecture: str | None = None
     config: dict[str, Any] | None = None
     flops_per_example: int | None = None
+    layers: list[str] | None = None
 
 
 #: The tenant-scoped read, listing and guarded delete of model rows.

@@ -14,6 +14,7 @@ the job stays ``queued`` and the create still succeeds: the reaper re-sends queu
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import uuid
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from celery import Celery
 from sqlalchemy.orm import Session
 
 from service import estimates, keys, quotas
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, InvalidRequest, NotFound
 from service.orm import TERMINAL_STATES, Job
 from service.queue import enqueue_job
 from service.repositories import jobs, jobstate, models
@@ -66,6 +67,7 @@ def create_job(
     active-jobs quota. A new job is committed, then enqueued; a replayed ``idempotency_key`` returns
     the job it created (False), or :class:`Conflict` if this request differs from that one.
     """
+    check_layer_names(session, tenant_id, request)
     if cpu_only:
         check_cpu_time(session, settings, tenant_id, request, idempotency_key)
     quotas.check_job_quota(session, settings, tenant_id, idempotency_key)
@@ -86,6 +88,48 @@ def create_job(
     except Exception:  # the broker is down: the job stays queued and the reaper sends it later
         log.warning("job %s committed but not enqueued; the reaper will re-send it", job.id, exc_info=True)
     return job, True
+
+
+#: How many of a model's layer names a refusal lists before it points to ``GET /v1/models/{id}``.
+LISTED_LAYERS = 24
+
+
+def check_layer_names(session: Session, tenant_id: uuid.UUID, request: JobRequest) -> None:
+    """:class:`~service.errors.InvalidRequest` if a layer name or pattern of the job matches no layer of its model.
+
+    ``layer_kept`` (target), ``include``, ``exclude`` and ``crates`` (settings) name layers or glob
+    patterns over them; each must match at least one of the prunable layers the upload found
+    (``models.layers``). Reads only. A model uploaded before the names were recorded, or one that is
+    not the tenant's (the insert answers that), passes: the worker checks the names when it runs.
+    """
+    model = models.rows.get(session, tenant_id, request.model_id)
+    if model is None or not model.layers:
+        return
+    layers = [str(name) for name in model.layers]
+    given: list[tuple[str, str, str]] = []  # (part of the body, field, pattern)
+    given += [("target", "layer_kept", p) for p in request.target.get("layer_kept") or {}]
+    given += [("settings", key, p) for key in ("include", "exclude") for p in request.settings.get(key) or []]
+    given += [("settings", "crates", p) for p in request.settings.get("crates") or {}]
+    unknown = [(part, key, p) for part, key, p in given if not any(fnmatch.fnmatchcase(n, p) for n in layers)]
+    if not unknown:
+        return
+    shown = ", ".join(layers[:LISTED_LAYERS])
+    if len(layers) > LISTED_LAYERS:
+        shown += f" … and {len(layers) - LISTED_LAYERS} more (GET /v1/models/{model.id} lists them all)"
+    fields = [
+        {
+            "loc": ["body", part, key],
+            "msg": f"{p!r} matches no prunable layer of the model; its layers: {shown}",
+            "type": "unknown_layer",
+        }
+        for part, key, p in unknown
+    ]
+    names = ", ".join(repr(p) for _, _, p in unknown)
+    raise InvalidRequest(
+        f"{names} {'matches' if len(unknown) == 1 else 'match'} no prunable layer of model {model.name!r}; "
+        f"its layers: {shown}",
+        extra={"fields": fields},
+    )
 
 
 def check_cpu_time(

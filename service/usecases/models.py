@@ -30,14 +30,32 @@ class ModelUpload:
     suffix: str
 
 
-def store_model(session: Session, storage: Storage, tenant_id: uuid.UUID, upload: ModelUpload) -> Model:
-    """Move the checked file into storage and record it, committed; on any failure neither stays."""
+def find_duplicate(session: Session, tenant_id: uuid.UUID, upload: ModelUpload) -> Model | None:
+    """The tenant's earliest model that this upload repeats: the same stored bytes (sha256 and size) read
+    the same way (format, architecture, config); None if there is none. Its name may differ."""
+    for model in models.rows.same_file(session, tenant_id, upload.file.sha256, upload.file.size):
+        facts = upload.facts
+        if (model.format, model.architecture, model.config) == (facts.format, facts.architecture, facts.config):
+            return model
+    return None
+
+
+def store_model(
+    session: Session, storage: Storage, tenant_id: uuid.UUID, upload: ModelUpload, *, reuse: bool = False
+) -> tuple[Model, bool]:
+    """Move the checked file into storage and record it, committed; on any failure neither stays.
+
+    Returns the model and whether it is new. With ``reuse``, an upload the tenant already has
+    (:func:`find_duplicate`) stores nothing and returns that model.
+    """
+    if reuse and (existing := find_duplicate(session, tenant_id, upload)) is not None:
+        return existing, False
     model_id = uuid.uuid4()
     with stored_and_recorded(session, storage, keys.model_prefix(model_id)):
         stored = put_staged(storage, keys.model_key(model_id, upload.suffix), upload.file)
         record = StoredUpload(model_id, upload.name, stored.size, stored.sha256, stored.key)
         model = models.create_model(session, tenant_id, record, upload.facts)
-    return model
+    return model, True
 
 
 #: Read, list and delete the tenant's models with their stored files.

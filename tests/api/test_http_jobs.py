@@ -531,3 +531,33 @@ def test_found_by_schemathesis(live: LiveServer, account: Account) -> None:
         assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PATCH"
         r = c.post("/v1/jobs", content=b"\xff\x00not json", headers={"Content-Type": "application/json"})
         assert r.status_code in (400, 422)
+
+
+def test_layer_names_and_patterns_are_checked_against_the_model_at_submit(
+    live: LiveServer, client: httpx.Client, account: Account, redis_queue: redis.Redis
+) -> None:
+    layers = client.get(f"/v1/models/{account.model_id}").json()["layers"]
+    assert layers and all(isinstance(n, str) for n in layers)
+    before = client.get("/v1/jobs").json()["total"]
+    bad: list[tuple[dict[str, Any], str, str, str]] = [
+        ({"target": {"layer_kept": {layers[0]: 0.1, "fc9": 0.2}}}, "target", "layer_kept", "'fc9'"),
+        ({"settings": {"include": ["conv*"]}}, "settings", "include", "'conv*'"),
+        ({"settings": {"exclude": [layers[0], "nothing"]}}, "settings", "exclude", "'nothing'"),
+        ({"method": "dns-fixed-crates", "target": None, "settings": {"crates": {"fc*x": 1.0}}}, "settings", "crates",
+         "'fc*x'"),
+    ]  # fmt: skip
+    for change, part, key, pattern in bad:
+        r = client.post("/v1/jobs", json=job_body(account) | change)
+        assert r.status_code == 422, (change, r.text)
+        body = r.json()
+        assert body["error"] == "invalid_request" and pattern in body["detail"], body
+        assert all(name in body["detail"] for name in layers)  # the model's layers are named, to pick from
+        assert [f["loc"] for f in body["fields"]] == [["body", part, key]]
+    assert client.get("/v1/jobs").json()["total"] == before  # nothing was created or queued
+    good: list[dict[str, Any]] = [
+        {"target": {"layer_kept": {layers[0]: 0.1}}},
+        {"settings": {"include": [layers[0][:1] + "*"], "exclude": [layers[-1]]}},
+    ]
+    for change in good:
+        r = client.post("/v1/jobs", json=job_body(account) | change)
+        assert r.status_code == 202, (change, r.text)

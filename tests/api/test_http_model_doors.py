@@ -34,7 +34,9 @@ def bert_files(tmp_path_factory: pytest.TempPathFactory) -> Files:
 
 
 def post(client: httpx.Client, route: str, files: Files, **fields: str) -> httpx.Response:
-    return client.post(route, files=[("file", (name, content)) for name, content in files], data=fields)
+    """Upload ``files``; always a new entry (duplicate=new): several tests send the same model."""
+    parts = [("file", (name, content)) for name, content in files]
+    return client.post(route, files=parts, data=fields, params={"duplicate": "new"})
 
 
 def as_zip(files: Files, root: str = "") -> bytes:
@@ -283,3 +285,36 @@ def test_image_decompression_bomb_is_refused(live: LiveServer, client: httpx.Cli
     assert time.monotonic() - t0 < 10
     assert r.status_code in (413, 422), r.text
     assert_refused(live, r, r.status_code, r.json()["error"], before, "pixels")
+
+
+# -- layer names, found at upload ----------------------------------------------------------------
+
+
+def test_the_layer_names_found_at_upload_are_those_a_job_prunes(
+    live: LiveServer, client: httpx.Client, bert_files: Files, tmp_path: Path
+) -> None:
+    """For each door (a Hugging Face folder, ONNX with external data, safetensors weights), the model's
+    ``layers`` are the prunable layers of the module a worker loads from the stored file."""
+    from dns_core.artifacts import load_model_file
+    from dns_core.io import save_model
+    from dns_core.surgery import prunable_layers
+
+    weights = tmp_path / "lenet.safetensors"
+    save_model(weights, LeNet300100(), "lenet-300-100")
+    graph, data = onnx_with_data()
+    uploads = [
+        post(client, "/v1/models", bert_files),
+        post(client, "/v1/models", [("model.onnx", graph), ("model.onnx.data", data)]),
+        post(client, "/v1/models", [("lenet.safetensors", weights.read_bytes())]),
+    ]
+    for r in uploads:
+        assert r.status_code == 201, r.text
+        model = r.json()
+        assert client.get(f"/v1/models/{model['id']}").json()["layers"] == model["layers"]
+        (stored,) = list((live.storage_root / "models" / model["id"]).iterdir())
+        loaded = load_model_file(stored, model["architecture"] if model["format"] == "safetensors" else None,
+                                 model["config"] or {})  # fmt: skip
+        assert model["layers"] == [name for name, _ in prunable_layers(loaded.module)], model["format"]
+    bert, _, lenet = (r.json()["layers"] for r in uploads)
+    assert lenet == ["fc1", "fc2", "fc3"]
+    assert any(name.endswith("attention.self.query") for name in bert) and all(n.startswith("model.") for n in bert)

@@ -103,9 +103,16 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def upload(
-    client: httpx.Client, path: str, content: bytes, filename: str = "upload.bin", **fields: str
+    client: httpx.Client,
+    path: str,
+    content: bytes,
+    filename: str = "upload.bin",
+    *,
+    duplicate: str | None = None,
+    **fields: str,
 ) -> httpx.Response:
-    return client.post(path, files={"file": (filename, content)}, data=fields)
+    params = {"duplicate": duplicate} if duplicate else None
+    return client.post(path, files={"file": (filename, content)}, data=fields, params=params)
 
 
 def assert_refused(
@@ -447,7 +454,7 @@ def test_bad_datasets(live: LiveServer, client: httpx.Client) -> None:
 def test_list_and_delete(live: LiveServer) -> None:
     _, key = live.new_tenant()
     with live.client(key) as client:
-        ids = [upload(client, "/v1/models", onnx_mlp(), f"m{i}.onnx").json()["id"] for i in range(3)]
+        ids = [upload(client, "/v1/models", onnx_mlp(), f"m{i}.onnx", duplicate="new").json()["id"] for i in range(3)]
         page = client.get("/v1/models", params={"limit": 2, "offset": 0}).json()
         assert (page["total"], page["limit"], page["offset"], len(page["items"])) == (3, 2, 0, 2)
         assert [m["id"] for m in page["items"]] == ids[::-1][:2]
@@ -480,3 +487,29 @@ def test_list_and_delete(live: LiveServer) -> None:
         assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
         assert not (live.storage_root / "datasets" / dataset["id"]).exists()
         assert client.delete(f"/v1/models/{ids[1]}").status_code == 204
+
+
+def test_the_same_file_again_answers_with_the_one_already_there(live: LiveServer) -> None:
+    _, key = live.new_tenant()
+    _, other_key = live.new_tenant()
+    data = npz_bytes(inputs=np.ones((3, 4), np.float32), targets=np.array([0, 1, 0]))
+    with live.client(key) as c:
+        first = upload(c, "/v1/models", onnx_mlp(), "mlp.onnx")
+        assert first.status_code == 201
+        stored = live.stored_files()
+        again = upload(c, "/v1/models", onnx_mlp(), "renamed.onnx", name="another name")
+        assert again.status_code == 200 and again.json() == first.json()  # the model there, its name unchanged
+        assert again.headers["location"] == f"/v1/models/{first.json()['id']}"
+        assert live.stored_files() == stored and list(live.upload_root.iterdir()) == []
+        assert c.get("/v1/models").json()["total"] == 1
+        forced = upload(c, "/v1/models", onnx_mlp(), "mlp.onnx", duplicate="new")
+        assert forced.status_code == 201 and forced.json()["id"] != first.json()["id"]
+        assert c.get("/v1/models").json()["total"] == 2
+        assert upload(c, "/v1/models", onnx_mlp(), duplicate="maybe").status_code == 422
+
+        d1 = upload(c, "/v1/datasets", data, "d.npz")
+        d2 = upload(c, "/v1/datasets", data, "d.npz")
+        assert (d1.status_code, d2.status_code) == (201, 200) and d1.json()["id"] == d2.json()["id"]
+        assert upload(c, "/v1/datasets", data, "d.npz", duplicate="new").status_code == 201
+    with live.client(other_key) as c:  # another tenant's upload of the same bytes is its own
+        assert upload(c, "/v1/models", onnx_mlp(), "mlp.onnx").status_code == 201

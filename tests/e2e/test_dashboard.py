@@ -196,6 +196,14 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
         box = browser.find_element(By.ID, field)
         box.clear()
         box.send_keys(value)
+    # the method's settings, folded away until asked for; the crate-driven method's own ones stay hidden
+    browser.find_element(By.CSS_SELECTOR, "#job-settings summary").click()
+    assert not browser.find_element(By.ID, "setting-crate").is_displayed()
+    for field, value in (("setting-lr", "0.02"), ("setting-seed", "3"), ("setting-include", "fc*")):
+        browser.find_element(By.ID, field).send_keys(value)
+    Select(browser.find_element(By.ID, "setting-first-last")).select_by_value("dense")
+    browser.find_element(By.ID, "job-name-input").send_keys("from the form")
+    browser.find_element(By.ID, "job-tags-input").send_keys("browser, lenet")
     browser.find_element(By.ID, "start-job").click()
 
     # the page of the job it started
@@ -205,7 +213,14 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
         job = c.get(f"/v1/jobs/{job_id}").json()
     assert (job["model_id"], job["dataset_id"], job["method"]) == (model["id"], dataset["id"], "dns")
     assert job["target"] == {"compression": 8, "max_accuracy_drop": 10}
-    assert job["settings"]["iterations"] == ITERATIONS
+    assert job["settings"] == {
+        "iterations": ITERATIONS,
+        "lr": 0.02,
+        "seed": 3,
+        "include": ["fc*"],
+        "first_last": "dense",
+    }
+    assert (job["name"], job["tags"]) == ("from the form", ["browser", "lenet"])
     assert job["idempotency_key"].startswith("dashboard-")
 
     # watch the compression chart while the job runs: (points, state shown) every 0.2 s until it finishes,
@@ -291,6 +306,22 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
     saved = tmp_path / "downloads" / "report.json"
     wait(browser, "the saved file", lambda d: saved.exists() and saved.stat().st_size > 0, timeout=10)
     assert json.loads(saved.read_text())["inputs"]["model"]["sha256"] == model["sha256"]
+
+    # report.html, viewed in the page: fetched with the key, drawn in a sandboxed frame with its charts
+    browser.find_element(By.ID, "view-report").click()
+    wait(browser, "the report", lambda d: d.find_element(By.ID, "report-box").is_displayed())
+    frame = browser.find_element(By.ID, "report-frame")
+    assert frame.get_attribute("sandbox") == ""  # no script, form or navigation in it
+    browser.switch_to.frame(frame)
+    try:
+        headings = wait(
+            browser, "the report's sections", lambda d: [h.text for h in d.find_elements(By.TAG_NAME, "h2")]
+        )
+        assert {"Summary", "Layers", "Files"} <= set(headings), headings
+        charts = browser.find_elements(By.CSS_SELECTOR, "svg.chart")
+        assert len(charts) >= 3 and all(c.size["width"] > 100 for c in charts)  # drawn, styled, not blocked
+    finally:
+        browser.switch_to.default_content()
 
     shot = save_screenshot(browser, "dashboard.png", tmp_path)
 
@@ -635,3 +666,70 @@ def assert_local_only(browser: WebDriver, service: Service) -> None:
     elsewhere = [(url, status, size) for url, status, size in entries if not url.startswith(service.url + "/")]
     assert local and all(status == 200 and size > 0 for status, size in local), entries
     assert all(status == 0 and size == 0 for _, status, size in elsewhere), elsewhere
+
+
+@needs_browser
+def test_dashboard_compares_jobs_ticked_in_the_list(service: Service, browser: WebDriver, tmp_path: Path) -> None:
+    """Two jobs ticked in the list open side by side: one line per job on the compression and accuracy
+    charts, one dot per job on accuracy against compression, and a row each with its verdict."""
+    from selenium.webdriver.common.by import By
+
+    from tests.e2e.test_service import wait_for_state
+
+    with service.client() as c:
+        model = upload(c, "/v1/models", _zoo_file(tmp_path / "m.safetensors"), architecture="lenet-300-100")
+        dataset = c.post("/v1/datasets", json={"builtin": "digits"}).json()
+        jobs = []
+        for target, name in ((4, "compare low"), (12, "compare high")):
+            body = {"model_id": model["id"], "dataset_id": dataset["id"], "method": "dns", "name": name,
+                    "target": {"compression": target, "max_accuracy_drop": 50},
+                    "settings": {"iterations": 400}}  # fmt: skip
+            jobs.append(c.post("/v1/jobs", json=body).json())
+        done = [wait_for_state(c, job["id"], FINISHED) for job in jobs]
+    assert [job["state"] for job in done] == ["succeeded", "succeeded"], done
+
+    sign_in(browser, service)
+    for job in jobs:
+        selector = f'#jobs-table tr[data-job-id="{job["id"]}"] input[type=checkbox]'
+
+        def row_box(d: WebDriver, selector: str = selector) -> list[Any]:
+            return d.find_elements(By.CSS_SELECTOR, selector)
+
+        wait(browser, "the job's row", row_box)[0].click()
+    button = browser.find_element(By.ID, "compare-button")
+    assert button.text == "Compare 2" and button.is_enabled()
+    button.click()
+    wait(browser, "the comparison", lambda d: d.find_element(By.ID, "compare-view").is_displayed())
+    assert browser.current_url.endswith("#/compare/" + ",".join(job["id"] for job in jobs))
+
+    rows = wait(browser, "both rows", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#compare-table tbody tr")) == 2
+                and d.find_elements(By.CSS_SELECTOR, "#compare-table tbody tr"))  # fmt: skip
+    names = [r.find_element(By.CSS_SELECTOR, "[data-field=name]").text for r in rows]
+    assert names == ["compare low", "compare high"]
+    for chart in ("#compare-compression", "#compare-accuracy"):
+        path = f"{chart} path.series"
+
+        def two_lines(d: WebDriver, path: str = path) -> bool:
+            return len(d.find_elements(By.CSS_SELECTOR, path)) == 2
+
+        wait(browser, f"{chart}'s lines", two_lines)
+        assert [chart_points_of(browser, chart, i) > 1 for i in range(2)] == [True, True]
+    dots = browser.execute_script(
+        "return [...document.querySelectorAll('#compare-scatter circle.point-dot')].map(c => Number(c.dataset.x))"
+    )
+    reached = [job["result"]["compression"] for job in done]
+    assert len(dots) == 2 and sorted(round(x, 3) for x in dots) == sorted(round(x, 3) for x in reached), (dots, reached)
+    legend = browser.find_element(By.ID, "compare-legend").text
+    assert "compare low" in legend and "compare high" in legend
+    save_screenshot(browser, "dashboard-compare.png", tmp_path)
+
+
+def chart_points_of(driver: WebDriver, chart: str, index: int) -> int:
+    """Points of the ``index``-th line of ``chart``."""
+    n = driver.execute_script(
+        "const p = document.querySelectorAll(arguments[0] + ' path.series')[arguments[1]];"
+        "return p ? Number(p.dataset.points) : 0;",
+        chart,
+        index,
+    )
+    return int(n)

@@ -91,7 +91,8 @@ def _data(name: str, path: Path) -> Path:
 def _post_files(c: Any, files: list[Path]) -> dict[str, Any]:
     handles = [open(p, "rb") for p in files]  # noqa: SIM115 - closed below
     try:
-        r = c.post("/v1/models", files=[("file", (p.name, h)) for p, h in zip(files, handles, strict=True)])
+        parts = [("file", (p.name, h)) for p, h in zip(files, handles, strict=True)]
+        r = c.post("/v1/models", files=parts, params={"duplicate": "new"})
     finally:
         for h in handles:
             h.close()
@@ -188,7 +189,7 @@ def _dense(report: dict[str, Any]) -> list[str]:
 
 def _post_files_data(c: Any, path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
-        r = c.post("/v1/datasets", files={"file": (path.name, io.BufferedReader(f))})
+        r = c.post("/v1/datasets", files={"file": (path.name, io.BufferedReader(f))}, params={"duplicate": "new"})
     assert r.status_code == 201, r.text
     return dict(r.json())
 

@@ -49,8 +49,9 @@ def _zoo_file(path: Path) -> Path:
 
 
 def upload(c: httpx.Client, route: str, path: Path, **form: str) -> dict[str, Any]:
+    """Upload ``path`` as a new entry (duplicate=new: tests send the same zoo weights again and again)."""
     with open(path, "rb") as f:
-        r = c.post(route, files={"file": (path.name, f)}, data=form)
+        r = c.post(route, files={"file": (path.name, f)}, data=form, params={"duplicate": "new"})
     assert r.status_code == 201, r.text
     return dict(r.json())
 
