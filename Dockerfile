@@ -20,4 +20,4 @@ RUN useradd --create-home --uid 10001 netsurgery && mkdir -p /data && chown nets
 USER netsurgery
 ENV NETSURGERY_DATA_DIR=/data
 EXPOSE 8000
-CMD ["uvicorn", "--factory", "api.app:create_app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "--factory", "api.app:create_app", "--http", "api.server:JsonErrorsProtocol", "--host", "0.0.0.0", "--port", "8000"]

@@ -250,9 +250,10 @@ CLOSED_LOOP_VARIANTS: tuple[tuple[str, str, dict[str, str], int], ...] = (
 
 def _api(env: dict[str, str], port: int, logs: Any, workers: int) -> subprocess.Popen[bytes]:
     """The API (uvicorn with ``workers`` processes) on ``port`` with the settings in ``env``."""
-    return subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host",
-                             "127.0.0.1", "--port", str(port), "--log-level", "warning", "--workers", str(workers)],
-                            env=env, stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--http",
+            "api.server:JsonErrorsProtocol", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            "--workers", str(workers)]  # fmt: skip
+    return subprocess.Popen(argv, env=env, stdout=logs, stderr=subprocess.STDOUT)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -188,7 +188,10 @@ def embedded(host: str, port: int, *, with_worker: bool = True) -> Iterator[tupl
             stderr=subprocess.STDOUT,
             env=os.environ | {"NETSURGERY_DATA_DIR": str(s.data_dir)},
         )
-    server = uvicorn.Server(uvicorn.Config(create_app(s), host=host, port=port, log_level="warning"))
+    from api.server import JsonErrorsProtocol
+
+    config = uvicorn.Config(create_app(s), host=host, port=port, log_level="warning", http=JsonErrorsProtocol)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     url = f"http://{host}:{port}"

@@ -53,6 +53,7 @@ def test_commands_exist_and_order_is_right(compose: dict[str, Any]) -> None:
     services = compose["services"]
     api_command = " ".join(services["api"]["command"])
     assert api_command.index("netsurgery migrate") < api_command.index("uvicorn --factory api.app:create_app")
+    assert "--http api.server:JsonErrorsProtocol" in api_command  # a request uvicorn cannot parse gets JSON too
     parser = build_parser()
     parser.parse_args(["migrate"])  # the subcommands the file and its comments use exist
     parser.parse_args(shlex.split("admin create-tenant acme"))

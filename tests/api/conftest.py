@@ -138,7 +138,11 @@ HTTP_MAX_UPLOAD = 2 * 1024 * 1024
 @contextmanager
 def serve(app: Any) -> Iterator[str]:
     """Run ``app`` with uvicorn on a free loopback port in a background thread; its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
+    from api.server import JsonErrorsProtocol
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on", http=JsonErrorsProtocol
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
