@@ -35,7 +35,11 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 LayerName = Annotated[str, StringConstraints(min_length=1, max_length=NAME_LENGTH)]
 MAX_LAYER_ENTRIES = 1024
 # a job's name (free text, not unique) and its tags (short labels to filter on)
-JobName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_LENGTH)]
+#: printable text: no control characters (NUL cannot even be stored in Postgres text)
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+JobName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_LENGTH, pattern=PRINTABLE)
+]
 Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w.:/+=@-]+$")]
 MAX_TAGS = 32
 # the crate c_k of a layer: its threshold is max(μ_k + c_k·σ_k, 0)
@@ -291,20 +295,16 @@ class JobUpdate(_Create):
     """New labels for a job: the fields given replace the old ones (``"name": null`` clears the name)."""
 
     name: JobName | None = Field(default=None, description="The job's new name; null clears it.")
-    tags: list[Tag] | None = Field(default=None, max_length=MAX_TAGS, description="The job's tags, all of them.")
-
-    @model_validator(mode="after")
-    def _tags_are_a_list(self) -> JobUpdate:
-        if "tags" in self.model_fields_set and self.tags is None:
-            raise ValueError("tags must be a list (send [] to remove them all)")
-        return self
+    tags: list[Tag] = Field(
+        default_factory=list, max_length=MAX_TAGS, description="The job's tags, all of them ([] removes them)."
+    )
 
     def changes(self) -> dict[str, Any]:
         """The columns to write: only the fields the client sent."""
         changed: dict[str, Any] = {}
         if "name" in self.model_fields_set:
             changed["name"] = self.name
-        if "tags" in self.model_fields_set and self.tags is not None:
+        if "tags" in self.model_fields_set:
             changed["tags"] = unique(self.tags)
         return changed
 

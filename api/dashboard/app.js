@@ -510,6 +510,99 @@
     });
   }
 
+  // -------------------------------------------------------------------------------- uploads
+
+  /** POST a multipart form with the key, reporting the bytes sent (fetch cannot: XMLHttpRequest does). */
+  function sendForm(path, form, onProgress) {
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", new URL(path, ROOT));
+      xhr.setRequestHeader("Authorization", "Bearer " + (apiKey() || ""));
+      xhr.responseType = "json";
+      xhr.upload.addEventListener("progress", (event) => {
+        if (event.lengthComputable) onProgress(event.loaded, event.total);
+      });
+      xhr.addEventListener("load", () => {
+        const body = xhr.response || {};
+        if (xhr.status >= 200 && xhr.status < 300) resolve({ status: xhr.status, body });
+        else {
+          if (xhr.status === 401) forgetKey("The API key was not accepted (" + (body.detail || "401") + ").");
+          reject(new ApiError(xhr.status, body.error || "http_" + xhr.status, body.detail || xhr.statusText));
+        }
+      });
+      xhr.addEventListener("error", () => reject(new ApiError(0, "network", "the service cannot be reached")));
+      xhr.send(form);
+    });
+  }
+
+  async function upload(kind, event) {
+    event.preventDefault();
+    const form = event.target;
+    const status = $(`#${kind}-upload-status`);
+    const bar = $(`#${kind}-progress`);
+    const button = $(`#${kind === "model" ? "model-upload" : "data-upload"}`);
+    status.classList.remove("error");
+    const body = new FormData();
+    let path;
+    let json = null;
+    if (kind === "model") {
+      path = "v1/models";
+      for (const file of $("#model-files").files) body.append("file", file, file.name);
+      for (const key of ["architecture", "name", "config"]) {
+        const value = form.elements[key].value.trim();
+        if (value) body.append(key, value);
+      }
+    } else {
+      path = "v1/datasets";
+      const builtin = $("#data-builtin").value;
+      if (builtin) json = { builtin, ...(form.elements.name.value.trim() ? { name: form.elements.name.value.trim() } : {}) };
+      else {
+        const file = $("#data-file").files[0];
+        if (!file) {
+          status.textContent = "Choose a file, or a built-in set.";
+          status.classList.add("error");
+          return;
+        }
+        body.append("file", file, file.name);
+        const targets = $("#data-targets").files[0];
+        if (targets) body.append("targets", targets, targets.name);
+        if (form.elements.name.value.trim()) body.append("name", form.elements.name.value.trim());
+      }
+    }
+    button.disabled = true;
+    bar.hidden = json !== null;
+    bar.value = 0;
+    status.textContent = json ? "adding…" : "uploading…";
+    try {
+      let result;
+      if (json) result = { status: 201, body: await api(path, { method: "POST", json }) };
+      else {
+        result = await sendForm(path, body, (sent, total) => {
+          bar.value = total ? sent / total : 0;
+          status.textContent = `uploading… ${fmtBytes(sent)} of ${fmtBytes(total)}`;
+        });
+      }
+      const item = result.body;
+      bar.value = 1;
+      status.textContent =
+        result.status === 200
+          ? `You had uploaded this already: ${item.name} (${item.id.slice(0, 8)}); nothing new was stored.`
+          : `Added ${item.name} (${item.id.slice(0, 8)}).`;
+      form.reset();
+      await loadChoices(generation);
+      const select = $(kind === "model" ? "#model-select" : "#dataset-select");
+      if ([...select.options].some((o) => o.value === item.id)) select.value = item.id;
+    } catch (e) {
+      if (e.status !== 401) {
+        status.textContent = "Refused: " + describe(e);
+        status.classList.add("error");
+      }
+    } finally {
+      button.disabled = false;
+      bar.hidden = true;
+    }
+  }
+
   // --------------------------------------------------------------------------- the new-job form
 
   let formKey = randomKey(); // Idempotency-Key of the form as filled in now: a double submit makes one job
@@ -1300,16 +1393,16 @@
           event.preventDefault(); // a plain link cannot send the Authorization header
           download(path, art, status);
         });
-        let view = null;
+        let viewButton = null;
         if (art.name === "report.html") {
-          view = el("button", { type: "button", class: "link-button", id: "view-report" }, "View");
-          view.addEventListener("click", () => showReport(path, status));
+          viewButton = el("button", { type: "button", class: "link-button", id: "view-report" }, "View");
+          viewButton.addEventListener("click", () => showReport(path, status));
         }
         return el(
           "li",
           { "data-artifact": art.name },
           link,
-          view,
+          viewButton,
           el("span", { class: "muted" }, art.kind),
           el("span", {}, fmtBytes(art.size_bytes)),
           el("code", { title: "sha256 " + art.sha256 }, "sha256 " + art.sha256.slice(0, 12) + "…"),
@@ -1328,8 +1421,8 @@
       const response = await api(path, { raw: true });
       const html = await response.text();
       if (current !== view) return;
+      $("#report-box").hidden = false; // shown first: a frame filled while hidden is laid out at width 0
       $("#report-frame").srcdoc = html;
-      $("#report-box").hidden = false;
       $("#report-box").scrollIntoView({ block: "start" });
       status.textContent = "";
     } catch (e) {
@@ -1609,6 +1702,8 @@
     $("#key-form").addEventListener("submit", submitKey);
     $("#forget-key").addEventListener("click", () => forgetKey());
     $("#new-job-form").addEventListener("submit", submitJob);
+    $("#model-upload-form").addEventListener("submit", (event) => upload("model", event));
+    $("#data-upload-form").addEventListener("submit", (event) => upload("data", event));
     $("#new-job-form").addEventListener("input", () => {
       formKey = randomKey(); // a changed request is a new job
     });

@@ -31,12 +31,14 @@ FILES: Final = {
     "style.css": "text/css; charset=utf-8",
 }
 
-#: The page loads only its own script, and talks only to its own origin. Inline style is allowed for the
-#: job's report.html, which the page shows in a sandboxed frame (no script runs there) and which inherits
-#: this policy: its charts are SVG with style attributes.
+#: The page loads only its own script, and talks only to its own origin. The job's report.html is shown in
+#: a sandboxed frame (no script runs there) that inherits this policy: inline style is allowed for it (its
+#: charts are SVG with style attributes), and framing by the service's own pages (the frame keeps the page's
+#: origin, ``sandbox="allow-same-origin"`` without scripts, so that ``'self'`` admits it). No other site
+#: may frame the page.
 CONTENT_SECURITY_POLICY: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
-    "connect-src 'self'; frame-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    "connect-src 'self'; frame-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'self'"
 )
 
 

@@ -29,6 +29,7 @@ from api.deps import CeleryDep, CpuOnlyDep, JobCacheDep, SessionDep, SettingsDep
 from api.jobcache import JobCache
 from api.routes.common import Limit, Offset, responses
 from api.schemas import (
+    PRINTABLE,
     FrontierRead,
     JobCreate,
     JobPage,
@@ -121,7 +122,8 @@ def list_jobs(
     model_id: Annotated[uuid.UUID | None, Query(description="Only jobs on this model.")] = None,
     dataset_id: Annotated[uuid.UUID | None, Query(description="Only jobs on this data set.")] = None,
     name: Annotated[
-        str | None, Query(max_length=NAME_LENGTH, description="Only jobs whose name holds this (any case).")
+        str | None,
+        Query(max_length=NAME_LENGTH, pattern=PRINTABLE, description="Only jobs whose name holds this (any case)."),
     ] = None,
     tag: Annotated[Tag | None, Query(description="Only jobs with this tag.")] = None,
     limit: Limit = 50,

@@ -210,11 +210,11 @@ def test_a_budget_only_job_has_a_frontier_from_the_start(live: LiveServer, accou
 
 def test_fixed_crates_job(client: httpx.Client, account: Account) -> None:
     body = job_body(
-        account, method="dns-fixed-crates", target={"max_accuracy_drop": 2}, settings={"crates": {"W1": 0.5}}
-    )
+        account, method="dns-fixed-crates", target={"max_accuracy_drop": 2}, settings={"crates": {"gemm0": 0.5}}
+    )  # gemm0: the ONNX MLP's first Gemm, as the upload named its layers
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
-    assert r.json()["target"] == {"max_accuracy_drop": 2} and r.json()["settings"] == {"crates": {"W1": 0.5}}
+    assert r.json()["target"] == {"max_accuracy_drop": 2} and r.json()["settings"] == {"crates": {"gemm0": 0.5}}
     body.pop("target")
     assert client.post("/v1/jobs", json=body).status_code == 202
 
@@ -331,7 +331,7 @@ def test_names_tags_and_the_filters_of_the_list(live: LiveServer) -> None:
         assert ids(tag="lenet", name="2") == [sweep[2]["id"]]
         assert ids(model_id=account.model_id, method="dns", tag="nope") == []
         assert ids(dataset_id=account.dataset_id) == [j["id"] for j in (plain, agp, *sweep[::-1])]
-        for bad in ({"method": "prune"}, {"model_id": "x"}, {"tag": "a b"}, {"name": "n" * 256}):
+        for bad in ({"method": "prune"}, {"model_id": "x"}, {"tag": "a b"}, {"name": "n" * 256}, {"name": "a\x00"}):
             assert c.get("/v1/jobs", params=bad).status_code == 422, bad
 
         r = c.patch(f"/v1/jobs/{plain['id']}", json={"name": "renamed", "tags": ["b", "a", "b"]})
@@ -341,7 +341,9 @@ def test_names_tags_and_the_filters_of_the_list(live: LiveServer) -> None:
         assert (r.json()["name"], r.json()["tags"]) == ("renamed", [])
         r = c.patch(f"/v1/jobs/{plain['id']}", json={"name": None})
         assert r.json()["name"] is None and c.get(f"/v1/jobs/{plain['id']}").json()["name"] is None
-        for bad_body in ({"tags": None}, {"tags": ["x y"]}, {"name": ""}, {"state": "succeeded"}, {"tags": ["t"] * 33}):
+        bad_bodies = ({"tags": None}, {"tags": ["x y"]}, {"name": ""}, {"name": "a\x00b"}, {"state": "succeeded"},
+                      {"tags": ["t"] * 33})  # fmt: skip
+        for bad_body in bad_bodies:
             r = c.patch(f"/v1/jobs/{plain['id']}", json=bad_body)
             assert r.status_code == 422 and r.json()["error"] == "invalid_request", bad_body
         assert c.patch(f"/v1/jobs/{uuid.uuid4()}", json={"name": "x"}).status_code == 404

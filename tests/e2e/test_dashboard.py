@@ -311,7 +311,7 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
     browser.find_element(By.ID, "view-report").click()
     wait(browser, "the report", lambda d: d.find_element(By.ID, "report-box").is_displayed())
     frame = browser.find_element(By.ID, "report-frame")
-    assert frame.get_attribute("sandbox") == ""  # no script, form or navigation in it
+    assert frame.get_attribute("sandbox") == "allow-same-origin"  # no script, form, popup or navigation in it
     browser.switch_to.frame(frame)
     try:
         headings = wait(
@@ -319,7 +319,10 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
         )
         assert {"Summary", "Layers", "Files"} <= set(headings), headings
         charts = browser.find_elements(By.CSS_SELECTOR, "svg.chart")
-        assert len(charts) >= 3 and all(c.size["width"] > 100 for c in charts)  # drawn, styled, not blocked
+        widths = browser.execute_script(
+            "return [...document.querySelectorAll('svg.chart')].map(s => s.getBoundingClientRect().width)"
+        )
+        assert len(charts) >= 3 and all(w > 100 for w in widths), widths  # laid out and drawn
     finally:
         browser.switch_to.default_content()
 
@@ -733,3 +736,101 @@ def chart_points_of(driver: WebDriver, chart: str, index: int) -> int:
         index,
     )
     return int(n)
+
+
+@needs_browser
+def test_dashboard_uploads_a_model_and_data_with_a_progress_bar(
+    service: Service, browser: WebDriver, tmp_path: Path
+) -> None:
+    """The page's upload forms: a model (safetensors and its architecture) over a throttled link, whose
+    progress bar moves while the bytes go out; the same file again is the model already there; a data
+    file and a built-in set; each lands selected in the job form."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    np = pytest.importorskip("numpy")
+    import torch
+
+    from dns_core import models
+    from dns_core.io import save_model
+
+    torch.manual_seed(1234)  # weights of its own: the other tests' zoo file is already stored
+    weights = tmp_path / "upload-me.safetensors"  # about 1 MB
+    save_model(weights, models.build("lenet-300-100"), "lenet-300-100")
+    np.savez(tmp_path / "blobs.npz", inputs=np.zeros((64, 1, 28, 28), np.float32), targets=np.zeros(64, np.int64))
+    sign_in(browser, service)
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 400_000},  # bytes/s
+    )
+    browser.find_element(By.ID, "model-files").send_keys(str(weights))
+    browser.find_element(By.ID, "model-arch").send_keys("lenet-300-100")
+    browser.find_element(By.ID, "model-name").send_keys("from the page")
+    browser.find_element(By.ID, "model-upload").click()
+    seen: list[float] = []
+    deadline = time.monotonic() + 60
+    while not answered(browser, "model-upload-status"):
+        bar = browser.find_element(By.ID, "model-progress")
+        if bar.is_displayed():
+            seen.append(float(bar.get_attribute("value") or 0))
+        assert time.monotonic() < deadline, seen[-3:]
+        time.sleep(0.05)
+    browser.execute_cdp_cmd(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
+    status = browser.find_element(By.ID, "model-upload-status").text
+    assert status.startswith("Added from the page ("), status
+    assert any(0 < v < 1 for v in seen) and seen == sorted(seen), seen  # the bar moved forward while uploading
+    assert not browser.find_element(By.ID, "model-progress").is_displayed()
+    with service.client() as c:
+        models = c.get("/v1/models", params={"limit": 1000}).json()["items"]
+    model = next(m for m in models if m["name"] == "from the page")
+    assert model["architecture"] == "lenet-300-100"
+    assert (
+        Select(browser.find_element(By.ID, "model-select")).first_selected_option.get_attribute("value") == model["id"]
+    )
+
+    # the same bytes again: the model already there, nothing new stored
+    browser.find_element(By.ID, "model-files").send_keys(str(weights))
+    browser.find_element(By.ID, "model-arch").send_keys("lenet-300-100")
+    browser.find_element(By.ID, "model-upload").click()
+    again = wait(browser, "the second answer", lambda d: answered(d, "model-upload-status"))
+    assert again.startswith("You had uploaded this already:"), again
+    with service.client() as c:
+        assert c.get("/v1/models", params={"limit": 1000}).json()["total"] == len(models)
+
+    # a refusal says why
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00.")
+    browser.find_element(By.ID, "model-files").send_keys(str(tmp_path / "evil.pt"))
+    browser.find_element(By.ID, "model-upload").click()
+    refused = wait(browser, "the refusal", lambda d: answered(d, "model-upload-status"))
+    assert refused.startswith("Refused:") and "pickle" in refused, refused
+
+    # data: a file, then a built-in set
+    browser.find_element(By.ID, "data-file").send_keys(str(tmp_path / "blobs.npz"))
+    browser.find_element(By.ID, "data-name").send_keys("blobs")
+    browser.find_element(By.ID, "data-upload").click()
+    added = wait(browser, "the data", lambda d: answered(d, "data-upload-status"))
+    assert added.startswith("Added blobs ("), added
+    Select(browser.find_element(By.ID, "data-builtin")).select_by_value("digits")
+    browser.find_element(By.ID, "data-upload").click()
+    wait(
+        browser,
+        "the built-in set",
+        lambda d: d.find_element(By.ID, "data-upload-status").text.startswith("Added digits"),
+    )
+    with service.client() as c:
+        newest = c.get("/v1/datasets", params={"limit": 1}).json()["items"][0]
+    assert newest["builtin_name"] == "digits"
+    chosen = Select(browser.find_element(By.ID, "dataset-select")).first_selected_option.get_attribute("value")
+    assert chosen == newest["id"]
+
+
+def answered(driver: WebDriver, status: str) -> str | Literal[False]:
+    """An upload form's final answer (added, already there, refused), or False while it is still going."""
+    from selenium.webdriver.common.by import By
+
+    text: str = driver.find_element(By.ID, status).text
+    return text if text.startswith(("Added", "You had uploaded", "Refused")) else False

@@ -255,14 +255,28 @@ GLOBAL_LEAVES_DENSE = (("efficientnet", "onnx-torchscript"), ("mobilenet_v2", "h
 
 @pytest.mark.parametrize(("name", "door"), GLOBAL_LEAVES_DENSE)
 def test_the_allocation_setting_reaches_the_engine(service: Service, tmp_path: Path, name: str, door: str) -> None:
-    """The job setting ``allocation: global`` (one magnitude threshold, no band) through the API: the
-    small layers of large weights that the default ``balanced`` prunes come back whole, at 2x."""
+    """The job setting ``allocation: global`` (one magnitude threshold, no band) through the API: small
+    layers of large weights come back whole or nearly (95% kept or more), at 2x, where the same job with
+    the default ``balanced`` allocation prunes each of them (under 90% kept).
+
+    "Nearly": whether one weight of such a layer falls under the global threshold after training differs
+    with the CPU's floating-point kernels (MobileNetV2's stem depthwise 3x3 keeps 72 of 72 on some
+    machines and 71 of 72 on others); the comparison with the default is what shows the setting at work.
+    """
     if door.startswith("hf"):
         files = sorted(p for p in suite.write_suite_folder(name, tmp_path / name).iterdir() if p.is_file())
     else:
         files = _export(name, suite.SUITE[name](), tmp_path / "onnx", dynamo=door == "onnx-dynamo")
-    _, got = _compress(service, files, _data(name, tmp_path / "data.npz"), tmp_path / "out", allocation="global")
+    data = _data(name, tmp_path / "data.npz")
+    _, got = _compress(service, files, data, tmp_path / "out", allocation="global")
     report = json.loads(got["report.json"].read_text())
     assert report["settings"]["allocation"] == "global"
     assert abs(report["compression"] - ASKED) <= 0.05 * ASKED
-    assert _dense(report), "the single global ranking pruned every layer here"
+    _dense(report)  # the layers left dense on purpose are reported whole
+    kept = [r for r in report["layers"] if r["name"] not in report["left_dense"] and r["kept"] >= 0.95 * r["total"]]
+    assert kept, "the single global ranking pruned every layer here"
+    _, default = _compress(service, files, data, tmp_path / "out-default")
+    balanced = {r["name"]: r for r in json.loads(default["report.json"].read_text())["layers"]}
+    assert all(balanced[r["name"]]["kept"] < 0.9 * r["total"] for r in kept), [
+        (r["name"], r["kept"], balanced[r["name"]]["kept"], r["total"]) for r in kept
+    ]
