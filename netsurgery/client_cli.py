@@ -785,6 +785,7 @@ def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
     view = _JobView(job_id)
     job = c.job(job_id)  # an unknown job or an unreachable service fails here, at once
     view.update(job)
+    piped = _ProgressLines(job_id) if not console.is_terminal else None
     try:
         with Live(get_renderable=view.render, console=console, refresh_per_second=4) as live:
 
@@ -792,6 +793,8 @@ def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
                 nonlocal job
                 if latest["state"] != job["state"]:
                     live.console.print(f"job {job_id} {latest['state']}")
+                elif piped is not None and (line := piped.line(latest)):
+                    live.console.print(line)
                 job = latest
                 view.update(job)
 
@@ -827,6 +830,32 @@ def _watch(c: Client, job_id: str, shown_state: str | None = None) -> int:
         )
         return 130
     return _outcome(job)
+
+
+class _ProgressLines:
+    """``watch`` with its output not a terminal (a pipe, a file, CI): the live view shows nothing until the
+    end there, so each new validation accuracy is a plain line, and the progress at least every
+    :attr:`SECONDS`."""
+
+    SECONDS = 30.0
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.last_accuracy: float | None = None
+        self.last_at = time.monotonic()
+
+    def line(self, job: dict[str, Any]) -> str | None:
+        accuracy, now = job.get("val_accuracy"), time.monotonic()
+        if accuracy == self.last_accuracy and now - self.last_at < self.SECONDS:
+            return None
+        self.last_accuracy, self.last_at = accuracy, now
+        total = job.get("total_iterations")
+        parts = [f"iteration {job['iteration']:,}" + (f"/{total:,}" if total else "")]
+        if job.get("compression") is not None:
+            parts.append(f"{job['compression']:.2f}x")
+        if accuracy is not None:
+            parts.append(f"validation {accuracy:.2f}%")
+        return f"job {self.job_id} " + ", ".join(parts)
 
 
 def _follow_events(c: Client, job_id: str, job: dict[str, Any], show: Callable[[dict[str, Any]], None]) -> None:

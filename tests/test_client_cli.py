@@ -204,6 +204,8 @@ def test_upload_submit_watch_list_download(
     assert (rc, err) == (0, ""), out
     job_id = re.match(r"job (\S+) queued: dns to 5x within 100 pp, 300 iterations\n", out)[1]  # type: ignore[index]
     assert out.count(f"job {job_id} queued") == 1 and f"job {job_id} running\n" in out  # each state once
+    # not a terminal (captured): the evaluations come as plain lines while the job runs
+    assert re.search(rf"job {job_id} iteration [\d,]+/300, \d+\.\d\dx, validation \d+\.\d\d%\n", out), out
     assert re.search(r"succeeded .* 300/300 .*val \d+\.\d\d%\s+\d+\.\dx", out), out  # the final progress bar
     assert re.search(r"│ fc1 +│ +\d[\d,]* │ 235,500 │ +\d+\.\d\d │\n", out), out  # the per-layer table
     done = re.search(rf"job {job_id} succeeded: (\d+\.\d)x, validation accuracy \d+\.\d\d%, 300 iterations", out)

@@ -751,12 +751,12 @@ def test_dashboard_uploads_a_model_and_data_with_a_progress_bar(
     np = pytest.importorskip("numpy")
     import torch
 
-    from dns_core import models
+    from dns_core import models as zoo
     from dns_core.io import save_model
 
     torch.manual_seed(1234)  # weights of its own: the other tests' zoo file is already stored
     weights = tmp_path / "upload-me.safetensors"  # about 1 MB
-    save_model(weights, models.build("lenet-300-100"), "lenet-300-100")
+    save_model(weights, zoo.build("lenet-300-100"), "lenet-300-100")
     np.savez(tmp_path / "blobs.npz", inputs=np.zeros((64, 1, 28, 28), np.float32), targets=np.zeros(64, np.int64))
     sign_in(browser, service)
     browser.execute_cdp_cmd("Network.enable", {})
