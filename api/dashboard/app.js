@@ -24,10 +24,8 @@
   const POLL_LIST_MS = 2000;
   const PROGRESS_PAGE = 500;
   const LAYERS_PAGE = 100;
-  const MAX_DRAWN_POINTS = 1000;
   const ACTIVE = new Set(["queued", "running"]);
   const SEARCHING = new Set(["dns", "agp"]); // the methods that search when given only an accuracy budget
-  const SVG_NS = "http://www.w3.org/2000/svg";
   const JOB_HASH = /^#\/jobs\/([0-9a-fA-F-]{36})$/;
   const COMPARE_HASH = /^#\/compare\/([0-9a-fA-F,-]+)$/;
   const MAX_COMPARED = 12;
@@ -181,14 +179,6 @@
   /** An HTML element: el("td", {class: "num"}, "text", child, …). Strings become text nodes. */
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
-    setAttrs(node, attrs);
-    node.append(...children.filter((c) => c !== null && c !== undefined));
-    return node;
-  }
-
-  /** An SVG element, the same way. */
-  function svgEl(tag, attrs, ...children) {
-    const node = document.createElementNS(SVG_NS, tag);
     setAttrs(node, attrs);
     node.append(...children.filter((c) => c !== null && c !== undefined));
     return node;
@@ -1463,237 +1453,121 @@
   }
 
   // ------------------------------------------------------------------------------------- charts
+  // Drawn by plotly.js, served from the plotly package the service installs (/dashboard/plotly.min.js).
 
-  const CHART_W = 600;
-  const CHART_H = 280;
-  const MARGIN = { left: 62, right: 20, top: 16, bottom: 46 };
-  const MIDDLE = { "dominant-baseline": "middle" };
-
-  /** A "nice" step (1, 2 or 5 × 10^k) that cuts span into about count parts. */
-  function niceStep(span, count) {
-    const raw = span / Math.max(count, 1);
-    const magnitude = Math.pow(10, Math.floor(Math.log10(raw)));
-    const norm = raw / magnitude;
-    return (norm < 1.5 ? 1 : norm < 3 ? 2 : norm < 7 ? 5 : 10) * magnitude;
+  /** The series colours, as the page's style sheet names them (--s0 … --s5). */
+  function palette() {
+    const style = getComputedStyle(document.documentElement);
+    return [0, 1, 2, 3, 4, 5].map((i) => style.getPropertyValue("--s" + i).trim() || "#2360c4");
   }
 
-  function ticks(lo, hi, step) {
-    const out = [];
-    const first = Math.ceil(lo / step - 1e-9);
-    const last = Math.floor(hi / step + 1e-9);
-    for (let i = first; i <= last; i += 1) out.push(i * step + 0); // + 0: no "-0" label
-    return out;
-  }
+  const PLOT_CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["select2d", "lasso2d"] };
+  const FONT = { family: "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size: 12, color: "#1d232b" };
 
-  function tickFormatter(step) {
-    const decimals = Math.min(4, Math.max(0, -Math.floor(Math.log10(step) + 1e-9)));
-    return (v) => {
-      if (Math.abs(v) >= 10000 && decimals === 0) {
-        return (v / 1000).toLocaleString(undefined, { maximumFractionDigits: 1 }) + "k";
-      }
-      return v.toLocaleString(undefined, { minimumFractionDigits: decimals, maximumFractionDigits: decimals });
-    };
-  }
-
-  /** Keep at most max points: every k-th, and always the last. */
-  function thin(points, max) {
-    if (points.length <= max) return points;
-    const k = Math.ceil(points.length / max);
-    const out = points.filter((_, i) => i % k === 0);
-    if (out[out.length - 1] !== points[points.length - 1]) out.push(points[points.length - 1]);
-    return out;
-  }
-
-  /**
-   * A line chart with axes, ticks, grid and labels.
-   * spec: {series: [{name, points: [[x, y], …]}], xMax, xLabel, yLabel, yMin?, yMax?, clamp?: [lo, hi],
-   *        refs?: [{y, label}], empty?: text shown without points, dots?: a dot at every point}. Each series is a
-   *        <path class="series" data-points="n"> (none for a series with dotsOnly); dots are <circle class="point-dot">.
-   */
-  function lineChart(svg, spec) {
-    const W = CHART_W;
-    const H = CHART_H;
-    const plotW = W - MARGIN.left - MARGIN.right;
-    const plotH = H - MARGIN.top - MARGIN.bottom;
-    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-    const parts = [];
-    const points = spec.series.flatMap((s) => s.points);
-    const refs = spec.refs || [];
-
-    // x: iterations from 0 to the job's total (or the last point seen)
-    const xHi = Math.max(spec.xMax || 0, ...points.map((p) => p[0]), 1);
-    const xStep = niceStep(xHi, 6);
-    const sx = (x) => MARGIN.left + (x / xHi) * plotW;
-
-    // y: the data (and reference lines), padded, widened to whole ticks
-    const ys = points.map((p) => p[1]).concat(refs.map((r) => r.y));
+  function axisRange(spec) {
+    const ys = spec.series.flatMap((s) => s.points.map((p) => p[1])).concat((spec.refs || []).map((r) => r.y));
     let lo = spec.yMin !== undefined ? Math.min(spec.yMin, ...ys) : ys.length ? Math.min(...ys) : 0;
     let hi = spec.yMax !== undefined ? Math.max(spec.yMax, ...ys) : ys.length ? Math.max(...ys) : 1;
-    if (spec.yMin === undefined || spec.yMax === undefined) {
-      const pad = hi > lo ? (hi - lo) * 0.08 : Math.max(Math.abs(hi) * 0.05, 1);
-      if (spec.yMin === undefined) lo -= pad;
-      if (spec.yMax === undefined) hi += pad;
-    }
+    const pad = hi > lo ? (hi - lo) * 0.08 : Math.max(Math.abs(hi) * 0.05, 1);
+    if (spec.yMin === undefined) lo -= pad;
+    if (spec.yMax === undefined) hi += pad;
     if (spec.clamp) {
       lo = Math.max(lo, spec.clamp[0]);
       hi = Math.min(hi, spec.clamp[1]);
-      if (!ys.length) [lo, hi] = spec.clamp; // nothing yet: the whole range
+      if (!ys.length) [lo, hi] = spec.clamp;
     }
-    const yStep = niceStep(hi - lo || 1, 5);
-    if (spec.yMin === undefined) lo = Math.floor(lo / yStep + 1e-9) * yStep;
-    if (spec.yMax === undefined) hi = Math.ceil(hi / yStep - 1e-9) * yStep;
-    if (spec.clamp) {
-      lo = Math.max(lo, spec.clamp[0]);
-      hi = Math.min(hi, spec.clamp[1]);
-    }
-    if (hi <= lo) hi = lo + yStep;
-    const sy = (y) => MARGIN.top + plotH - ((y - lo) / (hi - lo)) * plotH;
-
-    // grid and y ticks
-    const yFmt = tickFormatter(yStep);
-    const yAxis = svgEl("g", { class: "axis axis-y" });
-    const yTicks = ticks(lo, hi, yStep);
-    if (!yTicks.length || yTicks[0] - lo > yStep * 0.3) yTicks.unshift(lo); // a fixed floor (1×) is labelled too
-    for (const v of yTicks) {
-      const y = sy(v).toFixed(1);
-      parts.push(svgEl("line", { class: "gridline", x1: MARGIN.left, x2: W - MARGIN.right, y1: y, y2: y }));
-      yAxis.append(
-        svgEl("line", { x1: MARGIN.left - 5, x2: MARGIN.left, y1: y, y2: y }),
-        svgEl("text", { class: "tick-label", x: MARGIN.left - 8, y, "text-anchor": "end", ...MIDDLE }, yFmt(v)),
-      );
-    }
-    yAxis.append(svgEl("line", { x1: MARGIN.left, x2: MARGIN.left, y1: MARGIN.top, y2: MARGIN.top + plotH }));
-    // x ticks
-    const xFmt = tickFormatter(xStep);
-    const xAxis = svgEl("g", { class: "axis axis-x" });
-    const base = MARGIN.top + plotH;
-    for (const v of ticks(0, xHi, xStep)) {
-      const x = sx(v).toFixed(1);
-      xAxis.append(
-        svgEl("line", { x1: x, x2: x, y1: base, y2: base + 5 }),
-        svgEl("text", { class: "tick-label", x, y: base + 18, "text-anchor": "middle" }, xFmt(v)),
-      );
-    }
-    xAxis.append(svgEl("line", { x1: MARGIN.left, x2: W - MARGIN.right, y1: base, y2: base }));
-    parts.push(yAxis, xAxis);
-    parts.push(
-      svgEl("text", { class: "axis-label", x: MARGIN.left + plotW / 2, y: H - 6, "text-anchor": "middle" }, spec.xLabel),
-      svgEl(
-        "text",
-        {
-          class: "axis-label",
-          x: 0,
-          y: 0,
-          "text-anchor": "middle",
-          transform: `translate(14 ${MARGIN.top + plotH / 2}) rotate(-90)`,
-        },
-        spec.yLabel,
-      ),
-    );
-
-    for (const ref of refs) {
-      const y = sy(ref.y).toFixed(1);
-      parts.push(
-        svgEl("line", { class: "ref-line", x1: MARGIN.left, x2: W - MARGIN.right, y1: y, y2: y }),
-        svgEl("text", { class: "ref-label", x: W - MARGIN.right - 4, y: Number(y) - 5, "text-anchor": "end" }, ref.label),
-      );
-    }
-
-    spec.series.forEach((series, i) => {
-      if (!series.points.length) return;
-      const cls = "s" + (i % 6);
-      if (spec.dots) {
-        // every point as a dot of its own, with its figures on hover
-        for (const p of series.points) {
-          parts.push(
-            svgEl(
-              "circle",
-              { class: "point-dot dot-" + cls, cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 4,
-                "data-series": series.name, "data-x": p[0], "data-y": p[1] },
-              svgEl("title", {}, `${series.name}: ${fmtNum(p[0], 1)}, ${fmtNum(p[1], 2)}`),
-            ),
-          );
-        }
-        if (series.dotsOnly) return;
-      }
-      const drawn = thin(series.points, MAX_DRAWN_POINTS);
-      const d = drawn.map((p, j) => (j ? "L" : "M") + sx(p[0]).toFixed(1) + " " + sy(p[1]).toFixed(1)).join(" ");
-      const lastPoint = drawn[drawn.length - 1];
-      parts.push(
-        svgEl("path", { class: "series " + cls, d, "data-series": series.name, "data-points": series.points.length }),
-        svgEl(
-          "circle",
-          { class: "series-dot dot-" + cls, cx: sx(lastPoint[0]).toFixed(1), cy: sy(lastPoint[1]).toFixed(1), r: 3.5 },
-          svgEl("title", {}, `${series.name} at iteration ${fmtInt(lastPoint[0])}: ${fmtNum(lastPoint[1], 2)}`),
-        ),
-      );
-    });
-    if (!points.length) {
-      parts.push(
-        svgEl(
-          "text",
-          { class: "chart-empty", x: MARGIN.left + plotW / 2, y: MARGIN.top + plotH / 2, "text-anchor": "middle" },
-          spec.empty || "",
-        ),
-      );
-    }
-    svg.replaceChildren(...parts);
-    svg.dataset.points = String(points.length);
+    return hi > lo ? [lo, hi] : [lo, lo + 1];
   }
 
   /**
-   * Kept of total weights per layer: the whole bar is the layer's weights before surgery, the
-   * filled part those kept after it, with the kept percentage.
+   * A line chart of spec.series ({name, points: [[x, y], …], dotsOnly}) with horizontal reference lines
+   * (spec.refs: {y, label}); every point is a marker of its own with spec.dots. The plot's traces (the
+   * graph div's ``data``) are the series, one per series, in order.
    */
-  function layersChart(svg, snapshot, emptyText) {
+  function lineChart(div, spec) {
+    const colours = palette();
+    const traces = spec.series.map((series, i) => ({
+      type: "scatter",
+      mode: series.dotsOnly ? "markers" : spec.dots ? "lines+markers" : "lines",
+      name: series.name,
+      x: series.points.map((p) => p[0]),
+      y: series.points.map((p) => p[1]),
+      line: { color: colours[i % 6], width: 2 },
+      marker: { color: colours[i % 6], size: spec.dots ? 8 : 5 },
+      hovertemplate: `${series.name}<br>%{x:,}: %{y:.2f}<extra></extra>`,
+    }));
+    const refs = spec.refs || [];
+    const points = spec.series.reduce((n, s) => n + s.points.length, 0);
+    const range = axisRange(spec);
+    // a reference outside the range (a budget floor under 0 %) keeps its label, at the edge it is beyond
+    const inside = (y) => y >= range[0] && y <= range[1];
+    const edge = (y) => Math.min(Math.max(y, range[0]), range[1]);
+    const layout = {
+      margin: { l: 58, r: 16, t: 12, b: 44 },
+      height: 280,
+      font: FONT,
+      showlegend: false, // the page draws each chart's legend itself
+      xaxis: {
+        title: { text: spec.xLabel },
+        range: [0, Math.max(spec.xMax || 0, ...spec.series.flatMap((s) => s.points.map((p) => p[0])), 1)],
+        zeroline: false,
+      },
+      yaxis: { title: { text: spec.yLabel }, range, zeroline: false },
+      shapes: refs.filter((r) => inside(r.y)).map((r) => ({
+        type: "line", xref: "paper", x0: 0, x1: 1, y0: r.y, y1: r.y,
+        line: { color: "#7a8594", width: 1, dash: "dash" },
+      })),
+      annotations: refs
+        .map((r) => ({
+          xref: "paper", x: 1, xanchor: "right", y: edge(r.y), yanchor: r.y > range[1] ? "top" : "bottom",
+          text: inside(r.y) ? r.label : `${r.label} (${r.y < range[0] ? "below" : "above"} the chart)`,
+          showarrow: false, font: { size: 11, color: "#5f6b7a" },
+        }))
+        .concat(points ? [] : [{ xref: "paper", yref: "paper", x: 0.5, y: 0.5, text: spec.empty || "", showarrow: false,
+                                 font: { size: 13, color: "#5f6b7a" } }]),
+      paper_bgcolor: "rgba(0,0,0,0)",
+      plot_bgcolor: "rgba(0,0,0,0)",
+    };
+    Plotly.react(div, traces, layout, PLOT_CONFIG);
+  }
+
+  /**
+   * Kept weights per layer as horizontal bars, each layer on its own scale: "before" (all its weights, 100%)
+   * behind "after" (the share kept). The counts are each bar's customdata: [kept, total].
+   */
+  function layersChart(div, snapshot, emptyText) {
     const layers = snapshot ? snapshot.layers : [];
-    const W = CHART_W;
-    const rowH = 30;
-    const gap = 14;
-    const longest = Math.max(4, ...layers.map((l) => Math.min(l.layer.length, 22)));
-    const labelW = Math.min(170, 12 + longest * 7.2);
-    const valueW = 150;
-    const barX = labelW + 8;
-    const barW = W - barX - valueW - 10;
-    const H = Math.max(60, 8 + layers.length * (rowH + gap));
-    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-    if (!layers.length) {
-      svg.replaceChildren(svgEl("text", { class: "chart-empty", x: W / 2, y: H / 2, "text-anchor": "middle" }, emptyText));
-      return;
-    }
-    const rows = layers.map((l, i) => {
-      const y = 4 + i * (rowH + gap);
-      const fraction = l.total ? l.kept / l.total : 0;
-      const keptW = barW * fraction;
-      const pct = (100 * fraction).toFixed(1) + "%";
-      const name = l.layer.length > 22 ? l.layer.slice(0, 21) + "…" : l.layer;
-      const inside = keptW > 48;
-      return svgEl(
-        "g",
-        { class: "layer-bar", "data-layer": l.layer, "data-kept": l.kept, "data-total": l.total },
-        svgEl("title", {}, `${l.layer}: ${fmtInt(l.kept)} of ${fmtInt(l.total)} weights kept (${pct})`),
-        svgEl("text", { class: "bar-label", x: barX - 8, y: y + rowH / 2, "text-anchor": "end", ...MIDDLE }, name),
-        svgEl("rect", { class: "bar-total", x: barX, y, width: barW.toFixed(1), height: rowH, rx: 3, "data-role": "before" }),
-        svgEl("rect", { class: "bar-kept", x: barX, y, width: keptW.toFixed(1), height: rowH, rx: 3, "data-role": "after" }),
-        svgEl(
-          "text",
-          {
-            class: inside ? "bar-pct" : "bar-value",
-            x: inside ? barX + keptW - 6 : barX + keptW + 6,
-            y: y + rowH / 2,
-            "text-anchor": inside ? "end" : "start",
-            "dominant-baseline": "middle",
-          },
-          pct,
-        ),
-        svgEl(
-          "text",
-          { class: "bar-value", x: barX + barW + 10, y: y + rowH / 2, "dominant-baseline": "middle" },
-          `${fmtInt(l.kept)} / ${fmtInt(l.total)}`,
-        ),
-      );
-    });
-    svg.replaceChildren(...rows);
+    const names = layers.map((l) => l.layer);
+    const counts = layers.map((l) => [l.kept, l.total]);
+    const share = (l) => (l.total ? (100 * l.kept) / l.total : 0);
+    const traces = [
+      {
+        type: "bar", orientation: "h", name: "before: all weights", y: names, x: layers.map(() => 100),
+        customdata: counts, marker: { color: "#dfe4ec" }, hoverinfo: "skip",
+        text: layers.map((l) => `${fmtInt(l.kept)} / ${fmtInt(l.total)}`), textposition: "inside",
+        insidetextanchor: "end", textfont: { color: "#5f6b7a" },
+      },
+      {
+        type: "bar", orientation: "h", name: "after: kept", y: names, x: layers.map(share), customdata: counts,
+        marker: { color: palette()[0] }, text: layers.map((l) => share(l).toFixed(1) + "%"), textposition: "inside",
+        insidetextanchor: "start", textfont: { color: "#ffffff" },
+        hovertemplate: "%{y}: %{customdata[0]:,} of %{customdata[1]:,} weights kept (%{x:.1f}%)<extra></extra>",
+      },
+    ];
+    const layout = {
+      barmode: "overlay",
+      margin: { l: 12, r: 16, t: 8, b: 40 },
+      height: Math.max(160, 60 + layers.length * 40),
+      font: FONT,
+      showlegend: false,
+      xaxis: { title: { text: "kept (%)" }, range: [0, 100] },
+      yaxis: { autorange: "reversed", automargin: true },
+      annotations: layers.length ? [] : [{ xref: "paper", yref: "paper", x: 0.5, y: 0.5, text: emptyText,
+                                           showarrow: false, font: { size: 13, color: "#5f6b7a" } }],
+      paper_bgcolor: "rgba(0,0,0,0)",
+      plot_bgcolor: "rgba(0,0,0,0)",
+    };
+    Plotly.react(div, traces, layout, PLOT_CONFIG);
   }
 
   // -------------------------------------------------------------------------------------- start

@@ -1,7 +1,8 @@
-"""The web dashboard: ``GET /`` redirects to ``/dashboard/``, which serves three static files.
+"""The web dashboard: ``GET /`` redirects to ``/dashboard/``, which serves four static files.
 
-The files (``api/dashboard/index.html``, ``app.js``, ``style.css``) are hand-written and need no
-build step; they are found beside this package through ``Path(__file__)``. They hold no data and
+Three (``api/dashboard/index.html``, ``app.js``, ``style.css``) are hand-written and need no build
+step; they are found beside this package through ``Path(__file__)``. The fourth, ``plotly.min.js``
+(the charts), is the file the pinned ``plotly`` package ships, served from where it is installed. They hold no data and
 need no key: the page asks for an API key once, keeps it in the tab's ``sessionStorage``, and
 sends it as ``Authorization: Bearer`` on every call to the ``/v1`` API, which does all the checking.
 
@@ -11,6 +12,7 @@ description: they are not part of the API a client programs against.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Final
 
@@ -29,7 +31,14 @@ FILES: Final = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "plotly.min.js": "text/javascript; charset=utf-8",
 }
+
+
+def plotly_js() -> Path:
+    """plotly.js, as the pinned ``plotly`` package ships it (the page's charts); never copied into the repository."""
+    return Path(str(resources.files("plotly") / "package_data" / "plotly.min.js"))
+
 
 #: The page loads only its own script, and talks only to its own origin. The job's report.html is shown in
 #: a sandboxed frame (no script runs there) that inherits this policy: inline style is allowed for it (its
@@ -53,7 +62,8 @@ def _static(name: str) -> FileResponse:
     }
     if name == "index.html":
         headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    return FileResponse(DASHBOARD_DIR / name, media_type=media_type, headers=headers)
+    path = plotly_js() if name == "plotly.min.js" else DASHBOARD_DIR / name
+    return FileResponse(path, media_type=media_type, headers=headers)
 
 
 @router.api_route("/", methods=["GET", "HEAD"])

@@ -112,17 +112,32 @@ def wait(driver: WebDriver, what: str, condition: Callable[[WebDriver], T | Lite
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; status line: {status!r}") from None
 
 
-def chart_points(driver: WebDriver, chart: str) -> int:
-    """Points in the chart's line: its ``data-points``, checked against the vertices of its path."""
-    found: dict[str, Any] | None = driver.execute_script(
-        """const p = document.querySelector(arguments[0] + ' path.series');
-        return p ? {n: Number(p.dataset.points), d: p.getAttribute('d')} : null;""",
+def plotted(driver: WebDriver, chart: str) -> list[dict[str, Any]]:
+    """The traces plotly.js drew in ``chart``: each one's name, mode, x and y (and customdata), and how
+    many of its points (markers or bars) are on the page as SVG."""
+    traces: list[dict[str, Any]] = driver.execute_script(
+        """const div = document.querySelector(arguments[0]);
+        if (!div || !div.data) return [];
+        const groups = [...div.querySelectorAll('.scatterlayer .trace, .barlayer .trace')];
+        return div.data.map((t, i) => ({name: t.name, mode: t.mode || t.type, x: Array.from(t.x || []),
+            y: Array.from(t.y || []), customdata: t.customdata ? Array.from(t.customdata) : null,
+            drawn: groups[i] ? groups[i].querySelectorAll('.point').length : 0,
+            line: groups[i] ? (groups[i].querySelector('path.js-line') || {getAttribute: () => ''}).getAttribute('d')
+                : ''}));""",
         chart,
     )
-    if found is None:
+    return traces
+
+
+def chart_points(driver: WebDriver, chart: str) -> int:
+    """Points in the chart's first line; every one of them is a vertex of its drawn path."""
+    traces = plotted(driver, chart)
+    if not traces or not traces[0]["x"]:
         return 0
-    assert len(re.findall(r"[ML]", found["d"])) == found["n"]  # every point is drawn (fewer than 1000 here)
-    return int(found["n"])
+    first = traces[0]
+    vertices = len(re.findall(r"[ML]", first["line"] or ""))
+    assert len(first["x"]) == 1 or vertices >= 2, first  # drawn, not only data
+    return len(first["x"])
 
 
 def live_path(driver: WebDriver) -> str | None:
@@ -276,21 +291,17 @@ def test_dashboard_starts_and_follows_a_job(service: Service, browser: WebDriver
     accuracy_labels = browser.find_element(By.ID, "chart-accuracy").text
     assert "reference" in accuracy_labels and "budget" in accuracy_labels
 
-    bars = browser.execute_script(
-        """return [...document.querySelectorAll('#layers-chart g.layer-bar')].map(g => ({
-            layer: g.dataset.layer, kept: Number(g.dataset.kept), total: Number(g.dataset.total),
-            before: Number(g.querySelector('rect.bar-total').getAttribute('width')),
-            after: Number(g.querySelector('rect.bar-kept').getAttribute('width')),
-            text: g.textContent}))"""
-    )
-    assert [b["layer"] for b in bars] == ["fc1", "fc2", "fc3"], bars
-    for bar in bars:
-        if bar["layer"] == "fc3":  # the head: small beside what 8x keeps, so kept dense, and drawn whole
-            assert bar["kept"] == bar["total"] and bar["after"] == bar["before"] > 0, bar
+    before, after = plotted(browser, "#layers-chart")
+    assert before["y"] == after["y"] == ["fc1", "fc2", "fc3"] and before["drawn"] == after["drawn"] == 3
+    text = browser.find_element(By.ID, "layers-chart").text
+    for name, (kept, total), share in zip(after["y"], after["customdata"], after["x"], strict=True):
+        if name == "fc3":  # the head: small beside what 8x keeps, so kept dense, and drawn whole
+            assert kept == total and share == 100, (name, kept, total)
         else:
-            assert 0 < bar["kept"] < bar["total"] and 0 < bar["after"] < bar["before"], bar
-        assert f"{100 * bar['kept'] / bar['total']:.1f}%" in bar["text"], bar
-    assert [b["total"] for b in bars] == [784 * 300 + 300, 300 * 100 + 100, 100 * 10 + 10]  # weights and biases
+            assert 0 < kept < total and 0 < share < 100, (name, kept, total)
+        assert abs(share - 100 * kept / total) < 1e-9 and f"{100 * kept / total:.1f}%" in text, (name, text)
+    totals = [total for _, total in after["customdata"]]
+    assert totals == [784 * 300 + 300, 300 * 100 + 100, 100 * 10 + 10]  # weights and biases
 
     links = wait(
         browser, "the artifact links", lambda d: d.find_elements(By.CSS_SELECTOR, "#artifacts a.artifact-link")
@@ -444,21 +455,21 @@ def test_dashboard_starts_a_budget_search_and_draws_its_frontier(
     with service.client() as c:
         assert c.get(f"/v1/jobs/{job_id}").json()["target"] == {"max_accuracy_drop": 2}
 
-    dots = "#chart-frontier circle.point-dot"
+    def dots(d: WebDriver) -> int:  # the frontier's points drawn on the page
+        return sum(t["drawn"] for t in plotted(d, "#chart-frontier"))
+
     seen: list[tuple[int, str | None]] = []
     deadline = time.monotonic() + 180
     while (state := page_state(browser)) not in FINISHED:
-        seen.append((len(browser.find_elements(By.CSS_SELECTOR, dots)), state))
+        seen.append((dots(browser), state))
         assert time.monotonic() < deadline, seen[-3:]
         time.sleep(0.2)
     assert state == "succeeded", browser.find_element(By.ID, "job-error").text
     assert any(n > 0 and s == "running" for n, s in seen), f"no dot while the job ran: {seen}"
     with service.client() as c:
         frontier = c.get(f"/v1/jobs/{job_id}/frontier").json()
-    wait(browser, "every rung's dot", lambda d: len(d.find_elements(By.CSS_SELECTOR, dots)) == len(frontier["points"]))
-    drawn = browser.execute_script(
-        "return [...document.querySelectorAll(arguments[0])].map(c => [c.dataset.series, Number(c.dataset.x)])", dots
-    )
+    wait(browser, "every rung's dot", lambda d: dots(d) == len(frontier["points"]))
+    drawn = [[t["name"], x] for t in plotted(browser, "#chart-frontier") for x in t["x"]]
     points = frontier["points"]
     expected = [["within budget" if p["within_budget"] else "over budget", p["compression"]] for p in points]
     assert sorted(drawn) == sorted(expected)
@@ -484,7 +495,8 @@ def test_dashboard_files_are_served_without_a_key_and_nothing_else(service: Serv
         assert page.headers["content-type"].startswith("text/html") and 'id="jobs-table"' in page.text
         csp = page.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "connect-src 'self'" in csp
-        for name, media_type in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        for name, media_type in (("app.js", "text/javascript"), ("style.css", "text/css"),
+                                 ("plotly.min.js", "text/javascript")):  # fmt: skip
             r = c.get(f"/dashboard/{name}")
             assert r.status_code == 200 and r.headers["content-type"].startswith(media_type), name
             assert r.headers["x-content-type-options"] == "nosniff"
@@ -710,32 +722,21 @@ def test_dashboard_compares_jobs_ticked_in_the_list(service: Service, browser: W
     names = [r.find_element(By.CSS_SELECTOR, "[data-field=name]").text for r in rows]
     assert names == ["compare low", "compare high"]
     for chart in ("#compare-compression", "#compare-accuracy"):
-        path = f"{chart} path.series"
 
-        def two_lines(d: WebDriver, path: str = path) -> bool:
-            return len(d.find_elements(By.CSS_SELECTOR, path)) == 2
+        def two_lines(d: WebDriver, chart: str = chart) -> bool:
+            traces = plotted(d, chart)
+            return len(traces) == 2 and all(len(t["x"]) > 1 and t["line"] for t in traces)
 
         wait(browser, f"{chart}'s lines", two_lines)
-        assert [chart_points_of(browser, chart, i) > 1 for i in range(2)] == [True, True]
-    dots = browser.execute_script(
-        "return [...document.querySelectorAll('#compare-scatter circle.point-dot')].map(c => Number(c.dataset.x))"
-    )
+        assert [t["name"].split(" (")[0] for t in plotted(browser, chart)] == ["compare low", "compare high"]
+    scatter = plotted(browser, "#compare-scatter")
+    dots = [x for t in scatter for x in t["x"]]
     reached = [job["result"]["compression"] for job in done]
-    assert len(dots) == 2 and sorted(round(x, 3) for x in dots) == sorted(round(x, 3) for x in reached), (dots, reached)
+    assert [t["drawn"] for t in scatter] == [1, 1]
+    assert sorted(round(x, 3) for x in dots) == sorted(round(x, 3) for x in reached), (dots, reached)
     legend = browser.find_element(By.ID, "compare-legend").text
     assert "compare low" in legend and "compare high" in legend
     save_screenshot(browser, "dashboard-compare.png", tmp_path)
-
-
-def chart_points_of(driver: WebDriver, chart: str, index: int) -> int:
-    """Points of the ``index``-th line of ``chart``."""
-    n = driver.execute_script(
-        "const p = document.querySelectorAll(arguments[0] + ' path.series')[arguments[1]];"
-        "return p ? Number(p.dataset.points) : 0;",
-        chart,
-        index,
-    )
-    return int(n)
 
 
 @needs_browser
