@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -311,3 +312,34 @@ def test_the_python_client_round_trip_and_its_errors(service: Service, tmp_path:
         c.jobs()
     with Client(f"http://127.0.0.1:{free_port()}", service.key) as c, pytest.raises(ApiError, match="cannot reach"):
         c.jobs()
+
+
+def test_ctrl_c_stops_the_embedded_serve_and_its_worker(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C in the terminal) stops `netsurgery serve` as SIGTERM does: the API and its worker."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NETSURGERY_")}
+    env |= {"NETSURGERY_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netsurgery", "serve", "--data-dir", "data", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+        )  # fmt: skip
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, log)
+        deadline = time.monotonic() + 30
+        while not (children := _children(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(children) == 1, children  # its worker
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in children), "the worker outlived serve"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
