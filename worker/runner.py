@@ -146,6 +146,10 @@ class _Watch:
             try:
                 with session_scope(self.ctx.sessions) as session:
                     ok = jobstate.heartbeat(session, self.job_id, self.attempt, self.ctx.owner, s.lease_seconds)
+                    # a beat between this attempt's own end and the watch's stop: nothing was lost
+                    ended = not ok and jobstate.ended_by(session, self.job_id, self.attempt)
+                if ended:
+                    return
                 if not ok:
                     log.warning("job %s attempt %s: lease lost; stopping", self.job_id, self.attempt)
                     self.lost = True

@@ -262,6 +262,13 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> str | None:
     raise RuntimeError(f"job {job_id}: state kept changing while a cancel was requested")
 
 
+def ended_by(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
+    """Whether the job has ended (succeeded, failed or cancelled) under ``attempt``: that attempt finished it,
+    so a heartbeat it still sends is late, not a lost lease."""
+    row = session.execute(select(Job.state, Job.attempt).where(Job.id == job_id)).first()
+    return row is not None and row.state in TERMINAL_STATES and row.attempt == attempt
+
+
 def attempt_status(session: Session, job_id: uuid.UUID, attempt: int) -> Literal["live", "cancel", "lost"]:
     """What a running attempt should do: go on (``live``), stop as cancelled (``cancel``: a cancel was
     requested), or stop without writing anything more (``lost``: the job is gone, or no longer running

@@ -337,3 +337,41 @@ def test_a_job_runs_on_cuda(factory: sessionmaker[Session], tmp_path: Path, zoo_
     job_id = _job(gpu, tenant, _upload_zoo_model(gpu, tenant, zoo_file), iterations=300)
     assert run_job(gpu, job_id) == "succeeded"
     assert 4.75 <= (_row(gpu, job_id).compression or 0) <= 5.25
+
+
+def test_a_heartbeat_after_the_attempt_finished_the_job_is_not_a_lost_lease(
+    ctx: WorkerContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The heartbeat thread may beat once between the attempt's own end and its stop: the job is no longer
+    running, but it was this attempt that ended it, so nothing is logged as lost (the job's log ends with
+    its outcome)."""
+    from worker.runner import _Watch
+
+    tenant = new_tenant(ctx.sessions)
+    job_id = _job(ctx, tenant, _upload_zoo_model(ctx, tenant, _zoo(ctx)))
+    with session_scope(ctx.sessions) as s:
+        attempt = jobstate.claim(s, job_id, ctx.owner, 60)
+        assert attempt is not None
+    with session_scope(ctx.sessions) as s:
+        assert jobstate.transition(s, job_id, "running", "succeeded", attempt=attempt)
+    with caplog.at_level("WARNING", logger="netsurgery.worker"), _Watch(ctx, job_id, attempt) as watch:
+        time.sleep(3 * ctx.settings.heartbeat_seconds)
+    assert not watch.lost and "lease lost" not in caplog.text
+
+    # a job taken over by another attempt is lost, and said so
+    other = _job(ctx, tenant, _upload_zoo_model(ctx, tenant, _zoo(ctx)))
+    with session_scope(ctx.sessions) as s:
+        first = jobstate.claim(s, other, ctx.owner, 60)
+        assert first is not None
+        s.execute(update(Job).where(Job.id == other).values(attempt=first + 1))
+    with caplog.at_level("WARNING", logger="netsurgery.worker"), _Watch(ctx, other, first) as watch:
+        deadline = time.monotonic() + 10
+        while not watch.lost and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert watch.lost and "lease lost" in caplog.text
+
+
+def _zoo(ctx: WorkerContext) -> Path:
+    path = Path(ctx.settings.data_dir) / f"zoo-{uuid.uuid4().hex[:6]}.safetensors"
+    save_model(path, models.build("lenet-300-100"), "lenet-300-100")
+    return path
