@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from service import estimates, keys, quotas
 from service.errors import Conflict, InvalidRequest, NotFound
-from service.orm import TERMINAL_STATES, Job
+from service.orm import TERMINAL_STATES, Job, Model
 from service.queue import enqueue_job
 from service.repositories import jobs, jobstate, models
 from service.settings import Settings
@@ -67,9 +67,11 @@ def create_job(
     active-jobs quota. A new job is committed, then enqueued; a replayed ``idempotency_key`` returns
     the job it created (False), or :class:`Conflict` if this request differs from that one.
     """
-    check_layer_names(session, tenant_id, request)
-    if cpu_only:
-        check_cpu_time(session, settings, tenant_id, request, idempotency_key)
+    model = models.rows.get(session, tenant_id, request.model_id)  # None: not the tenant's (the insert says so)
+    if model is not None:
+        check_layer_names(model, request)
+        if cpu_only:
+            check_cpu_time(session, settings, tenant_id, model, request, idempotency_key)
     quotas.check_job_quota(session, settings, tenant_id, idempotency_key)
     total = request.settings.get("iterations")
     job, created = jobs.create_job(
@@ -94,16 +96,15 @@ def create_job(
 LISTED_LAYERS = 24
 
 
-def check_layer_names(session: Session, tenant_id: uuid.UUID, request: JobRequest) -> None:
+def check_layer_names(model: Model, request: JobRequest) -> None:
     """:class:`~service.errors.InvalidRequest` if a layer name or pattern of the job matches no layer of its model.
 
     ``layer_kept`` (target), ``include``, ``exclude`` and ``crates`` (settings) name layers or glob
     patterns over them; each must match at least one of the prunable layers the upload found
-    (``models.layers``). Reads only. A model uploaded before the names were recorded, or one that is
-    not the tenant's (the insert answers that), passes: the worker checks the names when it runs.
+    (``models.layers``). A model uploaded before the names were recorded passes: the worker checks
+    the names when it runs.
     """
-    model = models.rows.get(session, tenant_id, request.model_id)
-    if model is None or not model.layers:
+    if not model.layers:
         return
     layers = [str(name) for name in model.layers]
     given: list[tuple[str, str, str]] = []  # (part of the body, field, pattern)
@@ -133,19 +134,20 @@ def check_layer_names(session: Session, tenant_id: uuid.UUID, request: JobReques
 
 
 def check_cpu_time(
-    session: Session, settings: Settings, tenant_id: uuid.UUID, request: JobRequest, idempotency_key: str | None
+    session: Session,
+    settings: Settings,
+    tenant_id: uuid.UUID,
+    model: Model,
+    request: JobRequest,
+    idempotency_key: str | None,
 ) -> None:
     """:class:`~service.errors.ExceedsCpuTimeLimit` if the job would train for longer than the CPU limit.
 
-    Reads only: call it before anything is written. A model without a FLOPs count, or one that is not
-    the tenant's (the insert answers that), passes; so does a replayed ``idempotency_key``, which
-    returns the job it created whatever the limit is now.
+    Reads only: call it before anything is written. A model without a FLOPs count passes; so does a
+    replayed ``idempotency_key``, which returns the job it created whatever the limit is now.
     """
     limit = settings.cpu_job_limit_seconds
-    if limit <= 0:
-        return
-    model = models.rows.get(session, tenant_id, request.model_id)
-    if model is None or model.flops_per_example is None:
+    if limit <= 0 or model.flops_per_example is None:
         return
     estimate = estimates.TrainingEstimate.of(settings, model.flops_per_example, request.settings)
     if estimate.seconds <= limit:
