@@ -156,7 +156,11 @@ class Target(_Create):
         description="Kept fraction per layer name or pattern, each in (0, 1].",
     )
     max_accuracy_drop: float | None = Field(
-        default=None, ge=0, le=100, description="Budget in percentage points of validation accuracy."
+        default=None,
+        ge=0,
+        le=100,
+        description="Budget in percentage points of validation accuracy. With dns or agp it comes first: a "
+        "compression the budget cannot hold is not handed over (the job lands on the highest one below that did).",
     )
 
     @model_validator(mode="after")
@@ -237,7 +241,9 @@ class JobCreate(_Create):
 
     Every method but ``dns-fixed-crates`` needs a target with ``compression`` or ``layer_kept``,
     or, for ``dns`` and ``agp``, ``max_accuracy_drop`` alone: the job then searches for the highest
-    compression within that budget and keeps a frontier of candidates. ``dns-fixed-crates`` is
+    compression within that budget and keeps a frontier of candidates. A ``dns`` or ``agp`` job given a
+    compression and a budget climbs the same way up to the compression: it lands there when the budget
+    holds it, else on the highest compression below that did. ``dns-fixed-crates`` is
     driven by its crates, so its target may carry only ``max_accuracy_drop`` (or be left out).
     """
 
@@ -395,11 +401,11 @@ class FrontierCandidate(BaseModel):
 
 
 class FrontierRead(BaseModel):
-    """A budget-only job's frontier: accuracy against compression, as the search reached it.
+    """The frontier of a dns or agp job with a budget: accuracy against compression, rung by rung.
 
     While the job runs, ``points`` grows with each rung; once it has succeeded, ``chosen`` is the
-    highest compression within budget (what ``model.sparse.safetensors`` holds) and ``candidates``
-    names the downloadable models.
+    highest compression within budget, up to the asked one if any (what ``model.sparse.safetensors``
+    holds), and ``candidates`` names the downloadable models.
     """
 
     job_id: uuid.UUID

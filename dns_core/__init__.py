@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .errors import ConfigError, InputError, NetsurgeryError
     from .rule import hysteresis_scores, layer_statistics, surgery_probability, threshold, update_mask
+    from .search import BudgetSearch
     from .spec import CompressSpec
     from .surgery import DNS, LayerReport, Ramp, ScheduledSurgery, Surgery, SurgeryError, Target, select_layers
-    from .train import AccuracyBudget, Callbacks, Cancelled, Progress, TrainConfig, evaluate, fit
+    from .train import Callbacks, Cancelled, Progress, TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
 
@@ -27,13 +28,14 @@ _WHERE = {
                     "rule"),
     **dict.fromkeys(["DNS", "LayerReport", "Ramp", "ScheduledSurgery", "Surgery", "SurgeryError", "Target",
                      "select_layers"], "surgery"),
-    **dict.fromkeys(["AccuracyBudget", "Callbacks", "Cancelled", "Progress", "TrainConfig", "evaluate", "fit"],
+    "BudgetSearch": "search",
+    **dict.fromkeys(["Callbacks", "Cancelled", "Progress", "TrainConfig", "evaluate", "fit"],
                     "train"),
 }  # fmt: skip
 
 __all__ = [
     "DNS",
-    "AccuracyBudget",
+    "BudgetSearch",
     "Callbacks",
     "Cancelled",
     "CompressSpec",

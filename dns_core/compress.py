@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from .data import Dataset
+from .defaults import SEARCH_METHODS
 from .errors import ConfigError
 from .methods import MethodSettings, default_schedule, make_surgery
-from .search import BudgetSearch, SearchSettings
+from .search import CEILING_TOLERANCE, BudgetSearch, SearchSettings
 from .surgery import ScheduledSurgery, Surgery, Target
 from .train import (
-    AccuracyBudget,
     Callbacks,
     Progress,
     TrainConfig,
@@ -90,24 +90,17 @@ def compress(
     ref_test = _accuracy(model, test, teacher)
     example = train.inputs[:2].to(device) if len(train) else None
     surgery = make_surgery(method, model, config.iterations, target, settings, seed=config.seed, example=example)
-    budget: AccuracyBudget | BudgetSearch | None = None
-    if target is not None and target.searching:
-        assert isinstance(surgery, ScheduledSurgery) and target.max_accuracy_drop is not None
-        if ref_val is None or valid.targets is None:
-            raise ConfigError("a job with only an accuracy budget needs labelled validation data to search with")
+    budget: BudgetSearch | None = None
+    labelled = ref_val is not None and valid.targets is not None
+    if target is not None and target.searching and not labelled:
+        raise ConfigError("a job with only an accuracy budget needs labelled validation data to search with")
+    if target is not None and target.max_accuracy_drop is not None and labelled and _holds_budget(method, target):
+        assert isinstance(surgery, ScheduledSurgery) and ref_val is not None
         budget = BudgetSearch(
             surgery, ref_val, target.max_accuracy_drop, config.iterations, settings=search,
             evaluate_test=(lambda: evaluate(model, test)) if test is not None and test.targets is not None else None,
+            cap=target.compression,
         )  # fmt: skip
-    elif (
-        isinstance(surgery, ScheduledSurgery)
-        and target is not None
-        and target.compression is not None  # a back-off lowers an overall target
-        and target.max_accuracy_drop is not None
-        and ref_val is not None
-        and valid.targets is not None
-    ):
-        budget = AccuracyBudget(surgery, ref_val, target.max_accuracy_drop, settle=max(config.iterations // 10, 1))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = fit(
@@ -183,14 +176,28 @@ def compress(
     return CompressResult(model, report, candidates)
 
 
+def _holds_budget(method: str, target: Target) -> bool:
+    """Whether ``method`` climbs to ``target`` in rungs that each end judged within the budget.
+
+    Methods that can aim at new compressions mid-run (:data:`SEARCH_METHODS`) do, for an overall
+    compression or a budget alone. Per-layer kept fractions, and the other methods, run their own
+    schedule; their budget is judged on the finished model only.
+    """
+    return method in SEARCH_METHODS and target.layer_kept is None
+
+
 def search_verdict(report: dict[str, Any]) -> str:
     """One sentence on a budget search's outcome."""
     budget = report["target"]["max_accuracy_drop"]
     ref, val = report["reference_val_acc"], report["val_acc"]
     moved = f"validation {ref:.2f}% → {val:.2f}%" if ref is not None and val is not None else "no validation figure"
+    asked = report["target"].get("compression")
     if report["budget_met"]:
+        if asked is not None and report["compression"] >= asked * (1 - CEILING_TOLERANCE):
+            return f"{report['compression']:.1f}x as asked, within the {budget:g}-point budget ({moved})."
         found = f"{report['compression']:.1f}x is the highest compression found"
-        return f"{found} within the {budget:g}-point budget ({moved})."
+        out_of_reach = f"{asked:g}x is out of reach within the {budget:g}-point budget: " if asked is not None else ""
+        return f"{out_of_reach}{found}{'' if asked is not None else f' within the {budget:g}-point budget'} ({moved})."
     return (
         f"No compression of {SearchSettings().floor:g}x or more stayed within the {budget:g}-point budget: "
         f"the model handed over is at {report['compression']:.1f}x ({moved})."

@@ -16,12 +16,23 @@ reach, high ones need the time.
 
 The result is the highest compression that held. When no rung from ``floor`` up holds, the last
 rung's state is handed over and the run says it missed the budget.
+
+A job that asks for a compression *and* a budget climbs the same ladder with the asked compression
+as its ceiling (``cap``): the path is the budget-only run's until the next aim would pass the cap,
+which is then aimed at exactly. Once a rung at the ceiling holds, what is left of the run becomes
+one last rung at the same compression, and the more accurate of the two (on validation) is the
+result, so a job uses the iterations it was given. The job lands on the asked compression when a
+rung there holds the budget, and otherwise on the highest one below it that did, never on a
+state judged mid-run. After a miss at the cap, the next aim is halfway (geometrically) between
+what held and the cap. A capped search with too few iterations for every rung climbs in fewer,
+the first one higher, so that the ladder still reaches the cap.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +47,8 @@ from .train import Controller, TrainConfig
 
 #: the fewest iterations a rung may have
 MIN_RUNG = 20
+#: a rung that lands this close below the ceiling (relatively) has reached it (kept counts are whole)
+CEILING_TOLERANCE = 0.005
 
 
 @dataclass
@@ -75,6 +88,26 @@ class SearchSettings:
             raise ConfigError("rung fractions must satisfy 0 ≤ warmup < ramp ≤ surgery ≤ 1")
 
 
+def _rung_bounds(iterations: int, rungs: int, growth: float) -> tuple[list[int], int]:
+    """The first iteration of each rung and the end of the last, and the shortest rung's length."""
+    weights = [growth**r for r in range(rungs)]
+    ends = [round(iterations * sum(weights[: r + 1]) / sum(weights)) for r in range(rungs)]
+    bounds = [0, *ends]  # rung r runs over [bounds[r], bounds[r + 1])
+    return bounds, min(b - a for a, b in itertools.pairwise(bounds))
+
+
+def _best_per_compression(
+    candidates: list[tuple[FrontierPoint, dict[str, Any]]],
+) -> list[tuple[FrontierPoint, dict[str, Any]]]:
+    """One candidate per compression (the most accurate on validation), the highest compression first."""
+    best: dict[float, tuple[FrontierPoint, dict[str, Any]]] = {}
+    for point, state in candidates:
+        held = best.get(point.compression)
+        if held is None or point.val_acc > held[0].val_acc:
+            best[point.compression] = (point, state)
+    return sorted(best.values(), key=lambda c: c[0].compression, reverse=True)
+
+
 class BudgetSearch(Controller):
     """Drives ``surgery`` up the ladder of compressions within ``max_drop`` of ``reference_acc``.
 
@@ -90,18 +123,23 @@ class BudgetSearch(Controller):
         *,
         settings: SearchSettings | None = None,
         evaluate_test: Callable[[], float | None] | None = None,
+        cap: float | None = None,
     ) -> None:
         self.surgery = surgery
         self.reference_acc = reference_acc
         self.max_drop = max_drop
         self.s = settings or SearchSettings()
-        weights = [self.s.growth**r for r in range(self.s.rungs)]
-        ends = [round(iterations * sum(weights[: r + 1]) / sum(weights)) for r in range(self.s.rungs)]
-        self.bounds = [0, *ends]  # rung r runs over [bounds[r], bounds[r + 1])
-        if min(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False)) < MIN_RUNG:
+        if cap is not None and cap < 1:
+            raise ConfigError(f"a search's cap is a compression of at least 1, got {cap}")
+        # a search toward an asked compression climbs in as many rungs as its iterations allow
+        fits = [r for r in range(self.s.rungs, 0, -1) if _rung_bounds(iterations, r, self.s.growth)[1] >= MIN_RUNG]
+        self.rungs = self.s.rungs if cap is None else (fits[0] if fits else 1)
+        self.bounds, shortest = _rung_bounds(iterations, self.rungs, self.s.growth)
+        if shortest < MIN_RUNG and cap is None:
+            weights = [self.s.growth**r for r in range(self.rungs)]
             needed = math.ceil(MIN_RUNG * sum(weights) / min(weights))
             raise ConfigError(
-                f"a budget search needs at least {needed} iterations ({self.s.rungs} rungs of at least {MIN_RUNG}); "
+                f"a budget search needs at least {needed} iterations ({self.rungs} rungs of at least {MIN_RUNG}); "
                 f"{iterations} were given"
             )
         self.evaluate_test = evaluate_test
@@ -111,10 +149,19 @@ class BudgetSearch(Controller):
         self.step = self.s.step
         self.good: dict[str, Any] | None = None  # the state to climb from (None: the reference's)
         self.done = False
+        self.polished = False  # the rest of the run went into one rung at the ceiling, once it held
         self.backoffs = 0
         other = surgery.model_total() - surgery.prunable_total()
         self.ceiling = surgery.model_total() / (other + 1)  # one selected weight left
-        self.aim = min(self.s.first, self.ceiling)
+        if cap is not None:
+            self.ceiling = min(self.ceiling, cap)
+        self.cap = cap
+        # fewer rungs than the ladder's (a capped search short of iterations) start higher, so that
+        # doubling from the first still reaches the ceiling
+        first = self.s.first
+        if self.rungs < self.s.rungs:
+            first = max(first, self.ceiling / self.s.step ** (self.rungs - 1))
+        self.aim = min(first, self.ceiling)
         self._start_rung(0)
 
     # -- the schedule of one rung ------------------------------------------------------------------
@@ -124,13 +171,13 @@ class BudgetSearch(Controller):
         return bisect.bisect_right(self.bounds, t) - 1
 
     def lr_at(self, t: int, cfg: TrainConfig) -> float:
-        r = min(self._rung(t), self.s.rungs - 1)
+        r = min(self._rung(t), self.rungs - 1)
         length = self.bounds[r + 1] - self.bounds[r]
         offset = t - self.bounds[r]
         warm = int(self.s.warmup * length)
+        span = max(length - warm, 1)
         if offset < warm:
             return cfg.lr * (offset + 1) / (warm + 1)
-        span = max(length - warm, 1)
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * min((offset - warm + 1) / span, 1.0)))
 
     def evaluates_at(self, done: int, cfg: TrainConfig) -> bool:
@@ -177,9 +224,7 @@ class BudgetSearch(Controller):
         if point.within_budget:
             self.held = max(self.held, point.compression)
             self.good = self._snapshot(model, opt)
-            self.candidates = sorted(
-                [*self.candidates, (point, self.good)], key=lambda c: c[0].compression, reverse=True
-            )[: self.s.keep]
+            self.candidates = _best_per_compression([*self.candidates, (point, self.good)])[: self.s.keep]
         else:
             self.backoffs += 1
             self.step = max(math.sqrt(self.step), self.s.resolution)
@@ -189,10 +234,22 @@ class BudgetSearch(Controller):
             if self.good is None and point.compression <= self.s.floor * self.s.resolution:
                 self.done = True  # nothing from the floor up holds the budget
         aim = min(max(self.held * self.step, self.s.floor), self.ceiling)
-        if rung + 1 >= self.s.rungs:
+        missed_ceiling = self.aim >= self.ceiling and not point.within_budget
+        if missed_ceiling and aim >= self.ceiling:
+            aim = math.sqrt(max(self.held, 1.0) * self.ceiling)  # not the missed ceiling again: halfway there
+        if rung + 1 >= self.rungs:
             self.done = True  # that was the last rung
-        if point.within_budget and self.held * self.s.resolution > self.ceiling:
-            self.done = True  # as high as this selection of layers goes
+        if self.held >= self.ceiling * (1 - CEILING_TOLERANCE) and not self.done:
+            if self.polished:
+                self.done = True  # the ceiling held, and the rest of the run has been spent on it
+            else:
+                # the ceiling held: what is left of the run becomes one last rung at the same
+                # compression, and the more accurate of the two states is the result
+                self.polished = True
+                self.bounds = [*self.bounds[: rung + 2], self.bounds[-1]]
+                self.rungs = len(self.bounds) - 1
+        elif missed_ceiling and self.held * self.s.resolution >= self.ceiling:
+            self.done = True  # the ceiling missed and no climb fits between it and what held
         if not self.done:
             self.aim = aim
             self._start_rung(t)
@@ -237,6 +294,8 @@ class BudgetSearch(Controller):
             "good": None if good_index is not None else self.good,
             "good_index": good_index,
             "done": self.done,
+            "polished": self.polished,
+            "bounds": list(self.bounds),
             "backoffs": self.backoffs,
             "aim": self.aim,
         }
@@ -254,3 +313,6 @@ class BudgetSearch(Controller):
         index = state["good_index"]
         self.good = state["good"] if index is None else self.candidates[int(index)][1]
         self.done = bool(state["done"])
+        self.polished = bool(state.get("polished", False))
+        self.bounds = [int(b) for b in state.get("bounds", self.bounds)]
+        self.rungs = len(self.bounds) - 1

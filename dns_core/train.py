@@ -6,7 +6,6 @@ only thing that differs between rows of the benchmark table is the :class:`~dns_
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from .checkpoint import load_state, save_state
 from .data import BatchStream, Dataset
 from .defaults import BATCH_SIZE, LR, OBJECTIVES
 from .errors import ConfigError
-from .surgery import LayerReport, ScheduledSurgery, Surgery
+from .surgery import LayerReport, Surgery
 
 
 class Cancelled(Exception):
@@ -191,8 +190,8 @@ class Controller:
     """What :func:`fit` asks of a controller that steers the surgery from validation accuracy.
 
     The defaults follow the run's own settings: the configured learning-rate schedule, evaluations
-    every ``eval_every`` iterations, and a run to the last iteration. :class:`AccuracyBudget`
-    overrides what it decides; :class:`dns_core.search.BudgetSearch` overrides them all.
+    every ``eval_every`` iterations, and a run to the last iteration.
+    :class:`dns_core.search.BudgetSearch` overrides them all.
     """
 
     backoffs = 0
@@ -225,112 +224,6 @@ class Controller:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-class AccuracyBudget(Controller):
-    """Keeps target-driven surgery inside an accuracy budget on validation data.
-
-    Validation accuracy on a few thousand examples is noisy (±0.4 points on 5,000), as large as a
-    typical budget, so mid-run decisions use the mean of the last ``window`` evaluations. At each:
-
-    - drop = reference accuracy − mean validation accuracy (percentage points);
-    - if drop ≤ ``max_drop``, the whole state (weights, masks, optimizer, schedule) is remembered
-      as the *last good* one;
-    - once the ramp has ended and ``settle`` iterations of recovery have passed, ``patience``
-      evaluations in a row with drop > ``max_drop + slack`` trigger a back-off: the last good
-      state is restored and the target is lowered to max(its compression, target × ``factor``),
-      reached by a new ramp over ``ramp_fraction`` of the iterations left (at most
-      ``max_backoffs`` times). ``slack`` (default: the budget again) allows for the learning rate
-      still being high mid-run; the end of the schedule usually wins that back;
-    - at the end of training the state is judged strictly, on one evaluation at the final (low)
-      learning rate: over budget, the last good state is the result.
-    """
-
-    def __init__(
-        self,
-        surgery: ScheduledSurgery,
-        reference_acc: float,
-        max_drop: float,
-        *,
-        settle: int = 1000,
-        patience: int = 2,
-        factor: float = 0.85,
-        ramp_fraction: float = 0.3,
-        max_backoffs: int = 3,
-        window: int = 3,
-        slack: float | None = None,
-    ) -> None:
-        self.surgery = surgery
-        self.reference_acc = reference_acc
-        self.max_drop = max_drop
-        self.settle, self.patience, self.factor = settle, patience, factor
-        self.ramp_fraction, self.max_backoffs = ramp_fraction, max_backoffs
-        self.window = window
-        self.slack = max_drop if slack is None else slack
-        self.recent: list[float] = []
-        self.strikes = 0
-        self.backoffs = 0
-        self.last_good: dict[str, Any] | None = None
-        self.last_good_compression = 0.0
-
-    def _snapshot(self, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        return copy.deepcopy(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "surgery": self.surgery.state_dict()}
-        )
-
-    def _restore(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        assert self.last_good is not None
-        state = copy.deepcopy(self.last_good)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        self.surgery.load_state_dict(state["surgery"])
-
-    def observe(self, t: int, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer, total: int) -> bool:
-        """Record an evaluation at iteration ``t``; True if it backed off."""
-        self.recent = [*self.recent, val_acc][-self.window :]
-        drop = self.reference_acc - sum(self.recent) / len(self.recent)
-        if drop <= self.max_drop:
-            self.strikes = 0
-            self.last_good = self._snapshot(model, opt)
-            self.last_good_compression = self.surgery.compression()
-            return False
-        if t < self.surgery.ramp.t1 + self.settle or drop <= self.max_drop + self.slack:
-            self.strikes = 0
-            return False
-        self.strikes += 1
-        if self.strikes < self.patience or self.last_good is None or self.backoffs >= self.max_backoffs:
-            return False
-        target = self.surgery.target.compression or self.surgery.compression()
-        self._restore(model, opt)
-        if self.last_good_compression < target * self.factor:
-            self.surgery.retarget(t, target * self.factor, t + int(self.ramp_fraction * (total - t)))
-        self.recent = []
-        self.strikes = 0
-        self.backoffs += 1
-        return True
-
-    def finish(self, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer) -> bool:
-        """At the end: fall back to the last good state if the final one breaks the budget."""
-        if self.reference_acc - val_acc <= self.max_drop or self.last_good is None:
-            return False
-        self._restore(model, opt)
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "recent": list(self.recent),
-            "strikes": self.strikes,
-            "backoffs": self.backoffs,
-            "last_good": self.last_good,
-            "last_good_compression": self.last_good_compression,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.recent = [float(v) for v in state["recent"]]
-        self.strikes = int(state["strikes"])
-        self.backoffs = int(state["backoffs"])
-        self.last_good = state["last_good"]
-        self.last_good_compression = float(state["last_good_compression"])
 
 
 @dataclass

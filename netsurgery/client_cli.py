@@ -882,14 +882,12 @@ def _follow_events(c: Client, job_id: str, job: dict[str, Any], show: Callable[[
 
 
 def _searched(job: dict[str, Any]) -> bool:
-    """A job asked only for an accuracy budget (it searched for the highest compression within it)."""
+    """A dns or agp job with an accuracy budget: it climbed a ladder of judged compressions (a frontier)."""
     target = job.get("target") or {}
     return (
-        target.get("compression") is None
-        and target.get("layer_kept") is None
-        and target.get("max_accuracy_drop") is not None
+        target.get("layer_kept") is None and target.get("max_accuracy_drop") is not None
         and job["method"] in SEARCH_METHODS
-    )
+    )  # fmt: skip
 
 
 def _result_lines(result: dict[str, Any]) -> list[str]:
@@ -1149,7 +1147,9 @@ def add_client_commands(sub: Subcommands) -> None:
     w.add_argument("job", metavar="JOB")
     w.set_defaults(func=cmd_watch)
 
-    f = sub.add_parser("frontier", help="a budget-only job's frontier: compression against accuracy, and candidates")
+    f = sub.add_parser(
+        "frontier", help="the frontier of a dns or agp job with a budget: compression against accuracy, and candidates"
+    )
     f.add_argument("job", metavar="JOB")
     f.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     f.set_defaults(func=cmd_frontier)

@@ -293,9 +293,11 @@ def _demo(args: argparse.Namespace, url: str, key: str) -> int:
     print(f"succeeded: {report['compression']:.1f}x ({report['nonzero_parameters']:,} of "
           f"{report['total_parameters']:,} parameters kept); test accuracy {report['reference_test_acc']:.2f}% → "
           f"{report['test_acc']:.2f}%")  # fmt: skip
-    if report.get("budget_met") is False:
+    if report.get("verdict"):
+        print(report["verdict"])
+    elif report.get("budget_met") is False:
         print(f"note: validation accuracy {report['reference_val_acc']:.2f}% → {report['val_acc']:.2f}%: the "
-              f"{args.max_drop} pp budget was not met ({report['backoffs']} back-off(s))")  # fmt: skip
+              f"{args.max_drop} pp budget was not met")  # fmt: skip
     for path in files.values():
         print(f"  {path}  {path.stat().st_size:>10,} bytes  sha256 verified")
     return 0

@@ -131,6 +131,34 @@ def test_bench_search_compares_budget_only_dns_with_agp_over_seeds(
     assert any(line.startswith("| lenet-300-100 | 400 |") for line in out)
 
 
+def test_bench_promise_checks_each_asked_job_against_the_budget_only_run(
+    fake_fashion: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "promise", "--quick", "--seeds", "1", "--iterations", "400"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])["summary"]["lenet-300-100"]
+    rows = json.loads(Path("docs/results/promise-quick.json").read_text())["results"]["rows"]
+    # per seed: the budget-only run, then one job per asked compression
+    assert [r["ask"] for r in rows] == [None, 10.0, 20.0, 80.0]
+    alone = rows[0]["compression"]
+    for r in rows[1:]:
+        assert r["alone"] == alone and r["compression"] <= r["ask"] * 1.001
+        drop = r["ref_val"] - r["val_again"]  # the handed-over model, evaluated again
+        assert r["kept"] == (not r["budget_met"] or drop <= 0.5)
+        assert r["near_alone"] == (r["compression"] >= 0.9 * min(r["ask"], alone))
+        if alone >= r["ask"] * 0.95:
+            assert r["landed"] == (abs(r["compression"] - r["ask"]) <= 0.05 * r["ask"])
+        else:
+            assert r["landed"] is None
+    asked = rows[1:]
+    assert summary["jobs"] == 3 and summary["median_alone"] == alone
+    assert summary["kept"] == sum(r["kept"] for r in asked)
+    assert summary["near_alone"] == sum(r["near_alone"] for r in asked)
+    assert summary["in_reach"] == sum(r["landed"] is not None for r in asked)
+    assert any(line.startswith("| lenet-300-100 | 400 |") for line in out)
+
+
 def test_bench_writes_a_results_file_with_the_run_its_figures_and_the_machine(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -215,6 +215,7 @@ def test_an_onnx_model_comes_back_as_onnx_that_onnxruntime_runs(
             "--iterations", "120", "--target", "3", "--max-drop", "100", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
+    candidates = {c["file"] for c in report["frontier"]["candidates"][1:]}  # the budget's lower rungs
     assert report["format"] == "onnx" and set(report["outputs"]) == {
         "model.onnx",
         "model.sparse.safetensors",
@@ -222,6 +223,7 @@ def test_an_onnx_model_comes_back_as_onnx_that_onnxruntime_runs(
         "compression.png",
         "accuracy.png",
         "layers.png",
+        *candidates,
     }
     exported = (out / "model.onnx").read_bytes()
     back = onnx.load_from_string(exported)

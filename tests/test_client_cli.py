@@ -247,8 +247,10 @@ def test_upload_submit_watch_list_download(
     assert (rc, err) == (0, "")
     with service.client() as c:
         listed = {a["name"]: a for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]}
+        candidates = {f["file"] for f in c.get(f"/v1/jobs/{job_id}/frontier").json()["candidates"][1:]}
+    assert candidates  # a compression with a budget: the lower rungs that held are candidates too
     assert set(listed) == {"model.safetensors", "model.sparse.safetensors", "model.sparse.int8.safetensors",
-                           *REPORT_FILES}  # fmt: skip
+                           *REPORT_FILES, *candidates}  # fmt: skip
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(listed)
     lines = out.splitlines()
     assert len(lines) == len(listed)

@@ -1080,7 +1080,7 @@
     renderCharts(view);
     renderFrontier(view);
     renderArtifacts(view);
-    if (isSearch(job)) refreshFrontier(view);
+    if (hasFrontier(job)) refreshFrontier(view);
     refreshLog(view);
   }
 
@@ -1186,10 +1186,16 @@
     ];
   }
 
-  /** A job asked only for an accuracy budget: it searches, and has a frontier. */
+  /** A job asked only for an accuracy budget: it searches for the highest compression within it. */
   function isSearch(job) {
     const t = job.target || {};
-    return t.compression == null && t.layer_kept == null && t.max_accuracy_drop != null && SEARCHING.has(job.method);
+    return t.compression == null && hasFrontier(job);
+  }
+
+  /** A dns or agp job with an accuracy budget climbs a ladder of judged compressions: it has a frontier. */
+  function hasFrontier(job) {
+    const t = job.target || {};
+    return t.layer_kept == null && t.max_accuracy_drop != null && SEARCHING.has(job.method);
   }
 
   /** Fetch the frontier again when the job moved on since the last fetch (one request at a time). */
@@ -1215,7 +1221,7 @@
   function renderFrontier(view) {
     const box = $("#frontier-box");
     const f = view.frontier;
-    box.hidden = !(view.job && isSearch(view.job));
+    box.hidden = !(view.job && hasFrontier(view.job));
     if (box.hidden) return;
     const points = f ? f.points : [];
     const within = points.filter((p) => p.within_budget).map((p) => [p.compression, p.val_acc]);

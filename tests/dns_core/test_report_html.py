@@ -86,8 +86,7 @@ def written(digits: tuple[Dataset, Dataset], tmp_path_factory: pytest.TempPathFa
     model = models.build("lenet-300-100")
     cfg = TrainConfig(iterations=60, batch_size=32, eval_every=10, log_every=4, device="cpu")
     result = compress(
-        model, train, valid, test=valid, method="dns", target=Target(compression=8.0, max_accuracy_drop=100.0),
-        config=cfg,
+        model, train, valid, test=valid, method="dns", target=Target(compression=8.0), config=cfg,
     )  # fmt: skip
     out = tmp_path_factory.mktemp("out")
     loaded = LoadedModel(model, "safetensors", arch="lenet-300-100")

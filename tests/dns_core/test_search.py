@@ -28,12 +28,14 @@ def reference(digits: tuple[Dataset, Dataset]) -> nn.Module:
     return train_reference("lenet-300-100", digits[0], epochs=15, device="cpu")
 
 
-def _search(method: str = "dns", iterations: int = 800, **settings: float) -> tuple[nn.Module, BudgetSearch]:
+def _search(
+    method: str = "dns", iterations: int = 800, cap: float | None = None, **settings: float
+) -> tuple[nn.Module, BudgetSearch]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-    surgery = make_surgery(method, model, iterations, Target(max_accuracy_drop=1.0))
+    surgery = make_surgery(method, model, iterations, Target(compression=cap, max_accuracy_drop=1.0))
     assert isinstance(surgery, ScheduledSurgery)
-    return model, BudgetSearch(surgery, 90.0, 1.0, iterations, settings=SearchSettings(**settings))  # type: ignore[arg-type]
+    return model, BudgetSearch(surgery, 90.0, 1.0, iterations, settings=SearchSettings(**settings), cap=cap)  # type: ignore[arg-type]
 
 
 def _end_rung(search: BudgetSearch, model: nn.Module, opt: torch.optim.Optimizer, val_acc: float) -> bool:
@@ -68,6 +70,96 @@ def test_the_ladder_climbs_while_the_budget_holds_and_steps_back_when_it_breaks(
     assert [p.compression for p, _ in search.candidate_states()] == sorted(
         (p.compression for p in search.frontier if p.within_budget), reverse=True
     )
+
+
+def test_an_asked_compression_caps_the_ladder_and_the_rest_of_the_run_polishes_it() -> None:
+    model, search = _search(cap=6.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _end_rung(search, model, opt, 89.5)  # 2x
+    _end_rung(search, model, opt, 89.6)  # 4x
+    assert search.aim == pytest.approx(6.0)  # 8x would pass the cap: the cap itself is next
+    last = search.bounds[-1]
+    _end_rung(search, model, opt, 89.2)  # 6x holds
+    assert not search.done and search.polished
+    assert search.rungs == 4 and search.bounds[-1] == last  # the rest of the run is one rung at 6x
+    assert search.aim == pytest.approx(6.0)
+    _end_rung(search, model, opt, 89.7)  # and it ends more accurate: that is the result
+    assert search.done
+    chosen = search.chosen()
+    assert chosen is not None and chosen.compression == pytest.approx(6.0, rel=0.01) and chosen.val_acc == 89.7
+    # one candidate per compression: the polished 6x, then 4x and 2x
+    assert [round(p.compression) for p, _ in search.candidate_states()] == [6, 4, 2]
+
+
+def test_a_polish_that_ends_worse_leaves_the_state_that_held() -> None:
+    model, search = _search(cap=4.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _end_rung(search, model, opt, 89.5)  # 2x
+    _end_rung(search, model, opt, 89.6)  # 4x holds: the rest of the run polishes it
+    _end_rung(search, model, opt, 89.3)  # within budget, but less accurate than the 4x that held first
+    assert search.done
+    chosen = search.chosen()
+    assert chosen is not None and chosen.val_acc == 89.6
+    assert search.finish(89.3, model, opt)  # that state comes back
+
+
+def test_a_polish_that_breaks_the_budget_is_rolled_back() -> None:
+    model, search = _search(cap=4.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _end_rung(search, model, opt, 89.5)  # 2x
+    _end_rung(search, model, opt, 89.6)  # 4x holds
+    held = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert _end_rung(search, model, opt, 85.0)  # the polish misses: the 4x state comes back, and the run ends
+    assert search.done
+    assert all(torch.equal(a, b) for a, b in zip(held.values(), model.state_dict().values(), strict=True))
+
+
+def test_a_cap_the_budget_cannot_hold_ends_on_the_highest_that_held() -> None:
+    model, search = _search(cap=4.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _end_rung(search, model, opt, 89.5)  # 2x
+    _end_rung(search, model, opt, 89.5)  # 4x: within 1.1x of the cap, so it is tried
+    assert search.held == pytest.approx(4.0, rel=0.01) and not search.done
+    assert search.aim == pytest.approx(4.3)
+    _end_rung(search, model, opt, 80.0)  # the cap misses, and no climb fits between it and 4x
+    assert search.done
+    chosen = search.chosen()
+    assert chosen is not None and chosen.compression == pytest.approx(4.0, rel=0.01)
+    model, search = _search(cap=6.3, step=1.4)
+    _end_rung(search, model, opt, 89.5)  # 2x
+    _end_rung(search, model, opt, 89.5)  # 2.8x
+    _end_rung(search, model, opt, 89.5)  # 3.92x
+    _end_rung(search, model, opt, 89.5)  # 5.49x
+    assert search.aim == pytest.approx(6.3)
+    _end_rung(search, model, opt, 80.0)  # the cap misses: room is left below it, but not the cap again
+    assert not search.done and search.aim == pytest.approx(math.sqrt(search.held * 6.3))
+
+
+def test_below_the_cap_the_ladder_is_the_budget_only_one() -> None:
+    accuracies = [89.5, 89.6, 85.0, 89.4, 85.0, 89.3, 85.0, 85.0]
+    paths = []
+    for cap in (None, 100.0):
+        model, search = _search(cap=cap)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        aims = []
+        for acc in accuracies:
+            aims.append(round(search.aim, 6))
+            _end_rung(search, model, opt, acc)
+            if search.done:
+                break
+        paths.append((aims, search.bounds, [round(p.compression, 3) for p in search.frontier]))
+    assert paths[0] == paths[1]
+
+
+def test_a_capped_search_with_few_iterations_climbs_in_fewer_rungs() -> None:
+    _, search = _search(iterations=60, cap=16.0)
+    assert search.rungs == 2 and search.bounds[0] == 0 and search.bounds[-1] == 60  # two rungs of 20 or more
+    assert search.aim == pytest.approx(8.0)  # the first one higher, so that one doubling reaches the cap
+    _, search = _search(iterations=12, cap=16.0)
+    assert search.rungs == 1 and search.bounds == [0, 12] and search.aim == pytest.approx(16.0)
 
 
 def test_rungs_grow_and_each_ends_at_a_low_learning_rate() -> None:
@@ -154,6 +246,43 @@ def test_a_budget_only_run_returns_the_highest_compression_within_budget(
     total = sum(p.numel() for p in twin.parameters())
     assert total / nonzero == pytest.approx(files[1]["compression"], rel=1e-6)
     assert total / nonzero < r["compression"]
+
+
+def test_an_ask_out_of_reach_lands_where_the_budget_only_run_does(
+    digits: tuple[Dataset, Dataset], reference: nn.Module
+) -> None:
+    train, valid = digits
+    ref = evaluate(reference, valid)
+    cfg = TrainConfig(iterations=800, device="cpu", eval_every=100)
+    runs = [
+        compress(copy.deepcopy(reference), train, valid, method="dns", target=target, config=cfg).report
+        for target in (Target(max_accuracy_drop=1.0), Target(compression=2000.0, max_accuracy_drop=1.0))
+    ]
+    alone, asked = runs
+    assert asked["compression"] < 2000 * 0.95 and asked["budget_met"] is True and ref - asked["val_acc"] <= 1.0
+    # the same ladder below the cap: the same rungs, judged alike, and the same model handed over
+    assert asked["frontier"]["points"] == alone["frontier"]["points"]
+    assert (asked["compression"], asked["val_acc"]) == (alone["compression"], alone["val_acc"])
+    assert asked["verdict"].startswith("2000x is out of reach within the 1-point budget: ")
+    assert f"{asked['compression']:.1f}x is the highest compression found" in asked["verdict"]
+
+
+def test_an_ask_within_reach_lands_on_it(digits: tuple[Dataset, Dataset], reference: nn.Module) -> None:
+    train, valid = digits
+    ref = evaluate(reference, valid)
+    cfg = TrainConfig(iterations=800, device="cpu", eval_every=100)
+    r = compress(
+        copy.deepcopy(reference), train, valid, method="agp", target=Target(compression=5.0, max_accuracy_drop=1.0),
+        config=cfg,
+    ).report  # fmt: skip
+    assert r["compression"] == pytest.approx(5.0, rel=0.01) and r["budget_met"] is True
+    assert ref - r["val_acc"] <= 1.0
+    points = r["frontier"]["points"]
+    assert [round(p["compression"], 1) for p in points] == [2.0, 4.0, 5.0, 5.0]
+    # the rest of the run polished the 5x state: the more accurate of the two is handed over
+    assert points[-1]["iteration"] == r["iterations"] == 800
+    assert r["frontier"]["chosen"]["val_acc"] == max(p["val_acc"] for p in points[2:])
+    assert r["verdict"].startswith("5.0x as asked, within the 1-point budget")
 
 
 def test_a_budget_that_nothing_meets_says_so(digits: tuple[Dataset, Dataset], reference: nn.Module) -> None:
