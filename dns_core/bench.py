@@ -252,6 +252,14 @@ def search_row(
     }
 
 
+def _search_reference(
+    arch: str, data: tuple[Dataset, Dataset, Dataset], quick: bool, iterations: int | None
+) -> tuple[torch.nn.Module, int]:
+    """The table's converged reference of ``arch`` (seed 0; 2 epochs when quick) and the runs' iterations."""
+    reference, _ = cached_reference(arch, data[0], tag="fashion-55k", epochs=2 if quick else 20, seed=0)
+    return reference, iterations or (3000 if quick else PLANS[arch].iterations)
+
+
 def search(
     archs: Sequence[str] = ("lenet-300-100", "lenet-5"),
     *,
@@ -272,9 +280,7 @@ def search(
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for arch in archs:
-        plan = PLANS[arch]
-        reference, _ = cached_reference(arch, data[0], tag="fashion-55k", epochs=2 if quick else 20, seed=0)
-        budget = iterations or (3000 if quick else plan.iterations)
+        reference, budget = _search_reference(arch, data, quick, iterations)
         per: dict[str, Any] = {}
         for method, schedules in (("dns", (None,)), ("agp", AGP_SEARCH_SCHEDULES)):
             best: dict[str, Any] | None = None
@@ -338,9 +344,7 @@ def promise(
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for arch in archs:
-        plan = PLANS[arch]
-        reference, _ = cached_reference(arch, data[0], tag="fashion-55k", epochs=2 if quick else 20, seed=0)
-        budget = iterations or (3000 if quick else plan.iterations)
+        reference, budget = _search_reference(arch, data, quick, iterations)
         per_arch = []
         for seed in seeds:
             alone = search_row(arch, "dns", reference, data, budget, max_drop, seed)
