@@ -193,11 +193,12 @@ def search_verdict(report: dict[str, Any]) -> str:
     moved = f"validation {ref:.2f}% → {val:.2f}%" if ref is not None and val is not None else "no validation figure"
     asked = report["target"].get("compression")
     if report["budget_met"]:
-        if asked is not None and report["compression"] >= asked * (1 - CEILING_TOLERANCE):
-            return f"{report['compression']:.1f}x as asked, within the {budget:g}-point budget ({moved})."
         found = f"{report['compression']:.1f}x is the highest compression found"
-        out_of_reach = f"{asked:g}x is out of reach within the {budget:g}-point budget: " if asked is not None else ""
-        return f"{out_of_reach}{found}{'' if asked is not None else f' within the {budget:g}-point budget'} ({moved})."
+        if asked is None:
+            return f"{found} within the {budget:g}-point budget ({moved})."
+        if report["compression"] >= asked * (1 - CEILING_TOLERANCE):
+            return f"{report['compression']:.1f}x as asked, within the {budget:g}-point budget ({moved})."
+        return f"{asked:g}x is out of reach within the {budget:g}-point budget: {found} ({moved})."
     return (
         f"No compression of {SearchSettings().floor:g}x or more stayed within the {budget:g}-point budget: "
         f"the model handed over is at {report['compression']:.1f}x ({moved})."

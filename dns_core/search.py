@@ -155,7 +155,6 @@ class BudgetSearch(Controller):
         self.ceiling = surgery.model_total() / (other + 1)  # one selected weight left
         if cap is not None:
             self.ceiling = min(self.ceiling, cap)
-        self.cap = cap
         # fewer rungs than the ladder's (a capped search short of iterations) start higher, so that
         # doubling from the first still reaches the ceiling
         first = self.s.first
@@ -175,9 +174,9 @@ class BudgetSearch(Controller):
         length = self.bounds[r + 1] - self.bounds[r]
         offset = t - self.bounds[r]
         warm = int(self.s.warmup * length)
-        span = max(length - warm, 1)
         if offset < warm:
             return cfg.lr * (offset + 1) / (warm + 1)
+        span = max(length - warm, 1)
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * min((offset - warm + 1) / span, 1.0)))
 
     def evaluates_at(self, done: int, cfg: TrainConfig) -> bool:
