@@ -22,7 +22,7 @@ from .data import Dataset, fashion_mnist_splits
 from .defaults import CRATE_DRIVEN
 from .reference import cached_reference
 from .spec import CompressSpec
-from .train import Callbacks, evaluate
+from .train import Callbacks, Progress, evaluate
 
 
 @dataclass(frozen=True)
@@ -224,13 +224,35 @@ def search_row(
         first_last="prune",  # as the table: every layer, one threshold over all of them
         allocation="global",
     )
+    evaluations: list[Progress] = []  # the run's evaluations on validation, in order
+
+    def on_progress(p: Progress) -> None:
+        if p.val_acc is not None:
+            evaluations.append(p)
+
     began = time.perf_counter()
-    result = spec.compress(copy.deepcopy(reference), train, valid, test=test, search=SearchSettings(**(schedule or {})))
+    result = spec.compress(
+        copy.deepcopy(reference),
+        train,
+        valid,
+        test=test,
+        search=SearchSettings(**(schedule or {})),
+        callbacks=Callbacks(on_progress=on_progress),
+    )
     r = result.report
     ref_val, ref_test = r["reference_val_acc"], r["reference_test_acc"]
     points = r["frontier"]["points"]
     # the highest compression of the frontier within budget on validation and on test alike
     both = [p for p in points if ref_val - p["val_acc"] <= max_drop and ref_test - p["test_acc"] <= max_drop]
+    # the first evaluation after fine-tuning starts: what the restart of the learning rate costs
+    first_eval = None
+    if evaluations and evaluations[0].val_acc is not None:
+        first = evaluations[0]
+        first_eval = {
+            "iteration": first.iteration,
+            "compression": round(first.compression or 1.0, 2),
+            "val_drop": round(ref_val - first.val_acc, 2),
+        }
     return {
         "model": arch,
         "method": method,
@@ -248,6 +270,7 @@ def search_row(
         "best_within_both": round(max((p["compression"] for p in both), default=1.0), 2),
         "iterations": r["iterations"],
         "seconds": round(time.perf_counter() - began, 1),
+        "first_eval": first_eval,
         "frontier": [[round(p["compression"], 2), p["val_acc"], p["test_acc"]] for p in points],
     }
 
@@ -297,6 +320,11 @@ def search(
                     "median_within_both": statistics.median(r["best_within_both"] for r in runs),
                     "budget_met": sum(bool(r["budget_met"]) for r in runs),
                     "within_both": sum(r["within_both"] for r in runs),
+                    "median_first_eval_drop": statistics.median(
+                        r["first_eval"]["val_drop"] for r in runs if r["first_eval"] is not None
+                    )
+                    if any(r["first_eval"] is not None for r in runs)
+                    else None,
                     "runs": len(runs),
                 }
                 if best is None or figures["median_within_both"] > best["median_within_both"]:
@@ -396,18 +424,23 @@ def format_promise(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _points(drop: float | None) -> str:
+    return "-" if drop is None else f"{drop:.2f} points"
+
+
 def format_search(summary: Mapping[str, Any]) -> str:
     lines = [
         "| model | iterations | DNS: median handed over | DNS: median within budget (val and test) | "
-        "AGP: the same, better timing | DNS / AGP |",
-        "|---|---|---|---|---|---|",
+        "AGP: the same, better timing | DNS / AGP | DNS: first evaluation, median drop |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arch, per in summary.items():
         d, a = per["dns"], per["agp"]
         lines.append(
             f"| {arch} | {per['iterations']:,} | {d['median_compression']:.1f}x | {d['median_within_both']:.1f}x "
             f"({d['within_both']}/{d['runs']} runs within on both) | {a['median_compression']:.1f}x / "
-            f"{a['median_within_both']:.1f}x ({a['within_both']}/{a['runs']}) | {per['dns_over_agp']:.2f} |"
+            f"{a['median_within_both']:.1f}x ({a['within_both']}/{a['runs']}) | {per['dns_over_agp']:.2f} | "
+            f"{_points(d['median_first_eval_drop'])} |"
         )
     return "\n".join(lines)
 

@@ -121,10 +121,15 @@ def test_bench_search_compares_budget_only_dns_with_agp_over_seeds(
             return max(held, default=1.0)
 
         assert best(-0.01) - 0.01 <= r["best_within_both"] <= best(0.01) + 0.01
+        # the first evaluation comes early in the first rung, at the first rung's aim (2x) or below
+        first = r["first_eval"]
+        assert 0 < first["iteration"] <= 400 // 25 and 1.0 <= first["compression"] <= 2.01
     for method in ("dns", "agp"):
         runs = [r for r in rows if r["method"] == method and r["schedule"] == summary[method]["schedule"]]
         ordered = sorted(r["best_within_both"] for r in runs)
         assert summary[method]["median_within_both"] == pytest.approx((ordered[0] + ordered[1]) / 2)
+        drops = sorted(r["first_eval"]["val_drop"] for r in runs)
+        assert summary[method]["median_first_eval_drop"] == pytest.approx((drops[0] + drops[1]) / 2)
     assert summary["dns_over_agp"] == pytest.approx(
         summary["dns"]["median_within_both"] / summary["agp"]["median_within_both"], abs=1e-3
     )
