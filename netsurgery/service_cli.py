@@ -202,10 +202,11 @@ def embedded(host: str, port: int, *, with_worker: bool = True) -> Iterator[tupl
             time.sleep(0.05)
         yield url, key, s
     finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)  # the worker and the API stop side by side
         server.should_exit = True
         thread.join(timeout=15)
         if worker is not None:
-            worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -226,14 +227,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _stop_on_sigterm()
     _use_data_dir(args.data_dir)
     with _serving(Path(_settings().data_dir)), embedded(args.host, args.port, with_worker=not args.no_worker) as up:
-        url, key, s = up
-        print(f"netsurgery is serving {url} (API docs at {url}/docs; data under {s.data_dir})")
-        print(f"API key: {key}")
-        print(f"one job, from another terminal:  netsurgery demo --url {url}   (or see the README)")
-        if not args.no_worker:
-            print(f"one worker is running (log: {Path(s.data_dir) / 'worker.log'}); Ctrl-C stops both")
-        sys.stdout.flush()
+        # from here on, Ctrl-C is a clean stop, even while the banner is being written
         try:
+            url, key, s = up
+            print(f"netsurgery is serving {url} (API docs at {url}/docs; data under {s.data_dir})")
+            print(f"API key: {key}")
+            print(f"one job, from another terminal:  netsurgery demo --url {url}   (or see the README)")
+            if not args.no_worker:
+                print(f"one worker is running (log: {Path(s.data_dir) / 'worker.log'}); Ctrl-C stops both")
+            sys.stdout.flush()
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
