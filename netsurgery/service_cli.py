@@ -221,6 +221,8 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    # and Ctrl-C stops it whatever this process inherited (a parent that ignores SIGINT passes that on)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
