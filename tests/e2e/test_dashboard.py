@@ -484,6 +484,51 @@ def test_dashboard_starts_a_budget_search_and_draws_its_frontier(
     save_screenshot(browser, "dashboard-frontier.png", tmp_path)
 
 
+@needs_browser
+def test_dashboard_draws_the_frontier_of_a_job_that_asks_a_compression_and_a_budget(
+    service: Service, browser: WebDriver, tmp_path: Path
+) -> None:
+    """A job that asks a compression within a budget climbs toward it in judged rungs: its page draws
+    the same frontier box as a budget-only job's, one dot per judged rung, and its verdict."""
+    from selenium.webdriver.common.by import By
+
+    from dns_core.data import load_digits
+    from dns_core.io import save_model
+    from dns_core.reference import train_reference
+
+    train, _ = load_digits()
+    save_model(tmp_path / "ref.safetensors", train_reference("lenet-300-100", train, epochs=15, device="cpu"),
+               "lenet-300-100")  # fmt: skip
+    with service.client() as c:
+        model = upload(c, "/v1/models", tmp_path / "ref.safetensors", architecture="lenet-300-100")
+        dataset = c.post("/v1/datasets", json={"builtin": "digits", "name": "digits"}).json()
+        target = {"compression": 6, "max_accuracy_drop": 2}
+        job = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": dataset["id"], "method": "dns",
+                                       "target": target, "settings": {"iterations": 3000}}).json()  # fmt: skip
+        assert job["target"] == target, job
+
+    sign_in(browser, service)
+    browser.get(f"{service.url}/dashboard/#/jobs/{job['id']}")
+    deadline = time.monotonic() + 180
+    while (state := page_state(browser)) not in FINISHED:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state == "succeeded", browser.find_element(By.ID, "job-error").text
+    with service.client() as c:
+        frontier = c.get(f"/v1/jobs/{job['id']}/frontier").json()
+        report = c.get(f"/v1/jobs/{job['id']}").json()
+    points = frontier["points"]
+    assert points and max(p["compression"] for p in points) <= 6 * 1.01, points  # the ask is the ceiling
+    wait(browser, "every rung's dot", lambda d: sum(t["drawn"] for t in plotted(d, "#chart-frontier")) == len(points))
+    assert browser.find_element(By.ID, "frontier-box").is_displayed()
+    drawn = sorted([t["name"], x] for t in plotted(browser, "#chart-frontier") for x in t["x"])
+    assert drawn == sorted(["within budget" if p["within_budget"] else "over budget", p["compression"]] for p in points)
+    verdict = wait(browser, "the verdict", lambda d: d.find_element(By.ID, "frontier-verdict").text)
+    assert verdict == frontier["verdict"], (verdict, frontier["verdict"], report.get("state"))
+    rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#frontier-candidates tbody tr")]
+    assert len(rows) == len(frontier["candidates"]) >= 1 and "(chosen)" in rows[0], rows
+
+
 def test_dashboard_files_are_served_without_a_key_and_nothing_else(service: Service) -> None:
     import httpx
 
