@@ -417,15 +417,8 @@ def test_dashboard_shows_a_failure_and_cancels_a_running_job(
         assert c.get(f"/v1/jobs/{long['id']}").json()["state"] == "cancelled"
 
 
-@needs_browser
-def test_dashboard_starts_a_budget_search_and_draws_its_frontier(
-    service: Service, browser: WebDriver, tmp_path: Path
-) -> None:
-    """The form with no compression and a drop starts a budget-only job; its page draws accuracy against
-    compression, one dot per judged rung, as the rungs end, then the verdict."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
-
+def _digits_reference_and_data(service: Service, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A converged LeNet-300-100 on the built-in digits, uploaded, and that data set: a job's inputs."""
     from dns_core.data import load_digits
     from dns_core.io import save_model
     from dns_core.reference import train_reference
@@ -436,7 +429,19 @@ def test_dashboard_starts_a_budget_search_and_draws_its_frontier(
     with service.client() as c:
         model = upload(c, "/v1/models", tmp_path / "ref.safetensors", architecture="lenet-300-100")
         dataset = c.post("/v1/datasets", json={"builtin": "digits", "name": "digits"}).json()
+    return model, dataset
 
+
+@needs_browser
+def test_dashboard_starts_a_budget_search_and_draws_its_frontier(
+    service: Service, browser: WebDriver, tmp_path: Path
+) -> None:
+    """The form with no compression and a drop starts a budget-only job; its page draws accuracy against
+    compression, one dot per judged rung, as the rungs end, then the verdict."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    model, dataset = _digits_reference_and_data(service, tmp_path)
     sign_in(browser, service)
     wait(browser, "the model choice", lambda d: d.execute_script(
         "return [...document.querySelectorAll('#model-select option')].some(o => o.value === arguments[0])",
@@ -492,16 +497,8 @@ def test_dashboard_draws_the_frontier_of_a_job_that_asks_a_compression_and_a_bud
     the same frontier box as a budget-only job's, one dot per judged rung, and its verdict."""
     from selenium.webdriver.common.by import By
 
-    from dns_core.data import load_digits
-    from dns_core.io import save_model
-    from dns_core.reference import train_reference
-
-    train, _ = load_digits()
-    save_model(tmp_path / "ref.safetensors", train_reference("lenet-300-100", train, epochs=15, device="cpu"),
-               "lenet-300-100")  # fmt: skip
+    model, dataset = _digits_reference_and_data(service, tmp_path)
     with service.client() as c:
-        model = upload(c, "/v1/models", tmp_path / "ref.safetensors", architecture="lenet-300-100")
-        dataset = c.post("/v1/datasets", json={"builtin": "digits", "name": "digits"}).json()
         target = {"compression": 6, "max_accuracy_drop": 2}
         job = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": dataset["id"], "method": "dns",
                                        "target": target, "settings": {"iterations": 3000}}).json()  # fmt: skip
