@@ -213,20 +213,20 @@ def embedded(host: str, port: int, *, with_worker: bool = True) -> Iterator[tupl
                 worker.kill()
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (what scripts and process managers send) stops ``serve`` as Ctrl-C does: the context
-    manager's exit then stops the API and the worker instead of leaving the worker orphaned."""
+def _stop_on_signals() -> None:
+    """SIGTERM (what scripts and process managers send) and SIGINT (Ctrl-C) both stop ``serve``: the
+    context manager's exit then stops the API and the worker instead of leaving the worker orphaned."""
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-    # and Ctrl-C stops it whatever this process inherited (a parent that ignores SIGINT passes that on)
+    # Python's own SIGINT handler, whatever this process inherited (a parent that ignores SIGINT passes that on)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _stop_on_sigterm()
+    _stop_on_signals()
     _use_data_dir(args.data_dir)
     with _serving(Path(_settings().data_dir)), embedded(args.host, args.port, with_worker=not args.no_worker) as up:
         # from here on, Ctrl-C is a clean stop, even while the banner is being written
