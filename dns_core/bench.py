@@ -290,6 +290,7 @@ def search(
     iterations: int | None = None,
     quick: bool = False,
     max_drop: float = 0.5,
+    settings: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Budget-only DNS against budget-only AGP (its better of two timings) on each model, over seeds.
@@ -297,7 +298,8 @@ def search(
     Both start from the table's converged reference (seed 0) with the same iterations; the seed
     changes the batch order and the surgery's draws. Per model and method: the median over seeds of
     the compression handed over, and of the highest frontier point within budget on validation and
-    on test alike; then DNS's median over AGP's.
+    on test alike; then DNS's median over AGP's. ``settings``: :class:`SearchSettings` fields for every run
+    (AGP's timings on top).
     """
     data = fashion_mnist_splits(seed=0)
     rows: list[dict[str, Any]] = []
@@ -310,12 +312,14 @@ def search(
             for schedule in schedules:
                 runs = []
                 for seed in seeds:
-                    row = search_row(arch, method, reference, data, budget, max_drop, seed, schedule)
+                    row = search_row(
+                        arch, method, reference, data, budget, max_drop, seed, {**(settings or {}), **(schedule or {})}
+                    )
                     log(json.dumps({k: v for k, v in row.items() if k != "frontier"}))
                     runs.append(row)
                 rows.extend(runs)
                 figures = {
-                    "schedule": dict(schedule or {}),
+                    "schedule": {**(settings or {}), **(schedule or {})},
                     "median_compression": statistics.median(r["compression"] for r in runs),
                     "median_within_both": statistics.median(r["best_within_both"] for r in runs),
                     "budget_met": sum(bool(r["budget_met"]) for r in runs),
@@ -353,6 +357,7 @@ def promise(
     quick: bool = False,
     max_drop: float = 0.5,
     asks: Mapping[str, Sequence[float]] | None = None,
+    settings: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Does the promise hold? Target-driven DNS jobs with a budget against the budget-only run, over seeds.
@@ -375,12 +380,12 @@ def promise(
         reference, budget = _search_reference(arch, data, quick, iterations)
         per_arch = []
         for seed in seeds:
-            alone = search_row(arch, "dns", reference, data, budget, max_drop, seed)
+            alone = search_row(arch, "dns", reference, data, budget, max_drop, seed, settings)
             alone["ask"] = None
             log(json.dumps({k: v for k, v in alone.items() if k != "frontier"}))
             per_arch.append(alone)
             for ask in (asks or PROMISE_ASKS)[arch]:
-                row = search_row(arch, "dns", reference, data, budget, max_drop, seed, compression=ask)
+                row = search_row(arch, "dns", reference, data, budget, max_drop, seed, settings, compression=ask)
                 reach = min(ask, alone["compression"])
                 in_reach = alone["compression"] >= ask * (1 - LANDING)
                 row |= {

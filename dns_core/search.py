@@ -74,6 +74,10 @@ class SearchSettings:
     resolution: float = 1.1  # the smallest climb
     floor: float = 2.0  # below this compression a run is not worth handing over
     warmup: float = 0.05  # linear warm-up of the learning rate at the start of each rung
+    #: the first rung's peak learning rate, relative to the run's, when it climbs no higher than ``first``:
+    #: halving a converged model needs little recovery, and a full restart knocks it out of its minimum
+    first_lr: float = 0.1
+    check: float = 1.5  # one evaluation in the first rung, just before its ramp passes this compression
     ramp: float = 0.4  # the kept count reaches the rung's compression here
     surgery: float = 0.6  # DNS prunes and splices at that count until here; then the masks freeze
     keep: int = 3  # candidates kept (the highest compressions within budget)
@@ -86,6 +90,8 @@ class SearchSettings:
             raise ConfigError("the search's step and resolution must be above 1, first and floor at least 1")
         if not 0 <= self.warmup < self.ramp <= self.surgery <= 1:
             raise ConfigError("rung fractions must satisfy 0 ≤ warmup < ramp ≤ surgery ≤ 1")
+        if not 0 < self.first_lr <= 1:
+            raise ConfigError("the first rung's learning rate is a fraction of the run's, in (0, 1]")
 
 
 def _rung_bounds(iterations: int, rungs: int, growth: float) -> tuple[list[int], int]:
@@ -161,7 +167,17 @@ class BudgetSearch(Controller):
         if self.rungs < self.s.rungs:
             first = max(first, self.ceiling / self.s.step ** (self.rungs - 1))
         self.aim = min(first, self.ceiling)
+        # a first rung that only halves the model starts gently (a capped search that starts higher needs the full rate)
+        self.first_scale = self.s.first_lr if self.aim <= self.s.first else 1.0
+        self.check_at: int | None = None  # the first rung's early evaluation (None: it never passes ``check``)
         self._start_rung(0)
+        ramp = surgery.ramp
+        other = surgery.model_total() - surgery.prunable_total()
+        for u in sorted({*range(ramp.t0, ramp.t1 + 1, surgery.interval), ramp.t1}):  # the ramp's mask updates
+            kept = round(ramp.kept(u, surgery.start_kept, surgery.final_kept))
+            if surgery.model_total() / (other + kept) > self.s.check:
+                self.check_at = u  # evaluated after u iterations, before the update that passes the check
+                break
 
     # -- the schedule of one rung ------------------------------------------------------------------
 
@@ -174,13 +190,14 @@ class BudgetSearch(Controller):
         length = self.bounds[r + 1] - self.bounds[r]
         offset = t - self.bounds[r]
         warm = int(self.s.warmup * length)
+        peak = cfg.lr * (self.first_scale if r == 0 else 1.0)
         if offset < warm:
-            return cfg.lr * (offset + 1) / (warm + 1)
+            return peak * (offset + 1) / (warm + 1)
         span = max(length - warm, 1)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min((offset - warm + 1) / span, 1.0)))
+        return 0.5 * peak * (1 + math.cos(math.pi * min((offset - warm + 1) / span, 1.0)))
 
     def evaluates_at(self, done: int, cfg: TrainConfig) -> bool:
-        return done in self.bounds[1:] or super().evaluates_at(done, cfg)
+        return done in self.bounds[1:] or done == self.check_at or super().evaluates_at(done, cfg)
 
     def finished(self, done: int) -> bool:
         return self.done

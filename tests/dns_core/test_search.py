@@ -167,10 +167,37 @@ def test_rungs_grow_and_each_ends_at_a_low_learning_rate() -> None:
     lengths = [b - a for a, b in zip(search.bounds, search.bounds[1:], strict=False)]
     assert sum(lengths) == 1000 and lengths == sorted(lengths) and lengths[-1] > 4 * lengths[0]
     cfg = TrainConfig(iterations=1000, lr=0.01)
-    for start, end in zip(search.bounds, search.bounds[1:], strict=False):
-        assert search.lr_at(end - 1, cfg) < 0.01 * 0.01  # the rung's last step: almost zero
-        assert max(search.lr_at(t, cfg) for t in range(start, end)) == pytest.approx(0.01, rel=0.02)
+    for r, (start, end) in enumerate(zip(search.bounds, search.bounds[1:], strict=False)):
+        peak = 0.01 * (0.1 if r == 0 else 1.0)  # the first rung, from the reference to 2x, at a tenth of the rate
+        assert search.lr_at(end - 1, cfg) < peak * 0.01  # the rung's last step: almost zero
+        assert max(search.lr_at(t, cfg) for t in range(start, end)) == pytest.approx(peak, rel=0.02)
         assert search.evaluates_at(end, cfg)
+
+
+def test_the_first_rung_is_gentle_only_when_it_halves_the_model() -> None:
+    cfg = TrainConfig(iterations=1000, lr=0.01)
+    _, search = _search(iterations=1000, rungs=4, first_lr=0.25)
+    assert max(search.lr_at(t, cfg) for t in range(search.bounds[1])) == pytest.approx(0.0025, rel=0.02)
+    _, search = _search(iterations=60, cap=16.0)  # two rungs, the first aimed at 8x: it needs the full rate
+    assert search.aim == pytest.approx(8.0)
+    assert max(search.lr_at(t, cfg) for t in range(search.bounds[1])) == pytest.approx(0.01, rel=0.05)
+    with pytest.raises(ConfigError, match="first rung's learning rate"):
+        SearchSettings(first_lr=0.0)
+
+
+def test_the_first_rung_is_evaluated_once_its_ramp_reaches_the_check() -> None:
+    model, search = _search(iterations=4000, rungs=4)
+    cfg = TrainConfig(iterations=4000, lr=0.01, eval_every=0)
+    at = search.check_at
+    assert at is not None and 0 < at < search.bounds[1]
+    assert [t for t in range(1, search.bounds[1]) if search.evaluates_at(t, cfg)] == [at]
+    for t in range(at):
+        search.surgery.step(t)
+    assert 1.2 < search.surgery.compression() <= 1.5  # pruning has begun, and it is still light
+    search.surgery.step(at)
+    assert search.surgery.compression() > 1.5  # the next update passes the check's compression
+    assert not search.observe(at, 89.0, model, torch.optim.SGD(model.parameters(), lr=0.1), 4000)  # no verdict
+    assert search.frontier == [] and search.aim == pytest.approx(2.0)
 
 
 def test_nothing_from_the_floor_up_within_budget_ends_the_search() -> None:
