@@ -310,16 +310,15 @@ def search(
         for method, schedules in (("dns", (None,)), ("agp", AGP_SEARCH_SCHEDULES)):
             best: dict[str, Any] | None = None
             for schedule in schedules:
+                merged = {**(settings or {}), **(schedule or {})}
                 runs = []
                 for seed in seeds:
-                    row = search_row(
-                        arch, method, reference, data, budget, max_drop, seed, {**(settings or {}), **(schedule or {})}
-                    )
+                    row = search_row(arch, method, reference, data, budget, max_drop, seed, merged)
                     log(json.dumps({k: v for k, v in row.items() if k != "frontier"}))
                     runs.append(row)
                 rows.extend(runs)
                 figures = {
-                    "schedule": {**(settings or {}), **(schedule or {})},
+                    "schedule": merged,
                     "median_compression": statistics.median(r["compression"] for r in runs),
                     "median_within_both": statistics.median(r["best_within_both"] for r in runs),
                     "budget_met": sum(bool(r["budget_met"]) for r in runs),

@@ -6,7 +6,9 @@ higher compression (DNS keeps pruning and splicing for a while after the ramp, a
 target-driven run), and ends with a recovery whose learning rate decays to zero, so that the
 strict evaluation at the rung's end judges a finished model, not a mid-run one at a high learning
 rate. Each rung is ``growth`` times longer than the one before: low compressions are cheap to
-reach, high ones need the time.
+reach, high ones need the time. The first rung, from the reference to 2x, runs at a tenth of the
+learning rate (``first_lr``), so that fine-tuning starts near where the reference's schedule ended;
+one evaluation in it, before its ramp passes 1.5x, shows what the restart costs.
 
 - Within budget on validation: the state is a point of the *frontier* and a candidate (the
   ``keep`` highest compressions stay), and the next rung climbs by ``step``.
@@ -74,8 +76,8 @@ class SearchSettings:
     resolution: float = 1.1  # the smallest climb
     floor: float = 2.0  # below this compression a run is not worth handing over
     warmup: float = 0.05  # linear warm-up of the learning rate at the start of each rung
-    #: the first rung's peak learning rate, relative to the run's, when it climbs no higher than ``first``:
-    #: halving a converged model needs little recovery, and a full restart knocks it out of its minimum
+    #: the first rung's peak learning rate, relative to the run's, when it climbs no higher than ``first`` and
+    #: rungs follow it: halving a converged model needs little recovery, and a full restart knocks it out of its minimum
     first_lr: float = 0.1
     check: float = 1.5  # one evaluation in the first rung, just before its ramp passes this compression
     ramp: float = 0.4  # the kept count reaches the rung's compression here
@@ -100,6 +102,17 @@ def _rung_bounds(iterations: int, rungs: int, growth: float) -> tuple[list[int],
     ends = [round(iterations * sum(weights[: r + 1]) / sum(weights)) for r in range(rungs)]
     bounds = [0, *ends]  # rung r runs over [bounds[r], bounds[r + 1])
     return bounds, min(b - a for a, b in itertools.pairwise(bounds))
+
+
+def _passes(surgery: ScheduledSurgery, compression: float) -> int | None:
+    """The first mask update of the current ramp that takes the model past ``compression`` (None: none does)."""
+    ramp = surgery.ramp
+    other = surgery.model_total() - surgery.prunable_total()
+    for u in sorted({*range(ramp.t0, ramp.t1 + 1, surgery.interval), ramp.t1}):
+        kept = round(ramp.kept(u, surgery.start_kept, surgery.final_kept))
+        if surgery.model_total() / (other + kept) > compression:
+            return u  # evaluated after u iterations: before that update
+    return None
 
 
 def _best_per_compression(
@@ -167,17 +180,11 @@ class BudgetSearch(Controller):
         if self.rungs < self.s.rungs:
             first = max(first, self.ceiling / self.s.step ** (self.rungs - 1))
         self.aim = min(first, self.ceiling)
-        # a first rung that only halves the model starts gently (a capped search that starts higher needs the full rate)
-        self.first_scale = self.s.first_lr if self.aim <= self.s.first else 1.0
-        self.check_at: int | None = None  # the first rung's early evaluation (None: it never passes ``check``)
+        # a first rung that only halves the model, with rungs after it, starts gently; a capped search that
+        # starts higher, or is a single rung, needs the full rate
+        self.first_scale = self.s.first_lr if self.rungs > 1 and self.aim <= self.s.first else 1.0
         self._start_rung(0)
-        ramp = surgery.ramp
-        other = surgery.model_total() - surgery.prunable_total()
-        for u in sorted({*range(ramp.t0, ramp.t1 + 1, surgery.interval), ramp.t1}):  # the ramp's mask updates
-            kept = round(ramp.kept(u, surgery.start_kept, surgery.final_kept))
-            if surgery.model_total() / (other + kept) > self.s.check:
-                self.check_at = u  # evaluated after u iterations, before the update that passes the check
-                break
+        self.check_at = _passes(surgery, self.s.check)  # the first rung's early evaluation
 
     # -- the schedule of one rung ------------------------------------------------------------------
 

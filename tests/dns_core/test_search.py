@@ -174,13 +174,16 @@ def test_rungs_grow_and_each_ends_at_a_low_learning_rate() -> None:
         assert search.evaluates_at(end, cfg)
 
 
-def test_the_first_rung_is_gentle_only_when_it_halves_the_model() -> None:
+def test_the_first_rung_is_gentle_only_when_it_halves_the_model_and_rungs_follow() -> None:
     cfg = TrainConfig(iterations=1000, lr=0.01)
     _, search = _search(iterations=1000, rungs=4, first_lr=0.25)
     assert max(search.lr_at(t, cfg) for t in range(search.bounds[1])) == pytest.approx(0.0025, rel=0.02)
     _, search = _search(iterations=60, cap=16.0)  # two rungs, the first aimed at 8x: it needs the full rate
     assert search.aim == pytest.approx(8.0)
     assert max(search.lr_at(t, cfg) for t in range(search.bounds[1])) == pytest.approx(0.01, rel=0.05)
+    _, search = _search(iterations=24, cap=2.0)  # one rung straight to 2x: the whole run, at the full rate
+    assert search.rungs == 1 and search.aim == pytest.approx(2.0)
+    assert max(search.lr_at(t, cfg) for t in range(24)) == pytest.approx(0.01, rel=0.05)
     with pytest.raises(ConfigError, match="first rung's learning rate"):
         SearchSettings(first_lr=0.0)
 
