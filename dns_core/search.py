@@ -107,10 +107,11 @@ def _rung_bounds(iterations: int, rungs: int, growth: float) -> tuple[list[int],
 def _passes(surgery: ScheduledSurgery, compression: float) -> int | None:
     """The first mask update of the current ramp that takes the model past ``compression`` (None: none does)."""
     ramp = surgery.ramp
-    other = surgery.model_total() - surgery.prunable_total()
+    total = surgery.model_total()
+    other = total - surgery.prunable_total()
     for u in sorted({*range(ramp.t0, ramp.t1 + 1, surgery.interval), ramp.t1}):
         kept = round(ramp.kept(u, surgery.start_kept, surgery.final_kept))
-        if surgery.model_total() / (other + kept) > compression:
+        if total / (other + kept) > compression:
             return u  # evaluated after u iterations: before that update
     return None
 
