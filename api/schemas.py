@@ -18,6 +18,7 @@ from dns_core.defaults import (
     CRATE_KNOBS,
     EDGE_SHARE,
     SEARCH_METHODS,
+    SEARCH_METHODS_TEXT,
     Allocation,
     BuiltinSet,
     Codec,
@@ -159,7 +160,7 @@ class Target(_Create):
         default=None,
         ge=0,
         le=100,
-        description="Budget in percentage points of validation accuracy. With dns or agp it comes first: a "
+        description="Budget in percentage points of validation accuracy. With dns, agp or han it comes first: a "
         "compression the budget cannot hold is not handed over (the job lands on the highest one below that did).",
     )
 
@@ -276,12 +277,12 @@ class JobCreate(_Create):
         elif not given and (self.target is None or self.target.max_accuracy_drop is None):
             raise ValueError(
                 f"method {self.method!r} needs a target with compression or layer_kept, or max_accuracy_drop alone "
-                f"(the highest compression within it, methods {' and '.join(SEARCH_METHODS)})"
+                f"(the highest compression within it, methods {SEARCH_METHODS_TEXT})"
             )
         elif not given and self.method not in SEARCH_METHODS:
             raise ValueError(
                 f"method {self.method!r} needs a target with compression or layer_kept; only "
-                f"{' and '.join(SEARCH_METHODS)} search for the highest compression within max_accuracy_drop alone"
+                f"{SEARCH_METHODS_TEXT} search for the highest compression within max_accuracy_drop alone"
             )
         knobs = [k for k in CRATE_KNOBS if getattr(self.settings, k) is not None]
         if knobs and self.method != CRATE_DRIVEN:
@@ -401,7 +402,7 @@ class FrontierCandidate(BaseModel):
 
 
 class FrontierRead(BaseModel):
-    """The frontier of a dns or agp job with a budget: accuracy against compression, rung by rung.
+    """The frontier of a dns, agp or han job with a budget: accuracy against compression, rung by rung.
 
     While the job runs, ``points`` grows with each rung; once it has succeeded, ``chosen`` is the
     highest compression within budget, up to the asked one if any (what ``model.sparse.safetensors``

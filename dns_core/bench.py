@@ -36,7 +36,7 @@ class ModelPlan:
     #: LeNet-5, which keeps the full table under 45 minutes on 2 cores
     iterations: int
     #: the table's rows hold their compression whatever it costs (None: no accuracy budget), as the paper's
-    #: table does; a budget makes dns and agp climb to the compression in judged rungs (``bench promise``)
+    #: table does; a budget makes dns, agp and han climb to the compression in judged rungs (``bench promise``)
     max_drop: float | None = None
 
 
@@ -268,7 +268,8 @@ def search_row(
         "val_again": round(evaluate(result.model, valid), 2),
         "within_both": bool(r["budget_met"]) and ref_test - r["test_acc"] <= max_drop,
         "best_within_both": round(max((p["compression"] for p in both), default=1.0), 2),
-        "iterations": r["iterations"],
+        "iterations": r["iterations"],  # run: a search that ends early runs fewer than its budget
+        "budget": iterations,
         "seconds": round(time.perf_counter() - began, 1),
         "first_eval": first_eval,
         "frontier": [[round(p["compression"], 2), p["val_acc"], p["test_acc"]] for p in points],
@@ -291,6 +292,7 @@ def search(
     quick: bool = False,
     max_drop: float = 0.5,
     settings: Mapping[str, Any] | None = None,
+    pair: tuple[str, str] = ("dns", "agp"),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Budget-only DNS against budget-only AGP (its better of two timings) on each model, over seeds.
@@ -298,8 +300,10 @@ def search(
     Both start from the table's converged reference (seed 0) with the same iterations; the seed
     changes the batch order and the surgery's draws. Per model and method: the median over seeds of
     the compression handed over, and of the highest frontier point within budget on validation and
-    on test alike; then DNS's median over AGP's. ``settings``: :class:`SearchSettings` fields for every run
-    (AGP's timings on top).
+    on test alike; then the first method's median over the second's. ``settings``: :class:`SearchSettings`
+    fields for every run (AGP's timings on top). ``pair`` names the two methods; a method may carry a share
+    of the iterations as the table's rows do, so ``("dns@1/5", "han")`` asks whether DNS with a fifth of the
+    iterations finds as high a compression within the budget as Han's iterative pruning with all of them.
     """
     data = fashion_mnist_splits(seed=0)
     rows: list[dict[str, Any]] = []
@@ -307,13 +311,20 @@ def search(
     for arch in archs:
         reference, budget = _search_reference(arch, data, quick, iterations)
         per: dict[str, Any] = {}
-        for method, schedules in (("dns", (None,)), ("agp", AGP_SEARCH_SCHEDULES)):
+        for label in pair:
+            method, _, share = label.partition("@")
+            runs_for = budget
+            if share:
+                num, den = share.split("/")
+                runs_for = budget * int(num) // int(den)
+            schedules = AGP_SEARCH_SCHEDULES if method == "agp" else (None,)
             best: dict[str, Any] | None = None
             for schedule in schedules:
                 merged = {**(settings or {}), **(schedule or {})}
                 runs = []
                 for seed in seeds:
-                    row = search_row(arch, method, reference, data, budget, max_drop, seed, merged)
+                    row = search_row(arch, method, reference, data, runs_for, max_drop, seed, merged)
+                    row["method"] = label
                     log(json.dumps({k: v for k, v in row.items() if k != "frontier"}))
                     runs.append(row)
                 rows.extend(runs)
@@ -332,8 +343,10 @@ def search(
                 }
                 if best is None or figures["median_within_both"] > best["median_within_both"]:
                     best = figures
-            per[method] = best
-        per["dns_over_agp"] = round(per["dns"]["median_within_both"] / per["agp"]["median_within_both"], 3)
+            per[label] = best
+        first, second = pair
+        per["pair"] = list(pair)
+        per["ratio"] = round(per[first]["median_within_both"] / per[second]["median_within_both"], 3)
         per["iterations"] = budget
         summary[arch] = per
     return {"seeds": list(seeds), "max_drop": max_drop, "summary": summary, "rows": rows}
@@ -433,17 +446,21 @@ def _points(drop: float | None) -> str:
 
 
 def format_search(summary: Mapping[str, Any]) -> str:
-    lines = [
-        "| model | iterations | DNS: median handed over | DNS: median within budget (val and test) | "
-        "AGP: the same, better timing | DNS / AGP | DNS: first evaluation, median drop |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines: list[str] = []
     for arch, per in summary.items():
-        d, a = per["dns"], per["agp"]
+        first, second = per["pair"]
+        if not lines:
+            better = ", better timing" if second.partition("@")[0] == "agp" else ""
+            lines = [
+                f"| model | iterations | {first}: median handed over | {first}: median within budget (val and test) "
+                f"| {second}: the same{better} | {first} / {second} | {first}: first evaluation, median drop |",
+                "|---|---|---|---|---|---|---|",
+            ]
+        d, a = per[first], per[second]
         lines.append(
             f"| {arch} | {per['iterations']:,} | {d['median_compression']:.1f}x | {d['median_within_both']:.1f}x "
             f"({d['within_both']}/{d['runs']} runs within on both) | {a['median_compression']:.1f}x / "
-            f"{a['median_within_both']:.1f}x ({a['within_both']}/{a['runs']}) | {per['dns_over_agp']:.2f} | "
+            f"{a['median_within_both']:.1f}x ({a['within_both']}/{a['runs']}) | {per['ratio']:.2f} | "
             f"{_points(d['median_first_eval_drop'])} |"
         )
     return "\n".join(lines)

@@ -44,8 +44,11 @@ FIRST_LAST_DEFAULT = "auto"
 EDGE_SHARE = 0.1
 
 #: The methods that search for the highest compression within an accuracy budget when no compression
-#: is given (see :mod:`dns_core.search`): their kept count can be retargeted mid-run.
-SEARCH_METHODS = ("dns", "agp")
+#: is given (see :mod:`dns_core.search`): their kept count can be retargeted mid-run. Han's iterative
+#: pruning climbs the same ladder, one prune-and-retrain round per rung.
+SEARCH_METHODS = ("dns", "agp", "han")
+#: The same, for messages.
+SEARCH_METHODS_TEXT = "dns, agp and han"
 #: A budget search does not know its final compression in advance: "auto" decides about the first
 #: convolution and the head as for this compression (the LeNets land near it, and 2^5 is on the ladder).
 SEARCH_NOMINAL = 32.0

@@ -29,6 +29,7 @@ from .defaults import (
     METHODS,
     POWER,
     SEARCH_METHODS,
+    SEARCH_METHODS_TEXT,
     SEARCH_NOMINAL,
 )
 from .surgery import DNS, Ramp, ScheduledSurgery, Surgery, SurgeryError, Target, first_and_last, select_layers
@@ -141,7 +142,7 @@ def make_surgery(
         if method not in SEARCH_METHODS:
             raise SurgeryError(
                 f"method {method!r} needs a compression; the highest compression within a budget is searched "
-                f"for by {' or '.join(SEARCH_METHODS)}"
+                f"for by {SEARCH_METHODS_TEXT}"
             )
         total = sum(p.numel() for p in model.parameters())
         selected = sum(p.numel() for _, m in select_layers(model, s.include, s.exclude) for p in m.parameters(False))

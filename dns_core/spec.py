@@ -35,6 +35,7 @@ from .defaults import (
     OBJECTIVES,
     POWER,
     SEARCH_METHODS,
+    SEARCH_METHODS_TEXT,
     SETTING_KEYS,
     TARGET_KEYS,
 )
@@ -176,7 +177,7 @@ class CompressSpec:
         if target.searching and self.method not in SEARCH_METHODS:
             raise ConfigError(
                 f"method {self.method!r} needs a compression; the highest compression within a budget is searched "
-                f"for by {' or '.join(SEARCH_METHODS)}"
+                f"for by {SEARCH_METHODS_TEXT}"
             )
         return target
 

@@ -688,7 +688,11 @@ class ScheduledSurgery(Surgery):
         return budget
 
     def retarget(self, t: int, compression: float, ramp_to: int) -> None:
-        """Back off (or push on): ramp from the current kept count at ``t`` to ``compression``."""
+        """Back off (or push on): ramp from the current kept count at ``t`` to ``compression``.
+
+        Han's iterative pruning (``method="han"``) cuts to ``compression`` at ``t`` and retrains: one of
+        its prune-and-retrain rounds; the others ramp cubically until ``ramp_to``.
+        """
         if self.layer_fractions is not None:
             raise SurgeryError("retarget needs an overall compression target")
         self.target = Target(compression=compression, max_accuracy_drop=self.target.max_accuracy_drop)
@@ -697,7 +701,7 @@ class ScheduledSurgery(Surgery):
         if not self.splice:
             # pruning is final without splicing: never ask for more weights than are kept now
             self.final_kept = min(self.final_kept, int(self.start_kept))
-        self.ramp = Ramp(t, max(ramp_to, t), "cubic")
+        self.ramp = Ramp(t, t, "one-shot") if self.method == "han" else Ramp(t, max(ramp_to, t), "cubic")
         self.iter_stop = max(self.iter_stop, self.ramp.t1 + 1)
         self.frozen = False
 

@@ -882,7 +882,7 @@ def _follow_events(c: Client, job_id: str, job: dict[str, Any], show: Callable[[
 
 
 def _searched(job: dict[str, Any]) -> bool:
-    """A dns or agp job with an accuracy budget: it climbed a ladder of judged compressions (a frontier)."""
+    """A dns, agp or han job with an accuracy budget: it climbed a ladder of judged compressions (a frontier)."""
     target = job.get("target") or {}
     return (
         target.get("layer_kept") is None and target.get("max_accuracy_drop") is not None
@@ -1148,7 +1148,8 @@ def add_client_commands(sub: Subcommands) -> None:
     w.set_defaults(func=cmd_watch)
 
     f = sub.add_parser(
-        "frontier", help="the frontier of a dns or agp job with a budget: compression against accuracy, and candidates"
+        "frontier",
+        help="the frontier of a dns, agp or han job with a budget: compression against accuracy, and candidates",
     )
     f.add_argument("job", metavar="JOB")
     f.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")

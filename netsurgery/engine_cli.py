@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,10 +30,13 @@ from dns_core.defaults import (
     METHODS,
     OBJECTIVES,
     POWER,
+    SEARCH_METHODS,
 )
 from netsurgery.common import CliError, load_data, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from dns_core.sparse import PackStats
     from dns_core.train import Progress
     from netsurgery.common import Subcommands
@@ -297,7 +301,7 @@ def _print_report(r: dict[str, Any]) -> None:
     elif r.get("budget_met") is False:
         console.print(
             f"[bold yellow]the accuracy budget ({r['target']['max_accuracy_drop']} pp on validation) was not met[/]"
-            f" ({r['method']} runs its own schedule and is judged at the end; dns and agp hold a budget)"
+            f" ({r['method']} runs its own schedule and is judged at the end; dns, agp and han hold a budget)"
         )
 
 
@@ -339,10 +343,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         arch = args.models.split(",")[0]  # one model: the first of --models
         if arch not in bench.PLANS:
             raise CliError(f"unknown model {arch}; choose from {', '.join(bench.PLANS)}")
-        names = args.pair.split(",")
-        if len(names) != 2 or any(n.partition("@")[0] not in METHODS for n in names):
-            raise CliError(f"--pair takes two methods among {', '.join(sorted(METHODS))} (e.g. dns@1/3,han)")
-        pair = (names[0], names[1])
+        pair = _pair(args.pair, METHODS)
         result = bench.versus(
             arch,
             agp_target=args.agp_target,
@@ -405,6 +406,15 @@ def _bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair(text: str, methods: Sequence[str]) -> tuple[str, str]:
+    """``--pair``: two methods, each with an optional share of the iterations (``dns@1/3``)."""
+    names = text.split(",")
+    shares_ok = all(re.fullmatch(r"[1-9]\d*/[1-9]\d*", n.partition("@")[2]) for n in names if "@" in n)
+    if len(names) != 2 or any(n.partition("@")[0] not in methods for n in names) or not shares_ok:
+        raise CliError(f"--pair takes two methods among {', '.join(sorted(methods))} (e.g. dns@1/3,han)")
+    return names[0], names[1]
+
+
 def _bench_search(args: argparse.Namespace) -> int:
     from dns_core import bench
 
@@ -413,6 +423,9 @@ def _bench_search(args: argparse.Namespace) -> int:
     if unknown:
         raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.PLANS)}")
     run, show = (bench.search, bench.format_search) if args.which == "search" else (bench.promise, bench.format_promise)
+    extra: dict[str, Any] = {}
+    if args.which == "search":
+        extra["pair"] = _pair(args.pair, SEARCH_METHODS)
     result = run(
         archs,
         seeds=range(args.first_seed, args.first_seed + (args.seeds or (2 if args.quick else 5))),
@@ -420,6 +433,7 @@ def _bench_search(args: argparse.Namespace) -> int:
         quick=args.quick,
         settings={} if args.first_lr is None else {"first_lr": args.first_lr},
         log=lambda s: print(s, file=sys.stderr, flush=True),
+        **extra,
     )
     print(show(result["summary"]))
     print(json.dumps({"summary": result["summary"]}))
@@ -468,11 +482,11 @@ def add_engine_commands(sub: Subcommands) -> None:
     c.add_argument("--method", default="dns", choices=METHODS, help="compression method")
     c.add_argument("--target", type=float, default=None,
                    help="overall compression (x) (default: none); left out, the run searches for the highest "
-                        "compression within --max-drop (dns and agp) and writes the next-best candidates "
+                        "compression within --max-drop (dns, agp and han) and writes the next-best candidates "
                         "too")  # fmt: skip
     c.add_argument("--layer-kept", help="per-layer kept fractions instead: fc1=0.02,fc2=0.05 (default: none)")
     c.add_argument("--max-drop", type=_budget, default=0.5,
-                   help="accuracy budget, percentage points of validation accuracy: dns and agp hand over "
+                   help="accuracy budget, percentage points of validation accuracy: dns, agp and han hand over "
                         "--target only if the budget holds it, else the highest compression below it that did; "
                         "'none' holds --target whatever it costs (default %(default)s)")  # fmt: skip
     c.add_argument("--iterations", type=int, default=ITERATIONS, help="training iterations")
@@ -559,7 +573,8 @@ def add_engine_commands(sub: Subcommands) -> None:
                    "--first-seed (default 5; with --quick 2); allocation: the same (default 2)")  # fmt: skip
     b.add_argument("--first-seed", type=int, default=0, help="versus: the first training seed (to extend a run)")
     b.add_argument("--pair", default="dns,agp", help="versus: the two methods; the first is asked for ratio × the "
-                   "second's compression (e.g. dns@1/3,han with --ratio 1)")  # fmt: skip
+                   "second's compression (e.g. dns@1/3,han with --ratio 1); search: the two methods compared "
+                   "(dns, agp or han, e.g. dns@1/5,han)")  # fmt: skip
     b.add_argument(
         "--results",
         default=None,

@@ -130,7 +130,8 @@ def test_bench_search_compares_budget_only_dns_with_agp_over_seeds(
         assert summary[method]["median_within_both"] == pytest.approx((ordered[0] + ordered[1]) / 2)
         drops = sorted(r["first_eval"]["val_drop"] for r in runs)
         assert summary[method]["median_first_eval_drop"] == pytest.approx((drops[0] + drops[1]) / 2)
-    assert summary["dns_over_agp"] == pytest.approx(
+    assert summary["pair"] == ["dns", "agp"]
+    assert summary["ratio"] == pytest.approx(
         summary["dns"]["median_within_both"] / summary["agp"]["median_within_both"], abs=1e-3
     )
     assert any(line.startswith("| lenet-300-100 | 400 |") for line in out)
@@ -138,6 +139,28 @@ def test_bench_search_compares_budget_only_dns_with_agp_over_seeds(
     assert main([*argv, "--seeds", "1", "--first-lr", "1"]) == 0
     rows = json.loads(Path("docs/results/search-quick.json").read_text())["results"]["rows"]
     assert len(rows) == 3 and all(r["schedule"]["first_lr"] == 1.0 for r in rows)
+
+
+def test_bench_search_takes_a_pair_with_a_share_of_the_iterations(
+    fake_fashion: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "search", "--quick", "--models", "lenet-300-100", "--seeds", "1", "--iterations", "800"]
+    assert main([*argv, "--pair", "dns@1/2,han"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])["summary"]["lenet-300-100"]
+    rows = json.loads(Path("docs/results/search-quick.json").read_text())["results"]["rows"]
+    # Han searches once (it has one timing), DNS with half the iterations
+    assert [(r["method"], r["budget"]) for r in rows] == [("dns@1/2", 400), ("han", 800)]
+    assert summary["pair"] == ["dns@1/2", "han"] and summary["iterations"] == 800
+    assert summary["ratio"] == pytest.approx(
+        summary["dns@1/2"]["median_within_both"] / summary["han"]["median_within_both"], abs=1e-3
+    )
+    han = rows[1]["frontier"]
+    assert han[0][0] == pytest.approx(2.0, rel=0.01)  # Han's first round prunes to the first rung
+    assert any(line.startswith("| model | iterations | dns@1/2: median handed over") for line in out)
+    for bad in ("dns,one-shot", "dns@1/0,han", "dns@x,han", "dns"):
+        assert main([*argv, "--pair", bad]) == 2
+        assert "--pair takes two methods among agp, dns, han" in capsys.readouterr().err
 
 
 def test_bench_promise_checks_each_asked_job_against_the_budget_only_run(

@@ -282,8 +282,8 @@ def test_submit_with_only_a_budget_searches_and_frontier_shows_it(
     rc, out, _ = run(capsys, "frontier", job_id, "--json")
     frontier = json.loads(out)
     assert frontier["state"] == "succeeded" and frontier["chosen"]["compression"] > 2
-    rc, out, err = run(capsys, "submit", model_id, dataset_id, "--method", "han", "--max-drop", "1")
-    assert rc == 2 and "only dns and agp search" in err
+    rc, out, err = run(capsys, "submit", model_id, dataset_id, "--method", "one-shot", "--max-drop", "1")
+    assert rc == 2 and "only dns, agp and han search" in err
     # the service's refusals name the flags that set the fields, not the API's field paths
     rc, out, err = run(capsys, "submit", model_id, dataset_id, "--target", "5", "--iterations", "0", "--lr", "0")
     assert rc == 2 and "--iterations: Input should be greater than or equal to 1" in err, err

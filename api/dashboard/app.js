@@ -25,7 +25,7 @@
   const PROGRESS_PAGE = 500;
   const LAYERS_PAGE = 100;
   const ACTIVE = new Set(["queued", "running"]);
-  const SEARCHING = new Set(["dns", "agp"]); // the methods that search when given only an accuracy budget
+  const SEARCHING = new Set(["dns", "agp", "han"]); // the methods that search when given only an accuracy budget
   const JOB_HASH = /^#\/jobs\/([0-9a-fA-F-]{36})$/;
   const COMPARE_HASH = /^#\/compare\/([0-9a-fA-F,-]+)$/;
   const MAX_COMPARED = 12;
@@ -649,8 +649,8 @@
   }
 
   function syncMethodFields() {
-    // dns-fixed-crates is driven by its crates: its target may carry only the accuracy budget; dns and agp
-    // search for the highest compression within the budget when the compression is left empty
+    // dns-fixed-crates is driven by its crates: its target may carry only the accuracy budget; dns, agp
+    // and han search for the highest compression within the budget when the compression is left empty
     const method = $("#method-select").value;
     const fixed = method === "dns-fixed-crates";
     for (const row of document.querySelectorAll("#job-settings [data-for]")) row.hidden = row.dataset.for !== method;
@@ -671,7 +671,7 @@
     };
     const target = {};
     const compression = $("#target-compression").value.trim();
-    // left empty with a drop given, dns and agp search for the highest compression within it
+    // left empty with a drop given, dns, agp and han search for the highest compression within it
     if (method !== "dns-fixed-crates" && compression !== "") target.compression = Number(compression);
     const drop = $("#max-accuracy-drop").value.trim();
     if (drop !== "") target.max_accuracy_drop = Number(drop);
@@ -1192,7 +1192,7 @@
     return t.compression == null && hasFrontier(job);
   }
 
-  /** A dns or agp job with an accuracy budget climbs a ladder of judged compressions: it has a frontier. */
+  /** A dns, agp or han job with an accuracy budget climbs a ladder of judged compressions: it has a frontier. */
   function hasFrontier(job) {
     const t = job.target || {};
     return t.layer_kept == null && t.max_accuracy_drop != null && SEARCHING.has(job.method);

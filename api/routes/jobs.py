@@ -45,7 +45,7 @@ from api.schemas import (
     ProgressRead,
     Tag,
 )
-from dns_core.defaults import SEARCH_METHODS, Method
+from dns_core.defaults import SEARCH_METHODS, SEARCH_METHODS_TEXT, Method
 from service.database import Reader
 from service.errors import BadRequest, Conflict, ExceedsCpuTimeLimit, NotFound, QuotaExceeded
 from service.orm import NAME_LENGTH, Job
@@ -204,7 +204,7 @@ def get_progress(job: JobDep, session: SessionDep, after: After = -1, limit: Poi
     responses=responses(NotFound),
 )
 def get_frontier(job: JobDep) -> FrontierRead:
-    """A dns or agp job with an accuracy budget climbs a ladder of compressions, each judged on validation at
+    """A dns, agp or han job with an accuracy budget climbs a ladder of compressions, each judged on validation at
     a rung's end: up to the highest within the budget, or up to the asked compression when one was given.
     Each rung's compression and accuracy (validation, and test when the data has it), the chosen point and
     the downloadable candidates. 404 for a job without a budget, with per-layer kept fractions, or of
@@ -213,7 +213,7 @@ def get_frontier(job: JobDep) -> FrontierRead:
     budget = job.target.get("max_accuracy_drop")
     if budget is None or job.target.get("layer_kept") is not None or job.method not in SEARCH_METHODS:
         raise NotFound(
-            f"job {job.id} has no frontier: only {' and '.join(SEARCH_METHODS)} jobs with an accuracy budget "
+            f"job {job.id} has no frontier: only {SEARCH_METHODS_TEXT} jobs with an accuracy budget "
             "(and an overall compression, if any) climb one"
         )
     stored = job.frontier or {}

@@ -227,7 +227,7 @@ def test_fixed_crates_job(client: httpx.Client, account: Account) -> None:
         ({"target": {"compression": 5, "layer_kept": {"fc1": 0.1}}}, "not both"),
         ({"target": {"layer_kept": {"fc1": 1.5}}}, "layer_kept"),
         ({"target": {}}, "needs a target"),
-        ({"method": "han", "target": {"max_accuracy_drop": 1}}, "only dns and agp search"),
+        ({"method": "one-shot", "target": {"max_accuracy_drop": 1}}, "only dns, agp and han search"),
         ({"target": None}, "needs a target"),
         ({"method": "dns-fixed-crates"}, "only max_accuracy_drop"),
         ({"settings": {"gamma": -1}}, "gamma"),

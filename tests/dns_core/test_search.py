@@ -223,6 +223,28 @@ def test_the_search_stops_at_the_last_rung_and_hands_over_the_best_candidate() -
     assert all(torch.equal(a, b) for a, b in zip(best.values(), model.state_dict().values(), strict=True))
 
 
+def test_han_prunes_once_at_each_rungs_start_and_retrains_with_its_masks_fixed() -> None:
+    model, search = _search("han")
+    surgery = search.surgery
+    start, end = search.bounds[0], search.bounds[1]
+    surgery.step(start)
+    assert surgery.compression() == pytest.approx(2.0, rel=0.01)  # one round: the cut comes first
+    masks = [layer.mask(t).clone() for layer in surgery.layers for t in layer.tensors]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(torch.rand_like(p) * 4)  # retraining changes the kept weights' order
+    for t in range(start + 1, end):
+        surgery.step(t)
+    assert all(
+        torch.equal(a, layer.mask(t))
+        for a, (layer, t) in zip(masks, ((l, n) for l in surgery.layers for n in l.tensors), strict=True)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    search.observe(end, 89.5, model, opt, search.bounds[-1])  # 2x holds: the next round cuts to 4x at once
+    surgery.step(end)
+    assert surgery.compression() == pytest.approx(4.0, rel=0.01)
+
+
 def test_only_methods_that_can_be_retargeted_search() -> None:
     with pytest.raises(ConfigError, match="needs a compression"):
         make_surgery("one-shot", nn.Sequential(nn.Linear(4, 4)), 100, Target(max_accuracy_drop=1.0))
@@ -231,7 +253,7 @@ def test_only_methods_that_can_be_retargeted_search() -> None:
     _search(iterations=397)
 
 
-@pytest.mark.parametrize("method", ["dns", "agp"])
+@pytest.mark.parametrize("method", ["dns", "agp", "han"])
 def test_a_budget_only_run_returns_the_highest_compression_within_budget(
     method: str, digits: tuple[Dataset, Dataset], reference: nn.Module, tmp_path: Path
 ) -> None:

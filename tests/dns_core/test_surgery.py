@@ -55,8 +55,8 @@ def test_bad_targets_raise_clear_errors() -> None:
     with pytest.raises(SurgeryError, match="not both"):
         Target(compression=2.0, layer_kept={"fc1": 0.5})
     assert Target(max_accuracy_drop=0.5).searching and not Target(compression=2.0, max_accuracy_drop=0.5).searching
-    with pytest.raises(SurgeryError, match="searched for by dns or agp"):
-        make_surgery("han", models.build("lenet-300-100"), 100, Target(max_accuracy_drop=0.5))
+    with pytest.raises(SurgeryError, match="searched for by dns, agp and han"):
+        make_surgery("one-shot", models.build("lenet-300-100"), 100, Target(max_accuracy_drop=0.5))
     with pytest.raises(SurgeryError, match="≥ 1"):
         Target(compression=0.5)
     with pytest.raises(SurgeryError, match=r"\(0, 1\]"):

@@ -180,7 +180,7 @@ def test_a_budget_only_job_returns_its_frontier_and_candidates(service: Service,
             c.post(f"/v1/jobs/{queued.url.path.split('/')[3]}/cancel")
         # one-shot cannot search
         r = c.post("/v1/jobs", json=body | {"method": "one-shot"})
-        assert r.status_code == 422 and "only dns and agp search" in r.text
+        assert r.status_code == 422 and "only dns, agp and han search" in r.text
 
 
 def test_onnx_model_compressed_and_returned_as_onnx(service: Service, tmp_path: Path) -> None:
