@@ -47,8 +47,8 @@ EDGE_SHARE = 0.1
 #: is given (see :mod:`dns_core.search`): their kept count can be retargeted mid-run. Han's iterative
 #: pruning climbs the same ladder, one prune-and-retrain round per rung.
 SEARCH_METHODS = ("dns", "agp", "han")
-#: The same, for messages.
-SEARCH_METHODS_TEXT = "dns, agp and han"
+#: The same, for messages: "dns, agp and han".
+SEARCH_METHODS_TEXT = f"{', '.join(SEARCH_METHODS[:-1])} and {SEARCH_METHODS[-1]}"
 #: A budget search does not know its final compression in advance: "auto" decides about the first
 #: convolution and the head as for this compression (the LeNets land near it, and 2^5 is on the ladder).
 SEARCH_NOMINAL = 32.0
