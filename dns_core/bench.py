@@ -292,7 +292,7 @@ def search(
     quick: bool = False,
     max_drop: float = 0.5,
     settings: Mapping[str, Any] | None = None,
-    pair: tuple[str, str] = ("dns", "agp"),
+    pair: Sequence[str] = ("dns", "agp"),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Budget-only DNS against budget-only AGP (its better of two timings) on each model, over seeds.
@@ -304,7 +304,10 @@ def search(
     fields for every run (AGP's timings on top). ``pair`` names the two methods; a method may carry a share
     of the iterations as the table's rows do, so ``("dns@1/5", "han")`` asks whether DNS with a fifth of the
     iterations finds as high a compression within the budget as Han's iterative pruning with all of them.
+    A ``pair`` of one method runs that method alone, without a ratio.
     """
+    if len(pair) not in (1, 2):
+        raise ValueError(f"search compares one or two methods, got {list(pair)}")
     data = fashion_mnist_splits(seed=0)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
@@ -344,9 +347,10 @@ def search(
                 if best is None or figures["median_within_both"] > best["median_within_both"]:
                     best = figures
             per[label] = best
-        first, second = pair
         per["pair"] = list(pair)
-        per["ratio"] = round(per[first]["median_within_both"] / per[second]["median_within_both"], 3)
+        if len(pair) == 2:
+            first, second = pair
+            per["ratio"] = round(per[first]["median_within_both"] / per[second]["median_within_both"], 3)
         per["iterations"] = budget
         summary[arch] = per
     return {"seeds": list(seeds), "max_drop": max_drop, "summary": summary, "rows": rows}
@@ -448,6 +452,9 @@ def _points(drop: float | None) -> str:
 def format_search(summary: Mapping[str, Any]) -> str:
     lines: list[str] = []
     for arch, per in summary.items():
+        if len(per["pair"]) == 1:
+            lines.extend(_format_search_alone(arch, per, header=not lines))
+            continue
         first, second = per["pair"]
         if not lines:
             better = ", better timing" if second.partition("@")[0] == "agp" else ""
@@ -464,6 +471,24 @@ def format_search(summary: Mapping[str, Any]) -> str:
             f"{_points(d['median_first_eval_drop'])} |"
         )
     return "\n".join(lines)
+
+
+def _format_search_alone(arch: str, per: Mapping[str, Any], header: bool) -> list[str]:
+    """The rows of :func:`format_search` for a search that ran one method."""
+    (method,) = per["pair"]
+    d = per[method]
+    lines = []
+    if header:
+        lines = [
+            f"| model | iterations | {method}: median handed over | {method}: median within budget (val and test) "
+            f"| {method}: first evaluation, median drop |",
+            "|---|---|---|---|---|",
+        ]
+    lines.append(
+        f"| {arch} | {per['iterations']:,} | {d['median_compression']:.1f}x | {d['median_within_both']:.1f}x "
+        f"({d['within_both']}/{d['runs']} runs within on both) | {_points(d['median_first_eval_drop'])} |"
+    )
+    return lines
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -343,7 +343,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         arch = args.models.split(",")[0]  # one model: the first of --models
         if arch not in bench.PLANS:
             raise CliError(f"unknown model {arch}; choose from {', '.join(bench.PLANS)}")
-        pair = _pair(args.pair, METHODS)
+        first, second = _pair(args.pair, METHODS)
         result = bench.versus(
             arch,
             agp_target=args.agp_target,
@@ -351,7 +351,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seeds=range(args.first_seed, args.first_seed + (args.seeds or 5)),
             iterations=args.iterations,
             quick=args.quick,
-            pair=pair,
+            pair=(first, second),
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )
         for method, m in result["summary"].items():
@@ -406,13 +406,16 @@ def _bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pair(text: str, methods: Sequence[str]) -> tuple[str, str]:
-    """``--pair``: two methods, each with an optional share of the iterations (``dns@1/3``)."""
+def _pair(text: str, methods: Sequence[str], alone: bool = False) -> tuple[str, ...]:
+    """``--pair``: two methods (or one where ``alone``), each with an optional share of the iterations
+    (``dns@1/3``)."""
     names = text.split(",")
     shares_ok = all(re.fullmatch(r"[1-9]\d*/[1-9]\d*", n.partition("@")[2]) for n in names if "@" in n)
-    if len(names) != 2 or any(n.partition("@")[0] not in methods for n in names) or not shares_ok:
-        raise CliError(f"--pair takes two methods among {', '.join(sorted(methods))} (e.g. dns@1/3,han)")
-    return names[0], names[1]
+    counts = (1, 2) if alone else (2,)
+    if len(names) not in counts or any(n.partition("@")[0] not in methods for n in names) or not shares_ok:
+        what = "one or two methods" if alone else "two methods"
+        raise CliError(f"--pair takes {what} among {', '.join(sorted(methods))} (e.g. dns@1/3,han)")
+    return tuple(names)
 
 
 def _bench_search(args: argparse.Namespace) -> int:
@@ -425,7 +428,7 @@ def _bench_search(args: argparse.Namespace) -> int:
     run, show = (bench.search, bench.format_search) if args.which == "search" else (bench.promise, bench.format_promise)
     extra: dict[str, Any] = {}
     if args.which == "search":
-        extra["pair"] = _pair(args.pair, SEARCH_METHODS)
+        extra["pair"] = _pair(args.pair, SEARCH_METHODS, alone=True)
     result = run(
         archs,
         seeds=range(args.first_seed, args.first_seed + (args.seeds or (2 if args.quick else 5))),
@@ -574,7 +577,7 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--first-seed", type=int, default=0, help="versus: the first training seed (to extend a run)")
     b.add_argument("--pair", default="dns,agp", help="versus: the two methods; the first is asked for ratio × the "
                    "second's compression (e.g. dns@1/3,han with --ratio 1); search: the two methods compared "
-                   "(dns, agp or han, e.g. dns@1/5,han)")  # fmt: skip
+                   "(dns, agp or han, e.g. dns@1/5,han), or one method run alone (e.g. dns)")  # fmt: skip
     b.add_argument(
         "--results",
         default=None,

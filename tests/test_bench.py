@@ -158,9 +158,26 @@ def test_bench_search_takes_a_pair_with_a_share_of_the_iterations(
     han = rows[1]["frontier"]
     assert han[0][0] == pytest.approx(2.0, rel=0.01)  # Han's first round prunes to the first rung
     assert any(line.startswith("| model | iterations | dns@1/2: median handed over") for line in out)
-    for bad in ("dns,one-shot", "dns@1/0,han", "dns@x,han", "dns"):
+    for bad in ("dns,one-shot", "dns@1/0,han", "dns@x,han", "dns,agp,han", "magic"):
         assert main([*argv, "--pair", bad]) == 2
-        assert "--pair takes two methods among agp, dns, han" in capsys.readouterr().err
+        assert "--pair takes one or two methods among agp, dns, han" in capsys.readouterr().err
+
+
+def test_bench_search_runs_one_method_alone(fake_fashion: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "search", "--quick", "--models", "lenet-300-100", "--seeds", "2", "--iterations", "400"]
+    assert main([*argv, "--pair", "dns"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])["summary"]["lenet-300-100"]
+    rows = json.loads(Path("docs/results/search-quick.json").read_text())["results"]["rows"]
+    # only DNS runs, once per seed, and there is nothing to divide by
+    assert [(r["method"], r["seed"]) for r in rows] == [("dns", 0), ("dns", 1)]
+    assert summary["pair"] == ["dns"] and "ratio" not in summary and "agp" not in summary
+    assert summary["dns"]["runs"] == 2
+    ordered = sorted(r["best_within_both"] for r in rows)
+    assert summary["dns"]["median_within_both"] == pytest.approx((ordered[0] + ordered[1]) / 2)
+    table = [line for line in out if line.startswith("| ")]
+    assert table[0].startswith("| model | iterations | dns: median handed over |") and "/" not in table[0]
+    assert table[1].startswith(f"| lenet-300-100 | 400 | {summary['dns']['median_compression']:.1f}x |")
 
 
 def test_bench_promise_checks_each_asked_job_against_the_budget_only_run(
