@@ -208,9 +208,10 @@ def search_row(
     seed: int,
     schedule: Mapping[str, Any] | None = None,
     compression: float | None = None,
+    objective: str = "ce",
 ) -> dict[str, Any]:
     """One run with a budget, and no compression asked (a search) or ``compression`` (the search's ceiling):
-    what it handed over and its frontier."""
+    what it handed over and its frontier. ``objective``: the training loss (:class:`TrainConfig`)."""
     from .search import SearchSettings
 
     train, valid, test = data
@@ -223,6 +224,7 @@ def search_row(
         log_every=max(iterations // 100, 1),
         first_last="prune",  # as the table: every layer, one threshold over all of them
         allocation="global",
+        objective=objective,
     )
     evaluations: list[Progress] = []  # the run's evaluations on validation, in order
 
@@ -257,6 +259,7 @@ def search_row(
         "model": arch,
         "method": method,
         "schedule": dict(schedule or {}),
+        "objective": objective,
         "seed": seed,
         "compression": round(r["compression"], 2),
         "ref_val": round(ref_val, 2),
@@ -293,6 +296,7 @@ def search(
     max_drop: float = 0.5,
     settings: Mapping[str, Any] | None = None,
     pair: Sequence[str] = ("dns", "agp"),
+    objective: str = "ce",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Budget-only DNS against budget-only AGP (its better of two timings) on each model, over seeds.
@@ -304,7 +308,8 @@ def search(
     fields for every run (AGP's timings on top). ``pair`` names the two methods; a method may carry a share
     of the iterations as the table's rows do, so ``("dns@1/5", "han")`` asks whether DNS with a fifth of the
     iterations finds as high a compression within the budget as Han's iterative pruning with all of them.
-    A ``pair`` of one method runs that method alone, without a ratio.
+    A ``pair`` of one method runs that method alone, without a ratio. ``objective``: every run's training
+    loss (``"ce+distill"`` adds distillation from the dense reference).
     """
     if len(pair) not in (1, 2):
         raise ValueError(f"search compares one or two methods, got {list(pair)}")
@@ -326,7 +331,9 @@ def search(
                 merged = {**(settings or {}), **(schedule or {})}
                 runs = []
                 for seed in seeds:
-                    row = search_row(arch, method, reference, data, runs_for, max_drop, seed, merged)
+                    row = search_row(
+                        arch, method, reference, data, runs_for, max_drop, seed, merged, objective=objective
+                    )
                     row["method"] = label
                     log(json.dumps({k: v for k, v in row.items() if k != "frontier"}))
                     runs.append(row)
@@ -374,6 +381,7 @@ def promise(
     max_drop: float = 0.5,
     asks: Mapping[str, Sequence[float]] | None = None,
     settings: Mapping[str, Any] | None = None,
+    objective: str = "ce",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Does the promise hold? Target-driven DNS jobs with a budget against the budget-only run, over seeds.
@@ -396,12 +404,14 @@ def promise(
         reference, budget = _search_reference(arch, data, quick, iterations)
         per_arch = []
         for seed in seeds:
-            alone = search_row(arch, "dns", reference, data, budget, max_drop, seed, settings)
+            alone = search_row(arch, "dns", reference, data, budget, max_drop, seed, settings, objective=objective)
             alone["ask"] = None
             log(json.dumps({k: v for k, v in alone.items() if k != "frontier"}))
             per_arch.append(alone)
             for ask in (asks or PROMISE_ASKS)[arch]:
-                row = search_row(arch, "dns", reference, data, budget, max_drop, seed, settings, compression=ask)
+                row = search_row(
+                    arch, "dns", reference, data, budget, max_drop, seed, settings, compression=ask, objective=objective
+                )
                 reach = min(ask, alone["compression"])
                 in_reach = alone["compression"] >= ask * (1 - LANDING)
                 row |= {

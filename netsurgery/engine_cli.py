@@ -435,6 +435,7 @@ def _bench_search(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         quick=args.quick,
         settings={} if args.first_lr is None else {"first_lr": args.first_lr},
+        objective=args.objective,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         **extra,
     )
@@ -570,6 +571,9 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.add_argument("--first-lr", type=float, default=None, help="search, promise: the first rung's peak learning "
                    "rate relative to the run's (default: the product's)")  # fmt: skip
+    b.add_argument("--objective", default="ce", choices=OBJECTIVES,
+                   help="search, promise: every run's training loss (ce+distill adds distillation from the dense "
+                   "reference; default %(default)s)")  # fmt: skip
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
     b.add_argument("--seeds", type=int, default=None, help="versus, search, promise: training seeds 0..N-1 from "

@@ -180,6 +180,23 @@ def test_bench_search_runs_one_method_alone(fake_fashion: Path, capsys: pytest.C
     assert table[1].startswith(f"| lenet-300-100 | 400 | {summary['dns']['median_compression']:.1f}x |")
 
 
+def test_bench_search_trains_with_the_objective_given(fake_fashion: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "search", "--quick", "--models", "lenet-300-100", "--seeds", "1", "--iterations", "400"]
+    frontiers = {}
+    for objective in ("ce", "ce+distill"):
+        assert main([*argv, "--pair", "dns", "--objective", objective]) == 0
+        written = json.loads(Path("docs/results/search-quick.json").read_text())
+        assert written["arguments"]["objective"] == objective
+        (row,) = written["results"]["rows"]
+        assert row["objective"] == objective
+        frontiers[objective] = row["frontier"]
+    capsys.readouterr()
+    # the same seed and batches: only the loss differs, and with it the path up the ladder
+    assert frontiers["ce"] != frontiers["ce+distill"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--objective", "mse"])
+
+
 def test_bench_promise_checks_each_asked_job_against_the_budget_only_run(
     fake_fashion: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
