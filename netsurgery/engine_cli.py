@@ -426,6 +426,9 @@ def _bench_search(args: argparse.Namespace) -> int:
     if unknown:
         raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.PLANS)}")
     run, show = (bench.search, bench.format_search) if args.which == "search" else (bench.promise, bench.format_promise)
+    settings: dict[str, Any] = {} if args.first_lr is None else {"first_lr": args.first_lr}
+    if args.splice_back:
+        settings["splice_back"] = True
     extra: dict[str, Any] = {}
     if args.which == "search":
         extra["pair"] = _pair(args.pair, SEARCH_METHODS, alone=True)
@@ -434,7 +437,7 @@ def _bench_search(args: argparse.Namespace) -> int:
         seeds=range(args.first_seed, args.first_seed + (args.seeds or (2 if args.quick else 5))),
         iterations=args.iterations,
         quick=args.quick,
-        settings={} if args.first_lr is None else {"first_lr": args.first_lr},
+        settings=settings,
         objective=args.objective,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         **extra,
@@ -574,6 +577,9 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--objective", default="ce", choices=OBJECTIVES,
                    help="search, promise: every run's training loss (ce+distill adds distillation from the dense "
                    "reference; default %(default)s)")  # fmt: skip
+    b.add_argument("--splice-back", action="store_true",
+                   help="search, promise: after a rung misses the budget, DNS retargets down from the state it "
+                   "reached, splicing weights back, instead of restoring the last state that held")  # fmt: skip
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
     b.add_argument("--seeds", type=int, default=None, help="versus, search, promise: training seeds 0..N-1 from "

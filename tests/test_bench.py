@@ -180,7 +180,9 @@ def test_bench_search_runs_one_method_alone(fake_fashion: Path, capsys: pytest.C
     assert table[1].startswith(f"| lenet-300-100 | 400 | {summary['dns']['median_compression']:.1f}x |")
 
 
-def test_bench_search_trains_with_the_objective_given(fake_fashion: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_search_trains_with_the_objective_and_settings_given(
+    fake_fashion: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = ["bench", "search", "--quick", "--models", "lenet-300-100", "--seeds", "1", "--iterations", "400"]
     frontiers = {}
     for objective in ("ce", "ce+distill"):
@@ -193,6 +195,10 @@ def test_bench_search_trains_with_the_objective_given(fake_fashion: Path, capsys
     capsys.readouterr()
     # the same seed and batches: only the loss differs, and with it the path up the ladder
     assert frontiers["ce"] != frontiers["ce+distill"]
+    assert main([*argv, "--pair", "dns", "--splice-back"]) == 0
+    (row,) = json.loads(Path("docs/results/search-quick.json").read_text())["results"]["rows"]
+    assert row["schedule"] == {"splice_back": True} and row["objective"] == "ce"
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         main([*argv, "--objective", "mse"])
 

@@ -72,6 +72,44 @@ def test_the_ladder_climbs_while_the_budget_holds_and_steps_back_when_it_breaks(
     )
 
 
+@pytest.mark.parametrize("method", ["dns", "agp"])
+def test_splice_back_keeps_what_dns_reached_after_a_miss_and_retargets_down(method: str) -> None:
+    model, search = _search(method, splice_back=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _end_rung(search, model, opt, 89.5)  # 2x holds
+    _end_rung(search, model, opt, 89.8)  # 4x holds
+    held = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # what training during the next rung would change
+    r = len(search.frontier)
+    for t in range(search.bounds[r], search.bounds[r + 1]):
+        search.surgery.step(t)
+    trained = copy.deepcopy(model.state_dict())  # the 8x rung's end state
+    rolled_back = search.observe(search.bounds[r + 1], 85.0, model, opt, search.bounds[-1])  # 8x breaks the budget
+    aim = 4.0 * math.sqrt(2.0)
+    assert search.aim == pytest.approx(aim, rel=1e-3)
+    now = model.state_dict()
+    if method == "agp":  # pruning is final: no splicing back, the 4x state comes back as without the setting
+        assert rolled_back
+        assert all(torch.equal(a, b) for a, b in zip(held.values(), now.values(), strict=True))
+        return
+    # DNS stays where it is, and the next rung's ramp takes the kept count from 8x back up to the aim's
+    assert not rolled_back
+    assert all(torch.equal(a, b) for a, b in zip(trained.values(), now.values(), strict=True))
+    surgery = search.surgery
+    assert surgery.model_total() / (
+        surgery.model_total()
+        - surgery.prunable_total()
+        + surgery.ramp.kept(surgery.ramp.t0, surgery.start_kept, surgery.final_kept)
+    ) == pytest.approx(8.0, rel=0.02)
+    r = len(search.frontier)
+    for t in range(search.bounds[r], search.bounds[r + 1]):
+        surgery.step(t)
+    assert surgery.compression() == pytest.approx(aim, rel=0.02)
+    assert search.chosen() is not None and search.chosen().compression == pytest.approx(4.0, rel=0.01)  # type: ignore[union-attr]
+
+
 def test_an_asked_compression_caps_the_ladder_and_the_rest_of_the_run_polishes_it() -> None:
     model, search = _search(cap=6.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
