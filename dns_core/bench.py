@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import models
+from . import models, numerics
 from .data import Dataset, fashion_mnist_splits
 from .defaults import CRATE_DRIVEN
 from .reference import cached_reference
@@ -598,6 +598,7 @@ def write_results(
             "cpu_model": cpu_model,
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
+            **numerics.describe(),
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import models
+from . import models, numerics
 from .data import Dataset
 from .io import load_model, save_model
 from .train import Callbacks, TrainConfig, fit
@@ -58,8 +58,13 @@ def cached_reference(
     seed: int = 0,
     callbacks: Callbacks | None = None,
 ) -> tuple[nn.Module, bool]:
-    """Load ``<cache>/ref-<arch>-<tag>-e<epochs>-s<seed>.safetensors`` or train and store it."""
-    path = cache_dir() / f"ref-{arch}-{tag}-e{epochs}-s{seed}.safetensors"
+    """Load ``<cache>/ref-<arch>-<tag>-e<epochs>-s<seed>.safetensors`` or train and store it.
+
+    Under portable numerics (:mod:`dns_core.numerics`) the name ends in ``-portable``: a reference
+    trained with the machine's own kernels is another model.
+    """
+    suffix = "-portable" if numerics.current() == "portable" else ""
+    path = cache_dir() / f"ref-{arch}-{tag}-e{epochs}-s{seed}{suffix}.safetensors"
     if path.exists():
         return load_model(path)[0], True
     model = train_reference(arch, train, epochs=epochs, seed=seed, callbacks=callbacks)

@@ -11,9 +11,11 @@ so ``netsurgery compress`` never loads FastAPI or Celery.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
+from dns_core import numerics
 from dns_core.errors import InputError
 from netsurgery.client_cli import add_client_commands
 from netsurgery.common import CliError, DefaultsHelpFormatter
@@ -47,6 +49,11 @@ def _state_defaults(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # the commands that train (bench, demo, serve, worker) take --numerics; the environment names a default
+        mode = (args.numerics or os.environ.get(numerics.ENV_VAR)) if hasattr(args, "numerics") else None
+        if mode:
+            numerics.use(mode)  # before any command imports torch
+            numerics.check()
         return int(args.func(args))
     except (CliError, InputError) as e:  # the user's to fix: one line, no traceback
         print(f"netsurgery: {e}", file=sys.stderr)

@@ -93,3 +93,15 @@ def progress_bar(**options: Any) -> Progress:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[status]}"))  # fmt: skip
     return Progress(*columns, **options)
+
+
+def add_numerics(parser: argparse.ArgumentParser) -> None:
+    """``--numerics``: the CPU kernels' code path (:mod:`dns_core.numerics`), chosen before torch loads."""
+    parser.add_argument(
+        "--numerics",
+        choices=("native", "portable"),
+        default=None,
+        help="CPU kernels: native (the widest this CPU has) or portable (AVX2 everywhere: the same results on "
+        "every x86-64 machine, for benchmarks; child processes inherit it) (default: $NETSURGERY_NUMERICS, "
+        "else native)",
+    )

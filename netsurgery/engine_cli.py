@@ -32,7 +32,7 @@ from dns_core.defaults import (
     POWER,
     SEARCH_METHODS,
 )
-from netsurgery.common import CliError, load_data, parse_pairs, progress_bar
+from netsurgery.common import CliError, add_numerics, load_data, parse_pairs, progress_bar
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -596,4 +596,5 @@ def add_engine_commands(sub: Subcommands) -> None:
         "kind: table, table-quick, versus, versus-quick, models, models-quick, allocation, allocation-quick, "
         "search, search-quick, promise, promise-quick, overhead, service)",
     )
+    add_numerics(b)
     b.set_defaults(func=cmd_bench)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dns_core.defaults import ITERATIONS
-from netsurgery.common import CliError, load_data, progress_bar
+from netsurgery.common import CliError, add_numerics, load_data, progress_bar
 
 if TYPE_CHECKING:
     from netsurgery.common import Subcommands
@@ -316,6 +316,7 @@ def add_service_commands(sub: Subcommands) -> None:
     s.add_argument("--data-dir", default=None, metavar="DIR",
                    help="the state folder: database, broker folders, stored files, the worker's log (default: "
                         "$NETSURGERY_DATA_DIR, else ~/.local/share/netsurgery); one serve per folder")  # fmt: skip
+    add_numerics(s)
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run one compression job through the service end to end and download it")
@@ -325,11 +326,13 @@ def add_service_commands(sub: Subcommands) -> None:
     d.add_argument("--max-drop", type=float, default=0.5, help="accuracy budget, percentage points")
     d.add_argument("--iterations", type=int, default=ITERATIONS, help="training iterations of the job")
     d.add_argument("--out", default="out", help="folder the job's files are downloaded to")
+    add_numerics(d)
     d.set_defaults(func=cmd_demo)
 
     w = sub.add_parser("worker", help="run one Celery worker process (one per GPU: set CUDA_VISIBLE_DEVICES)")
     w.add_argument("--hostname", default=None, help="Celery node name (default: celery@<host>)")
     w.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_numerics(w)
     w.set_defaults(func=cmd_worker)
 
     m = sub.add_parser("migrate", help="bring the database (NETSURGERY_DATABASE_URL) to the latest schema")

@@ -13,6 +13,7 @@ from functools import lru_cache
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
+from dns_core import numerics
 from service.queue import RUN_JOB, make_celery
 from service.settings import get_settings
 from worker.reaper import Reaper
@@ -44,6 +45,7 @@ _reaper: Reaper | None = None
 @worker_process_init.connect
 def _fresh_connections(**_: object) -> None:
     context.cache_clear()  # a forked child must not share the parent's database connections
+    numerics.check()  # a forked child starts with the machine's thread count: pin it again under portable numerics
 
 
 @worker_ready.connect
