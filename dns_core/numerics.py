@@ -6,9 +6,13 @@ oneDNN's JIT convolutions use the widest instruction set available. Each choice 
 order, so the same seed trains another model on another machine, and a benchmark's figures move
 with the machine rather than with the code.
 
-*Portable* numerics pin all three to AVX2 through their own switches: ``ATEN_CPU_CAPABILITY``,
-MKL's conditional numerical reproducibility (``MKL_CBWR``, strict mode, which also makes GEMM
-independent of memory alignment) and ``ONEDNN_MAX_CPU_ISA``. The libraries read them once, when
+*Portable* numerics pin all three through their own switches: ATen's kernels to AVX2
+(``ATEN_CPU_CAPABILITY``), oneDNN's to AVX2 at most (``ONEDNN_MAX_CPU_ISA``), and MKL to its
+conditional numerical reproducibility on the ``COMPATIBLE`` branch (``MKL_CBWR``), the one branch
+that MKL documents as giving the same results on Intel and on other vendors' processors (its AVX2
+branch falls back to per-processor dispatch on AMD), in strict mode, which also makes GEMM
+independent of memory alignment. MKL's GEMM runs slower on that branch (SSE2 code): a
+LeNet-300-100 trains about 1.6x slower than with its AVX2 branch. The libraries read them once, when
 they first run, so they are set before torch is imported: :func:`use` refuses afterwards. Child
 processes (the embedded service's worker) inherit them. The thread count is pinned too
 (:data:`THREADS`): oneDNN splits a convolution's gradient over threads, so a LeNet-5 trained on
@@ -18,6 +22,8 @@ one thread and on two differs in its last bits (fully connected layers do not). 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from typing import Any
@@ -25,7 +31,7 @@ from typing import Any
 from .errors import ConfigError
 
 #: the environment that pins each library's CPU code path to AVX2
-PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 #: the intra-op thread count under portable numerics, whatever the machine's core count
 THREADS = 2
 MODES = ("native", "portable")
@@ -54,6 +60,14 @@ def current() -> str:
     return "portable" if all(os.environ.get(k) == v for k, v in PORTABLE_ENV.items()) else "native"
 
 
+def tag() -> str:
+    """A name for the numerics, for files that depend on them: empty when native, else the pins' digest."""
+    if current() == "native":
+        return ""
+    pins = json.dumps({**PORTABLE_ENV, "threads": THREADS}, sort_keys=True).encode()
+    return f"portable-{hashlib.sha256(pins).hexdigest()[:8]}"
+
+
 def check() -> None:
     """Under portable numerics, pin torch's thread count; refuse where torch runs without AVX2 kernels."""
     if current() != "portable":
@@ -70,4 +84,5 @@ def describe() -> dict[str, Any]:
     """The mode and the kernels torch runs, for a benchmark's record."""
     import torch
 
-    return {"numerics": current(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    pins = {k: os.environ[k] for k in PORTABLE_ENV} if current() == "portable" else {}
+    return {"numerics": current(), "numerics_pins": pins, "cpu_capability": torch.backends.cpu.get_cpu_capability()}

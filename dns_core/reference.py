@@ -60,10 +60,10 @@ def cached_reference(
 ) -> tuple[nn.Module, bool]:
     """Load ``<cache>/ref-<arch>-<tag>-e<epochs>-s<seed>.safetensors`` or train and store it.
 
-    Under portable numerics (:mod:`dns_core.numerics`) the name ends in ``-portable``: a reference
-    trained with the machine's own kernels is another model.
+    Under portable numerics (:mod:`dns_core.numerics`) the name ends in ``-portable-<digest of the pins>``:
+    a reference trained with the machine's own kernels, or other pins, is another model.
     """
-    suffix = "-portable" if numerics.current() == "portable" else ""
+    suffix = f"-{numerics.tag()}" if numerics.tag() else ""
     path = cache_dir() / f"ref-{arch}-{tag}-e{epochs}-s{seed}{suffix}.safetensors"
     if path.exists():
         return load_model(path)[0], True

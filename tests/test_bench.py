@@ -245,6 +245,8 @@ def test_bench_writes_a_results_file_with_the_run_its_figures_and_the_machine(
     assert record["versions"]["torch"] == torch.__version__ and record["versions"]["netsurgery"]
     assert record["machine"]["cpu_count"] == os.cpu_count()
     assert record["machine"]["cpu_model"] is None or isinstance(record["machine"]["cpu_model"], str)
+    assert record["machine"]["numerics"] == "native" and record["machine"]["numerics_pins"] == {}
+    assert record["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     created = datetime.fromisoformat(record["created_at"])
     assert created.utcoffset() == timedelta(0)
     assert began - timedelta(seconds=1) <= created <= datetime.now(UTC)

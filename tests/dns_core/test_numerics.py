@@ -94,8 +94,9 @@ def test_references_are_cached_apart_per_numerics(monkeypatch: pytest.MonkeyPatc
     assert not cached  # the native reference is another model: trained again, stored apart
     _, cached = cached_reference("lenet-300-100", data, tag="t", epochs=1)
     assert cached
+    assert numerics.tag().startswith("portable-")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ref-lenet-300-100-t-e1-s0-portable.safetensors",
+        f"ref-lenet-300-100-t-e1-s0-{numerics.tag()}.safetensors",
         "ref-lenet-300-100-t-e1-s0.safetensors",
     ]
 
@@ -114,6 +115,7 @@ def test_bench_records_the_numerics_it_ran_with(tmp_path: Path, how: str) -> Non
     subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     machine = json.loads(out.read_text())["machine"]
     assert machine["numerics"] == "portable"
+    assert machine["numerics_pins"] == numerics.PORTABLE_ENV
     assert machine["cpu_capability"] == "AVX2"
     assert machine["torch_threads"] == numerics.THREADS
 
