@@ -6,6 +6,7 @@ Figures are measured in one run, as ratios where timing is involved; nothing her
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import statistics
@@ -279,6 +280,17 @@ def search_row(
     }
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (names, dtypes, shapes and values): two machines started from the same model
+    only if their digests match."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _search_reference(
     arch: str, data: tuple[Dataset, Dataset, Dataset], quick: bool, iterations: int | None
 ) -> tuple[torch.nn.Module, int]:
@@ -359,6 +371,7 @@ def search(
             first, second = pair
             per["ratio"] = round(per[first]["median_within_both"] / per[second]["median_within_both"], 3)
         per["iterations"] = budget
+        per["reference_sha256"] = weights_digest(reference)
         summary[arch] = per
     return {"seeds": list(seeds), "max_drop": max_drop, "summary": summary, "rows": rows}
 
@@ -436,6 +449,7 @@ def promise(
             "near_alone": sum(r["near_alone"] for r in asked),
             "in_reach": len(in_reach),
             "landed": sum(bool(r["landed"]) for r in in_reach),
+            "reference_sha256": weights_digest(reference),
         }
     return {"seeds": list(seeds), "max_drop": max_drop, "summary": summary, "rows": rows}
 

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from dns_core.bench import weights_digest
+from dns_core.data import fashion_mnist_splits
+from dns_core.reference import cached_reference
 from netsurgery.cli import main
 
 
@@ -172,6 +175,12 @@ def test_bench_search_runs_one_method_alone(fake_fashion: Path, capsys: pytest.C
     # only DNS runs, once per seed, and there is nothing to divide by
     assert [(r["method"], r["seed"]) for r in rows] == [("dns", 0), ("dns", 1)]
     assert summary["pair"] == ["dns"] and "ratio" not in summary and "agp" not in summary
+    # the starting model's digest, to tell whether two machines' figures start from the same reference
+    reference, cached = cached_reference("lenet-300-100", fashion_mnist_splits()[0], tag="fashion-55k", epochs=2)
+    assert cached and summary["reference_sha256"] == weights_digest(reference)
+    with torch.no_grad():
+        next(reference.parameters()).view(-1)[0] += 1e-6
+    assert weights_digest(reference) != summary["reference_sha256"]
     assert summary["dns"]["runs"] == 2
     ordered = sorted(r["best_within_both"] for r in rows)
     assert summary["dns"]["median_within_both"] == pytest.approx((ordered[0] + ordered[1]) / 2)
@@ -213,6 +222,8 @@ def test_bench_promise_checks_each_asked_job_against_the_budget_only_run(
     rows = json.loads(Path("docs/results/promise-quick.json").read_text())["results"]["rows"]
     # per seed: the budget-only run, then one job per asked compression
     assert [r["ask"] for r in rows] == [None, 10.0, 20.0, 80.0]
+    reference, _ = cached_reference("lenet-300-100", fashion_mnist_splits()[0], tag="fashion-55k", epochs=2)
+    assert summary["reference_sha256"] == weights_digest(reference)
     alone = rows[0]["compression"]
     for r in rows[1:]:
         assert r["alone"] == alone and r["compression"] <= r["ask"] * 1.001
