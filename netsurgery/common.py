@@ -1,11 +1,14 @@
 """What the ``netsurgery`` subcommands share: the one error a person can act on, ``name=value`` lists,
-data loading and the progress bar's columns. Light at import time: only the standard library."""
+data loading, the progress bar's columns and ``--numerics``. Light at import time: the standard library and
+:mod:`dns_core.numerics` (which loads no torch)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from dns_core import numerics
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -99,9 +102,9 @@ def add_numerics(parser: argparse.ArgumentParser) -> None:
     """``--numerics``: the CPU kernels' code path (:mod:`dns_core.numerics`), chosen before torch loads."""
     parser.add_argument(
         "--numerics",
-        choices=("native", "portable"),
+        choices=numerics.MODES,
         default=None,
         help="CPU kernels: native (the widest this CPU has) or portable (AVX2 everywhere: the same results on "
-        "every x86-64 machine, for benchmarks; child processes inherit it) (default: $NETSURGERY_NUMERICS, "
+        f"every x86-64 machine, for benchmarks; child processes inherit it) (default: ${numerics.ENV_VAR}, "
         "else native)",
     )
