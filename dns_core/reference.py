@@ -63,8 +63,8 @@ def cached_reference(
     Under portable numerics (:mod:`dns_core.numerics`) the name ends in ``-portable-<digest of the pins>``:
     a reference trained with the machine's own kernels, or other pins, is another model.
     """
-    suffix = f"-{numerics.tag()}" if numerics.tag() else ""
-    path = cache_dir() / f"ref-{arch}-{tag}-e{epochs}-s{seed}{suffix}.safetensors"
+    pins = numerics.tag()
+    path = cache_dir() / f"ref-{arch}-{tag}-e{epochs}-s{seed}{f'-{pins}' if pins else ''}.safetensors"
     if path.exists():
         return load_model(path)[0], True
     model = train_reference(arch, train, epochs=epochs, seed=seed, callbacks=callbacks)
