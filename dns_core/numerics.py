@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-#: the environment that pins each library's CPU code path to AVX2
+#: the environment that pins each library's CPU code path (ATen and oneDNN to AVX2, MKL to its COMPATIBLE branch)
 PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 #: the intra-op thread count under portable numerics, whatever the machine's core count
 THREADS = 2
