@@ -17,7 +17,11 @@ they first run, so they are set before torch is imported: :func:`use` refuses af
 processes (the embedded service's worker) inherit them. The thread count is pinned too
 (:data:`THREADS`): oneDNN splits a convolution's gradient over threads, so a LeNet-5 trained on
 one thread and on two differs in its last bits (fully connected layers do not). *Native* numerics
-(the default) leave the libraries to choose, which is faster on CPUs with AVX-512 or more cores.
+leave the libraries to choose, which is faster on CPUs with AVX-512 or more cores.
+
+The service's processes (``serve``, ``worker``) run native numerics unless told otherwise; the
+benchmarks and the quickstart's ``demo`` run portable ones where the CPU has them and no GPU does
+the training (:func:`default`), so that their figures are the same on every such machine.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -55,14 +61,42 @@ def use(mode: str) -> None:
             os.environ.pop(key, None)
 
 
+def available() -> bool:
+    """Whether this CPU runs portable numerics: x86-64 with AVX2 and FMA (read from ``/proc/cpuinfo``, before torch
+    loads; elsewhere, False)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.partition(":")[2].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx2" in flags and "fma" in flags
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA driver is loaded here (read before torch loads): a run would train on the GPU."""
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def default(preferred: str) -> str:
+    """A command's numerics when it names none: ``preferred``, except that a portable preference falls back to
+    native where the CPU cannot run it or where a GPU would do the training (its results do not depend on these
+    pins, and two threads would only slow the CPU side)."""
+    if preferred == "portable" and (not available() or gpu_present()):
+        return "native"
+    return preferred
+
+
 def current() -> str:
     """``portable`` when every pin is in this process's environment, else ``native``."""
     return "portable" if all(os.environ.get(k) == v for k, v in PORTABLE_ENV.items()) else "native"
 
 
-def tag() -> str:
-    """A name for the numerics, for files that depend on them: empty when native, else the pins' digest."""
-    if current() == "native":
+def tag(mode: str | None = None) -> str:
+    """A name for ``mode`` (default: this process's numerics), for files that depend on them: empty when native,
+    else the pins' digest."""
+    if (mode or current()) == "native":
         return ""
     pins = json.dumps({**PORTABLE_ENV, "threads": THREADS}, sort_keys=True).encode()
     return f"portable-{hashlib.sha256(pins).hexdigest()[:8]}"

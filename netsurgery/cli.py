@@ -49,9 +49,14 @@ def _state_defaults(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        # the commands that train (bench, demo, serve, worker) take --numerics; the environment names a default
-        mode = (args.numerics or os.environ.get(numerics.ENV_VAR)) if hasattr(args, "numerics") else None
-        if mode:
+        # the commands that train (bench, demo, serve, worker) take --numerics; the environment names a
+        # default, else the command's own does
+        if hasattr(args, "numerics"):
+            mode = args.numerics or os.environ.get(numerics.ENV_VAR)
+            if mode is None:
+                mode = numerics.default(args.numerics_default)
+                if "torch" in sys.modules:
+                    mode = numerics.current()  # called in a process that runs torch already: its numerics stand
             numerics.use(mode)  # before any command imports torch
             numerics.check()
         return int(args.func(args))

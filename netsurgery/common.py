@@ -98,13 +98,17 @@ def progress_bar(**options: Any) -> Progress:
     return Progress(*columns, **options)
 
 
-def add_numerics(parser: argparse.ArgumentParser) -> None:
-    """``--numerics``: the CPU kernels' code path (:mod:`dns_core.numerics`), chosen before torch loads."""
+def add_numerics(parser: argparse.ArgumentParser, default: str = "native") -> None:
+    """``--numerics``: the CPU kernels' code path (:mod:`dns_core.numerics`), chosen before torch loads.
+
+    ``default`` is the command's own choice when neither the option nor the environment names one; a
+    ``portable`` default falls back to native where the CPU cannot run it or a GPU trains (:func:`numerics.default`)."""
+    fallback = "portable where the CPU has AVX2 and no GPU trains, else native" if default == "portable" else default
     parser.add_argument(
         "--numerics",
         choices=numerics.MODES,
         default=None,
         help="CPU kernels: native (the widest this CPU has) or portable (AVX2 everywhere: the same results on "
-        f"every x86-64 machine, for benchmarks; child processes inherit it) (default: ${numerics.ENV_VAR}, "
-        "else native)",
+        f"every x86-64 machine; child processes inherit it) (default: ${numerics.ENV_VAR}, else {fallback})",
     )
+    parser.set_defaults(numerics_default=default)

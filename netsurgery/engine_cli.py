@@ -596,5 +596,5 @@ def add_engine_commands(sub: Subcommands) -> None:
         "kind: table, table-quick, versus, versus-quick, models, models-quick, allocation, allocation-quick, "
         "search, search-quick, promise, promise-quick, overhead, service)",
     )
-    add_numerics(b)
+    add_numerics(b, default="portable")
     b.set_defaults(func=cmd_bench)

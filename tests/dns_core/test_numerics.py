@@ -101,23 +101,68 @@ def test_references_are_cached_apart_per_numerics(monkeypatch: pytest.MonkeyPatc
     ]
 
 
-@needs_avx2
-@pytest.mark.parametrize("how", ["flag", "environment"])
-def test_bench_records_the_numerics_it_ran_with(tmp_path: Path, how: str) -> None:
+def _bench_overhead(tmp_path: Path, flags: list[str], env_mode: str | None) -> dict[str, object]:
+    """``netsurgery bench overhead`` in a fresh process (no pins inherited); the machine block of its record."""
     out = tmp_path / "overhead.json"
-    argv = [sys.executable, "-m", "netsurgery", "bench", "overhead", "--steps", "3", "--results", str(out)]
+    argv = [sys.executable, "-m", "netsurgery", "bench", "overhead", "--steps", "3", "--results", str(out), *flags]
     env = {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE_ENV and k != numerics.ENV_VAR}
     env["OMP_NUM_THREADS"] = "1"
-    if how == "flag":
-        argv += ["--numerics", "portable"]
-    else:
-        env[numerics.ENV_VAR] = "portable"
+    if env_mode is not None:
+        env[numerics.ENV_VAR] = env_mode
     subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
-    machine = json.loads(out.read_text())["machine"]
+    machine: dict[str, object] = json.loads(out.read_text())["machine"]
+    return machine
+
+
+@needs_avx2
+@pytest.mark.parametrize("how", ["default", "flag", "environment"])
+def test_bench_runs_portable_numerics_by_default_and_records_them(tmp_path: Path, how: str) -> None:
+    if how == "default" and numerics.gpu_present():
+        pytest.skip("on a machine with a GPU the default is native")
+    machine = _bench_overhead(
+        tmp_path, ["--numerics", "portable"] if how == "flag" else [], "portable" if how == "environment" else None
+    )
     assert machine["numerics"] == "portable"
     assert machine["numerics_pins"] == numerics.PORTABLE_ENV
     assert machine["cpu_capability"] == "AVX2"
     assert machine["torch_threads"] == numerics.THREADS
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_bench_runs_native_numerics_when_asked(tmp_path: Path, how: str) -> None:
+    machine = _bench_overhead(tmp_path, ["--numerics", "native"] if how == "flag" else [],
+                              "native" if how == "environment" else None)  # fmt: skip
+    assert machine["numerics"] == "native" and machine["numerics_pins"] == {}
+    assert machine["torch_threads"] == 1  # the machine's own count (OMP_NUM_THREADS), not the pinned two
+
+
+def test_the_portable_default_needs_avx2_and_fma(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    real = Path
+
+    def fake(path: str) -> Path:
+        return cpuinfo if path == "/proc/cpuinfo" else real(path)
+
+    monkeypatch.setattr(numerics, "Path", fake)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for flags, expected in (("fpu sse2 avx avx2 fma bmi2", True), ("fpu sse2 avx fma", False), ("avx avx2", False)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert numerics.available() is expected, flags
+    cpuinfo.unlink()
+    assert not numerics.available()  # no /proc/cpuinfo (macOS, Windows): native
+    cpuinfo.write_text("flags\t\t: avx2 fma\n")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not numerics.available()
+    assert numerics.default("portable") == "native" and numerics.default("native") == "native"
+
+
+def test_the_portable_default_gives_way_to_native_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numerics, "available", lambda: True)
+    monkeypatch.setattr(numerics, "gpu_present", lambda: False)
+    assert numerics.default("portable") == "portable"
+    monkeypatch.setattr(numerics, "gpu_present", lambda: True)
+    assert numerics.default("portable") == "native"
+    assert numerics.default("native") == "native"
 
 
 def test_bench_refuses_unknown_numerics() -> None:
@@ -125,3 +170,13 @@ def test_bench_refuses_unknown_numerics() -> None:
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2
     assert "invalid choice: 'fast'" in out.stderr
+
+
+def test_benchmarks_and_the_quickstart_default_to_portable_numerics_the_service_to_native() -> None:
+    from netsurgery.cli import build_parser
+
+    parser = build_parser()
+    defaults = {cmd: parser.parse_args(argv).numerics_default
+                for cmd, argv in (("bench", ["bench", "overhead"]), ("demo", ["demo"]), ("serve", ["serve"]),
+                                  ("worker", ["worker"]))}  # fmt: skip
+    assert defaults == {"bench": "portable", "demo": "portable", "serve": "native", "worker": "native"}
