@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import numerics
 from .data import Dataset
 from .defaults import SEARCH_METHODS
 from .errors import ConfigError
@@ -163,6 +164,8 @@ def compress(
         "history": compact_history(result.history),
         "settings": _settings_record(method, settings),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        # the CPU kernels the job ran on: under portable numerics another machine with AVX2 trains the same bits
+        "numerics": numerics.describe(),
     }
     if isinstance(budget, BudgetSearch):
         frontier = budget.summary()

@@ -5,12 +5,14 @@ Also the embedded ``netsurgery serve`` (SQLite, filesystem broker, local files, 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dns_core import models
+from dns_core import models, numerics
 from dns_core.artifacts import REPORT_FILES
 from dns_core.data import load_digits
 from dns_core.io import load_model, save_model
@@ -283,6 +285,47 @@ def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def _stand_in_fashion_mnist(root: Path) -> Path:
+    """Fashion-MNIST's files in the Debian package's layout: 5,200 training and 300 test images, learnable."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 5200), ("t10k", 300)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+            (root / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    return root
+
+
+def test_demo_runs_the_quickstart_job_through_the_embedded_service_with_portable_numerics(tmp_path: Path) -> None:
+    """`netsurgery demo`, the job of scripts/quickstart.sh: reference, upload, job, download, on a stand-in data set.
+
+    Its default numerics are portable where the CPU has AVX2: the worker that trains the job inherits them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NETSURGERY_") and k not in numerics.PORTABLE_ENV}
+    env |= {"NETSURGERY_DEVICE": "cpu", "PYTHONUNBUFFERED": "1", "NETSURGERY_DATA_DIR": str(tmp_path / "data"),
+            "NETSURGERY_CACHE": str(tmp_path / "cache"),
+            "NETSURGERY_FASHION_MNIST": str(_stand_in_fashion_mnist(tmp_path / "fashion"))}  # fmt: skip
+    demo = [sys.executable, "-m", "netsurgery", "demo", "--target", "4", "--max-drop", "100", "--iterations", "300"]
+    run = subprocess.run(demo, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["compression"] == pytest.approx(4, rel=0.01) and report["budget_met"] is True
+    for name in ("model.safetensors", "model.sparse.safetensors", "report.json", "report.html"):
+        size = (out / name).stat().st_size
+        assert re.search(rf"out/{re.escape(name)}\s+{size:,} bytes  sha256 verified", run.stdout), (name, run.stdout)
+    assert f"succeeded: {report['compression']:.1f}x" in run.stdout
+    expected = numerics.default("portable")  # portable where the CPU has AVX2 and no GPU does the training
+    assert report["numerics"]["numerics"] == expected
+    if expected == "portable":
+        assert report["numerics"]["numerics_pins"] == numerics.PORTABLE_ENV
+        assert report["numerics"]["cpu_capability"] == "AVX2"
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [
+            f"ref-lenet-300-100-fashion-mnist-cli-e20-s0-{numerics.tag('portable')}.safetensors"
+        ]
 
 
 def _children(pid: int) -> list[int]:
