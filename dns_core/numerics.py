@@ -19,9 +19,10 @@ processes (the embedded service's worker) inherit them. The thread count is pinn
 one thread and on two differs in its last bits (fully connected layers do not). *Native* numerics
 leave the libraries to choose, which is faster on CPUs with AVX-512 or more cores.
 
-The service's processes (``serve``, ``worker``) run native numerics unless told otherwise; the
-benchmarks and the quickstart's ``demo`` run portable ones where the CPU has them and no GPU does
-the training (:func:`default`), so that their figures are the same on every such machine.
+The service's processes (``serve``, ``worker``) and the timing benchmarks run native numerics unless
+told otherwise; the benchmarks that train to accuracy figures and the quickstart's ``demo`` run
+portable ones where the CPU has them and no GPU does the training (:func:`default`), so that their
+figures are the same on every such machine.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dns_core import numerics
 from dns_core.errors import InputError
 from netsurgery.client_cli import add_client_commands
-from netsurgery.common import CliError, DefaultsHelpFormatter
+from netsurgery.common import CliError, DefaultsHelpFormatter, numerics_default
 from netsurgery.engine_cli import add_engine_commands
 from netsurgery.service_cli import add_service_commands
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(args, "numerics"):
             mode = args.numerics or os.environ.get(numerics.ENV_VAR)
             if mode is None:
-                mode = numerics.default(args.numerics_default)
+                mode = numerics_default(args)
                 if "torch" in sys.modules:
                     mode = numerics.current()  # called in a process that runs torch already: its numerics stand
             numerics.use(mode)  # before any command imports torch

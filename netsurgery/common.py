@@ -5,6 +5,7 @@ data loading, the progress bar's columns and ``--numerics``. Light at import tim
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -98,17 +99,27 @@ def progress_bar(**options: Any) -> Progress:
     return Progress(*columns, **options)
 
 
-def add_numerics(parser: argparse.ArgumentParser, default: str = "native") -> None:
+def add_numerics(
+    parser: argparse.ArgumentParser,
+    default: str | Callable[[argparse.Namespace], str] = "native",
+    default_help: str = "native",
+) -> None:
     """``--numerics``: the CPU kernels' code path (:mod:`dns_core.numerics`), chosen before torch loads.
 
-    ``default`` is the command's own choice when neither the option nor the environment names one; a
-    ``portable`` default falls back to native where the CPU cannot run it or a GPU trains (:func:`numerics.default`)."""
-    fallback = "portable where the CPU has AVX2 and no GPU trains, else native" if default == "portable" else default
+    ``default`` is the command's own choice when neither the option nor the environment names one (or a
+    function of the parsed arguments that gives it), described by ``default_help``; a ``portable`` default
+    falls back to native where the CPU cannot run it or a GPU trains (:func:`numerics.default`)."""
     parser.add_argument(
         "--numerics",
         choices=numerics.MODES,
         default=None,
         help="CPU kernels: native (the widest this CPU has) or portable (AVX2 everywhere: the same results on "
-        f"every x86-64 machine; child processes inherit it) (default: ${numerics.ENV_VAR}, else {fallback})",
+        f"every x86-64 machine; child processes inherit it) (default: ${numerics.ENV_VAR}, else {default_help})",
     )
     parser.set_defaults(numerics_default=default)
+
+
+def numerics_default(args: argparse.Namespace) -> str:
+    """The numerics a command runs with when neither ``--numerics`` nor the environment names them."""
+    preferred = args.numerics_default
+    return numerics.default(preferred(args) if callable(preferred) else preferred)

@@ -326,7 +326,7 @@ def add_service_commands(sub: Subcommands) -> None:
     d.add_argument("--max-drop", type=float, default=0.5, help="accuracy budget, percentage points")
     d.add_argument("--iterations", type=int, default=ITERATIONS, help="training iterations of the job")
     d.add_argument("--out", default="out", help="folder the job's files are downloaded to")
-    add_numerics(d, default="portable")
+    add_numerics(d, default="portable", default_help="portable where the CPU has AVX2 and no GPU trains, else native")
     d.set_defaults(func=cmd_demo)
 
     w = sub.add_parser("worker", help="run one Celery worker process (one per GPU: set CUDA_VISIBLE_DEVICES)")

@@ -15,6 +15,7 @@ from dns_core import numerics
 from dns_core.data import Dataset
 from dns_core.errors import ConfigError
 from dns_core.reference import cached_reference
+from tests.fashion import stand_in_fashion_mnist
 
 
 def _has_avx2() -> bool:
@@ -101,39 +102,53 @@ def test_references_are_cached_apart_per_numerics(monkeypatch: pytest.MonkeyPatc
     ]
 
 
-def _bench_overhead(tmp_path: Path, flags: list[str], env_mode: str | None) -> dict[str, object]:
-    """``netsurgery bench overhead`` in a fresh process (no pins inherited); the machine block of its record."""
-    out = tmp_path / "overhead.json"
-    argv = [sys.executable, "-m", "netsurgery", "bench", "overhead", "--steps", "3", "--results", str(out), *flags]
+def _bench(tmp_path: Path, which: str, flags: list[str], env_mode: str | None) -> dict[str, object]:
+    """``netsurgery bench <which>`` (overhead: 3 steps; table: the quick table, 60 iterations, on a stand-in
+    Fashion-MNIST) in a fresh process that inherits no pins; the machine block of its record."""
+    out = tmp_path / f"{which}.json"
+    size = ["--steps", "3"] if which == "overhead" else ["--quick", "--models", "lenet-300-100", "--iterations", "60"]
+    argv = [sys.executable, "-m", "netsurgery", "bench", which, *size, "--results", str(out), *flags]
     env = {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE_ENV and k != numerics.ENV_VAR}
-    env["OMP_NUM_THREADS"] = "1"
+    env |= {"OMP_NUM_THREADS": "1", "NETSURGERY_CACHE": str(tmp_path / "cache"),
+            "NETSURGERY_FASHION_MNIST": str(stand_in_fashion_mnist(tmp_path / "fashion"))}  # fmt: skip
     if env_mode is not None:
         env[numerics.ENV_VAR] = env_mode
-    subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    subprocess.run(argv, env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
     machine: dict[str, object] = json.loads(out.read_text())["machine"]
     return machine
 
 
-@needs_avx2
-@pytest.mark.parametrize("how", ["default", "flag", "environment"])
-def test_bench_runs_portable_numerics_by_default_and_records_them(tmp_path: Path, how: str) -> None:
-    if how == "default" and numerics.gpu_present():
-        pytest.skip("on a machine with a GPU the default is native")
-    machine = _bench_overhead(
-        tmp_path, ["--numerics", "portable"] if how == "flag" else [], "portable" if how == "environment" else None
-    )
-    assert machine["numerics"] == "portable"
+def _is_portable(machine: dict[str, object]) -> bool:
+    assert machine["numerics"] in numerics.MODES
+    if machine["numerics"] == "native":
+        assert machine["numerics_pins"] == {}
+        assert machine["torch_threads"] == 1  # the machine's own count (OMP_NUM_THREADS), not the pinned two
+        return False
     assert machine["numerics_pins"] == numerics.PORTABLE_ENV
     assert machine["cpu_capability"] == "AVX2"
     assert machine["torch_threads"] == numerics.THREADS
+    return True
+
+
+@needs_avx2
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_bench_runs_portable_numerics_when_asked_and_records_them(tmp_path: Path, how: str) -> None:
+    flags = ["--numerics", "portable"] if how == "flag" else []
+    assert _is_portable(_bench(tmp_path, "overhead", flags, "portable" if how == "environment" else None))
 
 
 @pytest.mark.parametrize("how", ["flag", "environment"])
 def test_bench_runs_native_numerics_when_asked(tmp_path: Path, how: str) -> None:
-    machine = _bench_overhead(tmp_path, ["--numerics", "native"] if how == "flag" else [],
-                              "native" if how == "environment" else None)  # fmt: skip
-    assert machine["numerics"] == "native" and machine["numerics_pins"] == {}
-    assert machine["torch_threads"] == 1  # the machine's own count (OMP_NUM_THREADS), not the pinned two
+    flags = ["--numerics", "native"] if how == "flag" else []
+    assert not _is_portable(_bench(tmp_path, "table", flags, "native" if how == "environment" else None))
+
+
+@needs_avx2
+def test_accuracy_benchmarks_default_to_portable_numerics_timing_ones_to_native(tmp_path: Path) -> None:
+    if numerics.gpu_present():
+        pytest.skip("on a machine with a GPU every default is native")
+    assert _is_portable(_bench(tmp_path, "table", [], None))
+    assert not _is_portable(_bench(tmp_path, "overhead", [], None))
 
 
 def test_the_portable_default_needs_avx2_and_fma(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -172,11 +187,17 @@ def test_bench_refuses_unknown_numerics() -> None:
     assert "invalid choice: 'fast'" in out.stderr
 
 
-def test_benchmarks_and_the_quickstart_default_to_portable_numerics_the_service_to_native() -> None:
+def test_accuracy_benchmarks_and_the_quickstart_prefer_portable_numerics_timing_and_the_service_native() -> None:
     from netsurgery.cli import build_parser
 
     parser = build_parser()
-    defaults = {cmd: parser.parse_args(argv).numerics_default
-                for cmd, argv in (("bench", ["bench", "overhead"]), ("demo", ["demo"]), ("serve", ["serve"]),
-                                  ("worker", ["worker"]))}  # fmt: skip
-    assert defaults == {"bench": "portable", "demo": "portable", "serve": "native", "worker": "native"}
+    commands = {"bench search": ["bench", "search"], "bench table": ["bench", "table"], "demo": ["demo"],
+                "bench overhead": ["bench", "overhead"], "bench service": ["bench", "service"], "serve": ["serve"],
+                "worker": ["worker"]}  # fmt: skip
+    preferred = {}
+    for name, argv in commands.items():
+        choice = parser.parse_args(argv).numerics_default
+        preferred[name] = choice(parser.parse_args(argv)) if callable(choice) else choice
+    assert preferred == {"bench search": "portable", "bench table": "portable", "demo": "portable",
+                         "bench overhead": "native", "bench service": "native", "serve": "native",
+                         "worker": "native"}  # fmt: skip

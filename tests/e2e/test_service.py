@@ -5,14 +5,12 @@ Also the embedded ``netsurgery serve`` (SQLite, filesystem broker, local files, 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from dns_core.onnx_convert import load_onnx
 from dns_core.onnx_export import check_with_onnxruntime
 from dns_core.sparse import load_sparse
 from tests.e2e.conftest import Service, free_port, wait_until_up
+from tests.fashion import stand_in_fashion_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -287,19 +286,6 @@ def test_embedded_serve_runs_a_job_with_nothing_else_installed(tmp_path: Path) -
             proc.wait(timeout=30)
 
 
-def _stand_in_fashion_mnist(root: Path) -> Path:
-    """Fashion-MNIST's files in the Debian package's layout: 5,200 training and 300 test images, learnable."""
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 5200), ("t10k", 300)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
-            (root / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-    return root
-
-
 def test_demo_runs_the_quickstart_job_through_the_embedded_service_with_portable_numerics(tmp_path: Path) -> None:
     """`netsurgery demo`, the job of scripts/quickstart.sh: reference, upload, job, download, on a stand-in data set.
 
@@ -307,7 +293,7 @@ def test_demo_runs_the_quickstart_job_through_the_embedded_service_with_portable
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETSURGERY_") and k not in numerics.PORTABLE_ENV}
     env |= {"NETSURGERY_DEVICE": "cpu", "PYTHONUNBUFFERED": "1", "NETSURGERY_DATA_DIR": str(tmp_path / "data"),
             "NETSURGERY_CACHE": str(tmp_path / "cache"),
-            "NETSURGERY_FASHION_MNIST": str(_stand_in_fashion_mnist(tmp_path / "fashion"))}  # fmt: skip
+            "NETSURGERY_FASHION_MNIST": str(stand_in_fashion_mnist(tmp_path / "fashion"))}  # fmt: skip
     demo = [sys.executable, "-m", "netsurgery", "demo", "--target", "4", "--max-drop", "100", "--iterations", "300"]
     run = subprocess.run(demo, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
