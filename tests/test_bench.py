@@ -1,13 +1,10 @@
 """The benchmark commands' output contract, on a tiny stand-in for Fashion-MNIST."""
 
-import gzip
 import json
 import os
-import struct
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,11 +12,7 @@ from dns_core.bench import weights_digest
 from dns_core.data import fashion_mnist_splits
 from dns_core.reference import cached_reference
 from netsurgery.cli import main
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+from tests.fashion import stand_in_fashion_mnist
 
 
 @pytest.fixture(autouse=True)
@@ -30,13 +23,7 @@ def _results_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def fake_fashion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 5200), ("t10k", 300)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 60, (n, 28, 28)) + (labels[:, None, None] * 19)  # learnable by brightness
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    monkeypatch.setenv("NETSURGERY_FASHION_MNIST", str(tmp_path))
+    monkeypatch.setenv("NETSURGERY_FASHION_MNIST", str(stand_in_fashion_mnist(tmp_path)))
     return tmp_path
 
 
