@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -291,6 +292,73 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def code_digest() -> str:
+    """sha256 of the engine's source (every ``dns_core`` module): runs by other code are other runs."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+class RunJournal:
+    """A long bench's finished runs, one JSON line each, so that a bench stopped part way resumes.
+
+    Each line holds a run's key and its row. The key is everything that decides the row: the run's
+    own arguments, the reference it starts from (:func:`weights_digest`), the engine's source
+    (:func:`code_digest`), torch's version and thread count, and the numerics (mode, pins, kernels).
+    With ``resume``, a run whose key is in the file is read back instead of trained again; runs are
+    deterministic for a key, so the rows are those the run would give (``seconds`` included, as first
+    measured). Without it the file starts empty. ``path`` None keeps nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, resume: bool = False) -> None:
+        self.path = None if path is None else Path(path)
+        self.done: dict[str, dict[str, Any]] = {}
+        self.reused = 0
+        self._context = {
+            "code": code_digest(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            **numerics.describe(),
+        }
+        if self.path is None:
+            return
+        if resume and self.path.exists():
+            for number, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    entry = json.loads(line)
+                    self.done[entry["key"]] = entry["row"]
+                except (ValueError, KeyError, TypeError):  # a line cut short when the bench was stopped
+                    if line.strip():
+                        print(f"{self.path}:{number}: unreadable, ignored", file=sys.stderr, flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the lines read back, whole, so that the next run's line starts on a line of its own
+        self.path.write_text("".join(json.dumps({"key": k, "row": r}) + "\n" for k, r in self.done.items()))
+
+    def key(self, **run: Any) -> str:
+        return json.dumps({**run, **self._context}, sort_keys=True, default=str)
+
+    def row(self, key: str, run: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The row of the run ``key``: from the journal when it holds it, else ``run(*args, **kwargs)``'s, then
+        recorded."""
+        if key in self.done:
+            self.reused += 1
+            return copy.deepcopy(self.done[key])
+        row = run(*args, **kwargs)
+        self.done[key] = copy.deepcopy(row)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": key, "row": row}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return row
+
+    def close(self) -> None:
+        """The bench finished and wrote its results: the journal is no longer needed."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def _search_reference(
     arch: str, data: tuple[Dataset, Dataset, Dataset], quick: bool, iterations: int | None
 ) -> tuple[torch.nn.Module, int]:
@@ -310,6 +378,7 @@ def search(
     pair: Sequence[str] = ("dns", "agp"),
     objective: str = "ce",
     log: Callable[[str], None] = print,
+    journal: RunJournal | None = None,
 ) -> dict[str, Any]:
     """Budget-only DNS against budget-only AGP (its better of two timings) on each model, over seeds.
 
@@ -321,8 +390,10 @@ def search(
     of the iterations as the table's rows do, so ``("dns@1/5", "han")`` asks whether DNS with a fifth of the
     iterations finds as high a compression within the budget as Han's iterative pruning with all of them.
     A ``pair`` of one method runs that method alone, without a ratio. ``objective``: every run's training
-    loss (``"ce+distill"`` adds distillation from the dense reference).
+    loss (``"ce+distill"`` adds distillation from the dense reference). ``journal``: where finished runs are
+    kept and read back (:class:`RunJournal`).
     """
+    journal = journal or RunJournal(None)
     if len(pair) not in (1, 2):
         raise ValueError(f"search compares one or two methods, got {list(pair)}")
     data = fashion_mnist_splits(seed=0)
@@ -330,6 +401,7 @@ def search(
     summary: dict[str, Any] = {}
     for arch in archs:
         reference, budget = _search_reference(arch, data, quick, iterations)
+        digest = weights_digest(reference)
         per: dict[str, Any] = {}
         for label in pair:
             method, _, share = label.partition("@")
@@ -343,9 +415,14 @@ def search(
                 merged = {**(settings or {}), **(schedule or {})}
                 runs = []
                 for seed in seeds:
-                    row = search_row(
-                        arch, method, reference, data, runs_for, max_drop, seed, merged, objective=objective
-                    )
+                    key = journal.key(
+                        bench="search", arch=arch, method=label, reference=digest, iterations=runs_for,
+                        max_drop=max_drop, seed=seed, schedule=merged, objective=objective,
+                    )  # fmt: skip
+                    row = journal.row(
+                        key, search_row, arch, method, reference, data, runs_for, max_drop, seed, merged,
+                        objective=objective,
+                    )  # fmt: skip
                     row["method"] = label
                     log(json.dumps({k: v for k, v in row.items() if k != "frontier"}))
                     runs.append(row)
@@ -371,7 +448,7 @@ def search(
             first, second = pair
             per["ratio"] = round(per[first]["median_within_both"] / per[second]["median_within_both"], 3)
         per["iterations"] = budget
-        per["reference_sha256"] = weights_digest(reference)
+        per["reference_sha256"] = digest
         summary[arch] = per
     return {"seeds": list(seeds), "max_drop": max_drop, "summary": summary, "rows": rows}
 
@@ -396,6 +473,7 @@ def promise(
     settings: Mapping[str, Any] | None = None,
     objective: str = "ce",
     log: Callable[[str], None] = print,
+    journal: RunJournal | None = None,
 ) -> dict[str, Any]:
     """Does the promise hold? Target-driven DNS jobs with a budget against the budget-only run, over seeds.
 
@@ -409,22 +487,37 @@ def promise(
       result for that seed;
     - ``landed``: where the budget-only run held at least the asked compression, it landed within
       5% of the ask (None where it did not).
+
+    ``journal``: where finished runs are kept and read back (:class:`RunJournal`).
     """
+    journal = journal or RunJournal(None)
     data = fashion_mnist_splits(seed=0)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for arch in archs:
         reference, budget = _search_reference(arch, data, quick, iterations)
+        digest = weights_digest(reference)
         per_arch = []
+
+        def key(seed: int, ask: float | None) -> str:
+            return journal.key(
+                bench="promise", arch=arch, method="dns", reference=digest, iterations=budget,  # noqa: B023
+                max_drop=max_drop, seed=seed, schedule=dict(settings or {}), objective=objective, ask=ask,
+            )  # fmt: skip
+
         for seed in seeds:
-            alone = search_row(arch, "dns", reference, data, budget, max_drop, seed, settings, objective=objective)
+            alone = journal.row(
+                key(seed, None), search_row, arch, "dns", reference, data, budget, max_drop, seed, settings,
+                objective=objective,
+            )  # fmt: skip
             alone["ask"] = None
             log(json.dumps({k: v for k, v in alone.items() if k != "frontier"}))
             per_arch.append(alone)
             for ask in (asks or PROMISE_ASKS)[arch]:
-                row = search_row(
-                    arch, "dns", reference, data, budget, max_drop, seed, settings, compression=ask, objective=objective
-                )
+                row = journal.row(
+                    key(seed, ask), search_row, arch, "dns", reference, data, budget, max_drop, seed, settings,
+                    compression=ask, objective=objective,
+                )  # fmt: skip
                 reach = min(ask, alone["compression"])
                 in_reach = alone["compression"] >= ask * (1 - LANDING)
                 row |= {
@@ -449,7 +542,7 @@ def promise(
             "near_alone": sum(r["near_alone"] for r in asked),
             "in_reach": len(in_reach),
             "landed": sum(bool(r["landed"]) for r in in_reach),
-            "reference_sha256": weights_digest(reference),
+            "reference_sha256": digest,
         }
     return {"seeds": list(seeds), "max_drop": max_drop, "summary": summary, "rows": rows}
 

@@ -305,14 +305,22 @@ def _print_report(r: dict[str, Any]) -> None:
         )
 
 
+def _results_kind(args: argparse.Namespace) -> str:
+    quick_kinds = ("table", "versus", "models", "allocation", "search", "promise")
+    return str(args.which) + ("-quick" if args.quick and args.which in quick_kinds else "")
+
+
+def _results_path(args: argparse.Namespace) -> Path:
+    """``--results``, by default docs/results/<kind>.json."""
+    return Path(args.results or f"docs/results/{_results_kind(args)}.json")
+
+
 def _record_results(args: argparse.Namespace, results: Any) -> None:
     """Write a bench run's raw results to ``--results`` (default: docs/results/<kind>.json)."""
     from dns_core import bench
 
-    quick_kinds = ("table", "versus", "models", "allocation", "search", "promise")
-    kind = args.which + ("-quick" if args.quick and args.which in quick_kinds else "")
     arguments = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)}
-    path = bench.write_results(args.results or f"docs/results/{kind}.json", kind, arguments, results)
+    path = bench.write_results(_results_path(args), _results_kind(args), arguments, results)
     print(f"results written to {path}", file=sys.stderr)
 
 
@@ -442,6 +450,13 @@ def _bench_search(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.which == "search":
         extra["pair"] = _pair(args.pair, SEARCH_METHODS, alone=True)
+    # finished runs go to <results>.runs.jsonl as they end, so that a stopped bench can --resume
+    journal_path = _results_path(args).with_name(_results_path(args).name + ".runs.jsonl")
+    if args.resume and not journal_path.exists():
+        print(f"{journal_path} does not exist: every run starts afresh", file=sys.stderr)
+    journal = bench.RunJournal(journal_path, resume=args.resume)
+    if journal.done:
+        print(f"{len(journal.done)} finished run(s) in {journal_path}", file=sys.stderr)
     result = run(
         archs,
         seeds=range(args.first_seed, args.first_seed + (args.seeds or (2 if args.quick else 5))),
@@ -450,11 +465,15 @@ def _bench_search(args: argparse.Namespace) -> int:
         settings=settings,
         objective=args.objective,
         log=lambda s: print(s, file=sys.stderr, flush=True),
+        journal=journal,
         **extra,
     )
     print(show(result["summary"]))
     print(json.dumps({"summary": result["summary"]}))
+    if journal.reused:
+        print(f"{journal.reused} run(s) read back from {journal_path}", file=sys.stderr)
     _record_results(args, result)
+    journal.close()
     return 0
 
 
@@ -590,6 +609,10 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--splice-back", action="store_true",
                    help="search, promise: after a rung misses the budget, DNS retargets down from the state it "
                    "reached, splicing weights back, instead of restoring the last state that held")  # fmt: skip
+    b.add_argument("--resume", action="store_true",
+                   help="search, promise: read back the runs that a stopped bench with the same arguments finished "
+                   "(kept in <results>.runs.jsonl until the results file is written) instead of training them "
+                   "again")  # fmt: skip
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
     b.add_argument("--seeds", type=int, default=None, help="versus, search, promise: training seeds 0..N-1 from "

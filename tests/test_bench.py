@@ -4,10 +4,12 @@ import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from dns_core import bench
 from dns_core.bench import weights_digest
 from dns_core.data import fashion_mnist_splits
 from dns_core.reference import cached_reference
@@ -197,6 +199,86 @@ def test_bench_search_trains_with_the_objective_and_settings_given(
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main([*argv, "--objective", "mse"])
+
+
+_SEARCH_ROW = bench.search_row
+
+
+def _stop_at(monkeypatch: pytest.MonkeyPatch, stop: tuple[int, float | None] | None) -> list[tuple[int, float | None]]:
+    """Count the runs that train (seed, asked compression); a run of ``stop`` is cut short by a Ctrl-C."""
+    trained: list[tuple[int, float | None]] = []
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        run = (int(args[6]), kwargs.get("compression"))
+        if run == stop:
+            raise KeyboardInterrupt
+        trained.append(run)
+        return _SEARCH_ROW(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "search_row", counted)
+    return trained
+
+
+def test_a_stopped_bench_search_resumes_from_the_runs_it_finished(
+    fake_fashion: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "search", "--quick", "--seeds", "3", "--iterations", "400", "--pair", "dns"]
+    results, journal = Path("docs/results/search-quick.json"), Path("docs/results/search-quick.json.runs.jsonl")
+    assert main(argv) == 0
+    whole = json.loads(results.read_text())["results"]
+    assert not journal.exists()  # the results file holds it all
+    results.unlink()
+    # stopped in its third run: the two finished ones are in the journal, and no results file is written
+    trained = _stop_at(monkeypatch, (2, None))
+    assert main(argv) == 130
+    assert trained == [(0, None), (1, None)] and not results.exists()
+    assert [json.loads(line)["row"]["seed"] for line in journal.read_text().splitlines()] == [0, 1]
+    # resumed: only the third run trains, and the figures are those of the bench run in one go
+    trained = _stop_at(monkeypatch, None)
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert trained == [(2, None)]
+    assert "2 run(s) read back from docs/results/search-quick.json.runs.jsonl" in capsys.readouterr().err
+    resumed = json.loads(results.read_text())["results"]
+    assert resumed["summary"] == whole["summary"]
+    untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in rs] for rs in (resumed["rows"], whole["rows"])]
+    assert untimed[0] == untimed[1]
+    assert not journal.exists()
+    # a journal is read back only for the same runs: other iterations, or no --resume, train everything again
+    trained = _stop_at(monkeypatch, (1, None))
+    assert main(argv) == 130 and trained == [(0, None)]
+    trained = _stop_at(monkeypatch, (0, None))
+    assert main([*argv, "--iterations", "440", "--resume"]) == 130 and trained == []
+    trained = _stop_at(monkeypatch, (1, None))
+    assert main(argv) == 130 and trained == [(0, None)]
+
+
+def test_a_stopped_bench_promise_resumes_and_skips_a_line_cut_short(
+    fake_fashion: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "promise", "--quick", "--seeds", "2", "--iterations", "400"]
+    journal = Path("docs/results/promise-quick.json.runs.jsonl")
+    trained = _stop_at(monkeypatch, (0, 80.0))
+    assert main(argv) == 130
+    assert trained == [(0, None), (0, 10.0), (0, 20.0)]
+    # the bench was killed while writing a fourth line
+    with journal.open("a") as f:
+        f.write('{"key": "{\\"bench\\": \\"prom')
+    trained = _stop_at(monkeypatch, (1, None))
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 130
+    assert trained == [(0, 80.0)]
+    err = capsys.readouterr().err
+    assert "promise-quick.json.runs.jsonl:4: unreadable, ignored" in err and "3 finished run(s)" in err
+    # the run after the cut line is kept on a line of its own
+    trained = _stop_at(monkeypatch, None)
+    assert main([*argv, "--resume"]) == 0
+    assert trained == [(1, None), (1, 10.0), (1, 20.0), (1, 80.0)]
+    assert "4 run(s) read back" in capsys.readouterr().err
+    rows = json.loads(Path("docs/results/promise-quick.json").read_text())["results"]["rows"]
+    assert [(r["seed"], r["ask"]) for r in rows] == [(s, a) for s in (0, 1) for a in (None, 10.0, 20.0, 80.0)]
+    assert all(r["alone"] == rows[0]["compression"] for r in rows[1:4])
+    assert not journal.exists()
 
 
 def test_bench_promise_checks_each_asked_job_against_the_budget_only_run(
