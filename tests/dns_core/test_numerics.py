@@ -185,6 +185,12 @@ def test_bench_refuses_unknown_numerics() -> None:
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2
     assert "invalid choice: 'fast'" in out.stderr
+    # the same word in the environment: one line that names the choices, no traceback
+    env = {**os.environ, "NETSURGERY_NUMERICS": "fast"}
+    out = subprocess.run([sys.executable, "-m", "netsurgery", "bench", "overhead", "--steps", "1"],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip() == "netsurgery: unknown numerics 'fast'; choose native or portable"
 
 
 def test_accuracy_benchmarks_and_the_quickstart_prefer_portable_numerics_timing_and_the_service_native() -> None:
