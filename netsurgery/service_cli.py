@@ -142,7 +142,33 @@ def worker_argv(concurrency: int = 1, hostname: str | None = None, loglevel: str
     return argv
 
 
+#: set by the embedded service on its worker: the pid of the process whose death stops the worker
+PARENT_ENV = "NETSURGERY_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with_parent() -> None:
+    """Stop this worker when the embedded service that started it dies, however it dies (SIGKILL included).
+
+    On Linux the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``): a killed worker is a
+    crash the service already recovers from (the job's lease runs out and it resumes from its checkpoint),
+    whereas an orphan would go on training for a service that is gone. Elsewhere nothing changes.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        print(f"netsurgery worker: prctl failed ({os.strerror(ctypes.get_errno())}); it may outlive its service",
+              file=sys.stderr)  # fmt: skip
+    if os.getppid() != int(parent):  # the service died before the request took effect
+        raise SystemExit(0)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
+    _die_with_parent()
     s = _settings()
     _migrate(s.database_url)
     from worker.tasks import app
@@ -186,7 +212,7 @@ def embedded(host: str, port: int, *, with_worker: bool = True) -> Iterator[tupl
             [sys.executable, "-m", "netsurgery", "worker", "--hostname", f"embedded@{os.uname().nodename}"],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=os.environ | {"NETSURGERY_DATA_DIR": str(s.data_dir)},
+            env=os.environ | {"NETSURGERY_DATA_DIR": str(s.data_dir), PARENT_ENV: str(os.getpid())},
         )
     from api.server import JsonErrorsProtocol
 

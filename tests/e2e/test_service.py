@@ -314,6 +314,44 @@ def test_demo_runs_the_quickstart_job_through_the_embedded_service_with_portable
         ]
 
 
+def test_the_embedded_worker_dies_with_a_killed_serve(tmp_path: Path) -> None:
+    """SIGKILL leaves serve no chance to stop its worker: the kernel does (no orphan trains on)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NETSURGERY_")}
+    env |= {"NETSURGERY_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "serve.log"
+    worker = None
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netsurgery", "serve", "--data-dir", "data", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+        )  # fmt: skip
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, log)
+        deadline = time.monotonic() + 30
+        while not (children := _children(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(children) == 1, children  # its worker
+        (worker,) = children
+        # the worker is past its start-up (it listens for jobs) before serve goes
+        worker_log = tmp_path / "data" / "worker.log"
+        while b"ready" not in (worker_log.read_bytes() if worker_log.exists() else b"") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive(worker)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker outlived a killed serve"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
 def _children(pid: int) -> list[int]:
     task = Path(f"/proc/{pid}/task")
     return [int(c) for t in task.iterdir() for c in (t / "children").read_text().split()]
