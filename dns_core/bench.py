@@ -359,12 +359,38 @@ class RunJournal:
             self.path.unlink(missing_ok=True)
 
 
-def _search_reference(
-    arch: str, data: tuple[Dataset, Dataset, Dataset], quick: bool, iterations: int | None
-) -> tuple[torch.nn.Module, int]:
-    """The table's converged reference of ``arch`` (seed 0; 2 epochs when quick) and the runs' iterations."""
-    reference, _ = cached_reference(arch, data[0], tag="fashion-55k", epochs=2 if quick else 20, seed=0)
-    return reference, iterations or (3000 if quick else PLANS[arch].iterations)
+#: where the search and promise benches start each run: ``shared``, the table's seed-0 reference for every
+#: seed (the seed varies the run only); ``per-seed``, a reference trained with the run's own seed, so that
+#: the seed varies the whole pipeline, as another user's model would
+REFERENCES = ("shared", "per-seed")
+
+
+def _search_references(
+    arch: str,
+    data: tuple[Dataset, Dataset, Dataset],
+    quick: bool,
+    iterations: int | None,
+    seeds: Sequence[int],
+    references: str,
+) -> tuple[dict[int, tuple[torch.nn.Module, str]], int]:
+    """Per seed, the converged reference of ``arch`` its runs start from (20 epochs, 2 when quick) with its
+    digest; and the runs' iterations."""
+    if references not in REFERENCES:
+        raise ValueError(f"references must be one of {', '.join(REFERENCES)}, got {references!r}")
+    loaded: dict[int, tuple[torch.nn.Module, str]] = {}
+    for seed in seeds:
+        ref_seed = 0 if references == "shared" else seed
+        if ref_seed not in loaded:
+            model, _ = cached_reference(arch, data[0], tag="fashion-55k", epochs=2 if quick else 20, seed=ref_seed)
+            loaded[ref_seed] = (model, weights_digest(model))
+    per_seed = {seed: loaded[0 if references == "shared" else seed] for seed in seeds}
+    return per_seed, iterations or (3000 if quick else PLANS[arch].iterations)
+
+
+def _digests(refs: Mapping[int, tuple[torch.nn.Module, str]], references: str) -> str | list[str]:
+    """The summary's ``reference_sha256``: one digest for a shared reference, else one per seed, in seed order."""
+    digests = [digest for _, digest in refs.values()]
+    return digests[0] if references == "shared" else digests
 
 
 def search(
@@ -377,14 +403,16 @@ def search(
     settings: Mapping[str, Any] | None = None,
     pair: Sequence[str] = ("dns", "agp"),
     objective: str = "ce",
+    references: str = "shared",
     log: Callable[[str], None] = print,
     journal: RunJournal | None = None,
 ) -> dict[str, Any]:
     """Budget-only DNS against budget-only AGP (its better of two timings) on each model, over seeds.
 
-    Both start from the table's converged reference (seed 0) with the same iterations; the seed
-    changes the batch order and the surgery's draws. Per model and method: the median over seeds of
-    the compression handed over, and of the highest frontier point within budget on validation and
+    Both start from the same converged reference with the same iterations: with ``references="shared"`` the
+    table's (seed 0) for every run, so that the seed changes the batch order and the surgery's draws; with
+    ``"per-seed"`` the reference trained with the run's seed (:data:`REFERENCES`). Per model and method: the
+    median over seeds of the compression handed over, and of the highest frontier point within budget on validation and
     on test alike; then the first method's median over the second's. ``settings``: :class:`SearchSettings`
     fields for every run (AGP's timings on top). ``pair`` names the two methods; a method may carry a share
     of the iterations as the table's rows do, so ``("dns@1/5", "han")`` asks whether DNS with a fifth of the
@@ -400,8 +428,7 @@ def search(
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for arch in archs:
-        reference, budget = _search_reference(arch, data, quick, iterations)
-        digest = weights_digest(reference)
+        refs, budget = _search_references(arch, data, quick, iterations, seeds, references)
         per: dict[str, Any] = {}
         for label in pair:
             method, _, share = label.partition("@")
@@ -415,6 +442,7 @@ def search(
                 merged = {**(settings or {}), **(schedule or {})}
                 runs = []
                 for seed in seeds:
+                    reference, digest = refs[seed]
                     key = journal.key(
                         bench="search", arch=arch, method=label, reference=digest, iterations=runs_for,
                         max_drop=max_drop, seed=seed, schedule=merged, objective=objective,
@@ -424,6 +452,7 @@ def search(
                         objective=objective,
                     )  # fmt: skip
                     row["method"] = label
+                    row["reference_sha256"] = digest
                     log(json.dumps({k: v for k, v in row.items() if k != "frontier"}))
                     runs.append(row)
                 rows.extend(runs)
@@ -448,7 +477,8 @@ def search(
             first, second = pair
             per["ratio"] = round(per[first]["median_within_both"] / per[second]["median_within_both"], 3)
         per["iterations"] = budget
-        per["reference_sha256"] = digest
+        per["references"] = references
+        per["reference_sha256"] = _digests(refs, references)
         summary[arch] = per
     return {"seeds": list(seeds), "max_drop": max_drop, "summary": summary, "rows": rows}
 
@@ -472,6 +502,7 @@ def promise(
     asks: Mapping[str, Sequence[float]] | None = None,
     settings: Mapping[str, Any] | None = None,
     objective: str = "ce",
+    references: str = "shared",
     log: Callable[[str], None] = print,
     journal: RunJournal | None = None,
 ) -> dict[str, Any]:
@@ -488,24 +519,25 @@ def promise(
     - ``landed``: where the budget-only run held at least the asked compression, it landed within
       5% of the ask (None where it did not).
 
-    ``journal``: where finished runs are kept and read back (:class:`RunJournal`).
+    ``references``: one shared reference or one per seed, as in :func:`search`. ``journal``: where finished
+    runs are kept and read back (:class:`RunJournal`).
     """
     journal = journal or RunJournal(None)
     data = fashion_mnist_splits(seed=0)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for arch in archs:
-        reference, budget = _search_reference(arch, data, quick, iterations)
-        digest = weights_digest(reference)
+        refs, budget = _search_references(arch, data, quick, iterations, seeds, references)
         per_arch = []
 
         def key(seed: int, ask: float | None) -> str:
             return journal.key(
-                bench="promise", arch=arch, method="dns", reference=digest, iterations=budget,  # noqa: B023
+                bench="promise", arch=arch, method="dns", reference=refs[seed][1], iterations=budget,  # noqa: B023
                 max_drop=max_drop, seed=seed, schedule=dict(settings or {}), objective=objective, ask=ask,
             )  # fmt: skip
 
         for seed in seeds:
+            reference = refs[seed][0]
             alone = journal.row(
                 key(seed, None), search_row, arch, "dns", reference, data, budget, max_drop, seed, settings,
                 objective=objective,
@@ -542,7 +574,8 @@ def promise(
             "near_alone": sum(r["near_alone"] for r in asked),
             "in_reach": len(in_reach),
             "landed": sum(bool(r["landed"]) for r in in_reach),
-            "reference_sha256": digest,
+            "references": references,
+            "reference_sha256": _digests(refs, references),
         }
     return {"seeds": list(seeds), "max_drop": max_drop, "summary": summary, "rows": rows}
 

@@ -464,6 +464,7 @@ def _bench_search(args: argparse.Namespace) -> int:
         quick=args.quick,
         settings=settings,
         objective=args.objective,
+        references="per-seed" if args.reference_per_seed else "shared",
         log=lambda s: print(s, file=sys.stderr, flush=True),
         journal=journal,
         **extra,
@@ -609,6 +610,9 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--splice-back", action="store_true",
                    help="search, promise: after a rung misses the budget, DNS retargets down from the state it "
                    "reached, splicing weights back, instead of restoring the last state that held")  # fmt: skip
+    b.add_argument("--reference-per-seed", action="store_true",
+                   help="search, promise: each seed's runs start from a reference trained with that seed (default: "
+                   "every run from the seed-0 reference, the seed varying the run only)")  # fmt: skip
     b.add_argument("--resume", action="store_true",
                    help="search, promise: read back the runs that a stopped bench with the same arguments finished "
                    "(kept in <results>.runs.jsonl until the results file is written) instead of training them "

@@ -201,6 +201,31 @@ def test_bench_search_trains_with_the_objective_and_settings_given(
         main([*argv, "--objective", "mse"])
 
 
+def test_bench_search_can_start_each_seed_from_its_own_reference(
+    fake_fashion: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "search", "--quick", "--seeds", "2", "--iterations", "400", "--pair", "dns"]
+    assert main([*argv, "--reference-per-seed"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]["lenet-300-100"]
+    rows = json.loads(Path("docs/results/search-quick.json").read_text())["results"]["rows"]
+    train = fashion_mnist_splits()[0]
+    digests = [
+        weights_digest(cached_reference("lenet-300-100", train, tag="fashion-55k", epochs=2, seed=seed)[0])
+        for seed in (0, 1)
+    ]
+    assert digests[0] != digests[1]
+    # each seed's run starts from the reference trained with that seed, and the summary names both
+    assert [(r["seed"], r["reference_sha256"]) for r in rows] == list(enumerate(digests))
+    assert rows[0]["ref_val"] != rows[1]["ref_val"] or rows[0]["ref_test"] != rows[1]["ref_test"]
+    assert summary["references"] == "per-seed" and summary["reference_sha256"] == digests
+    # by default both runs start from the seed-0 reference
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]["lenet-300-100"]
+    rows = json.loads(Path("docs/results/search-quick.json").read_text())["results"]["rows"]
+    assert [r["reference_sha256"] for r in rows] == [digests[0]] * 2
+    assert summary["references"] == "shared" and summary["reference_sha256"] == digests[0]
+
+
 _SEARCH_ROW = bench.search_row
 
 
