@@ -412,9 +412,9 @@ def search(
     Both start from the same converged reference with the same iterations: with ``references="shared"`` the
     table's (seed 0) for every run, so that the seed changes the batch order and the surgery's draws; with
     ``"per-seed"`` the reference trained with the run's seed (:data:`REFERENCES`). Per model and method: the
-    median over seeds of the compression handed over, and of the highest frontier point within budget on validation and
-    on test alike; then the first method's median over the second's. ``settings``: :class:`SearchSettings`
-    fields for every run (AGP's timings on top). ``pair`` names the two methods; a method may carry a share
+    median over seeds of the compression handed over, and of the highest frontier point within budget on
+    validation and on test alike; then the first method's median over the second's. ``settings``:
+    :class:`SearchSettings` fields for every run (AGP's timings on top). ``pair`` names the two methods; a method may carry a share
     of the iterations as the table's rows do, so ``("dns@1/5", "han")`` asks whether DNS with a fifth of the
     iterations finds as high a compression within the budget as Han's iterative pruning with all of them.
     A ``pair`` of one method runs that method alone, without a ratio. ``objective``: every run's training
@@ -542,7 +542,7 @@ def promise(
                 key(seed, None), search_row, arch, "dns", reference, data, budget, max_drop, seed, settings,
                 objective=objective,
             )  # fmt: skip
-            alone["ask"] = None
+            alone |= {"ask": None, "reference_sha256": refs[seed][1]}
             log(json.dumps({k: v for k, v in alone.items() if k != "frontier"}))
             per_arch.append(alone)
             for ask in (asks or PROMISE_ASKS)[arch]:
@@ -553,6 +553,7 @@ def promise(
                 reach = min(ask, alone["compression"])
                 in_reach = alone["compression"] >= ask * (1 - LANDING)
                 row |= {
+                    "reference_sha256": refs[seed][1],
                     "ask": ask,
                     "alone": alone["compression"],
                     "kept": not row["budget_met"] or row["ref_val"] - row["val_again"] <= max_drop,
