@@ -409,17 +409,18 @@ def search(
 ) -> dict[str, Any]:
     """Budget-only DNS against budget-only AGP (its better of two timings) on each model, over seeds.
 
-    Both start from the same converged reference with the same iterations: with ``references="shared"`` the
-    table's (seed 0) for every run, so that the seed changes the batch order and the surgery's draws; with
-    ``"per-seed"`` the reference trained with the run's seed (:data:`REFERENCES`). Per model and method: the
-    median over seeds of the compression handed over, and of the highest frontier point within budget on
-    validation and on test alike; then the first method's median over the second's. ``settings``:
-    :class:`SearchSettings` fields for every run (AGP's timings on top). ``pair`` names the two methods; a method may carry a share
-    of the iterations as the table's rows do, so ``("dns@1/5", "han")`` asks whether DNS with a fifth of the
-    iterations finds as high a compression within the budget as Han's iterative pruning with all of them.
-    A ``pair`` of one method runs that method alone, without a ratio. ``objective``: every run's training
-    loss (``"ce+distill"`` adds distillation from the dense reference). ``journal``: where finished runs are
-    kept and read back (:class:`RunJournal`).
+    Both start from the same converged reference with the same iterations: with ``references="shared"``
+    the table's (seed 0) for every run, so that the seed changes the batch order and the surgery's draws;
+    with ``"per-seed"`` the reference trained with the run's seed (:data:`REFERENCES`). Per model and
+    method: the median over seeds of the compression handed over, and of the highest frontier point
+    within budget on validation and on test alike; then the first method's median over the second's.
+    ``settings``: :class:`SearchSettings` fields for every run (AGP's timings on top). ``pair`` names the
+    two methods; a method may carry a share of the iterations as the table's rows do, so
+    ``("dns@1/5", "han")`` asks whether DNS with a fifth of the iterations finds as high a compression
+    within the budget as Han's iterative pruning with all of them. A ``pair`` of one method runs that
+    method alone, without a ratio. ``objective``: every run's training loss (``"ce+distill"`` adds
+    distillation from the dense reference). ``journal``: where finished runs are kept and read back
+    (:class:`RunJournal`).
     """
     journal = journal or RunJournal(None)
     if len(pair) not in (1, 2):
