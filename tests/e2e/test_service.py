@@ -314,13 +314,13 @@ def test_demo_runs_the_quickstart_job_through_the_embedded_service_with_portable
         ]
 
 
-def test_the_embedded_worker_dies_with_a_killed_serve(tmp_path: Path) -> None:
-    """SIGKILL leaves serve no chance to stop its worker: the kernel does (no orphan trains on)."""
+def _serve_with_its_worker(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, int, int]:
+    """`netsurgery serve` on a free port, once it answers and has started its one worker: (process, its log,
+    the worker's pid, the port)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETSURGERY_")}
     env |= {"NETSURGERY_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "serve.log"
-    worker = None
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "netsurgery", "serve", "--data-dir", "data", "--port", str(port)],
@@ -332,12 +332,23 @@ def test_the_embedded_worker_dies_with_a_killed_serve(tmp_path: Path) -> None:
         while not (children := _children(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(children) == 1, children  # its worker
-        (worker,) = children
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    return proc, log, children[0], port
+
+
+def test_the_embedded_worker_dies_with_a_killed_serve(tmp_path: Path) -> None:
+    """SIGKILL leaves serve no chance to stop its worker: the kernel does (no orphan trains on)."""
+    proc, _, worker, _ = _serve_with_its_worker(tmp_path)
+    try:
+        deadline = time.monotonic() + 30
         # the worker is past its start-up (it listens for jobs) before serve goes
         worker_log = tmp_path / "data" / "worker.log"
         while b"ready" not in (worker_log.read_bytes() if worker_log.exists() else b"") and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _alive(worker)
+        assert b"ready" in worker_log.read_bytes() and _alive(worker), worker_log.read_text()[-2000:]
         proc.kill()
         proc.wait(timeout=30)
         deadline = time.monotonic() + 20
@@ -348,7 +359,7 @@ def test_the_embedded_worker_dies_with_a_killed_serve(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-        if worker is not None and _alive(worker):
+        if _alive(worker):
             os.kill(worker, signal.SIGKILL)
 
 
@@ -395,21 +406,10 @@ def test_the_python_client_round_trip_and_its_errors(service: Service, tmp_path:
 
 def test_ctrl_c_stops_the_embedded_serve_and_its_worker(tmp_path: Path) -> None:
     """SIGINT (Ctrl-C in the terminal) stops `netsurgery serve` as SIGTERM does: the API and its worker."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NETSURGERY_")}
-    env |= {"NETSURGERY_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "netsurgery", "serve", "--data-dir", "data", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
-        )  # fmt: skip
+    proc, log, worker, port = _serve_with_its_worker(tmp_path)
+    children = [worker]
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, log)
         deadline = time.monotonic() + 30
-        while not (children := _children(proc.pid)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(children) == 1, children  # its worker
         while b"Ctrl-C stops both" not in log.read_bytes() and time.monotonic() < deadline:
             time.sleep(0.1)  # serve is up, not still starting (Ctrl-C while it starts is exit 130)
         proc.send_signal(signal.SIGINT)
