@@ -451,7 +451,8 @@ def _bench_search(args: argparse.Namespace) -> int:
     if args.which == "search":
         extra["pair"] = _pair(args.pair, SEARCH_METHODS, alone=True)
     # finished runs go to <results>.runs.jsonl as they end, so that a stopped bench can --resume
-    journal_path = _results_path(args).with_name(_results_path(args).name + ".runs.jsonl")
+    results = _results_path(args)
+    journal_path = results.with_name(results.name + ".runs.jsonl")
     if args.resume and not journal_path.exists():
         print(f"{journal_path} does not exist: every run starts afresh", file=sys.stderr)
     journal = bench.RunJournal(journal_path, resume=args.resume)
