@@ -79,6 +79,8 @@ class SearchSettings:
     #: the first rung's peak learning rate, relative to the run's, when it climbs no higher than ``first`` and
     #: rungs follow it: halving a converged model needs little recovery, and a full restart knocks it out of its minimum
     first_lr: float = 0.1
+    #: the peak learning rate of every later rung, relative to the run's
+    rung_lr: float = 1.0
     check: float = 1.5  # one evaluation in the first rung, just before its ramp passes this compression
     ramp: float = 0.4  # the kept count reaches the rung's compression here
     surgery: float = 0.6  # DNS prunes and splices at that count until here; then the masks freeze
@@ -94,6 +96,8 @@ class SearchSettings:
             raise ConfigError("rung fractions must satisfy 0 ≤ warmup < ramp ≤ surgery ≤ 1")
         if not 0 < self.first_lr <= 1:
             raise ConfigError("the first rung's learning rate is a fraction of the run's, in (0, 1]")
+        if not 0 < self.rung_lr <= 4:
+            raise ConfigError("the later rungs' learning rate is a multiple of the run's, in (0, 4]")
 
 
 def _rung_bounds(iterations: int, rungs: int, growth: float) -> tuple[list[int], int]:
@@ -198,7 +202,7 @@ class BudgetSearch(Controller):
         length = self.bounds[r + 1] - self.bounds[r]
         offset = t - self.bounds[r]
         warm = int(self.s.warmup * length)
-        peak = cfg.lr * (self.first_scale if r == 0 else 1.0)
+        peak = cfg.lr * (self.first_scale if r == 0 else self.s.rung_lr)
         if offset < warm:
             return peak * (offset + 1) / (warm + 1)
         span = max(length - warm, 1)

@@ -445,6 +445,8 @@ def _bench_search(args: argparse.Namespace) -> int:
         raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.PLANS)}")
     run, show = (bench.search, bench.format_search) if args.which == "search" else (bench.promise, bench.format_promise)
     settings: dict[str, Any] = {} if args.first_lr is None else {"first_lr": args.first_lr}
+    if args.rung_lr is not None:
+        settings["rung_lr"] = args.rung_lr
     if args.splice_back:
         settings["splice_back"] = True
     extra: dict[str, Any] = {}
@@ -604,6 +606,8 @@ def add_engine_commands(sub: Subcommands) -> None:
                    help="models: the allocation rule of the searches (default %(default)s)")  # fmt: skip
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.add_argument("--first-lr", type=float, default=None, help="search, promise: the first rung's peak learning "
+                   "rate relative to the run's (default: the product's)")  # fmt: skip
+    b.add_argument("--rung-lr", type=float, default=None, help="search, promise: the later rungs' peak learning "
                    "rate relative to the run's (default: the product's)")  # fmt: skip
     b.add_argument("--objective", default="ce", choices=OBJECTIVES,
                    help="search, promise: every run's training loss (ce+distill adds distillation from the dense "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from pathlib import Path
 
@@ -224,6 +225,17 @@ def test_the_first_rung_is_gentle_only_when_it_halves_the_model_and_rungs_follow
     assert max(search.lr_at(t, cfg) for t in range(24)) == pytest.approx(0.01, rel=0.05)
     with pytest.raises(ConfigError, match="first rung's learning rate"):
         SearchSettings(first_lr=0.0)
+
+
+def test_the_later_rungs_peak_at_their_own_share_of_the_rate() -> None:
+    cfg = TrainConfig(iterations=1000, lr=0.01)
+    _, search = _search(iterations=1000, rungs=4, rung_lr=2.0)
+    peaks = [max(search.lr_at(t, cfg) for t in range(a, b)) for a, b in itertools.pairwise(search.bounds)]
+    assert peaks[0] == pytest.approx(0.001, rel=0.02)  # the first rung keeps its own, gentle rate
+    assert peaks[1:] == pytest.approx([0.02] * 3, rel=0.02)
+    for bad in (0.0, 5.0):
+        with pytest.raises(ConfigError, match="later rungs' learning rate"):
+            SearchSettings(rung_lr=bad)
 
 
 def test_the_first_rung_is_evaluated_once_its_ramp_reaches_the_check() -> None:
