@@ -444,9 +444,8 @@ def _bench_search(args: argparse.Namespace) -> int:
     if unknown:
         raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.PLANS)}")
     run, show = (bench.search, bench.format_search) if args.which == "search" else (bench.promise, bench.format_promise)
-    settings: dict[str, Any] = {} if args.first_lr is None else {"first_lr": args.first_lr}
-    if args.rung_lr is not None:
-        settings["rung_lr"] = args.rung_lr
+    rates = {"first_lr": args.first_lr, "rung_lr": args.rung_lr}
+    settings: dict[str, Any] = {name: rate for name, rate in rates.items() if rate is not None}
     if args.splice_back:
         settings["splice_back"] = True
     extra: dict[str, Any] = {}

@@ -127,10 +127,10 @@ def test_bench_search_compares_budget_only_dns_with_agp_over_seeds(
         summary["dns"]["median_within_both"] / summary["agp"]["median_within_both"], abs=1e-3
     )
     assert any(line.startswith("| lenet-300-100 | 400 |") for line in out)
-    # the first rung at the run's full learning rate: every run's settings say so
-    assert main([*argv, "--seeds", "1", "--first-lr", "1"]) == 0
+    # the first rung at the run's full learning rate, the later ones at half of it: every run's settings say so
+    assert main([*argv, "--seeds", "1", "--first-lr", "1", "--rung-lr", "0.5"]) == 0
     rows = json.loads(Path("docs/results/search-quick.json").read_text())["results"]["rows"]
-    assert len(rows) == 3 and all(r["schedule"]["first_lr"] == 1.0 for r in rows)
+    assert len(rows) == 3 and all(r["schedule"]["first_lr"] == 1.0 and r["schedule"]["rung_lr"] == 0.5 for r in rows)
 
 
 def test_bench_search_takes_a_pair_with_a_share_of_the_iterations(
