@@ -14,7 +14,8 @@ one evaluation in it, before its ramp passes 1.5x, shows what the restart costs.
   ``keep`` highest compressions stay), and the next rung climbs by ``step``.
 - Over budget: the state of the last rung that held comes back (DNS with ``splice_back``
   instead retargets down from where it is, splicing weights back), the step shrinks to its square
-  root (not under ``resolution``), and the next rung climbs from there by the smaller step.
+  root (not under ``resolution``), and the next rung climbs from there by the smaller step. With
+  ``regrow``, each rung that holds squares the step again, up to ``step``.
 
 The result is the highest compression that held. When no rung from ``floor`` up holds, the last
 rung's state is handed over and the run says it missed the budget.
@@ -86,6 +87,9 @@ class SearchSettings:
     surgery: float = 0.6  # DNS prunes and splices at that count until here; then the masks freeze
     keep: int = 3  # candidates kept (the highest compressions within budget)
     splice_back: bool = False  # DNS: after a miss, retarget down from the state reached instead of rolling back
+    #: after a rung that holds, the step grows back to its square (not over ``step``): one miss on a noisy
+    #: verdict does not slow the rest of the climb
+    regrow: bool = False
 
     def __post_init__(self) -> None:
         if self.rungs < 1 or self.keep < 1:
@@ -251,6 +255,8 @@ class BudgetSearch(Controller):
         rolled_back = False
         if point.within_budget:
             self.held = max(self.held, point.compression)
+            if self.s.regrow:
+                self.step = min(self.step**2, self.s.step)
             self.good = self._snapshot(model, opt)
             self.candidates = _best_per_compression([*self.candidates, (point, self.good)])[: self.s.keep]
         else:

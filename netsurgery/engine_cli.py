@@ -448,6 +448,8 @@ def _bench_search(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {name: rate for name, rate in rates.items() if rate is not None}
     if args.splice_back:
         settings["splice_back"] = True
+    if args.regrow:
+        settings["regrow"] = True
     extra: dict[str, Any] = {}
     if args.which == "search":
         extra["pair"] = _pair(args.pair, SEARCH_METHODS, alone=True)
@@ -614,6 +616,9 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--splice-back", action="store_true",
                    help="search, promise: after a rung misses the budget, DNS retargets down from the state it "
                    "reached, splicing weights back, instead of restoring the last state that held")  # fmt: skip
+    b.add_argument("--regrow", action="store_true",
+                   help="search, promise: after a rung that holds the budget, the climb's step grows back to its "
+                   "square (up to its first size) instead of staying as small as the last miss left it")  # fmt: skip
     b.add_argument("--reference-per-seed", action="store_true",
                    help="search, promise: each seed's runs start from a reference trained with that seed (default: "
                    "every run from the seed-0 reference, the seed varying the run only)")  # fmt: skip

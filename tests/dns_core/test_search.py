@@ -73,6 +73,21 @@ def test_the_ladder_climbs_while_the_budget_holds_and_steps_back_when_it_breaks(
     )
 
 
+@pytest.mark.parametrize("regrow", [False, True])
+def test_with_regrow_a_rung_that_holds_after_a_miss_restores_the_climb(regrow: bool) -> None:
+    model, search = _search(iterations=2000, regrow=regrow)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    steps = []
+    for val_acc in (89.5, 89.8, 85.0, 85.0, 89.5, 89.5):  # 2x, 4x hold; two misses; two holds
+        _end_rung(search, model, opt, val_acc)
+        steps.append(search.step)
+    shrunk = [2.0, 2.0, 2**0.5, 2**0.25]
+    # without regrow the step stays where the misses left it; with it each hold squares it, up to 2
+    grown = [2**0.5, 2.0] if regrow else [2**0.25, 2**0.25]
+    assert steps == pytest.approx(shrunk + grown)
+    assert search.aim == pytest.approx(search.held * steps[-1], rel=1e-3)
+
+
 @pytest.mark.parametrize("method", ["dns", "agp"])
 def test_splice_back_keeps_what_dns_reached_after_a_miss_and_retargets_down(method: str) -> None:
     model, search = _search(method, splice_back=True)
