@@ -444,12 +444,9 @@ def _bench_search(args: argparse.Namespace) -> int:
     if unknown:
         raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.PLANS)}")
     run, show = (bench.search, bench.format_search) if args.which == "search" else (bench.promise, bench.format_promise)
-    rates = {"first_lr": args.first_lr, "rung_lr": args.rung_lr}
-    settings: dict[str, Any] = {name: rate for name, rate in rates.items() if rate is not None}
-    if args.splice_back:
-        settings["splice_back"] = True
-    if args.regrow:
-        settings["regrow"] = True
+    # the SearchSettings fields the options set; an option left out leaves the product's default
+    given = {"first_lr": args.first_lr, "rung_lr": args.rung_lr, "splice_back": args.splice_back, "regrow": args.regrow}
+    settings: dict[str, Any] = {name: v for name, v in given.items() if v is not None and v is not False}
     extra: dict[str, Any] = {}
     if args.which == "search":
         extra["pair"] = _pair(args.pair, SEARCH_METHODS, alone=True)
