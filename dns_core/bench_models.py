@@ -21,15 +21,17 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from .compress import compress
 from .data import Dataset, adapt_builtin
 from .defaults import ALLOCATION, ALLOCATIONS
 from .inputs import ModelInput
+from .methods import default_schedule
 from .reference import cache_dir
 from .spec import CompressSpec
 from .train import TrainConfig, evaluate, fit
@@ -147,15 +149,26 @@ def run(
     compression: float,
     allocation: str = ALLOCATION,
     seed: int = 0,
+    ramp_updates: int | None = None,
 ) -> dict[str, Any]:
-    """One compression run holding ``compression``; its row with the validation and test drops."""
+    """One compression run holding ``compression``; its row with the validation and test drops.
+
+    ``ramp_updates``: DNS's fewest mask updates on its ramp (``Schedule.ramp_updates``; None: the
+    product's :data:`~dns_core.methods.DNS_RAMP_UPDATES`, 0: one update every ``interval``).
+    """
     train, valid, test = data
     spec = CompressSpec(
         method=method, compression=compression, iterations=plan.iterations, lr=plan.lr, seed=seed,
         allocation=allocation, eval_every=0, log_every=max(plan.iterations // 10, 1),
     )  # fmt: skip
+    target, settings, config = spec.build()
+    if ramp_updates is not None and method == "dns":
+        schedule = replace(default_schedule(method), ramp_updates=ramp_updates)
+        settings = replace(settings, schedule=schedule)
     began = time.perf_counter()
-    result = spec.compress(copy.deepcopy(model), train, valid, test=test)
+    result = compress(
+        copy.deepcopy(model), train, valid, method=method, target=target, config=config, settings=settings, test=test
+    )
     seconds = time.perf_counter() - began
     r = result.report
     ref_val, ref_test = refs
@@ -175,6 +188,7 @@ def run(
         "iterations": plan.iterations,
         "seconds": round(seconds, 1),
         "layers": {layer["name"]: round(layer["kept_fraction"], 4) for layer in r["layers"]},
+        "update_interval": r["settings"]["schedule"]["update_interval"],
         "left_dense": r["left_dense"],
         "batchnorm": r["batchnorm"],
     }
@@ -223,12 +237,14 @@ def bench(
     methods: Sequence[str] = ("dns", "agp"),
     seed: int = 0,
     allocation: str = ALLOCATION,
+    ramp_updates: int | None = None,
     log: Callable[[str], None] = print,
     on_model: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The table (best row per model and method), every run tried, and the allocation comparison.
 
     The searches use ``allocation``; the comparison runs every other rule at DNS's best.
+    ``ramp_updates`` sets DNS's fewest mask updates on its ramp (see :func:`run`).
     ``on_model`` receives the results so far after each model (to write them as they come).
     """
     default = allocation
@@ -249,7 +265,7 @@ def bench(
         best_dns: dict[str, Any] | None = None
 
         def attempt(method: str, compression: float, allocation: str = default) -> dict[str, Any]:
-            row = run(plan, model, data, refs, method, compression, allocation, seed)  # noqa: B023 - used at once
+            row = run(plan, model, data, refs, method, compression, allocation, seed, ramp_updates)  # noqa: B023
             log(json.dumps({k: v for k, v in row.items() if k != "layers"}))
             return row
 

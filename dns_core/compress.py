@@ -162,7 +162,7 @@ def compress(
         "micro_batches": result.micro_batches,
         "train": asdict(config),
         "history": compact_history(result.history),
-        "settings": _settings_record(method, settings),
+        "settings": _settings_record(method, settings, surgery),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         # the CPU kernels the job ran on: under portable numerics another machine with AVX2 trains the same bits
         "numerics": numerics.describe(),
@@ -281,11 +281,13 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
     return {"device": "cpu", "bytes": int(peak), "scope": "process"}
 
 
-def _settings_record(method: str, settings: MethodSettings | None) -> dict[str, Any]:
-    """The settings as run: the method's own schedule filled in where none was given."""
+def _settings_record(method: str, settings: MethodSettings | None, surgery: Surgery) -> dict[str, Any]:
+    """The settings as run: the method's own schedule filled in where none was given, with the
+    iterations between mask updates the run used (None for the crate-driven rule, which draws)."""
     s = settings or MethodSettings()
     record = asdict(s)
     record["schedule"] = asdict(s.schedule or default_schedule(method))
+    record["schedule"]["update_interval"] = surgery.interval if isinstance(surgery, ScheduledSurgery) else None
     out: dict[str, Any] = _jsonable(record)
     return out
 

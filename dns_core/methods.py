@@ -41,7 +41,9 @@ class Schedule:
 
     ``ramp_end``: the kept count reaches the target (cubic ramp from dense, or Han's rounds).
     ``surgery_end``: DNS keeps pruning and splicing at the final count until here, then masks
-    freeze and the rest of the budget is recovery. ``interval``: iterations between mask updates.
+    freeze and the rest of the budget is recovery. ``interval``: iterations between mask updates,
+    at most. ``ramp_updates``: the fewest mask updates the ramp gets; a ramp shorter than
+    ``ramp_updates × interval`` iterations updates the masks more often (see :meth:`update_interval`).
     """
 
     ramp_start: float = 0.0
@@ -49,6 +51,17 @@ class Schedule:
     surgery_end: float = 0.7
     interval: int = 50
     han_rounds: int = 5
+    ramp_updates: int = 0
+
+    def update_interval(self, ramp_length: int) -> int:
+        """Iterations between mask updates for a ramp of ``ramp_length`` iterations.
+
+        ``interval``, shortened (down to every iteration) where the ramp would otherwise get fewer
+        than ``ramp_updates`` updates; ``ramp_updates=0`` keeps ``interval`` for any ramp.
+        """
+        if self.ramp_updates <= 0 or ramp_length <= 0:
+            return self.interval
+        return max(1, min(self.interval, ramp_length // self.ramp_updates))
 
 
 @dataclass
@@ -72,8 +85,12 @@ class MethodSettings:
 
 #: Each method's default schedule. DNS: a 3-seed sweep on LeNet-300-100 at 50x gave a mean test
 #: drop of 0.38 points with the ramp over 30% and surgery until 50%, against 0.66 at the 50%/70% once shared;
-#: AGP at 40x did worse with the 30% ramp (0.68 against 0.53).
-SCHEDULES: dict[str, Schedule] = {"dns": Schedule(ramp_end=0.3, surgery_end=0.5)}
+#: AGP at 40x did worse with the 30% ramp (0.68 against 0.53). DNS splices between updates, and a
+#: short ramp with few of them cuts too much at once: the bench ViT at 18.19x over 1,200 iterations
+#: lost 2.50 validation points with 7 updates on its ramp, 0.98 with 72 (docs/benchmarks.md), so its
+#: ramp gets at least :data:`DNS_RAMP_UPDATES`. AGP, whose cuts are final, gains nothing from more.
+DNS_RAMP_UPDATES = 64
+SCHEDULES: dict[str, Schedule] = {"dns": Schedule(ramp_end=0.3, surgery_end=0.5, ramp_updates=DNS_RAMP_UPDATES)}
 
 
 def default_schedule(method: str) -> Schedule:
@@ -177,6 +194,7 @@ def _make_surgery(
         raise SurgeryError(f"method {method!r} needs a target (compression or per-layer kept fractions)")
     t0 = int(sched.ramp_start * iterations)
     t1 = max(int(sched.ramp_end * iterations), t0)
+    interval = sched.update_interval(t1 - t0)
 
     if s.allocation not in ALLOCATIONS:
         raise SurgeryError(f"unknown allocation {s.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
@@ -186,7 +204,7 @@ def _make_surgery(
 
     def scheduled(ramp: Ramp, splice: bool, iter_stop: int | None = None, normalize: str = per_layer) -> Surgery:
         return ScheduledSurgery(
-            model, target, ramp=ramp, interval=sched.interval, iter_stop=iter_stop, splice=splice,
+            model, target, ramp=ramp, interval=interval, iter_stop=iter_stop, splice=splice,
             normalize=normalize, uniform=uniform and normalize == per_layer,
             balance=balance if normalize == per_layer else None, min_layer_kept=s.min_layer_kept,
             method=method, include=s.include, exclude=s.exclude, prune_bias=s.prune_bias, seed=seed,

@@ -125,6 +125,17 @@ def _budget(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"a number of percentage points or 'none', not {text!r}") from None
 
 
+def _non_negative_int(text: str) -> int:
+    """A count of 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"0 or more, not {value}")
+    return value
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from dns_core.artifacts import LoadedModel, load_model_file, write_artifacts
     from dns_core.data import DataError, check_fits
@@ -413,6 +424,7 @@ def _bench_models(args: argparse.Namespace) -> int:
         names=names,
         methods=methods,
         allocation=args.allocation,
+        ramp_updates=args.ramp_updates,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         on_model=lambda partial: _record_results(args, partial),  # each model's figures as soon as they exist
     )
@@ -602,6 +614,9 @@ def add_engine_commands(sub: Subcommands) -> None:
                    help="iteration budget per method (default: the benchmark's own, smaller with --quick)")  # fmt: skip
     b.add_argument("--allocation", choices=ALLOCATIONS, default=ALLOCATION,
                    help="models: the allocation rule of the searches (default %(default)s)")  # fmt: skip
+    b.add_argument("--ramp-updates", type=_non_negative_int, default=None,
+                   help="models: DNS's fewest mask updates on its ramp (0: one every 50 iterations; default: the "
+                   "product's, 64)")  # fmt: skip
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.add_argument("--first-lr", type=float, default=None, help="search, promise: the first rung's peak learning "
                    "rate relative to the run's (default: the product's)")  # fmt: skip

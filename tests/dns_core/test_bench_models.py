@@ -89,3 +89,25 @@ def test_bench_allocation_runs_every_rule_at_every_compression_and_seed(
             assert row["smallest_layer_kept"] > 0, row
     table = bench_models.format_allocation_summary(result["summary"])
     assert table.count("\n") == 2 + len(result["summary"]) - 1
+
+
+@pytest.mark.parametrize(("method", "ramp_updates", "interval"), [
+    ("dns", None, 1),  # the product's: 60 ramp iterations give at least 64 updates, one every iteration
+    ("dns", 0, 50),  # one update every 50 iterations, however short the ramp
+    ("dns", 6, 10),
+    ("agp", 6, 50),  # a DNS setting: AGP keeps its own schedule
+])  # fmt: skip
+def test_a_bench_run_updates_dns_masks_as_often_as_asked(
+    method: str, ramp_updates: int | None, interval: int, tmp_path: Path
+) -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def tiny(n: int) -> Dataset:
+        return Dataset(torch.randn(n, 3, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+    data = (tiny(128), tiny(32), tiny(32))
+    plan = BenchModel("tiny", bench_models.resnet(1), 0.5, 1, 0.05, 200, 0.01, 3.0, (3.0,))
+    torch.manual_seed(0)
+    row = bench_models.run(plan, plan.build(), data, (10.0, 10.0), method, 3.0, ramp_updates=ramp_updates)
+    assert row["update_interval"] == interval
+    assert row["compression"] == pytest.approx(3.0, rel=0.02)

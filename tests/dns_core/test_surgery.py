@@ -322,6 +322,36 @@ def test_each_method_runs_at_its_own_timing_unless_a_schedule_is_given() -> None
     assert isinstance(given, ScheduledSurgery) and (given.ramp.t1, given.iter_stop) == (600, 800)
 
 
+def test_a_short_dns_ramp_updates_its_masks_often_enough() -> None:
+    """DNS's ramp gets at least DNS_RAMP_UPDATES mask updates (one at most every 50 iterations);
+    AGP keeps one every 50 iterations whatever the budget."""
+    from dns_core.methods import DNS_RAMP_UPDATES
+
+    assert Schedule(interval=50).update_interval(360) == 50
+    assert Schedule(interval=50, ramp_updates=64).update_interval(360) == 5
+    assert Schedule(interval=50, ramp_updates=64).update_interval(7_500) == 50
+    assert Schedule(interval=50, ramp_updates=64).update_interval(10) == 1
+    assert Schedule(interval=50, ramp_updates=64).update_interval(0) == 50
+    target = Target(compression=10.0)
+
+    def built(method: str, iterations: int) -> ScheduledSurgery:
+        s = make_surgery(method, models.build("lenet-300-100"), iterations, target)
+        assert isinstance(s, ScheduledSurgery)
+        return s
+
+    short = built("dns", 1200)
+    assert short.interval == 360 // DNS_RAMP_UPDATES == 5
+    # the ramp's updates: every 5 iterations from 0 to 360
+    updates = [t for t in range(short.iter_stop) if short.ramp.t0 <= t <= short.ramp.t1 and t % short.interval == 0]
+    assert len(updates) >= DNS_RAMP_UPDATES
+    assert built("dns", 25_000).interval == 50
+    assert built("agp", 1200).interval == 50
+    # a schedule given whole runs as given
+    given = make_surgery("dns", models.build("lenet-300-100"), 1200, target,
+                         MethodSettings(schedule=Schedule(ramp_end=0.3, surgery_end=0.5)))  # fmt: skip
+    assert isinstance(given, ScheduledSurgery) and given.interval == 50
+
+
 @pytest.mark.parametrize("method", ["dns", "agp"])
 def test_layer_allocation_cuts_every_layer_where_the_global_threshold_leaves_one_dense(method: str) -> None:
     """A small layer of large weights beside a big layer of small ones: one magnitude threshold over

@@ -102,6 +102,8 @@ def test_target_controller_hits_its_target(digits: tuple[Dataset, Dataset], digi
     # the report says which timing ran: DNS's own, as no schedule was given
     assert result.report["settings"]["schedule"]["ramp_end"] == 0.3
     assert result.report["settings"]["schedule"]["surgery_end"] == 0.5
+    # and how often its masks changed: 180 ramp iterations give at least 64 updates
+    assert result.report["settings"]["schedule"]["update_interval"] == 2
     assert sum(p.numel() for p in result.model.parameters() if p.ndim > 1) > 0
 
 
