@@ -85,10 +85,11 @@ class MethodSettings:
 
 #: Each method's default schedule. DNS: a 3-seed sweep on LeNet-300-100 at 50x gave a mean test
 #: drop of 0.38 points with the ramp over 30% and surgery until 50%, against 0.66 at the 50%/70% once shared;
-#: AGP at 40x did worse with the 30% ramp (0.68 against 0.53). DNS splices between updates, and a
-#: short ramp with few of them cuts too much at once: the bench ViT at 18.19x over 1,200 iterations
-#: lost 2.50 validation points with 7 updates on its ramp, 0.98 with 72 (docs/benchmarks.md), so its
-#: ramp gets at least :data:`DNS_RAMP_UPDATES`. AGP, whose cuts are final, gains nothing from more.
+#: AGP at 40x did worse with the 30% ramp (0.68 against 0.53). A short DNS ramp with few mask
+#: updates cuts a large share at each and splicing cannot follow: the bench ViT at 18.19x over
+#: 1,200 iterations lost 2.50 validation points with 7 updates on its ramp, 0.98 with 72
+#: (docs/benchmarks.md), so DNS's ramp gets at least :data:`DNS_RAMP_UPDATES`. AGP keeps Zhu &
+#: Gupta's fixed interval.
 DNS_RAMP_UPDATES = 64
 SCHEDULES: dict[str, Schedule] = {"dns": Schedule(ramp_end=0.3, surgery_end=0.5, ramp_updates=DNS_RAMP_UPDATES)}
 
