@@ -58,6 +58,10 @@ def test_unknown_models_and_methods_are_refused(capsys: pytest.CaptureFixture[st
     assert "unknown model(s) resnet-50; choose from resnet-20, vit" in capsys.readouterr().err
     assert main(["bench", "models", "--methods", "dns-fixed-crates"]) == 2
     assert "crate-driven" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["bench", "models", "--ramp-updates", "-1"])
+    assert refused.value.code == 2
+    assert "argument --ramp-updates: 0 or more, not -1" in capsys.readouterr().err
 
 
 def test_bench_allocation_runs_every_rule_at_every_compression_and_seed(
