@@ -198,9 +198,13 @@ def search(
     plan: BenchModel,
     method: str,
     attempt: Callable[[float], dict[str, Any]],
-    max_runs: int = 6,
+    max_runs: int = 10,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The best run within budget of ``method`` on the ladder, and every run tried."""
+    """The best run within budget of ``method`` on the ladder, and every run tried.
+
+    The search ends once it has a rung within budget next to one out of it (or nothing holds from
+    about 2x up); ``max_runs`` only guards against a model that holds every rung it is asked.
+    """
     tried: dict[int, dict[str, Any]] = {}
 
     def at(n: int) -> dict[str, Any]:

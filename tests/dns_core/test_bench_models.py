@@ -29,6 +29,9 @@ def _holds_up_to(limit: float, asked: list[float]) -> Any:
     [
         (5.96, 8.0, 7.45, [5.96, 9.31, 7.45]),  # up two rungs, too far, the one between
         (5.96, 20.0, 18.19, [5.96, 9.31, 14.55, 22.74, 18.19]),  # climbing until it fails
+        # the ViT's path: a miss on the sixth run still gets the rung between
+        (3.05, 20.0, 18.19, [3.05, 4.77, 7.45, 11.64, 18.19, 28.42, 22.74]),
+        (3.05, 23.0, 22.74, [3.05, 4.77, 7.45, 11.64, 18.19, 28.42, 22.74]),
         (5.96, 4.0, 3.81, [5.96, 3.81, 4.77]),  # down two rungs, then the one between
         (5.96, 1.5, None, [5.96, 3.81, 2.44, 1.95]),  # nothing holds from about 2x up: no row
     ],
