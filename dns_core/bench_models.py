@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from .inputs import ModelInput
 from .methods import default_schedule
 from .reference import cache_dir
 from .spec import CompressSpec
+from .surgery import SurgeryError
 from .train import TrainConfig, evaluate, fit
 
 INPUT = ModelInput("image", (3, 28, 28))
@@ -239,17 +241,19 @@ def bench(
     quick: bool = False,
     names: Sequence[str] = ("resnet-20", "vit"),
     methods: Sequence[str] = ("dns", "agp"),
-    seed: int = 0,
+    seeds: Sequence[int] = (0,),
     allocation: str = ALLOCATION,
     ramp_updates: int | None = None,
     log: Callable[[str], None] = print,
     on_model: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The table (best row per model and method), every run tried, and the allocation comparison.
+    """The table (best row per model, seed and method), every run tried, the allocation comparison
+    and, per model, each method's median over ``seeds`` (:func:`summarize`).
 
-    The searches use ``allocation``; the comparison runs every other rule at DNS's best.
+    Each seed trains its own reference and runs every search from it. The searches use
+    ``allocation``; the comparison runs every other rule at DNS's best, on the first seed.
     ``ramp_updates`` sets DNS's fewest mask updates on its ramp (see :func:`run`).
-    ``on_model`` receives the results so far after each model (to write them as they come).
+    ``on_model`` receives the results so far after each model and seed (to write them as they come).
     """
     default = allocation
     import json
@@ -259,17 +263,21 @@ def bench(
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     allocations: list[dict[str, Any]] = []
-    for key in names:
+    for key, seed in [(k, s) for k in names for s in seeds]:
         plan = plans[key]
         began = time.perf_counter()
         model, cached = reference(plan, data[0], seed)
         refs = (evaluate(model, data[1]), evaluate(model, data[2]))
-        log(f"{plan.name}: reference {'loaded' if cached else 'trained'} in {time.perf_counter() - began:.0f}s, "
-            f"validation {refs[0]:.2f}%, test {refs[1]:.2f}%")  # fmt: skip
+        log(f"{plan.name}, seed {seed}: reference {'loaded' if cached else 'trained'} in "
+            f"{time.perf_counter() - began:.0f}s, validation {refs[0]:.2f}%, test {refs[1]:.2f}%")  # fmt: skip
         best_dns: dict[str, Any] | None = None
 
         def attempt(method: str, compression: float, allocation: str = default) -> dict[str, Any]:
-            row = run(plan, model, data, refs, method, compression, allocation, seed, ramp_updates)  # noqa: B023
+            try:
+                row = run(plan, model, data, refs, method, compression, allocation, seed, ramp_updates)  # noqa: B023
+            except SurgeryError as e:  # e.g. more than the parameters left out of the selection allow: out of reach
+                row = {"model": plan.name, "method": method, "allocation": allocation, "seed": seed,  # noqa: B023
+                       "asked": compression, "within_budget": False, "unreachable": str(e)}  # fmt: skip
             log(json.dumps({k: v for k, v in row.items() if k != "layers"}))
             return row
 
@@ -280,7 +288,7 @@ def bench(
                 rows.append(best)
             if method == "dns":
                 best_dns = best
-        if best_dns is not None:
+        if best_dns is not None and seed == seeds[0]:
             for rule in ALLOCATIONS:
                 if rule == default:
                     allocations.append(best_dns)
@@ -288,7 +296,38 @@ def bench(
                 allocations.append(attempt("dns", best_dns["asked"], rule))
         if on_model is not None:
             on_model({"rows": rows, "runs": runs, "allocations": allocations})
-    return {"rows": rows, "runs": runs, "allocations": allocations}
+    summary = summarize(rows, [plans[k].name for k in names], methods, seeds)
+    return {"rows": rows, "runs": runs, "allocations": allocations, "summary": summary}
+
+
+def summarize(
+    rows: Sequence[dict[str, Any]], models: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Per model: each method's highest compression within budget per seed (1.0, the dense model,
+    where no rung held) and their median; with DNS and AGP both run, DNS's median over AGP's."""
+    out: list[dict[str, Any]] = []
+    for model in models:
+        entry: dict[str, Any] = {"model": model, "seeds": list(seeds), "methods": {}}
+        for method in methods:
+            best = {r["seed"]: r["compression"] for r in rows if r["model"] == model and r["method"] == method}
+            per_seed = [float(best.get(s, 1.0)) for s in seeds]
+            entry["methods"][method] = {"per_seed": per_seed, "median": statistics.median(per_seed)}
+        if "dns" in entry["methods"] and "agp" in entry["methods"]:
+            entry["dns_over_agp"] = round(entry["methods"]["dns"]["median"] / entry["methods"]["agp"]["median"], 3)
+        out.append(entry)
+    return out
+
+
+def format_summary(summary: Sequence[dict[str, Any]]) -> str:
+    lines = ["| model | method | per seed | median |", "|---|---|---|---|"]
+    for entry in summary:
+        for method, m in entry["methods"].items():
+            per_seed = ", ".join(f"{c:.2f}x" for c in m["per_seed"])
+            lines.append(f"| {entry['model']} | {method} | {per_seed} | {m['median']:.2f}x |")
+    ratios = [f"{e['model']} {e['dns_over_agp']:.2f}" for e in summary if "dns_over_agp" in e]
+    if ratios:
+        lines.append(f"DNS over AGP (medians): {', '.join(ratios)}")
+    return "\n".join(lines)
 
 
 def allocations(

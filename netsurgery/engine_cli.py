@@ -419,10 +419,13 @@ def _bench_models(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS or m == "dns-fixed-crates"]
     if bad:
         raise CliError(f"unknown or crate-driven method(s) {', '.join(bad)}; choose among dns, agp, han, one-shot")
+    if args.seeds is not None and args.seeds < 1:
+        raise CliError(f"--seeds must be 1 or more, not {args.seeds}")
     result = bench_models.bench(
         quick=args.quick,
         names=names,
         methods=methods,
+        seeds=range(args.first_seed, args.first_seed + (args.seeds or 1)),
         allocation=args.allocation,
         ramp_updates=args.ramp_updates,
         log=lambda s: print(s, file=sys.stderr, flush=True),
@@ -431,6 +434,7 @@ def _bench_models(args: argparse.Namespace) -> int:
     print(bench_models.format_table(result["rows"]))
     if result["allocations"]:
         print(bench_models.format_allocations(result["allocations"]))
+    print(bench_models.format_summary(result["summary"]))
     print(json.dumps({"rows": bench_models.short_rows(result["rows"])}))
     _record_results(args, result)
     return 0
@@ -641,8 +645,9 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
     b.add_argument("--seeds", type=int, default=None, help="versus, search, promise: training seeds 0..N-1 from "
-                   "--first-seed (default 5; with --quick 2); allocation: the same (default 2)")  # fmt: skip
-    b.add_argument("--first-seed", type=int, default=0, help="versus: the first training seed (to extend a run)")
+                   "--first-seed (default 5; with --quick 2); allocation: the same (default 2); models: the same, "
+                   "a reference per seed (default 1)")  # fmt: skip
+    b.add_argument("--first-seed", type=int, default=0, help="the first training seed of --seeds (to extend a run)")
     b.add_argument("--pair", default="dns,agp", help="versus: the two methods; the first is asked for ratio × the "
                    "second's compression (e.g. dns@1/3,han with --ratio 1); search: the two methods compared "
                    "(dns, agp or han, e.g. dns@1/5,han), or one method run alone (e.g. dns)")  # fmt: skip

@@ -1,5 +1,6 @@
 """The search of ``netsurgery bench models`` (pure logic: the runs are stand-ins with known outcomes)."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,59 @@ def test_a_bench_run_updates_dns_masks_as_often_as_asked(
     row = bench_models.run(plan, plan.build(), data, (10.0, 10.0), method, 3.0, ramp_updates=ramp_updates)
     assert row["update_interval"] == interval
     assert row["compression"] == pytest.approx(3.0, rel=0.02)
+
+
+def test_the_summary_takes_each_methods_median_over_seeds() -> None:
+    def row(method: str, seed: int, c: float) -> dict[str, Any]:
+        return {"model": "m", "method": method, "seed": seed, "compression": c}
+
+    rows = [row("dns", 0, 9.31), row("dns", 1, 7.45), row("agp", 0, 5.96), row("agp", 1, 5.96), row("agp", 2, 7.45)]
+    (entry,) = bench_models.summarize(rows, ["m"], ["dns", "agp"], [0, 1, 2])
+    assert entry["methods"]["dns"] == {"per_seed": [9.31, 7.45, 1.0], "median": 7.45}  # seed 2: no rung held
+    assert entry["methods"]["agp"] == {"per_seed": [5.96, 5.96, 7.45], "median": 5.96}
+    assert entry["dns_over_agp"] == pytest.approx(7.45 / 5.96, abs=1e-3)
+    assert "dns_over_agp" not in bench_models.summarize(rows, ["m"], ["dns"], [0, 1])[0]
+    assert "DNS over AGP (medians): m 1.25" in bench_models.format_summary([entry])
+
+
+def test_bench_models_runs_every_seed_from_its_own_reference(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real runs on a tiny ResNet: two seeds, two references, both methods searched on each, the
+    summary built from the per-seed best rows, and the last line keeps the issue's keys. With a
+    budget nothing leaves, the climb ends on the compressions the model cannot reach at all."""
+    monkeypatch.setenv("NETSURGERY_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+
+    def tiny(n: int) -> Dataset:
+        return Dataset(torch.randn(n, 3, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+    monkeypatch.setattr(bench_models, "fashion_3ch", lambda: (tiny(256), tiny(64), tiny(64)))
+    plan = BenchModel("tiny", bench_models.resnet(1), 50.0, 1, 0.05, 4, 0.01, 69.39, (69.39,))
+    monkeypatch.setitem(bench_models.QUICK, "resnet-20", plan)
+    out = tmp_path / "models.json"
+    argv = ["bench", "models", "--quick", "--models", "resnet-20", "--seeds", "2", "--first-seed", "3"]
+    assert main([*argv, "--numerics", "native", "--results", str(out)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = {"model", "method", "compression", "ref_acc", "acc", "iterations", "seconds"}
+    assert last["rows"] and all(set(r) == keys for r in last["rows"])
+    result = json.loads(out.read_text())["results"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "ref-bench-tiny-e1-lr0.05-s3.safetensors", "ref-bench-tiny-e1-lr0.05-s4.safetensors"
+    ]  # fmt: skip
+    assert {(r["method"], r["seed"]) for r in result["runs"]} == {(m, s) for m in ("dns", "agp") for s in (3, 4)}
+    assert {r["seed"] for r in result["allocations"]} == {3}  # the rules are compared on the first seed
+    unreachable = [r for r in result["runs"] if "unreachable" in r]
+    assert unreachable and all(not r["within_budget"] and "leaves no room" in r["unreachable"] for r in unreachable)
+    assert all(r["within_budget"] for r in result["runs"] if "unreachable" not in r)
+    (entry,) = result["summary"]
+    assert entry["seeds"] == [3, 4]
+    for method, m in entry["methods"].items():
+        best = {r["seed"]: r["compression"] for r in result["rows"] if r["method"] == method}
+        assert m["per_seed"] == [best.get(3, 1.0), best.get(4, 1.0)]
+        assert m["median"] == pytest.approx(sum(m["per_seed"]) / 2)
+    assert entry["dns_over_agp"] == pytest.approx(
+        entry["methods"]["dns"]["median"] / entry["methods"]["agp"]["median"], abs=1e-3
+    )
+    assert main(["bench", "models", "--seeds", "0"]) == 2
+    assert "--seeds must be 1 or more, not 0" in capsys.readouterr().err
