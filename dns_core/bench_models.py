@@ -304,7 +304,8 @@ def summarize(
     rows: Sequence[dict[str, Any]], models: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
 ) -> list[dict[str, Any]]:
     """Per model: each method's highest compression within budget per seed (1.0, the dense model,
-    where no rung held) and their median; with DNS and AGP both run, DNS's median over AGP's."""
+    where no rung held) and their median; with DNS and AGP both run, DNS over AGP: ``STEP`` to the
+    power of the difference of their median rungs (one rung up is 1.25x, free of the rungs' rounding)."""
     out: list[dict[str, Any]] = []
     for model in models:
         entry: dict[str, Any] = {"model": model, "seeds": list(seeds), "methods": {}}
@@ -313,7 +314,8 @@ def summarize(
             per_seed = [float(best.get(s, 1.0)) for s in seeds]
             entry["methods"][method] = {"per_seed": per_seed, "median": statistics.median(per_seed)}
         if "dns" in entry["methods"] and "agp" in entry["methods"]:
-            entry["dns_over_agp"] = round(entry["methods"]["dns"]["median"] / entry["methods"]["agp"]["median"], 3)
+            dns, agp = (statistics.median(rung_of(c) for c in entry["methods"][m]["per_seed"]) for m in ("dns", "agp"))
+            entry["dns_over_agp"] = round(STEP ** (dns - agp), 3)
         out.append(entry)
     return out
 

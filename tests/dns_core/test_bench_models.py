@@ -129,9 +129,14 @@ def test_the_summary_takes_each_methods_median_over_seeds() -> None:
     (entry,) = bench_models.summarize(rows, ["m"], ["dns", "agp"], [0, 1, 2])
     assert entry["methods"]["dns"] == {"per_seed": [9.31, 7.45, 1.0], "median": 7.45}  # seed 2: no rung held
     assert entry["methods"]["agp"] == {"per_seed": [5.96, 5.96, 7.45], "median": 5.96}
-    assert entry["dns_over_agp"] == pytest.approx(7.45 / 5.96, abs=1e-3)
-    assert "dns_over_agp" not in bench_models.summarize(rows, ["m"], ["dns"], [0, 1])[0]
+    assert entry["dns_over_agp"] == 1.25  # one rung up (7.45 / 5.96 = 1.2500, 3.81 / 3.05 = 1.2492)
     assert "DNS over AGP (medians): m 1.25" in bench_models.format_summary([entry])
+    rows = [row("dns", 0, 3.81), row("dns", 1, 4.77), row("agp", 0, 3.05), row("agp", 1, 2.44)]
+    (entry,) = bench_models.summarize(rows, ["m"], ["dns", "agp"], [0, 1])
+    assert (
+        entry["methods"]["dns"]["median"] == pytest.approx(4.29) and entry["dns_over_agp"] == 1.562
+    )  # two rungs: 1.25²
+    assert "dns_over_agp" not in bench_models.summarize(rows, ["m"], ["dns"], [0, 1])[0]
 
 
 def test_bench_models_runs_every_seed_from_its_own_reference(
@@ -170,8 +175,7 @@ def test_bench_models_runs_every_seed_from_its_own_reference(
         best = {r["seed"]: r["compression"] for r in result["rows"] if r["method"] == method}
         assert m["per_seed"] == [best.get(3, 1.0), best.get(4, 1.0)]
         assert m["median"] == pytest.approx(sum(m["per_seed"]) / 2)
-    assert entry["dns_over_agp"] == pytest.approx(
-        entry["methods"]["dns"]["median"] / entry["methods"]["agp"]["median"], abs=1e-3
-    )
+    rungs = {m: sorted(rung_of(c) for c in entry["methods"][m]["per_seed"]) for m in ("dns", "agp")}
+    assert entry["dns_over_agp"] == round(1.25 ** ((sum(rungs["dns"]) - sum(rungs["agp"])) / 2), 3)
     assert main(["bench", "models", "--seeds", "0"]) == 2
     assert "--seeds must be 1 or more, not 0" in capsys.readouterr().err
