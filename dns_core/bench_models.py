@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bench import RunJournal, weights_digest
 from .compress import compress
 from .data import Dataset, adapt_builtin
 from .defaults import ALLOCATION, ALLOCATIONS
@@ -246,6 +247,7 @@ def bench(
     ramp_updates: int | None = None,
     log: Callable[[str], None] = print,
     on_model: Callable[[dict[str, Any]], None] | None = None,
+    journal: RunJournal | None = None,
 ) -> dict[str, Any]:
     """The table (best row per model, seed and method), every run tried, the allocation comparison
     and, per model, each method's median over ``seeds`` (:func:`summarize`).
@@ -254,9 +256,13 @@ def bench(
     ``allocation``; the comparison runs every other rule at DNS's best, on the first seed.
     ``ramp_updates`` sets DNS's fewest mask updates on its ramp (see :func:`run`).
     ``on_model`` receives the results so far after each model and seed (to write them as they come).
+    ``journal``: where finished runs are kept and read back (:class:`~dns_core.bench.RunJournal`), so
+    that a stopped bench goes on from its last finished run.
     """
     default = allocation
     import json
+
+    journal = journal or RunJournal(None)
 
     plans = QUICK if quick else MODELS
     data = fashion_3ch()
@@ -271,13 +277,21 @@ def bench(
         log(f"{plan.name}, seed {seed}: reference {'loaded' if cached else 'trained'} in "
             f"{time.perf_counter() - began:.0f}s, validation {refs[0]:.2f}%, test {refs[1]:.2f}%")  # fmt: skip
         best_dns: dict[str, Any] | None = None
+        digest = weights_digest(model)
+
+        def one(method: str, compression: float, allocation: str) -> dict[str, Any]:
+            try:
+                return run(plan, model, data, refs, method, compression, allocation, seed, ramp_updates)  # noqa: B023
+            except SurgeryError as e:  # e.g. more than the parameters left out of the selection allow: out of reach
+                return {"model": plan.name, "method": method, "allocation": allocation, "seed": seed,  # noqa: B023
+                        "asked": compression, "within_budget": False, "unreachable": str(e)}  # fmt: skip
 
         def attempt(method: str, compression: float, allocation: str = default) -> dict[str, Any]:
-            try:
-                row = run(plan, model, data, refs, method, compression, allocation, seed, ramp_updates)  # noqa: B023
-            except SurgeryError as e:  # e.g. more than the parameters left out of the selection allow: out of reach
-                row = {"model": plan.name, "method": method, "allocation": allocation, "seed": seed,  # noqa: B023
-                       "asked": compression, "within_budget": False, "unreachable": str(e)}  # fmt: skip
+            key = journal.key(
+                bench="models", model=plan.name, reference=digest, iterations=plan.iterations, method=method,  # noqa: B023
+                asked=compression, allocation=allocation, seed=seed, ramp_updates=ramp_updates,  # noqa: B023
+            )  # fmt: skip
+            row = journal.row(key, one, method, compression, allocation)
             log(json.dumps({k: v for k, v in row.items() if k != "layers"}))
             return row
 

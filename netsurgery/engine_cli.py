@@ -37,6 +37,7 @@ from netsurgery.common import CliError, add_numerics, load_data, parse_pairs, pr
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from dns_core.bench import RunJournal
     from dns_core.sparse import PackStats
     from dns_core.train import Progress
     from netsurgery.common import Subcommands
@@ -408,6 +409,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _journal(args: argparse.Namespace) -> RunJournal:
+    """The bench's journal: finished runs go to <results>.runs.jsonl as they end, so that a stopped bench
+    can ``--resume``."""
+    from dns_core.bench import RunJournal
+
+    results = _results_path(args)
+    path = results.with_name(results.name + ".runs.jsonl")
+    if args.resume and not path.exists():
+        print(f"{path} does not exist: every run starts afresh", file=sys.stderr)
+    journal = RunJournal(path, resume=args.resume)
+    if journal.done:
+        print(f"{len(journal.done)} finished run(s) in {path}", file=sys.stderr)
+    return journal
+
+
+def _close_journal(journal: RunJournal) -> None:
+    if journal.reused:
+        print(f"{journal.reused} run(s) read back from {journal.path}", file=sys.stderr)
+
+
 def _bench_models(args: argparse.Namespace) -> int:
     from dns_core import bench_models
 
@@ -421,6 +442,7 @@ def _bench_models(args: argparse.Namespace) -> int:
         raise CliError(f"unknown or crate-driven method(s) {', '.join(bad)}; choose among dns, agp, han, one-shot")
     if args.seeds is not None and args.seeds < 1:
         raise CliError(f"--seeds must be 1 or more, not {args.seeds}")
+    journal = _journal(args)
     result = bench_models.bench(
         quick=args.quick,
         names=names,
@@ -430,13 +452,16 @@ def _bench_models(args: argparse.Namespace) -> int:
         ramp_updates=args.ramp_updates,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         on_model=lambda partial: _record_results(args, partial),  # each model's figures as soon as they exist
+        journal=journal,
     )
     print(bench_models.format_table(result["rows"]))
     if result["allocations"]:
         print(bench_models.format_allocations(result["allocations"]))
     print(bench_models.format_summary(result["summary"]))
     print(json.dumps({"rows": bench_models.short_rows(result["rows"])}))
+    _close_journal(journal)
     _record_results(args, result)
+    journal.close()
     return 0
 
 
@@ -466,14 +491,7 @@ def _bench_search(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.which == "search":
         extra["pair"] = _pair(args.pair, SEARCH_METHODS, alone=True)
-    # finished runs go to <results>.runs.jsonl as they end, so that a stopped bench can --resume
-    results = _results_path(args)
-    journal_path = results.with_name(results.name + ".runs.jsonl")
-    if args.resume and not journal_path.exists():
-        print(f"{journal_path} does not exist: every run starts afresh", file=sys.stderr)
-    journal = bench.RunJournal(journal_path, resume=args.resume)
-    if journal.done:
-        print(f"{len(journal.done)} finished run(s) in {journal_path}", file=sys.stderr)
+    journal = _journal(args)
     result = run(
         archs,
         seeds=range(args.first_seed, args.first_seed + (args.seeds or (2 if args.quick else 5))),
@@ -488,8 +506,7 @@ def _bench_search(args: argparse.Namespace) -> int:
     )
     print(show(result["summary"]))
     print(json.dumps({"summary": result["summary"]}))
-    if journal.reused:
-        print(f"{journal.reused} run(s) read back from {journal_path}", file=sys.stderr)
+    _close_journal(journal)
     _record_results(args, result)
     journal.close()
     return 0
@@ -639,9 +656,9 @@ def add_engine_commands(sub: Subcommands) -> None:
                    help="search, promise: each seed's runs start from a reference trained with that seed (default: "
                    "every run from the seed-0 reference, the seed varying the run only)")  # fmt: skip
     b.add_argument("--resume", action="store_true",
-                   help="search, promise: read back the runs that a stopped bench with the same arguments finished "
-                   "(kept in <results>.runs.jsonl until the results file is written) instead of training them "
-                   "again")  # fmt: skip
+                   help="search, promise, models: read back the runs that a stopped bench with the same arguments "
+                   "finished (kept in <results>.runs.jsonl until the results file is written) instead of training "
+                   "them again")  # fmt: skip
     b.add_argument("--agp-target", type=float, default=40.0, help="versus: AGP's compression")
     b.add_argument("--ratio", type=float, default=1.25, help="versus: DNS is asked for ratio × AGP's compression")
     b.add_argument("--seeds", type=int, default=None, help="versus, search, promise: training seeds 0..N-1 from "

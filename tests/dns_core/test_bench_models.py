@@ -139,21 +139,28 @@ def test_the_summary_takes_each_methods_median_over_seeds() -> None:
     assert "dns_over_agp" not in bench_models.summarize(rows, ["m"], ["dns"], [0, 1])[0]
 
 
-def test_bench_models_runs_every_seed_from_its_own_reference(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Real runs on a tiny ResNet: two seeds, two references, both methods searched on each, the
-    summary built from the per-seed best rows, and the last line keeps the issue's keys. With a
-    budget nothing leaves, the climb ends on the compressions the model cannot reach at all."""
+def _tiny_bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``bench models --quick --models resnet-20`` on a tiny ResNet and random images, with a budget
+    nothing leaves (so the climb ends on the compressions the model cannot reach at all)."""
     monkeypatch.setenv("NETSURGERY_CACHE", str(tmp_path / "cache"))
     g = torch.Generator().manual_seed(0)
 
     def tiny(n: int) -> Dataset:
         return Dataset(torch.randn(n, 3, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
 
-    monkeypatch.setattr(bench_models, "fashion_3ch", lambda: (tiny(256), tiny(64), tiny(64)))
+    sets = (tiny(256), tiny(64), tiny(64))
+    monkeypatch.setattr(bench_models, "fashion_3ch", lambda: sets)
     plan = BenchModel("tiny", bench_models.resnet(1), 50.0, 1, 0.05, 4, 0.01, 69.39, (69.39,))
     monkeypatch.setitem(bench_models.QUICK, "resnet-20", plan)
+
+
+def test_bench_models_runs_every_seed_from_its_own_reference(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real runs on a tiny ResNet: two seeds, two references, both methods searched on each, the
+    summary built from the per-seed best rows, and the last line keeps the issue's keys. With a
+    budget nothing leaves, the climb ends on the compressions the model cannot reach at all."""
+    _tiny_bench(monkeypatch, tmp_path)
     out = tmp_path / "models.json"
     argv = ["bench", "models", "--quick", "--models", "resnet-20", "--seeds", "2", "--first-seed", "3"]
     assert main([*argv, "--numerics", "native", "--results", str(out)]) == 0
@@ -179,3 +186,59 @@ def test_bench_models_runs_every_seed_from_its_own_reference(
     assert entry["dns_over_agp"] == round(1.25 ** ((sum(rungs["dns"]) - sum(rungs["agp"])) / 2), 3)
     assert main(["bench", "models", "--seeds", "0"]) == 2
     assert "--seeds must be 1 or more, not 0" in capsys.readouterr().err
+
+
+def test_a_stopped_bench_models_resumes_from_the_runs_it_finished(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real tiny runs: stopped in a later run, the bench keeps its finished runs in the journal; with
+    --resume it trains only the rest, and its figures are those of the bench run in one go."""
+    _tiny_bench(monkeypatch, tmp_path)
+    out = tmp_path / "models.json"
+    journal = tmp_path / "models.json.runs.jsonl"
+    argv = ["bench", "models", "--quick", "--models", "resnet-20", "--numerics", "native", "--results", str(out)]
+    real = bench_models.run
+    trained: list[tuple[str, float, str]] = []
+
+    def stop_at(n: int | None) -> None:
+        trained.clear()
+
+        def counted(*args: Any) -> dict[str, Any]:
+            if len(trained) == n:
+                raise KeyboardInterrupt
+            trained.append((args[4], args[5], args[6]))  # method, compression, allocation
+            return real(*args)
+
+        monkeypatch.setattr(bench_models, "run", counted)
+
+    stop_at(None)
+    assert main(argv) == 0
+    whole = json.loads(out.read_text())["results"]
+    everything = list(trained)
+    assert len(everything) > 4 and not journal.exists()  # the results file holds it all
+    out.unlink()
+    stop_at(3)
+    assert main(argv) == 130
+    assert trained == everything[:3]
+    assert [json.loads(line)["row"]["asked"] for line in journal.read_text().splitlines()] == [
+        c for _, c, _ in everything[:3]
+    ]
+    stop_at(None)
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert trained == everything[3:]
+    assert f"3 run(s) read back from {journal}" in capsys.readouterr().err
+    resumed = json.loads(out.read_text())["results"]
+
+    def untimed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    for part in ("rows", "runs", "allocations"):
+        assert untimed(resumed[part]) == untimed(whole[part])
+    assert resumed["summary"] == whole["summary"]
+    assert not journal.exists()
+    # another bench (here: other ramp updates) reads nothing back
+    stop_at(1)
+    assert main(argv) == 130
+    stop_at(0)
+    assert main([*argv, "--ramp-updates", "0", "--resume"]) == 130 and trained == []
