@@ -424,9 +424,12 @@ def _journal(args: argparse.Namespace) -> RunJournal:
     return journal
 
 
-def _close_journal(journal: RunJournal) -> None:
+def _record_journaled(args: argparse.Namespace, result: Any, journal: RunJournal) -> None:
+    """Write a journaled bench's results file, then drop its journal (the file now holds every run)."""
     if journal.reused:
         print(f"{journal.reused} run(s) read back from {journal.path}", file=sys.stderr)
+    _record_results(args, result)
+    journal.close()
 
 
 def _bench_models(args: argparse.Namespace) -> int:
@@ -459,9 +462,7 @@ def _bench_models(args: argparse.Namespace) -> int:
         print(bench_models.format_allocations(result["allocations"]))
     print(bench_models.format_summary(result["summary"]))
     print(json.dumps({"rows": bench_models.short_rows(result["rows"])}))
-    _close_journal(journal)
-    _record_results(args, result)
-    journal.close()
+    _record_journaled(args, result, journal)
     return 0
 
 
@@ -506,9 +507,7 @@ def _bench_search(args: argparse.Namespace) -> int:
     )
     print(show(result["summary"]))
     print(json.dumps({"summary": result["summary"]}))
-    _close_journal(journal)
-    _record_results(args, result)
-    journal.close()
+    _record_journaled(args, result, journal)
     return 0
 
 
