@@ -188,13 +188,18 @@ def run(
         "ref_val_acc": round(ref_val, 2),
         "val_acc": round(val, 2),
         "within_budget": ref_val - val <= plan.max_drop and ref_test - acc <= plan.max_drop,
-        "iterations": plan.iterations,
+        "iterations": int(r["iterations"]),  # as run
         "seconds": round(seconds, 1),
         "layers": {layer["name"]: round(layer["kept_fraction"], 4) for layer in r["layers"]},
         "update_interval": r["settings"]["schedule"]["update_interval"],
         "left_dense": r["left_dense"],
         "batchnorm": r["batchnorm"],
     }
+
+
+def _with_iterations(plan: BenchModel, iterations: int | None) -> BenchModel:
+    """``plan`` with its compression runs ``iterations`` long (None: as it is)."""
+    return plan if iterations is None else replace(plan, iterations=iterations)
 
 
 def search(
@@ -245,6 +250,7 @@ def bench(
     seeds: Sequence[int] = (0,),
     allocation: str = ALLOCATION,
     ramp_updates: int | None = None,
+    iterations: int | None = None,
     log: Callable[[str], None] = print,
     on_model: Callable[[dict[str, Any]], None] | None = None,
     journal: RunJournal | None = None,
@@ -254,7 +260,8 @@ def bench(
 
     Each seed trains its own reference and runs every search from it. The searches use
     ``allocation``; the comparison runs every other rule at DNS's best, on the first seed.
-    ``ramp_updates`` sets DNS's fewest mask updates on its ramp (see :func:`run`).
+    ``ramp_updates`` sets DNS's fewest mask updates on its ramp (see :func:`run`); ``iterations``
+    replaces each model's own run length (:attr:`BenchModel.iterations`).
     ``on_model`` receives the results so far after each model and seed (to write them as they come).
     ``journal``: where finished runs are kept and read back (:class:`~dns_core.bench.RunJournal`), so
     that a stopped bench goes on from its last finished run.
@@ -270,7 +277,7 @@ def bench(
     runs: list[dict[str, Any]] = []
     allocations: list[dict[str, Any]] = []
     for key, seed in [(k, s) for k in names for s in seeds]:
-        plan = plans[key]
+        plan = _with_iterations(plans[key], iterations)
         began = time.perf_counter()
         model, cached = reference(plan, data[0], seed)
         refs = (evaluate(model, data[1]), evaluate(model, data[2]))
@@ -352,9 +359,11 @@ def allocations(
     names: Sequence[str] = ("resnet-20", "vit"),
     seeds: Sequence[int] = (0, 1),
     rules: Sequence[str] = ALLOCATIONS,
+    iterations: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """DNS under every allocation rule at each model's ``allocation_at`` compressions, over ``seeds``.
+    """DNS under every allocation rule at each model's ``allocation_at`` compressions, over ``seeds``
+    (``iterations``: each run's length, if not the model's own).
 
     Returns every run and one summary row per (model, compression, rule): the mean test and
     validation drops over the seeds.
@@ -366,7 +375,7 @@ def allocations(
     runs: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     for key in names:
-        plan = plans[key]
+        plan = _with_iterations(plans[key], iterations)
         model, _ = reference(plan, data[0])
         refs = (evaluate(model, data[1]), evaluate(model, data[2]))
         for compression in plan.allocation_at:

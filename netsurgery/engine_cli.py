@@ -453,6 +453,7 @@ def _bench_models(args: argparse.Namespace) -> int:
         seeds=range(args.first_seed, args.first_seed + (args.seeds or 1)),
         allocation=args.allocation,
         ramp_updates=args.ramp_updates,
+        iterations=args.iterations,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         on_model=lambda partial: _record_results(args, partial),  # each model's figures as soon as they exist
         journal=journal,
@@ -522,6 +523,7 @@ def _bench_allocation(args: argparse.Namespace) -> int:
         quick=args.quick,
         names=names,
         seeds=range(args.first_seed, args.first_seed + (args.seeds or 2)),
+        iterations=args.iterations,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(bench_models.format_allocation_summary(result["summary"]))

@@ -242,3 +242,27 @@ def test_a_stopped_bench_models_resumes_from_the_runs_it_finished(
     assert main(argv) == 130
     stop_at(0)
     assert main([*argv, "--ramp-updates", "0", "--resume"]) == 130 and trained == []
+
+
+def test_iterations_sets_every_bench_models_and_allocation_runs_length(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real tiny runs: without --iterations each run is the model's own length (4 here); with it,
+    every run of the searches, of the allocation comparison and of ``bench allocation`` is that long."""
+    _tiny_bench(monkeypatch, tmp_path)
+    argv = ["bench", "models", "--quick", "--models", "resnet-20", "--numerics", "native"]
+    lengths: dict[str, set[int]] = {}
+    for label, extra in (("own", []), ("asked", ["--iterations", "7"])):
+        out = tmp_path / f"models-{label}.json"
+        assert main([*argv, *extra, "--results", str(out)]) == 0
+        result = json.loads(out.read_text())["results"]
+        assert result["runs"] and result["allocations"]
+        lengths[label] = {r["iterations"] for r in result["runs"] + result["allocations"] if "unreachable" not in r}
+    assert lengths == {"own": {4}, "asked": {7}}
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["iterations"] for r in last["rows"]} == {7}
+    out = tmp_path / "allocation.json"
+    argv = ["bench", "allocation", "--quick", "--models", "resnet-20", "--seeds", "1", "--iterations", "7"]
+    assert main([*argv, "--numerics", "native", "--results", str(out)]) == 0
+    runs = json.loads(out.read_text())["results"]["runs"]
+    assert len(runs) == 4 and {r["iterations"] for r in runs} == {7}
