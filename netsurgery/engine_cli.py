@@ -346,9 +346,45 @@ def _bench_numerics(args: argparse.Namespace) -> str:
     return "native" if args.which in TIMING_BENCHES else "portable"
 
 
+_ACCURACY_BENCHES = ("table", "versus", "models", "allocation", "search", "promise")
+_SEARCHES = ("search", "promise")
+_SEEDED = ("versus", "models", "allocation", "search", "promise")
+#: each ``bench`` option and the benchmarks that read it; the others refuse it rather than ignore it
+BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
+    "quick": _ACCURACY_BENCHES,
+    "models": _ACCURACY_BENCHES,
+    "iterations": _ACCURACY_BENCHES,
+    "methods": ("table", "models"),
+    "allocation": ("models",),
+    "ramp_updates": ("models",),
+    "steps": ("overhead",),
+    "first_lr": _SEARCHES,
+    "rung_lr": _SEARCHES,
+    "objective": _SEARCHES,
+    "splice_back": _SEARCHES,
+    "regrow": _SEARCHES,
+    "reference_per_seed": _SEARCHES,
+    "resume": (*_SEARCHES, "models"),
+    "agp_target": ("versus",),
+    "ratio": ("versus",),
+    "seeds": _SEEDED,
+    "first_seed": _SEEDED,
+    "pair": ("versus", "search"),
+}
+
+
+def _refuse_foreign_options(args: argparse.Namespace) -> None:
+    """A bench option given to a benchmark that does not read it is an error, not a silent no-op."""
+    for dest, benches in BENCH_OPTIONS.items():
+        if args.which not in benches and getattr(args, dest) != args.option_defaults[dest]:
+            flag = "--" + dest.replace("_", "-")
+            raise CliError(f"{flag} applies to bench {', '.join(benches)}, not to bench {args.which}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dns_core import bench
 
+    _refuse_foreign_options(args)
     if args.which == "overhead":
         result = bench.overhead(steps=args.steps)
         print(json.dumps(result))
@@ -626,14 +662,16 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument(
         "which", choices=["table", "overhead", "service", "versus", "models", "allocation", "search", "promise"]
     )
-    b.add_argument("--quick", action="store_true", help="a small run (table: under 5 minutes on 2 cores; models: "
-                   "smaller models and budgets, under 10 minutes)")  # fmt: skip
+    b.add_argument("--quick", action="store_true", help="table, versus, models, allocation, search, promise: a "
+                   "small run (table: under 5 minutes on 2 cores; models: smaller models and budgets, under 10 "
+                   "minutes)")  # fmt: skip
     b.add_argument("--models", default=None, help="table, versus, search, promise: zoo models (default "
                    "lenet-300-100,lenet-5; search and promise --quick: lenet-300-100); models, allocation: "
                    "resnet-20,vit")  # fmt: skip
-    b.add_argument("--methods", default=None, help="subset of methods (default: all rows)")
+    b.add_argument("--methods", default=None, help="table, models: subset of methods (default: all rows)")
     b.add_argument("--iterations", type=int, default=None,
-                   help="iteration budget per method (default: the benchmark's own, smaller with --quick)")  # fmt: skip
+                   help="table, versus, models, allocation, search, promise: iteration budget per run (default: the "
+                   "benchmark's own, smaller with --quick)")  # fmt: skip
     b.add_argument("--allocation", choices=ALLOCATIONS, default=ALLOCATION,
                    help="models: the allocation rule of the searches (default %(default)s)")  # fmt: skip
     b.add_argument("--ramp-updates", type=_non_negative_int, default=None,
@@ -679,4 +717,4 @@ def add_engine_commands(sub: Subcommands) -> None:
     )
     add_numerics(b, default=_bench_numerics, default_help="portable where the CPU has AVX2 and no GPU trains, "
                  f"else native; native for the timing benchmarks ({', '.join(TIMING_BENCHES)})")  # fmt: skip
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench, option_defaults={dest: b.get_default(dest) for dest in BENCH_OPTIONS})

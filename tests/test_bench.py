@@ -373,3 +373,23 @@ def test_bench_table_quick_writes_its_rows_to_table_quick_json(
     ]
     assert all("layers" in r and "val_drop" in r for r in rows)  # the file keeps what the printed line leaves out
     assert not Path("docs/results/table.json").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["models", "--rung-lr", "2"], "--rung-lr applies to bench search, promise, not to bench models"),
+    (["models", "--objective", "ce+distill"], "--objective applies to bench search, promise, not to bench models"),
+    (["overhead", "--seeds", "3"], "--seeds applies to bench versus, models, allocation, search, promise, not to"),
+    (["search", "--steps", "10"], "--steps applies to bench overhead, not to bench search"),
+    (["table", "--resume"], "--resume applies to bench search, promise, models, not to bench table"),
+    (["allocation", "--allocation", "global"], "--allocation applies to bench models, not to bench allocation"),
+    (["promise", "--pair", "dns"], "--pair applies to bench versus, search, not to bench promise"),
+    (["service", "--quick"], "--quick applies to bench table, versus, models, allocation, search, promise, not to"),
+])  # fmt: skip
+def test_a_bench_refuses_an_option_it_does_not_read(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An option meant for another benchmark stops the command before anything runs or is written."""
+    out = tmp_path / "results.json"
+    assert main(["bench", *argv, "--numerics", "native", "--results", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
