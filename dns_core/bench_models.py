@@ -153,11 +153,14 @@ def run(
     allocation: str = ALLOCATION,
     seed: int = 0,
     ramp_updates: int | None = None,
+    dns_schedule: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """One compression run holding ``compression``; its row with the validation and test drops.
 
     ``ramp_updates``: DNS's fewest mask updates on its ramp (``Schedule.ramp_updates``; None: the
     product's :data:`~dns_core.methods.DNS_RAMP_UPDATES`, 0: one update every ``interval``).
+    ``dns_schedule``: DNS's ``(ramp_end, surgery_end)``, fractions of the run (None: the product's,
+    :data:`~dns_core.methods.SCHEDULES`).
     """
     train, valid, test = data
     spec = CompressSpec(
@@ -165,8 +168,12 @@ def run(
         allocation=allocation, eval_every=0, log_every=max(plan.iterations // 10, 1),
     )  # fmt: skip
     target, settings, config = spec.build()
-    if ramp_updates is not None and method == "dns":
-        schedule = replace(default_schedule(method), ramp_updates=ramp_updates)
+    if method == "dns" and (ramp_updates is not None or dns_schedule is not None):
+        schedule = default_schedule(method)
+        if ramp_updates is not None:
+            schedule = replace(schedule, ramp_updates=ramp_updates)
+        if dns_schedule is not None:
+            schedule = replace(schedule, ramp_end=dns_schedule[0], surgery_end=dns_schedule[1])
         settings = replace(settings, schedule=schedule)
     began = time.perf_counter()
     result = compress(
@@ -192,6 +199,8 @@ def run(
         "seconds": round(seconds, 1),
         "layers": {layer["name"]: round(layer["kept_fraction"], 4) for layer in r["layers"]},
         "update_interval": r["settings"]["schedule"]["update_interval"],
+        "ramp_end": r["settings"]["schedule"]["ramp_end"],
+        "surgery_end": r["settings"]["schedule"]["surgery_end"],
         "left_dense": r["left_dense"],
         "batchnorm": r["batchnorm"],
     }
@@ -250,7 +259,9 @@ def bench(
     seeds: Sequence[int] = (0,),
     allocation: str = ALLOCATION,
     ramp_updates: int | None = None,
+    dns_schedule: tuple[float, float] | None = None,
     iterations: int | None = None,
+    start: float | None = None,
     log: Callable[[str], None] = print,
     on_model: Callable[[dict[str, Any]], None] | None = None,
     journal: RunJournal | None = None,
@@ -260,8 +271,10 @@ def bench(
 
     Each seed trains its own reference and runs every search from it. The searches use
     ``allocation``; the comparison runs every other rule at DNS's best, on the first seed.
-    ``ramp_updates`` sets DNS's fewest mask updates on its ramp (see :func:`run`); ``iterations``
-    replaces each model's own run length (:attr:`BenchModel.iterations`).
+    ``ramp_updates`` sets DNS's fewest mask updates on its ramp and ``dns_schedule`` where its ramp
+    and its splicing end (see :func:`run`); ``iterations`` replaces each model's own run length
+    (:attr:`BenchModel.iterations`) and ``start`` the first compression its search asks (taken to the
+    nearest rung; :attr:`BenchModel.start`).
     ``on_model`` receives the results so far after each model and seed (to write them as they come).
     ``journal``: where finished runs are kept and read back (:class:`~dns_core.bench.RunJournal`), so
     that a stopped bench goes on from its last finished run.
@@ -278,6 +291,8 @@ def bench(
     allocations: list[dict[str, Any]] = []
     for key, seed in [(k, s) for k in names for s in seeds]:
         plan = _with_iterations(plans[key], iterations)
+        if start is not None:
+            plan = replace(plan, start=rung(rung_of(start)))
         began = time.perf_counter()
         model, cached = reference(plan, data[0], seed)
         refs = (evaluate(model, data[1]), evaluate(model, data[2]))
@@ -288,7 +303,7 @@ def bench(
 
         def one(method: str, compression: float, allocation: str) -> dict[str, Any]:
             try:
-                return run(plan, model, data, refs, method, compression, allocation, seed, ramp_updates)  # noqa: B023
+                return run(plan, model, data, refs, method, compression, allocation, seed, ramp_updates, dns_schedule)  # noqa: B023
             except SurgeryError as e:  # e.g. more than the parameters left out of the selection allow: out of reach
                 return {"model": plan.name, "method": method, "allocation": allocation, "seed": seed,  # noqa: B023
                         "asked": compression, "within_budget": False, "unreachable": str(e)}  # fmt: skip
@@ -297,6 +312,7 @@ def bench(
             key = journal.key(
                 bench="models", model=plan.name, reference=digest, iterations=plan.iterations, method=method,  # noqa: B023
                 asked=compression, allocation=allocation, seed=seed, ramp_updates=ramp_updates,  # noqa: B023
+                **({"dns_schedule": list(dns_schedule)} if dns_schedule is not None else {}),
             )  # fmt: skip
             row = journal.row(key, one, method, compression, allocation)
             log(json.dumps({k: v for k, v in row.items() if k != "layers"}))

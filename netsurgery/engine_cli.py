@@ -126,6 +126,29 @@ def _budget(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"a number of percentage points or 'none', not {text!r}") from None
 
 
+def _compression(text: str) -> float:
+    """A compression ratio above 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a compression such as 18.19, not {text!r}") from None
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"a compression above 1, not {text}")
+    return value
+
+
+def _schedule_fractions(text: str) -> tuple[float, float]:
+    """``RAMP_END,SURGERY_END``: two fractions of a run, 0 < ramp end < surgery end <= 1."""
+    parts = text.split(",")
+    try:
+        ramp_end, surgery_end = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"two fractions RAMP_END,SURGERY_END such as 0.5,0.7, not {text!r}") from None
+    if not 0 < ramp_end < surgery_end <= 1:
+        raise argparse.ArgumentTypeError(f"0 < RAMP_END < SURGERY_END <= 1, not {text!r}")
+    return ramp_end, surgery_end
+
+
 def _non_negative_int(text: str) -> int:
     """A count of 0 or more."""
     try:
@@ -357,6 +380,8 @@ BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
     "methods": ("table", "models"),
     "allocation": ("models",),
     "ramp_updates": ("models",),
+    "dns_schedule": ("models",),
+    "start": ("models",),
     "steps": ("overhead",),
     "first_lr": _SEARCHES,
     "rung_lr": _SEARCHES,
@@ -489,7 +514,9 @@ def _bench_models(args: argparse.Namespace) -> int:
         seeds=range(args.first_seed, args.first_seed + (args.seeds or 1)),
         allocation=args.allocation,
         ramp_updates=args.ramp_updates,
+        dns_schedule=args.dns_schedule,
         iterations=args.iterations,
+        start=args.start,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         on_model=lambda partial: _record_results(args, partial),  # each model's figures as soon as they exist
         journal=journal,
@@ -677,6 +704,12 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--ramp-updates", type=_non_negative_int, default=None,
                    help="models: DNS's fewest mask updates on its ramp (0: one every 50 iterations; default: the "
                    "product's, 64)")  # fmt: skip
+    b.add_argument("--dns-schedule", type=_schedule_fractions, default=None, metavar="RAMP_END,SURGERY_END",
+                   help="models: where DNS's ramp reaches the target and where its splicing stops, as fractions of "
+                   "each run (default: the product's, 0.3,0.5; AGP's ramp ends at 0.5)")  # fmt: skip
+    b.add_argument("--start", type=_compression, default=None, metavar="COMPRESSION",
+                   help="models: the first compression each search asks, taken to the nearest rung of its ladder "
+                   "(default: the model's own: 5.96 for ResNet-20, 3.05 for the ViT, 3.81 with --quick)")  # fmt: skip
     b.add_argument("--steps", type=int, default=300, help="overhead: timed steps")
     b.add_argument("--first-lr", type=float, default=None, help="search, promise: the first rung's peak learning "
                    "rate relative to the run's (default: the product's)")  # fmt: skip

@@ -383,6 +383,7 @@ def test_bench_table_quick_writes_its_rows_to_table_quick_json(
     (["table", "--resume"], "--resume applies to bench search, promise, models, not to bench table"),
     (["allocation", "--allocation", "global"], "--allocation applies to bench models, not to bench allocation"),
     (["promise", "--pair", "dns"], "--pair applies to bench versus, search, not to bench promise"),
+    (["search", "--dns-schedule", "0.5,0.7"], "--dns-schedule applies to bench models, not to bench search"),
     (["service", "--quick"], "--quick applies to bench table, versus, models, allocation, search, promise, not to"),
 ])  # fmt: skip
 def test_a_bench_refuses_an_option_it_does_not_read(

@@ -66,6 +66,11 @@ def test_unknown_models_and_methods_are_refused(capsys: pytest.CaptureFixture[st
         main(["bench", "models", "--ramp-updates", "-1"])
     assert refused.value.code == 2
     assert "argument --ramp-updates: 0 or more, not -1" in capsys.readouterr().err
+    for bad, message in (("0.7,0.5", "0 < RAMP_END < SURGERY_END <= 1"), ("0.5", "two fractions RAMP_END,SURGERY_END")):
+        with pytest.raises(SystemExit) as refused:
+            main(["bench", "models", "--dns-schedule", bad])
+        assert refused.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_bench_allocation_runs_every_rule_at_every_compression_and_seed(
@@ -117,6 +122,31 @@ def test_a_bench_run_updates_dns_masks_as_often_as_asked(
     plan = BenchModel("tiny", bench_models.resnet(1), 0.5, 1, 0.05, 200, 0.01, 3.0, (3.0,))
     torch.manual_seed(0)
     row = bench_models.run(plan, plan.build(), data, (10.0, 10.0), method, 3.0, ramp_updates=ramp_updates)
+    assert row["update_interval"] == interval
+    assert row["compression"] == pytest.approx(3.0, rel=0.02)
+
+
+@pytest.mark.parametrize(("method", "dns_schedule", "ends", "interval"), [
+    ("dns", None, (0.3, 0.5), 10),  # the product's: a 60-iteration ramp, 6 updates at least
+    ("dns", (0.5, 0.7), (0.5, 0.7), 16),  # a 100-iteration ramp
+    ("agp", (0.2, 0.3), (0.5, 0.7), 50),  # a DNS setting: AGP keeps its own schedule
+])  # fmt: skip
+def test_a_bench_run_ends_dns_ramp_and_splicing_where_asked(
+    method: str, dns_schedule: tuple[float, float] | None, ends: tuple[float, float], interval: int
+) -> None:
+    """Real tiny runs of 200 iterations: the schedule asked reaches the surgery (the ramp's length sets
+    how often the masks change) and the row records where the ramp and the splicing ended."""
+    g = torch.Generator().manual_seed(0)
+
+    def tiny(n: int) -> Dataset:
+        return Dataset(torch.randn(n, 3, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+    data = (tiny(128), tiny(32), tiny(32))
+    plan = BenchModel("tiny", bench_models.resnet(1), 0.5, 1, 0.05, 200, 0.01, 3.0, (3.0,))
+    torch.manual_seed(0)
+    model = plan.build()
+    row = bench_models.run(plan, model, data, (10.0, 10.0), method, 3.0, ramp_updates=6, dns_schedule=dns_schedule)
+    assert (row["ramp_end"], row["surgery_end"]) == ends
     assert row["update_interval"] == interval
     assert row["compression"] == pytest.approx(3.0, rel=0.02)
 
@@ -188,6 +218,27 @@ def test_bench_models_runs_every_seed_from_its_own_reference(
     assert "--seeds must be 1 or more, not 0" in capsys.readouterr().err
 
 
+def test_start_sets_the_first_compression_each_search_asks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real tiny runs: each method's search begins at the rung nearest the compression given, and climbs
+    from there; a compression of 1 or less is refused."""
+    _tiny_bench(monkeypatch, tmp_path)
+    out = tmp_path / "models.json"
+    argv = ["bench", "models", "--quick", "--models", "resnet-20", "--numerics", "native", "--results", str(out)]
+    assert main([*argv, "--methods", "dns", "--start", "100"]) == 0
+    runs = json.loads(out.read_text())["results"]["runs"]
+    # 108.42x first (the default starts at 69.39x), two rungs up (more than the tiny ResNet can lose), then
+    # the rung between
+    assert [r["asked"] for r in runs] == [108.42, 135.53, 169.41]
+    assert runs[0]["within_budget"] and "unreachable" in runs[2]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--start", "1"])
+    assert refused.value.code == 2
+    assert "argument --start: a compression above 1, not 1" in capsys.readouterr().err
+
+
 def test_a_stopped_bench_models_resumes_from_the_runs_it_finished(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -242,6 +293,10 @@ def test_a_stopped_bench_models_resumes_from_the_runs_it_finished(
     assert main(argv) == 130
     stop_at(0)
     assert main([*argv, "--ramp-updates", "0", "--resume"]) == 130 and trained == []
+    # nor does one with DNS's ramp and splicing ending elsewhere: it trains its first run again
+    stop_at(1)
+    assert main([*argv, "--dns-schedule", "0.5,0.7", "--resume"]) == 130
+    assert trained == everything[:1]
 
 
 def test_iterations_sets_every_bench_models_and_allocation_runs_length(
