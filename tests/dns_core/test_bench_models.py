@@ -104,38 +104,23 @@ def test_bench_allocation_runs_every_rule_at_every_compression_and_seed(
     assert table.count("\n") == 2 + len(result["summary"]) - 1
 
 
-@pytest.mark.parametrize(("method", "ramp_updates", "interval"), [
-    ("dns", None, 1),  # the product's: 60 ramp iterations give at least 64 updates, one every iteration
-    ("dns", 0, 50),  # one update every 50 iterations, however short the ramp
-    ("dns", 6, 10),
-    ("agp", 6, 50),  # a DNS setting: AGP keeps its own schedule
+@pytest.mark.parametrize(("method", "ramp_updates", "dns_schedule", "interval", "ends"), [
+    # the product's: 60 ramp iterations give at least 64 updates, one every iteration
+    ("dns", None, None, 1, (0.3, 0.5)),
+    ("dns", 0, None, 50, (0.3, 0.5)),  # one update every 50 iterations, however short the ramp
+    ("dns", 6, None, 10, (0.3, 0.5)),
+    ("dns", 6, (0.5, 0.7), 16, (0.5, 0.7)),  # a 100-iteration ramp
+    ("agp", 6, (0.2, 0.3), 50, (0.5, None)),  # DNS settings: AGP keeps its own schedule, frozen after its ramp
 ])  # fmt: skip
-def test_a_bench_run_updates_dns_masks_as_often_as_asked(
-    method: str, ramp_updates: int | None, interval: int, tmp_path: Path
+def test_a_bench_run_updates_dns_masks_and_ends_its_ramp_as_asked(
+    method: str,
+    ramp_updates: int | None,
+    dns_schedule: tuple[float, float] | None,
+    interval: int,
+    ends: tuple[float, float | None],
 ) -> None:
-    g = torch.Generator().manual_seed(0)
-
-    def tiny(n: int) -> Dataset:
-        return Dataset(torch.randn(n, 3, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
-
-    data = (tiny(128), tiny(32), tiny(32))
-    plan = BenchModel("tiny", bench_models.resnet(1), 0.5, 1, 0.05, 200, 0.01, 3.0, (3.0,))
-    torch.manual_seed(0)
-    row = bench_models.run(plan, plan.build(), data, (10.0, 10.0), method, 3.0, ramp_updates=ramp_updates)
-    assert row["update_interval"] == interval
-    assert row["compression"] == pytest.approx(3.0, rel=0.02)
-
-
-@pytest.mark.parametrize(("method", "dns_schedule", "ends", "interval"), [
-    ("dns", None, (0.3, 0.5), 10),  # the product's: a 60-iteration ramp, 6 updates at least
-    ("dns", (0.5, 0.7), (0.5, 0.7), 16),  # a 100-iteration ramp
-    ("agp", (0.2, 0.3), (0.5, None), 50),  # a DNS setting: AGP keeps its own schedule, frozen after its ramp
-])  # fmt: skip
-def test_a_bench_run_ends_dns_ramp_and_splicing_where_asked(
-    method: str, dns_schedule: tuple[float, float] | None, ends: tuple[float, float | None], interval: int
-) -> None:
-    """Real tiny runs of 200 iterations: the schedule asked reaches the surgery (the ramp's length sets
-    how often the masks change) and the row records where the ramp and the splicing ended."""
+    """Real tiny runs of 200 iterations: the settings asked reach the surgery (the ramp's length and the
+    fewest updates set how often the masks change) and the row records where the ramp and the splicing ended."""
     g = torch.Generator().manual_seed(0)
 
     def tiny(n: int) -> Dataset:
@@ -145,9 +130,11 @@ def test_a_bench_run_ends_dns_ramp_and_splicing_where_asked(
     plan = BenchModel("tiny", bench_models.resnet(1), 0.5, 1, 0.05, 200, 0.01, 3.0, (3.0,))
     torch.manual_seed(0)
     model = plan.build()
-    row = bench_models.run(plan, model, data, (10.0, 10.0), method, 3.0, ramp_updates=6, dns_schedule=dns_schedule)
-    assert (row["ramp_end"], row["surgery_end"]) == ends
+    row = bench_models.run(
+        plan, model, data, (10.0, 10.0), method, 3.0, ramp_updates=ramp_updates, dns_schedule=dns_schedule
+    )
     assert row["update_interval"] == interval
+    assert (row["ramp_end"], row["surgery_end"]) == ends
     assert row["compression"] == pytest.approx(3.0, rel=0.02)
 
 
