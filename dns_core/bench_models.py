@@ -200,8 +200,8 @@ def run(
         "layers": {layer["name"]: round(layer["kept_fraction"], 4) for layer in r["layers"]},
         "update_interval": r["settings"]["schedule"]["update_interval"],
         "ramp_end": r["settings"]["schedule"]["ramp_end"],
-        # the other methods' masks freeze where their ramp ends
-        "surgery_end": r["settings"]["schedule"]["surgery_end"] if method == "dns" else None,
+        # None for the other methods: their masks stop changing where their ramp ends
+        "surgery_end": r["settings"]["schedule"]["surgery_end"],
         "left_dense": r["left_dense"],
         "batchnorm": r["batchnorm"],
     }

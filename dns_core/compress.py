@@ -20,7 +20,7 @@ from . import numerics
 from .data import Dataset
 from .defaults import SEARCH_METHODS
 from .errors import ConfigError
-from .methods import MethodSettings, default_schedule, make_surgery
+from .methods import MethodSettings, default_schedule, make_surgery, unread_schedule_fields
 from .search import CEILING_TOLERANCE, BudgetSearch, SearchSettings
 from .surgery import ScheduledSurgery, Surgery, Target
 from .train import (
@@ -283,10 +283,12 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
 
 def _settings_record(method: str, settings: MethodSettings | None, surgery: Surgery) -> dict[str, Any]:
     """The settings as run: the method's own schedule filled in where none was given, with the
-    iterations between mask updates the run used (None for the crate-driven rule, which draws)."""
+    iterations between mask updates the run used (None for the crate-driven rule, which draws).
+    Schedule fields the method does not read are None."""
     s = settings or MethodSettings()
     record = asdict(s)
     record["schedule"] = asdict(s.schedule or default_schedule(method))
+    record["schedule"].update(dict.fromkeys(unread_schedule_fields(method)))
     record["schedule"]["update_interval"] = surgery.interval if isinstance(surgery, ScheduledSurgery) else None
     out: dict[str, Any] = _jsonable(record)
     return out

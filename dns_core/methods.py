@@ -98,6 +98,18 @@ def default_schedule(method: str) -> Schedule:
     return SCHEDULES.get(method, Schedule())
 
 
+def unread_schedule_fields(method: str) -> tuple[str, ...]:
+    """The :class:`Schedule` fields ``method`` does not read: masks splice on to ``surgery_end``
+    only under DNS's rules (AGP's, Han's and one-shot's stop changing where their ramp ends), and
+    only Han's ramp comes in ``han_rounds``."""
+    unread = []
+    if method not in ("dns", CRATE_DRIVEN):
+        unread.append("surgery_end")
+    if method != "han":
+        unread.append("han_rounds")
+    return tuple(unread)
+
+
 def dense_edges(
     method: str,
     model: nn.Module,

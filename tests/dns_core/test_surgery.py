@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dns_core import DNS, Ramp, ScheduledSurgery, SurgeryError, Target, models
-from dns_core.defaults import BALANCE
+from dns_core.defaults import BALANCE, CRATE_DRIVEN
 from dns_core.methods import MethodSettings, Schedule, make_surgery
 from dns_core.surgery import first_and_last
 
@@ -320,6 +320,28 @@ def test_each_method_runs_at_its_own_timing_unless_a_schedule_is_given() -> None
     given = make_surgery("dns", models.build("lenet-300-100"), 1000, target,
                          MethodSettings(schedule=Schedule(ramp_end=0.6, surgery_end=0.8)))  # fmt: skip
     assert isinstance(given, ScheduledSurgery) and (given.ramp.t1, given.iter_stop) == (600, 800)
+
+
+@pytest.mark.parametrize(("method", "unread"), [
+    ("dns", ("han_rounds",)),
+    (CRATE_DRIVEN, ("han_rounds",)),  # reads surgery_end as its iter_stop
+    ("agp", ("surgery_end", "han_rounds")),
+    ("han", ("surgery_end",)),
+    ("one-shot", ("surgery_end", "han_rounds")),
+])  # fmt: skip
+def test_the_schedule_fields_a_method_does_not_read_are_named(method: str, unread: tuple[str, ...]) -> None:
+    """The report gives None for these: a surgery_end after the ramp changes no mask outside DNS's rules."""
+    from dns_core.methods import unread_schedule_fields
+
+    assert unread_schedule_fields(method) == unread
+    if "surgery_end" in unread:
+        target = Target(compression=10.0)
+        early = make_surgery(method, models.build("lenet-300-100"), 1000, target,
+                             MethodSettings(schedule=Schedule(ramp_end=0.3, surgery_end=0.4)))  # fmt: skip
+        late = make_surgery(method, models.build("lenet-300-100"), 1000, target,
+                            MethodSettings(schedule=Schedule(ramp_end=0.3, surgery_end=0.9)))  # fmt: skip
+        assert isinstance(early, ScheduledSurgery) and isinstance(late, ScheduledSurgery)
+        assert early.iter_stop == late.iter_stop == early.ramp.t1 + 1
 
 
 def test_a_short_dns_ramp_updates_its_masks_often_enough() -> None:
