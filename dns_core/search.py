@@ -90,6 +90,10 @@ class SearchSettings:
     #: after a rung that holds, the step grows back to its square (not over ``step``): one miss on a noisy
     #: verdict does not slow the rest of the climb
     regrow: bool = False
+    #: a later rung may aim again at a compression that missed the budget (its state judged again on the same
+    #: validation images); off, later aims stay below the lowest miss (halfway between it and what held, at
+    #: least ``resolution`` up), and when no such climb fits the rest of the run polishes what held
+    retry_missed: bool = True
 
     def __post_init__(self) -> None:
         if self.rungs < 1 or self.keep < 1:
@@ -174,6 +178,7 @@ class BudgetSearch(Controller):
         self.frontier: list[FrontierPoint] = []
         self.candidates: list[tuple[FrontierPoint, dict[str, Any]]] = []  # best first
         self.held = 1.0  # the highest compression that held the budget (1: the reference)
+        self.missed = math.inf  # the lowest compression judged over budget
         self.step = self.s.step
         self.good: dict[str, Any] | None = None  # the state to climb from (None: the reference's)
         self.done = False
@@ -261,6 +266,7 @@ class BudgetSearch(Controller):
             self.candidates = _best_per_compression([*self.candidates, (point, self.good)])[: self.s.keep]
         else:
             self.backoffs += 1
+            self.missed = min(self.missed, point.compression)
             self.step = max(math.sqrt(self.step), self.s.resolution)
             if self.good is not None and not (self.s.splice_back and self.surgery.splice):
                 self._restore(self.good, model, opt)
@@ -271,9 +277,24 @@ class BudgetSearch(Controller):
         missed_ceiling = self.aim >= self.ceiling and not point.within_budget
         if missed_ceiling and aim >= self.ceiling:
             aim = math.sqrt(max(self.held, 1.0) * self.ceiling)  # not the missed ceiling again: halfway there
+        boxed_in = False  # no climb of at least the resolution fits below the lowest miss
+        below = self.missed * (1 - CEILING_TOLERANCE)
+        if not self.s.retry_missed and self.missed < math.inf and (aim >= below or missed_ceiling):
+            # below the lowest miss: halfway there, but at least the smallest climb
+            aim = max(math.sqrt(max(self.held, 1.0) * self.missed), self.held * self.s.resolution)
+            boxed_in = aim >= below
         if rung + 1 >= self.rungs:
             self.done = True  # that was the last rung
-        if self.held >= self.ceiling * (1 - CEILING_TOLERANCE) and not self.done:
+        if boxed_in and self.good is not None and not self.done:
+            if self.polished:
+                self.done = True
+            else:
+                # what is left of the run becomes one last rung at the compression that held
+                self.polished = True
+                self.bounds = [*self.bounds[: rung + 2], self.bounds[-1]]
+                self.rungs = len(self.bounds) - 1
+                aim = self.held
+        elif self.held >= self.ceiling * (1 - CEILING_TOLERANCE) and not self.done:
             if self.polished:
                 self.done = True  # the ceiling held, and the rest of the run has been spent on it
             else:
@@ -323,6 +344,7 @@ class BudgetSearch(Controller):
             "frontier": [asdict(p) for p in self.frontier],
             "candidates": [(asdict(p), state) for p, state in self.candidates],
             "held": self.held,
+            "missed": None if math.isinf(self.missed) else self.missed,
             "step": self.step,
             # the state to climb from is usually a candidate's too: stored once (checkpoints refuse shared tensors)
             "good": None if good_index is not None else self.good,
@@ -341,6 +363,8 @@ class BudgetSearch(Controller):
         self.frontier = [FrontierPoint(**p) for p in state["frontier"]]
         self.candidates = [(FrontierPoint(**p), s) for p, s in state["candidates"]]
         self.held = float(state["held"])
+        missed = state.get("missed")
+        self.missed = math.inf if missed is None else float(missed)
         self.step = float(state["step"])
         self.backoffs = int(state["backoffs"])
         self.aim = float(state["aim"])

@@ -388,6 +388,7 @@ BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
     "objective": _SEARCHES,
     "splice_back": _SEARCHES,
     "regrow": _SEARCHES,
+    "no_retry": _SEARCHES,
     "reference_per_seed": _SEARCHES,
     "resume": (*_SEARCHES, "models"),
     "agp_target": ("versus",),
@@ -551,8 +552,9 @@ def _bench_search(args: argparse.Namespace) -> int:
         raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(bench.PLANS)}")
     run, show = (bench.search, bench.format_search) if args.which == "search" else (bench.promise, bench.format_promise)
     # the SearchSettings fields the options set; an option left out leaves the product's default
-    given = {"first_lr": args.first_lr, "rung_lr": args.rung_lr, "splice_back": args.splice_back, "regrow": args.regrow}
-    settings: dict[str, Any] = {name: v for name, v in given.items() if v is not None and v is not False}
+    given = {"first_lr": args.first_lr, "rung_lr": args.rung_lr, "splice_back": args.splice_back or None,
+             "regrow": args.regrow or None, "retry_missed": False if args.no_retry else None}  # fmt: skip
+    settings: dict[str, Any] = {name: v for name, v in given.items() if v is not None}
     extra: dict[str, Any] = {}
     if args.which == "search":
         extra["pair"] = _pair(args.pair, SEARCH_METHODS, alone=True)
@@ -724,6 +726,9 @@ def add_engine_commands(sub: Subcommands) -> None:
     b.add_argument("--regrow", action="store_true",
                    help="search, promise: after a rung that holds the budget, the climb's step grows back to its "
                    "square (up to its first size) instead of staying as small as the last miss left it")  # fmt: skip
+    b.add_argument("--no-retry", action="store_true",
+                   help="search, promise: once a compression misses the budget, later rungs stay below the lowest "
+                   "miss instead of aiming at it again (judged again on the same validation images)")  # fmt: skip
     b.add_argument("--reference-per-seed", action="store_true",
                    help="search, promise: each seed's runs start from a reference trained with that seed (default: "
                    "every run from the seed-0 reference, the seed varying the run only)")  # fmt: skip

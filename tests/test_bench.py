@@ -196,6 +196,9 @@ def test_bench_search_trains_with_the_objective_and_settings_given(
     assert main([*argv, "--pair", "dns", "--splice-back"]) == 0
     (row,) = json.loads(Path("docs/results/search-quick.json").read_text())["results"]["rows"]
     assert row["schedule"] == {"splice_back": True} and row["objective"] == "ce"
+    assert main([*argv, "--pair", "dns", "--no-retry"]) == 0
+    (row,) = json.loads(Path("docs/results/search-quick.json").read_text())["results"]["rows"]
+    assert row["schedule"] == {"retry_missed": False}
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main([*argv, "--objective", "mse"])

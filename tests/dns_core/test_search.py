@@ -88,6 +88,50 @@ def test_with_regrow_a_rung_that_holds_after_a_miss_restores_the_climb(regrow: b
     assert search.aim == pytest.approx(search.held * steps[-1], rel=1e-3)
 
 
+def test_without_retries_the_ladder_stays_below_the_lowest_miss_then_polishes_what_held() -> None:
+    model, search = _search(retry_missed=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _end_rung(search, model, opt, 89.5)  # 2x
+    _end_rung(search, model, opt, 89.6)  # 4x
+    _end_rung(search, model, opt, 85.0)  # 8x misses: the lowest miss
+    assert search.missed == pytest.approx(8.0, rel=0.01)
+    assert search.aim == pytest.approx(4.0 * math.sqrt(2.0), rel=1e-3)
+    _end_rung(search, model, opt, 89.5)  # 5.66x holds; a step of √2 would aim at 8x again: halfway instead
+    assert search.aim == pytest.approx(math.sqrt(search.held * search.missed), rel=1e-6)
+    assert search.aim < 8.0 * (1 - 0.005)
+    _end_rung(search, model, opt, 89.5)  # 6.73x holds; halfway to 8x is under the resolution: 1.1x up
+    assert search.aim == pytest.approx(search.held * 1.1, rel=1e-6)
+    last = search.bounds[-1]
+    _end_rung(search, model, opt, 89.5)  # 7.40x holds: no climb of 1.1x fits under 8x
+    assert search.polished and not search.done
+    assert search.bounds[-1] == last and search.rungs == len(search.frontier) + 1  # the rest: one rung
+    assert search.aim == pytest.approx(search.held)
+    _end_rung(search, model, opt, 89.7)
+    assert search.done
+    chosen = search.chosen()
+    assert chosen is not None and chosen.val_acc == 89.7 and chosen.compression < 8.0
+    # every aim after the miss stayed under it; with retries the same verdicts aim at 8x again
+    assert all(p.compression < 7.96 for p in search.frontier[3:])
+    model, again = _search()
+    for val_acc in (89.5, 89.6, 85.0, 89.5):
+        _end_rung(again, model, opt, val_acc)
+    assert again.aim == pytest.approx(8.0, rel=1e-3)
+
+
+def test_without_retries_the_lowest_miss_survives_a_resume() -> None:
+    model, search = _search(retry_missed=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for val_acc in (89.5, 89.6, 85.0):
+        _end_rung(search, model, opt, val_acc)
+    state = search.state_dict()
+    _, resumed = _search(retry_missed=False)
+    resumed.load_state_dict(state)
+    assert resumed.missed == search.missed
+    _, fresh = _search(retry_missed=False)
+    fresh.load_state_dict(fresh.state_dict())  # nothing missed yet: stored as None, read back as no bound
+    assert fresh.missed == math.inf
+
+
 @pytest.mark.parametrize("method", ["dns", "agp"])
 def test_splice_back_keeps_what_dns_reached_after_a_miss_and_retargets_down(method: str) -> None:
     model, search = _search(method, splice_back=True)
