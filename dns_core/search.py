@@ -286,29 +286,26 @@ class BudgetSearch(Controller):
         if rung + 1 >= self.rungs:
             self.done = True  # that was the last rung
         if boxed_in and self.good is not None and not self.done:
-            if self.polished:
-                self.done = True
-            else:
-                # what is left of the run becomes one last rung at the compression that held
-                self.polished = True
-                self.bounds = [*self.bounds[: rung + 2], self.bounds[-1]]
-                self.rungs = len(self.bounds) - 1
-                aim = self.held
+            self._polish(rung)  # no climb fits under the lowest miss
+            aim = self.held
         elif self.held >= self.ceiling * (1 - CEILING_TOLERANCE) and not self.done:
-            if self.polished:
-                self.done = True  # the ceiling held, and the rest of the run has been spent on it
-            else:
-                # the ceiling held: what is left of the run becomes one last rung at the same
-                # compression, and the more accurate of the two states is the result
-                self.polished = True
-                self.bounds = [*self.bounds[: rung + 2], self.bounds[-1]]
-                self.rungs = len(self.bounds) - 1
+            self._polish(rung)  # the ceiling held
         elif missed_ceiling and self.held * self.s.resolution >= self.ceiling:
             self.done = True  # the ceiling missed and no climb fits between it and what held
         if not self.done:
             self.aim = aim
             self._start_rung(t)
         return rolled_back
+
+    def _polish(self, rung: int) -> None:
+        """What is left of the run becomes one last rung at the compression that held (the more accurate of
+        the two states is the result); a second call, once that rung is spent, ends the search."""
+        if self.polished:
+            self.done = True
+            return
+        self.polished = True
+        self.bounds = [*self.bounds[: rung + 2], self.bounds[-1]]
+        self.rungs = len(self.bounds) - 1
 
     def finish(self, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer) -> bool:
         """The result is the best candidate: the highest compression that held the budget."""
