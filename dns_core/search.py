@@ -279,7 +279,7 @@ class BudgetSearch(Controller):
             aim = math.sqrt(max(self.held, 1.0) * self.ceiling)  # not the missed ceiling again: halfway there
         boxed_in = False  # no climb of at least the resolution fits below the lowest miss
         below = self.missed * (1 - CEILING_TOLERANCE)
-        if not self.s.retry_missed and self.missed < math.inf and (aim >= below or missed_ceiling):
+        if not self.s.retry_missed and (aim >= below or missed_ceiling):  # a missed ceiling is a miss: finite
             # below the lowest miss: halfway there, but at least the smallest climb
             aim = max(math.sqrt(max(self.held, 1.0) * self.missed), self.held * self.s.resolution)
             boxed_in = aim >= below
