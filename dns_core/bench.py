@@ -661,7 +661,9 @@ def overhead(
     """One surgery training step against one dense step, alternated in one process.
 
     The surgery side is DNS with fixed crates from iteration 0 (γ = 1e-4, so nearly every step
-    updates every mask: the expensive end of the schedule). Medians of per-step times.
+    updates every mask: the expensive end of the schedule). Medians of per-step times. A third
+    model runs the same surgery with its layers reading W ⊙ T one tensor at a time (the model's
+    batching hooks removed): ``per_tensor_ratio`` is what the batch saves, in the same run.
     """
     from .methods import make_surgery
 
@@ -669,10 +671,16 @@ def overhead(
     x = torch.randn(batch_size, *models.INPUT_SHAPES[arch])
     y = torch.randint(0, 10, (batch_size,))
     dense = models.build(arch)
-    pruned = copy.deepcopy(dense)
+    pruned, per_tensor = copy.deepcopy(dense), copy.deepcopy(dense)
     spec = CompressSpec(method=CRATE_DRIVEN, crate=0.5, iter_stop=10**9, iterations=steps + warmup)
-    surgery = make_surgery(spec.method, pruned, spec.iterations, spec.target(), spec.method_settings())
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in (dense, pruned)]
+    surgeries = [
+        make_surgery(spec.method, m, spec.iterations, spec.target(), spec.method_settings())
+        for m in (pruned, per_tensor)
+    ]
+    for hook in surgeries[1]._hooks:
+        hook.remove()
+    nets = (dense, pruned, per_tensor)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in nets]
 
     def step(m: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         loss = torch.nn.functional.cross_entropy(m(x), y)
@@ -680,23 +688,23 @@ def overhead(
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
 
-    times: tuple[list[float], list[float]] = ([], [])
+    times: tuple[list[float], ...] = ([], [], [])
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        step(dense, opts[0])
-        t1 = time.perf_counter()
-        surgery.step(i)
-        step(pruned, opts[1])
-        t2 = time.perf_counter()
-        if i >= warmup:
-            times[0].append(t1 - t0)
-            times[1].append(t2 - t1)
-    d, s = statistics.median(times[0]), statistics.median(times[1])
+        for k, (m, opt) in enumerate(zip(nets, opts, strict=True)):
+            t0 = time.perf_counter()
+            if k:
+                surgeries[k - 1].step(i)
+            step(m, opt)
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    d, s, p = (statistics.median(t) for t in times)
     return {
         "model": arch,
         "dense_step_ms": round(d * 1e3, 3),
         "surgery_step_ms": round(s * 1e3, 3),
         "ratio": round(s / d, 3),
+        "per_tensor_step_ms": round(p * 1e3, 3),
+        "per_tensor_ratio": round(p / d, 3),
     }
 
 

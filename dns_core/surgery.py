@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,16 +51,37 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+class _StraightThroughAll(torch.autograd.Function):
+    """:class:`_StraightThrough` for many tensors in one call: W_i ⊙ T_i forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx: Any, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        return tuple(torch._foreach_mul(list(tensors[:n]), list(tensors[n:])))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return (None, *grads, *(None,) * len(grads))
+
+
 ORIG, MASK = "_orig", "_mask"
+#: the attribute holding a module's masked tensors computed for the whole model's forward pass
+MASKED = "_netsurgery_masked"
 
 
 def _masked_property(name: str, straight_through: bool) -> property:
     orig, mask = name + ORIG, name + MASK
 
     def straight(module: nn.Module) -> torch.Tensor:
+        batch = module.__dict__.get(MASKED)
+        if batch is not None:
+            return batch[name]
         return _StraightThrough.apply(module._parameters[orig], module._buffers[mask])  # type: ignore[no-untyped-call]
 
     def masked(module: nn.Module) -> torch.Tensor:
+        batch = module.__dict__.get(MASKED)
+        if batch is not None:
+            return batch[name]
         return module._parameters[orig] * module._buffers[mask]  # type: ignore[operator]
 
     getter: Callable[[nn.Module], torch.Tensor] = straight if straight_through else masked
@@ -150,6 +172,54 @@ class PrunedLayer:
 
     def total(self) -> int:
         return sum(self.mask(t).numel() for t in self.tensors)
+
+
+class _BatchedMasks:
+    """Forward hooks on a surgery's model: every W ⊙ T of a training forward pass in one call.
+
+    Read one at a time, each masked tensor costs a call into PyTorch and, with the straight-through
+    gradient, a Python function forward and backward: a fixed cost per tensor that small layers
+    and many-layer models pay at every step. Before the model's forward pass with gradients on,
+    :meth:`before` multiplies all of them at once (``torch._foreach_mul``, one kernel launch per
+    batch of tensors on CUDA) under one autograd function, and the layers read their tensor from
+    that batch; :meth:`after` drops it when the pass ends, normally or not. Without gradients
+    (evaluation) the layers keep computing one tensor at a time, so no second copy of every
+    weight lives through the pass. The hooks hold the surgery weakly and act only on its own
+    model: a deep copy of the model (which copies its hooks) computes one tensor at a time too.
+    """
+
+    def __init__(self, surgery: Surgery) -> None:
+        self.surgery = weakref.ref(surgery)
+        #: per call of the model in progress, whether it made the batch (nested calls read the outer one's)
+        self.calls: list[bool] = []
+
+    def before(self, model: nn.Module, args: Any) -> None:
+        surgery = self.surgery()
+        if surgery is None or surgery.model is not model:
+            return
+        make = torch.is_grad_enabled() and not any(self.calls)
+        self.calls.append(make)
+        if not make:
+            return
+        slots = [(layer.module, t) for layer in surgery.layers for t in layer.tensors]
+        dense = [layer.dense(t) for layer in surgery.layers for t in layer.tensors]
+        masks = [layer.mask(t) for layer in surgery.layers for t in layer.tensors]
+        if not slots:
+            return
+        if surgery.straight_through:
+            out = _StraightThroughAll.apply(len(dense), *dense, *masks)  # type: ignore[no-untyped-call]
+        else:
+            out = torch._foreach_mul(dense, masks)
+        for (module, t), value in zip(slots, out, strict=True):
+            module.__dict__.setdefault(MASKED, {})[t] = value
+
+    def after(self, model: nn.Module, args: Any, output: Any) -> None:
+        surgery = self.surgery()
+        if surgery is None or surgery.model is not model or not self.calls:
+            return
+        if self.calls.pop():
+            for layer in surgery.layers:
+                layer.module.__dict__.pop(MASKED, None)
 
 
 @dataclass(frozen=True)
@@ -302,6 +372,11 @@ class Surgery:
             hook = module.register_load_state_dict_pre_hook(_upgrade_keys(tensors))  # type: ignore[no-untyped-call]
             kind = "conv" if isinstance(module, nn.modules.conv._ConvNd) else "fc"
             self.layers.append(PrunedLayer(name, module, tensors, kind, hook))
+        batch = _BatchedMasks(self)
+        self._hooks = [
+            model.register_forward_pre_hook(batch.before),
+            model.register_forward_hook(batch.after, always_call=True),
+        ]
         self.iteration = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.frozen = False
@@ -392,6 +467,8 @@ class Surgery:
     # -- result ----------------------------------------------------------------------------------
     def squash(self) -> nn.Module:
         """Remove the masks and leave the plain pruned model W ⊙ T (in place); returns it."""
+        for hook in self._hooks:
+            hook.remove()
         for layer in self.layers:
             detach_masks(layer.module, layer.tensors)
             layer.upgrade_hook.remove()
@@ -511,14 +588,18 @@ class DNS(Surgery):
         # one draw per layer per iteration, whether or not it is active, so the stream of random
         # numbers does not depend on the phase layout
         draws = torch.rand(len(plan), generator=self.generator).tolist()
-        changed = False
+        weights: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        thetas: list[float] = []
         for (layer, theta, pairs), draw in zip(plan, draws, strict=True):
             if draw >= p or not self._active(layer, t):
                 continue
             for dense, mask in pairs:
-                rule.update_mask_(dense, mask, theta)
-            changed = True
-        return changed
+                weights.append(dense)
+                masks.append(mask)
+                thetas.append(theta)
+        rule.update_masks_(weights, masks, thetas)
+        return bool(weights)
 
     def _extra_state(self) -> dict[str, Any]:
         return {name: [s.mu, s.sigma, s.count] for name, s in self.stats.items()}

@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dns_core import rule
 
@@ -49,6 +51,40 @@ def test_in_place_update_matches_pure_update() -> None:
     rule.update_mask_(w, out, 0.8)
     assert torch.equal(out, expected)
     assert not torch.equal(expected, mask)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 3000), st.floats(0.0, 2.0), st.sampled_from([0.0, 1e-3, 0.4, 1.3])),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(0, 2**31 - 1),
+)
+def test_batched_update_equals_one_tensor_at_a_time(layers: list[tuple[int, float, float]], seed: int) -> None:
+    """update_masks_ over many tensors gives each mask exactly what update_mask_ gives it alone, θ = 0 included."""
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(n, generator=g) * scale for n, scale, _ in layers]
+    thetas = [theta for _, _, theta in layers]
+    masks = [(torch.rand(w.shape, generator=g) > 0.5).float() for w in weights]
+    # weights on both edges of the band and exact zeros, where a different rounding would show
+    for w, theta in zip(weights, thetas, strict=True):
+        w[: min(4, len(w))] = torch.tensor([0.9 * theta, -1.1 * theta, 0.0, 1.1 * theta])[: min(4, len(w))]
+    expected = [rule.update_mask(w, m, theta) for w, m, theta in zip(weights, masks, thetas, strict=True)]
+    rule.update_masks_(weights, masks, thetas)
+    for got, want in zip(masks, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_batched_update_leaves_the_weights_and_their_gradient_graph_alone() -> None:
+    w = torch.randn(50, requires_grad=True)
+    before = w.detach().clone()
+    mask = torch.ones(50)
+    rule.update_masks_([w], [mask], [0.5])
+    assert torch.equal(w.detach(), before) and w.grad is None
+    assert torch.equal(mask, rule.update_mask(before, torch.ones(50), 0.5))
+    rule.update_masks_([], [], [])  # nothing to update is no error
 
 
 def test_surgery_probability() -> None:

@@ -106,6 +106,113 @@ def test_straight_through_gradient_equals_gradient_of_masked_product() -> None:
     assert torch.allclose(grad, w_masked.grad, atol=1e-6)
 
 
+def _per_tensor_grads(method: str, x: torch.Tensor) -> tuple[list[torch.Tensor], nn.Module, object]:
+    """Gradients of the dense tensors when the model's hooks are gone, so every layer reads W ⊙ T on its own."""
+    m = tiny()
+    s = make_surgery(method, m, 10, Target(compression=4.0), MethodSettings(schedule=Schedule(ramp_end=0.0)))
+    s.step(0)
+    for hook in s._hooks:
+        hook.remove()
+    m(x).square().sum().backward()
+    return [layer.dense(t).grad.clone() for layer in s.layers for t in layer.tensors], m, s  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("method", ["dns", "agp"])
+def test_a_training_pass_reads_every_masked_tensor_from_one_batch_with_the_same_gradients(method: str) -> None:
+    """With gradients on, the layers read W ⊙ T from the batch the model's pre-hook made (one call for
+    all of them) and the dense tensors get the gradients that one tensor at a time gives: ∂L/∂(W ⊙ T)
+    for DNS, masked for AGP. The batch is gone once the pass ends."""
+    from dns_core.surgery import MASKED
+
+    x = torch.randn(8, 1, 8, 8)
+    expected, _, _ = _per_tensor_grads(method, x)
+    m = tiny()
+    s = make_surgery(method, m, 10, Target(compression=4.0), MethodSettings(schedule=Schedule(ramp_end=0.0)))
+    s.step(0)
+    seen: list[bool] = []
+    for layer in s.layers:
+        layer.module.register_forward_pre_hook(lambda module, args: seen.append(MASKED in module.__dict__))
+    m(x).square().sum().backward()
+    assert seen == [True, True]
+    got = [layer.dense(t).grad for layer in s.layers for t in layer.tensors]
+    for g, want in zip(got, expected, strict=True):
+        assert g is not None
+        assert torch.allclose(g, want, atol=1e-6)
+    assert all(MASKED not in layer.module.__dict__ for layer in s.layers)
+    pruned = s.layers[1].mask("weight") == 0
+    assert pruned.any()
+    assert bool((got[2][pruned] != 0).any()) is (method == "dns")  # type: ignore[index]
+
+
+def test_evaluation_a_deep_copy_and_a_failed_pass_read_masked_tensors_one_at_a_time() -> None:
+    """No batch without gradients (no second copy of the weights through an evaluation), none in a
+    deep copy of the model (its hooks belong to the original's surgery), and none left behind by a
+    forward pass that raised."""
+    from dns_core.surgery import MASKED
+
+    m = tiny()
+    s = DNS(m, crate=0.5, iter_stop=100)
+    s.step(0)
+    seen: list[bool] = []
+    for layer in s.layers:
+        layer.module.register_forward_pre_hook(lambda module, args: seen.append(MASKED in module.__dict__))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        out = m(x)
+    assert seen == [False, False]
+    twin = copy.deepcopy(m)
+    seen.clear()
+    twin(x).sum().backward()
+    assert seen == [False, False]  # the twin's layers, one at a time
+    assert torch.allclose(twin(x), out, atol=1e-6)
+    assert all(p.grad is None for p in m.parameters())  # the original was not touched
+    with pytest.raises(RuntimeError):
+        m(torch.randn(2, 3, 8, 8))  # wrong channel count: the first convolution raises
+    assert all(MASKED not in layer.module.__dict__ for layer in s.layers)
+    seen.clear()
+    m(x).sum().backward()
+    assert seen == [True, True]  # the next pass batches again
+
+
+def test_a_layer_called_twice_in_one_pass_sums_both_gradients() -> None:
+    """A model that calls one masked layer twice (weights shared across depth, as ALBERT does), and
+    calls itself inside its own forward pass, gets the gradient of both uses on the dense weights."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor, again: bool = True) -> torch.Tensor:
+            y: torch.Tensor = self.fc(torch.tanh(self.fc(x)))
+            if not again:
+                return y
+            out: torch.Tensor = self(y, again=False)
+            return out
+
+    torch.manual_seed(0)
+    m = Twice()
+    s = DNS(m, crate=0.3, iter_stop=100)
+    s.step(0)
+    x = torch.randn(5, 6)
+    m(x).square().sum().backward()
+    layer = s.layers[0]
+    w, b = layer.dense("weight"), layer.dense("bias")
+    masked_w = (w * layer.mask("weight")).detach().requires_grad_()
+    masked_b = (b * layer.mask("bias")).detach().requires_grad_()
+    y = x
+    for _ in range(4):
+        y = nn.functional.linear(y, masked_w, masked_b)
+        y = torch.tanh(y) if _ % 2 == 0 else y
+    y.square().sum().backward()  # type: ignore[no-untyped-call]
+    assert w.grad is not None and masked_w.grad is not None
+    assert torch.allclose(w.grad, masked_w.grad, atol=1e-5)
+    assert s._hooks  # squash removes the hooks with the masks
+    hooks = len(m._forward_pre_hooks), len(m._forward_hooks)
+    s.squash()
+    assert (len(m._forward_pre_hooks), len(m._forward_hooks)) == (hooks[0] - 1, hooks[1] - 1)
+
+
 def test_splicing_restores_a_weight_driven_above_the_band() -> None:
     m = tiny()
     s = DNS(m, crate=0.0, gamma=0.0, iter_stop=100)
@@ -503,13 +610,13 @@ def test_each_layer_draws_its_own_surgery_chance(monkeypatch: pytest.MonkeyPatch
     surgery = DNS(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)), crate=0.2, iter_stop=10**6)
     owner = {id(layer.dense(n)): i for i, layer in enumerate(surgery.layers) for n in layer.tensors}
     updates: list[set[int]] = []
-    real = rule.update_mask_
+    real = rule.update_masks_
 
-    def record(weight: torch.Tensor, mask: torch.Tensor, theta: float) -> torch.Tensor:
-        updates[-1].add(owner[id(weight)])
-        return real(weight, mask, theta)
+    def record(weights: list[torch.Tensor], masks: list[torch.Tensor], thetas: list[float]) -> None:
+        updates[-1].update(owner[id(w)] for w in weights)
+        real(weights, masks, thetas)
 
-    monkeypatch.setattr(rule, "update_mask_", record)
+    monkeypatch.setattr(rule, "update_masks_", record)
     monkeypatch.setattr(rule, "surgery_probability", lambda t, gamma, power: 0.5)
     for t in range(200):
         updates.append(set())
