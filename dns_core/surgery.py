@@ -201,17 +201,17 @@ class _BatchedMasks:
         self.calls.append(make)
         if not make:
             return
-        slots = [(layer.module, t) for layer in surgery.layers for t in layer.tensors]
-        dense = [layer.dense(t) for layer in surgery.layers for t in layer.tensors]
-        masks = [layer.mask(t) for layer in surgery.layers for t in layer.tensors]
+        slots = [(layer, t) for layer in surgery.layers for t in layer.tensors]
         if not slots:
             return
+        dense = [layer.dense(t) for layer, t in slots]
+        masks = [layer.mask(t) for layer, t in slots]
         if surgery.straight_through:
             out = _StraightThroughAll.apply(len(dense), *dense, *masks)  # type: ignore[no-untyped-call]
         else:
             out = torch._foreach_mul(dense, masks)
-        for (module, t), value in zip(slots, out, strict=True):
-            module.__dict__.setdefault(MASKED, {})[t] = value
+        for (layer, t), value in zip(slots, out, strict=True):
+            layer.module.__dict__.setdefault(MASKED, {})[t] = value
 
     def after(self, model: nn.Module, args: Any, output: Any) -> None:
         surgery = self.surgery()
