@@ -677,8 +677,7 @@ def overhead(
         make_surgery(spec.method, m, spec.iterations, spec.target(), spec.method_settings())
         for m in (pruned, per_tensor)
     ]
-    for hook in surgeries[1]._hooks:
-        hook.remove()
+    surgeries[1].unbatch()
     nets = (dense, pruned, per_tensor)
     opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in nets]
 

@@ -52,16 +52,19 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class _StraightThroughAll(torch.autograd.Function):
-    """:class:`_StraightThrough` for many tensors in one call: W_i ⊙ T_i forward, identity backward."""
+    """:class:`_StraightThrough` for many tensors in one call: W_i ⊙ T_i forward, identity backward.
+
+    The masks come as a plain list: they take no gradient, and autograd need not look at them.
+    """
 
     @staticmethod
-    def forward(ctx: Any, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, masks: list[torch.Tensor], *dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
-        return tuple(torch._foreach_mul(list(tensors[:n]), list(tensors[n:])))
+        return tuple(torch._foreach_mul(list(dense), masks))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        return (None, *grads, *(None,) * len(grads))
+        return (None, *grads)
 
 
 ORIG, MASK = "_orig", "_mask"
@@ -206,10 +209,8 @@ class _BatchedMasks:
             return
         dense = [layer.dense(t) for layer, t in slots]
         masks = [layer.mask(t) for layer, t in slots]
-        if surgery.straight_through:
-            out = _StraightThroughAll.apply(len(dense), *dense, *masks)  # type: ignore[no-untyped-call]
-        else:
-            out = torch._foreach_mul(dense, masks)
+        straight: Callable[..., Sequence[torch.Tensor]] = _StraightThroughAll.apply
+        out = straight(masks, *dense) if surgery.straight_through else torch._foreach_mul(dense, masks)
         for (layer, t), value in zip(slots, out, strict=True):
             layer.module.__dict__.setdefault(MASKED, {})[t] = value
 
@@ -464,11 +465,20 @@ class Surgery:
     def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
         pass
 
+    def unbatch(self) -> None:
+        """Layers read W ⊙ T one tensor at a time from now on: the model's batching hooks come off.
+
+        Same results bit for bit; what is left is the per-tensor cost the batch saves
+        (``netsurgery bench overhead`` measures both in one run).
+        """
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
     # -- result ----------------------------------------------------------------------------------
     def squash(self) -> nn.Module:
         """Remove the masks and leave the plain pruned model W ⊙ T (in place); returns it."""
-        for hook in self._hooks:
-            hook.remove()
+        self.unbatch()
         for layer in self.layers:
             detach_masks(layer.module, layer.tensors)
             layer.upgrade_hook.remove()

@@ -111,8 +111,7 @@ def _per_tensor_grads(method: str, x: torch.Tensor) -> tuple[list[torch.Tensor],
     m = tiny()
     s = make_surgery(method, m, 10, Target(compression=4.0), MethodSettings(schedule=Schedule(ramp_end=0.0)))
     s.step(0)
-    for hook in s._hooks:
-        hook.remove()
+    s.unbatch()
     m(x).square().sum().backward()
     return [layer.dense(t).grad.clone() for layer in s.layers for t in layer.tensors], m, s  # type: ignore[union-attr]
 
@@ -172,6 +171,12 @@ def test_evaluation_a_deep_copy_and_a_failed_pass_read_masked_tensors_one_at_a_t
     seen.clear()
     m(x).sum().backward()
     assert seen == [True, True]  # the next pass batches again
+    hooks = len(m._forward_pre_hooks), len(m._forward_hooks)
+    s.unbatch()
+    assert (len(m._forward_pre_hooks), len(m._forward_hooks)) == (hooks[0] - 1, hooks[1] - 1)
+    seen.clear()
+    m(x).sum().backward()
+    assert seen == [False, False]  # unbatched: one tensor at a time, also with gradients
 
 
 def test_a_layer_called_twice_in_one_pass_sums_both_gradients() -> None:
