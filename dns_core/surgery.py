@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import rule
+from . import fused, rule
 from .errors import ConfigError
 
 
@@ -55,16 +55,25 @@ class _StraightThroughAll(torch.autograd.Function):
     """:class:`_StraightThrough` for many tensors in one call: W_i ⊙ T_i forward, identity backward.
 
     The masks come as a plain list: they take no gradient, and autograd need not look at them.
+    ``ready`` holds, per tensor, W_i ⊙ T_i where the mask update has just computed it (the same
+    values; see :meth:`Surgery._handed_products`) and None where it is to be computed here.
     """
 
     @staticmethod
-    def forward(ctx: Any, masks: list[torch.Tensor], *dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        ctx: Any, masks: list[torch.Tensor], ready: list[torch.Tensor | None], *dense: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
-        return tuple(torch._foreach_mul(list(dense), masks))
+        todo = [i for i, r in enumerate(ready) if r is None]
+        if len(todo) == len(dense):
+            return tuple(torch._foreach_mul(list(dense), masks))
+        made = iter(torch._foreach_mul([dense[i] for i in todo], [masks[i] for i in todo]) if todo else ())
+        # an alias, so that autograd's bookkeeping lands on a fresh tensor object, not the handed one
+        return tuple(r.detach() if r is not None else next(made) for r in ready)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 ORIG, MASK = "_orig", "_mask"
@@ -185,7 +194,9 @@ class _BatchedMasks:
     and many-layer models pay at every step. Before the model's forward pass with gradients on,
     :meth:`before` multiplies all of them at once (``torch._foreach_mul``, one kernel launch per
     batch of tensors on CUDA) under one autograd function, and the layers read their tensor from
-    that batch; :meth:`after` drops it when the pass ends, normally or not. Without gradients
+    that batch; where the last mask update computed W ⊙ T itself and nothing has changed since
+    (:meth:`Surgery._handed_products`), the batch takes that product instead of multiplying
+    again. :meth:`after` drops the batch when the pass ends, normally or not. Without gradients
     (evaluation) the layers keep computing one tensor at a time, so no second copy of every
     weight lives through the pass. The hooks hold the surgery weakly and act only on its own
     model: a deep copy of the model (which copies its hooks) computes one tensor at a time too.
@@ -209,8 +220,11 @@ class _BatchedMasks:
             return
         dense = [layer.dense(t) for layer, t in slots]
         masks = [layer.mask(t) for layer, t in slots]
-        straight: Callable[..., Sequence[torch.Tensor]] = _StraightThroughAll.apply
-        out = straight(masks, *dense) if surgery.straight_through else torch._foreach_mul(dense, masks)
+        if surgery.straight_through:
+            straight: Callable[..., Sequence[torch.Tensor]] = _StraightThroughAll.apply
+            out = straight(masks, surgery._handed_products(dense, masks), *dense)
+        else:
+            out = torch._foreach_mul(dense, masks)
         for (layer, t), value in zip(slots, out, strict=True):
             layer.module.__dict__.setdefault(MASKED, {})[t] = value
 
@@ -221,6 +235,28 @@ class _BatchedMasks:
         if self.calls.pop():
             for layer in surgery.layers:
                 layer.module.__dict__.pop(MASKED, None)
+
+
+@dataclass(frozen=True)
+class _Handoff:
+    """W ⊙ T computed by a mask update, with the storage and versions of W, T and the product it is
+    valid for."""
+
+    dense: torch.Tensor
+    mask: torch.Tensor
+    product: torch.Tensor
+    state: tuple[int, ...]
+
+    @staticmethod
+    def _state(dense: torch.Tensor, mask: torch.Tensor, product: torch.Tensor) -> tuple[int, ...]:
+        return (dense._version, mask._version, product._version, dense.data_ptr(), mask.data_ptr())
+
+    @staticmethod
+    def of(dense: torch.Tensor, mask: torch.Tensor, product: torch.Tensor) -> _Handoff:
+        return _Handoff(dense, mask, product, _Handoff._state(dense, mask, product))
+
+    def valid_for(self, dense: torch.Tensor, mask: torch.Tensor) -> bool:
+        return self.dense is dense and self.mask is mask and self._state(dense, mask, self.product) == self.state
 
 
 @dataclass(frozen=True)
@@ -383,6 +419,8 @@ class Surgery:
         self.frozen = False
         #: layers left out of the selection on purpose and kept dense (see methods.dense_edges)
         self.left_dense: list[str] = []
+        #: per mask (by identity), the W ⊙ T its last update computed (see :meth:`_handed_products`)
+        self._handoff: dict[int, _Handoff] = {}
 
     # -- reporting ---------------------------------------------------------------------------
     def report(self) -> list[LayerReport]:
@@ -423,7 +461,8 @@ class Surgery:
 
     # -- schedule ------------------------------------------------------------------------------
     def step(self, t: int) -> bool:
-        """Run surgery for iteration ``t`` (call before its forward pass). True if masks changed."""
+        """Run surgery for iteration ``t`` (call before its forward pass, and after the previous
+        iteration's backward pass). True if masks changed."""
         self.iteration = t
         if self.frozen:
             return False
@@ -431,6 +470,36 @@ class Surgery:
 
     def _update(self, t: int) -> bool:
         raise NotImplementedError
+
+    @property
+    def batched(self) -> bool:
+        """Whether a training forward pass computes every W ⊙ T in one call (see :meth:`unbatch`)."""
+        return bool(self._hooks)
+
+    def _hand_over(
+        self, dense: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], products: Sequence[torch.Tensor]
+    ) -> None:
+        """Keep the products W ⊙ T a mask update computed, for the next training forward pass."""
+        for d, m, p in zip(dense, masks, products, strict=True):
+            self._handoff[id(m)] = _Handoff.of(d, m, p)
+
+    def _handed_products(
+        self, dense: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor | None]:
+        """Per (W, T) pair, the W ⊙ T handed over by the last mask update, or None.
+
+        A product counts only while W, T and the product itself are the very tensors it was made
+        from, in the same storage, and none has changed since (their version counters, which every
+        in-place PyTorch op moves: an optimizer step, ``load_state_dict``, ``set_mask``), so it is
+        W ⊙ T exactly.
+        """
+        if not self._handoff:
+            return [None] * len(dense)
+        out: list[torch.Tensor | None] = []
+        for d, m in zip(dense, masks, strict=True):
+            handed = self._handoff.get(id(m))
+            out.append(handed.product if handed is not None and handed.valid_for(d, m) else None)
+        return out
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -474,6 +543,7 @@ class Surgery:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._handoff.clear()
 
     # -- result ----------------------------------------------------------------------------------
     def squash(self) -> nn.Module:
@@ -505,6 +575,32 @@ class Surgery:
         return out
 
 
+@dataclass(frozen=True)
+class _PlanEntry:
+    """A layer's part in DNS's mask update: θ, its (dense, mask) pairs, and those pairs prepared for
+    :mod:`dns_core.fused` (None where one of them cannot be)."""
+
+    layer: PrunedLayer
+    theta: float
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    fused: list[fused.Pair] | None
+
+    @staticmethod
+    def of(layer: PrunedLayer, theta: float, compiled: bool) -> _PlanEntry:
+        pairs = [(layer.dense(n), layer.mask(n)) for n in layer.tensors]
+        band, high = (rule.SPLICE_FACTOR - rule.PRUNE_FACTOR) * theta, rule.SPLICE_FACTOR * theta
+        prepared = [fused.prepare(d, m, band, high) if compiled else None for d, m in pairs]
+        ready = [p for p in prepared if p is not None]
+        return _PlanEntry(layer, theta, pairs, ready if len(ready) == len(pairs) else None)
+
+    def current(self) -> bool:
+        """Whether the layer still holds these very tensors, in the same storage."""
+        layer = self.layer
+        return all(
+            layer.dense(n) is d and layer.mask(n) is m for n, (d, m) in zip(layer.tensors, self.pairs, strict=True)
+        ) and (self.fused is None or all(p.current() for p in self.fused))
+
+
 class DNS(Surgery):
     """Dynamic Network Surgery with fixed per-layer crates: the reference rule, exactly.
 
@@ -524,6 +620,9 @@ class DNS(Surgery):
 
     straight_through = True
     method = "dns-fixed-crates"
+    #: run the mask update as one compiled pass per tensor where the tensors allow (dns_core.fused);
+    #: False keeps the eager PyTorch passes (same masks bit for bit; the overhead bench's comparison)
+    compiled = True
 
     def __init__(
         self,
@@ -559,7 +658,8 @@ class DNS(Surgery):
         self.phases = list(phases) if phases else None
         self.phase_length = phase_length
         self.stats: dict[str, rule.LayerStatistics] = {}
-        self._plan_cache: list[tuple[PrunedLayer, float, list[tuple[torch.Tensor, torch.Tensor]]]] | None = None
+        self._plan_cache: list[_PlanEntry] | None = None
+        self._plan_compiled = self.compiled
 
     def compute_statistics(self) -> None:
         for layer in self.layers:
@@ -577,16 +677,20 @@ class DNS(Surgery):
         start = self.phases.index(layer.kind) * self.phase_length
         return start <= t < start + self.phase_length
 
-    def _plan(self) -> list[tuple[PrunedLayer, float, list[tuple[torch.Tensor, torch.Tensor]]]]:
-        """Per layer: θ and its (dense, mask) tensor pairs, looked up once (θ is fixed by the stats)."""
+    def _plan(self) -> list[_PlanEntry]:
+        """Per layer: θ (fixed by the stats) and its (dense, mask) tensor pairs, each also prepared for
+        the one-pass kernel where it can take them. Looked up again when a layer's tensors are no
+        longer the ones looked up or their storage has moved (an in-place ``.to()``, say)."""
+        if self._plan_cache is not None and (
+            self._plan_compiled != self.compiled or not all(entry.current() for entry in self._plan_cache)
+        ):
+            self._plan_cache = None
         if self._plan_cache is None:
             if not self.stats:
                 self.compute_statistics()
             thetas = self.thresholds()
-            self._plan_cache = [
-                (layer, thetas[layer.name], [(layer.dense(n), layer.mask(n)) for n in layer.tensors])
-                for layer in self.layers
-            ]
+            self._plan_compiled = self.compiled
+            self._plan_cache = [_PlanEntry.of(layer, thetas[layer.name], self.compiled) for layer in self.layers]
         return self._plan_cache
 
     def _update(self, t: int) -> bool:
@@ -598,18 +702,24 @@ class DNS(Surgery):
         # one draw per layer per iteration, whether or not it is active, so the stream of random
         # numbers does not depend on the phase layout
         draws = torch.rand(len(plan), generator=self.generator).tolist()
-        weights: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
-        thetas: list[float] = []
-        for (layer, theta, pairs), draw in zip(plan, draws, strict=True):
-            if draw >= p or not self._active(layer, t):
-                continue
-            for dense, mask in pairs:
-                weights.append(dense)
-                masks.append(mask)
-                thetas.append(theta)
+        chosen = [entry for entry, draw in zip(plan, draws, strict=True) if draw < p and self._active(entry.layer, t)]
+        self._surgery(chosen)
+        return bool(chosen)
+
+    def _surgery(self, chosen: Sequence[_PlanEntry]) -> None:
+        """The banded update of the chosen layers' masks: one compiled pass per tensor where every
+        tensor can take it (handing W ⊙ T on to the next training pass when it computes them all at
+        once), else the eager passes of :func:`rule.update_masks_`."""
+        if all(entry.fused is not None for entry in chosen):
+            pairs = [pair for entry in chosen for pair in entry.fused or ()]
+            products = fused.run(pairs, products=self.batched)
+            if products:
+                self._hand_over([p.weight for p in pairs], [p.mask for p in pairs], products)
+            return
+        weights = [d for entry in chosen for d, _ in entry.pairs]
+        masks = [m for entry in chosen for _, m in entry.pairs]
+        thetas = [entry.theta for entry in chosen for _ in entry.pairs]
         rule.update_masks_(weights, masks, thetas)
-        return bool(weights)
 
     def _extra_state(self) -> dict[str, Any]:
         return {name: [s.mu, s.sigma, s.count] for name, s in self.stats.items()}

@@ -1,5 +1,6 @@
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -613,15 +614,15 @@ def test_each_layer_draws_its_own_surgery_chance(monkeypatch: pytest.MonkeyPatch
 
     torch.manual_seed(0)
     surgery = DNS(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)), crate=0.2, iter_stop=10**6)
-    owner = {id(layer.dense(n)): i for i, layer in enumerate(surgery.layers) for n in layer.tensors}
+    owner = {layer.name: i for i, layer in enumerate(surgery.layers)}
     updates: list[set[int]] = []
-    real = rule.update_masks_
+    real = DNS._surgery
 
-    def record(weights: list[torch.Tensor], masks: list[torch.Tensor], thetas: list[float]) -> None:
-        updates[-1].update(owner[id(w)] for w in weights)
-        real(weights, masks, thetas)
+    def record(self: DNS, chosen: list[Any]) -> None:
+        updates[-1].update(owner[entry.layer.name] for entry in chosen)
+        real(self, chosen)
 
-    monkeypatch.setattr(rule, "update_masks_", record)
+    monkeypatch.setattr(DNS, "_surgery", record)
     monkeypatch.setattr(rule, "surgery_probability", lambda t, gamma, power: 0.5)
     for t in range(200):
         updates.append(set())
