@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from . import models, numerics
+from . import fused, models, numerics
 from .data import Dataset, fashion_mnist_splits
 from .defaults import CRATE_DRIVEN
 from .reference import cached_reference
 from .spec import CompressSpec
+from .surgery import DNS
 from .train import Callbacks, Progress, evaluate
 
 
@@ -661,9 +662,11 @@ def overhead(
     """One surgery training step against one dense step, alternated in one process.
 
     The surgery side is DNS with fixed crates from iteration 0 (γ = 1e-4, so nearly every step
-    updates every mask: the expensive end of the schedule). Medians of per-step times. A third
-    model runs the same surgery with its layers reading W ⊙ T one tensor at a time (the model's
-    batching hooks removed): ``per_tensor_ratio`` is what the batch saves, in the same run.
+    updates every mask: the expensive end of the schedule). Medians of per-step times. Two more
+    models run the same surgery in the same loop: one with its layers reading W ⊙ T one tensor at
+    a time (the model's batching hooks removed; ``per_tensor_ratio``: what the batch saves), one
+    with the mask update's eager PyTorch passes instead of the compiled one (``eager_ratio``: what
+    :mod:`dns_core.fused` saves; the engine where numba is missing).
     """
     from .methods import make_surgery
 
@@ -671,14 +674,16 @@ def overhead(
     x = torch.randn(batch_size, *models.INPUT_SHAPES[arch])
     y = torch.randint(0, 10, (batch_size,))
     dense = models.build(arch)
-    pruned, per_tensor = copy.deepcopy(dense), copy.deepcopy(dense)
+    pruned, per_tensor, eager = (copy.deepcopy(dense) for _ in range(3))
     spec = CompressSpec(method=CRATE_DRIVEN, crate=0.5, iter_stop=10**9, iterations=steps + warmup)
     surgeries = [
         make_surgery(spec.method, m, spec.iterations, spec.target(), spec.method_settings())
-        for m in (pruned, per_tensor)
+        for m in (pruned, per_tensor, eager)
     ]
     surgeries[1].unbatch()
-    nets = (dense, pruned, per_tensor)
+    assert isinstance(surgeries[2], DNS)
+    surgeries[2].compiled = False
+    nets = (dense, pruned, per_tensor, eager)
     opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in nets]
 
     def step(m: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -687,7 +692,7 @@ def overhead(
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
 
-    times: tuple[list[float], ...] = ([], [], [])
+    times: tuple[list[float], ...] = ([], [], [], [])
     for i in range(warmup + steps):
         for k, (m, opt) in enumerate(zip(nets, opts, strict=True)):
             t0 = time.perf_counter()
@@ -696,7 +701,7 @@ def overhead(
             step(m, opt)
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
-    d, s, p = (statistics.median(t) for t in times)
+    d, s, p, e = (statistics.median(t) for t in times)
     return {
         "model": arch,
         "dense_step_ms": round(d * 1e3, 3),
@@ -704,6 +709,9 @@ def overhead(
         "ratio": round(s / d, 3),
         "per_tensor_step_ms": round(p * 1e3, 3),
         "per_tensor_ratio": round(p / d, 3),
+        "eager_step_ms": round(e * 1e3, 3),
+        "eager_ratio": round(e / d, 3),
+        "compiled_update": fused.kernels() is not None,
     }
 
 

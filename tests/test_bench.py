@@ -56,6 +56,8 @@ def test_bench_overhead_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["dense_step_ms"] > 0 and result["surgery_step_ms"] > 0
     assert result["ratio"] == pytest.approx(result["surgery_step_ms"] / result["dense_step_ms"], rel=0.01)
     assert result["per_tensor_ratio"] == pytest.approx(result["per_tensor_step_ms"] / result["dense_step_ms"], rel=0.01)
+    assert result["eager_ratio"] == pytest.approx(result["eager_step_ms"] / result["dense_step_ms"], rel=0.01)
+    assert result["compiled_update"] is True  # numba is a dependency: the engine's update is the compiled pass
 
 
 def test_bench_versus_compares_dns_at_the_ratio_with_agp_over_seeds(
