@@ -18,6 +18,7 @@ storage has been replaced since (an in-place ``.to()``), after which the pair mu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,22 +39,15 @@ def _masks_and_products(w: Any, m: Any, p: Any, band: Any, hi: Any) -> None:  # 
         p[i] = w[i] * m[i]
 
 
-_kernels: tuple[Callable[..., None], Callable[..., None]] | None = None
-_missing = False
-
-
+@functools.cache
 def kernels() -> tuple[Callable[..., None], Callable[..., None]] | None:
     """The compiled (masks, masks-and-products) kernels, or None where numba is not installed."""
-    global _kernels, _missing
-    if _kernels is None and not _missing:
-        try:
-            import numba
-        except ImportError:  # e.g. a GPU image that carries only pure-Python wheels
-            _missing = True
-            return None
-        jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-        _kernels = (jit(_masks), jit(_masks_and_products))
-    return _kernels
+    try:
+        import numba
+    except ImportError:  # e.g. a GPU image that carries only pure-Python wheels
+        return None
+    jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+    return jit(_masks), jit(_masks_and_products)
 
 
 def eligible(weight: torch.Tensor, mask: torch.Tensor) -> bool:

@@ -690,6 +690,7 @@ class DNS(Surgery):
                 self.compute_statistics()
             thetas = self.thresholds()
             self._plan_compiled = self.compiled
+            self._handoff.clear()  # products of tensors the plan no longer holds
             self._plan_cache = [_PlanEntry.of(layer, thetas[layer.name], self.compiled) for layer in self.layers]
         return self._plan_cache
 
