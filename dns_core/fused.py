@@ -11,7 +11,9 @@ is 1, which is exact), so the masks and products are the same bit for bit.
 
 They serve CPU tensors of float32 or float64 laid out contiguously; anything else (CUDA, half
 precision, channels-last weights) and a Python without numba go through the eager PyTorch passes.
-The kernels compile on first use (numba's on-disk cache makes later processes' first use cheap).
+The kernels compile on first use (numba's on-disk cache, next to this file or under
+``NUMBA_CACHE_DIR`` or the user's cache folder, makes later processes' first use cheap; where none
+of these can be written they compile in memory in each process).
 A :class:`Pair` keeps numpy views of its tensors; :meth:`Pair.current` tells whether a tensor's
 storage has been replaced since (an in-place ``.to()``), after which the pair must be prepared again.
 """
@@ -46,8 +48,14 @@ def kernels() -> tuple[Callable[..., None], Callable[..., None]] | None:
         import numba
     except ImportError:  # e.g. a GPU image that carries only pure-Python wheels
         return None
-    jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-    return jit(_masks), jit(_masks_and_products)
+    try:
+        jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+        return jit(_masks), jit(_masks_and_products)
+    except RuntimeError:
+        # no cache folder can be written (a read-only install without a writable home or
+        # NUMBA_CACHE_DIR): compile in memory, once per process
+        jit = numba.njit(cache=False, nogil=True, boundscheck=False)
+        return jit(_masks), jit(_masks_and_products)
 
 
 def eligible(weight: torch.Tensor, mask: torch.Tensor) -> bool:

@@ -218,3 +218,25 @@ def test_a_graph_kept_across_a_mask_update_refuses_to_backpropagate() -> None:
     surgery.step(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_kernels_compile_in_memory_where_no_cache_folder_can_be_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only install without a writable cache folder (numba finds no cache locator) still
+    gets the compiled pass, compiled in memory, and it gives the eager rule's masks."""
+    caching = pytest.importorskip("numba.core.caching")
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    fused.kernels.cache_clear()
+    try:
+        compiled = fused.kernels()
+        assert compiled is not None
+        # nothing is written to disk
+        assert all(type(getattr(k, "_cache", None)).__name__ == "NullCache" for k in compiled)
+        w = torch.linspace(-2.0, 2.0, 4001)
+        m = (torch.arange(4001) % 2).float()
+        eager = m.clone()
+        rule.update_masks_([w], [eager], [1.0])
+        (product,) = fused_update([w], [m], [1.0])
+        assert torch.equal(m, eager)
+        assert torch.equal(product, w * eager)
+    finally:
+        fused.kernels.cache_clear()
