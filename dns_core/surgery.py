@@ -730,6 +730,105 @@ class DNS(Surgery):
         self.stats = {name: rule.LayerStatistics(float(v[0]), float(v[1]), int(v[2])) for name, v in extra.items()}
 
 
+def _band_counts_by_sorting(
+    flats: Sequence[torch.Tensor], lows: Sequence[int], highs: Sequence[int], rest: int
+) -> list[int]:
+    """Per layer, ``low`` plus how many of its ranks ``low..high-1`` (scores in descending order) are
+    among the ``rest`` highest of all layers' such ranks: each layer's scores sorted."""
+    ranked = [flat.sort(descending=True).values for flat in flats]
+    candidates = torch.cat([r[lo:hi] for r, lo, hi in zip(ranked, lows, highs, strict=True)])
+    counts = list(lows)
+    if rest > 0 and candidates.numel():
+        chosen = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
+        chosen[torch.topk(candidates, min(rest, candidates.numel()), sorted=False).indices] = True
+        offset = 0
+        for i, (lo, hi) in enumerate(zip(lows, highs, strict=True)):
+            counts[i] += int(chosen[offset : offset + hi - lo].sum())
+            offset += hi - lo
+    return counts
+
+
+def _kth_largest(flat: torch.Tensor, rank: int) -> torch.Tensor:
+    """The score at 0-based ``rank`` in descending order, from a partial selection of the nearer end."""
+    n = flat.numel()
+    if rank < n // 2:
+        return torch.topk(flat, rank + 1, sorted=False).values.min()
+    return torch.topk(flat, n - rank, largest=False, sorted=False).values.max()
+
+
+def _top(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """The boolean mask of ``flat``'s ``count`` highest scores: those at or above the ``count``-th
+    highest when that value has no equal on the other side, else the indices of a top-k."""
+    n = flat.numel()
+    if 0 < count < n:
+        keep = flat >= _kth_largest(flat, count - 1)
+        if int(keep.sum()) == count:
+            return keep
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, count, sorted=False).indices] = True
+    return keep
+
+
+def _band_counts_by_threshold(
+    flats: Sequence[torch.Tensor], lows: Sequence[int], highs: Sequence[int], rest: int
+) -> list[int] | None:
+    """What :func:`_band_counts_by_sorting` gives, from partial selections and counts instead of a
+    sort of every layer, or None where equal scores straddle a boundary (a band's edge or the
+    ``rest``-th candidate), so that which of them counts would depend on the sort's order.
+
+    Without such ties a layer's ranks from ``low`` on are exactly its scores up to the value at
+    rank ``low``, and the ``rest`` highest candidates are exactly those at or above the
+    ``rest``-th highest value. The upper ends of the bands (``high``) are looked at only where
+    that many candidates of a layer are chosen: where none is reached, the candidates past them
+    are below every chosen one, and the counts are the same as if they had been left out."""
+    tails: list[torch.Tensor] = []  # each layer's scores from rank ``low`` on
+    for flat, lo, hi in zip(flats, lows, highs, strict=True):
+        n = flat.numel()
+        if not 0 <= lo <= hi <= n or bool(torch.isnan(flat).any()):
+            return None
+        if lo == 0:
+            tails.append(flat)
+            continue
+        if lo == n:
+            tails.append(flat[:0])
+            continue
+        top = _kth_largest(flat, lo)
+        if int((flat > top).sum()) != lo:
+            return None
+        tails.append(flat[flat <= top])
+    room = [hi - lo for lo, hi in zip(lows, highs, strict=True)]
+    if rest <= 0:
+        return list(lows)
+    total = sum(t.numel() for t in tails)
+    if rest < total:
+        threshold = _kth_largest(torch.cat(tails), rest - 1)
+        above = [int((t >= threshold).sum()) for t in tails]
+        if sum(above) != rest:
+            return None
+        if all(a <= r for a, r in zip(above, room, strict=True)):
+            return [lo + a for lo, a in zip(lows, above, strict=True)]
+    # a band's upper end binds: the candidates are the scores between both ends
+    bands: list[torch.Tensor] = []
+    for tail, r in zip(tails, room, strict=True):
+        if r < tail.numel():
+            if r == 0:
+                tail = tail[:0]
+            else:
+                bottom = _kth_largest(tail, r - 1)
+                if int((tail < bottom).sum()) != tail.numel() - r:
+                    return None
+                tail = tail[tail >= bottom]
+        bands.append(tail)
+    total = sum(b.numel() for b in bands)
+    if rest >= total:
+        return [lo + b.numel() for lo, b in zip(lows, bands, strict=True)]
+    threshold = _kth_largest(torch.cat(bands), rest - 1)
+    above = [int((b >= threshold).sum()) for b in bands]
+    if sum(above) != rest:
+        return None
+    return [lo + a for lo, a in zip(lows, above, strict=True)]
+
+
 @dataclass
 class Target:
     """What the user asks for instead of crates.
@@ -968,21 +1067,13 @@ class ScheduledSurgery(Surgery):
             lows = floors
         highs = [max(n - math.floor(n * (1 - f) / balance), lo) for n, lo in zip(sizes, lows, strict=True)]
         flats = [torch.cat([s.flatten() for _, s in parts]) for _, parts in scored]
-        ranked = [flat.sort(descending=True).values for flat in flats]
-        candidates = torch.cat([r[lo:hi] for r, lo, hi in zip(ranked, lows, highs, strict=True)])
         rest = k - sum(lows)
-        counts = list(lows)
-        if rest > 0 and candidates.numel():
-            chosen = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
-            chosen[torch.topk(candidates, min(rest, candidates.numel()), sorted=False).indices] = True
-            offset = 0
-            for i, (lo, hi) in enumerate(zip(lows, highs, strict=True)):
-                counts[i] += int(chosen[offset : offset + hi - lo].sum())
-                offset += hi - lo
+        counts = _band_counts_by_threshold(flats, lows, highs, rest)
+        if counts is None:
+            counts = _band_counts_by_sorting(flats, lows, highs, rest)
         changed = False
         for (layer, parts), flat, count in zip(scored, flats, counts, strict=True):
-            keep = torch.zeros_like(flat, dtype=torch.bool)
-            keep[torch.topk(flat, count, sorted=False).indices] = True
+            keep = _top(flat, count)
             offset = 0
             for name, s in parts:
                 new = keep[offset : offset + s.numel()].view_as(s).to(layer.mask(name).dtype)

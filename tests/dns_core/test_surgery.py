@@ -4,11 +4,12 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from dns_core import DNS, Ramp, ScheduledSurgery, SurgeryError, Target, models
+from dns_core import surgery as surgery_module
 from dns_core.defaults import BALANCE, CRATE_DRIVEN
 from dns_core.methods import MethodSettings, Schedule, make_surgery
 from dns_core.surgery import first_and_last
@@ -751,3 +752,94 @@ def test_the_band_holds_and_the_count_is_exact(
     for layer in s.layers:
         n = layer.total()
         assert math.floor(n * f / balance) <= layer.kept() <= max(n - math.floor(n * (1 - f) / balance), 0)
+
+
+def _bands(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[int], list[int], int]:
+    """Layers of scores (continuous, or some layers of a few repeated values so that ties straddle the bounds),
+    each with a band low <= high, and how many candidates to choose."""
+    tied = draw(st.booleans())
+    flats, lows, highs = [], [], []
+    for n in draw(st.lists(st.integers(1, 60), min_size=1, max_size=4)):
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        flat = torch.rand(n, generator=g) * draw(st.floats(1e-3, 1e3))
+        if tied and draw(st.booleans()):
+            flat = torch.round(flat * 3 / flat.max().clamp_min(1e-9))
+        lo = draw(st.integers(0, n))
+        flats.append(flat)
+        lows.append(lo)
+        highs.append(draw(st.integers(lo, n)))
+    room = sum(hi - lo for lo, hi in zip(lows, highs, strict=True))
+    return flats, lows, highs, draw(st.integers(-1, room + 2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.composite(_bands)())
+@example(([torch.tensor([3.0, 3.0, 2.0]), torch.tensor([2.5])], [1, 0], [3, 1], 2))  # a tie across a band's lower edge
+@example(([torch.tensor([2.0, 1.0, 1.0, 0.0]), torch.tensor([0.5])], [0, 0], [2, 1], 3))  # across its upper end
+def test_band_counts_by_threshold_equal_those_by_sorting(
+    case: tuple[list[torch.Tensor], list[int], list[int], int],
+) -> None:
+    """The balanced allocation's counts from partial selections equal those from sorting every layer,
+    and the partial selections decline (None) only where equal scores straddle a boundary."""
+    flats, lows, highs, rest = case
+    by_sorting = surgery_module._band_counts_by_sorting(flats, lows, highs, rest)
+    by_threshold = surgery_module._band_counts_by_threshold(flats, lows, highs, rest)
+    if by_threshold is not None:
+        assert by_threshold == by_sorting
+    elif all(len(set(f.tolist())) == f.numel() for f in flats) and len({v for f in flats for v in f.tolist()}) == sum(
+        f.numel() for f in flats
+    ):
+        pytest.fail("no score repeats, yet the threshold path declined")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 80), st.data())
+def test_top_keeps_the_count_highest(n: int, data: st.DataObject) -> None:
+    """`_top` keeps exactly ``count`` entries, none lower than one it drops, and the very set of a
+    top-k wherever that set is unique."""
+    flat = torch.tensor(data.draw(st.lists(st.integers(0, 6) | st.floats(0, 10), min_size=n, max_size=n)))
+    count = data.draw(st.integers(0, n))
+    keep = surgery_module._top(flat, count)
+    assert int(keep.sum()) == count
+    if 0 < count < n:
+        assert flat[keep].min() >= flat[~keep].max()
+        if flat[keep].min() > flat[~keep].max():
+            assert set(torch.topk(flat, count).indices.tolist()) == set(keep.nonzero().flatten().tolist())
+
+
+def test_a_balanced_run_takes_the_same_masks_with_and_without_sorting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target-driven DNS run with the default balanced allocation: the masks after every update are
+    the same whether the counts come from partial selections or from sorting every layer, and the
+    partial selections do serve the run."""
+    taken: list[bool] = []
+    threshold = surgery_module._band_counts_by_threshold
+
+    def recording(*args: Any) -> list[int] | None:
+        counts = threshold(*args)
+        taken.append(counts is not None)
+        return counts
+
+    def run(fast: bool) -> list[list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 10))
+        if fast:
+            monkeypatch.setattr(surgery_module, "_band_counts_by_threshold", recording)
+        else:
+            monkeypatch.setattr(surgery_module, "_band_counts_by_threshold", lambda *args: None)
+        s = ScheduledSurgery(model, Target(compression=8.0), ramp=Ramp(0, 60, "cubic"), interval=5, balance=BALANCE)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(32, 40), torch.randint(0, 10, (32,))
+        masks = []
+        for t in range(70):
+            s.step(t)
+            masks.append([layer.mask(n).clone() for layer in s.layers for n in layer.tensors])
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+        return masks
+
+    slow, fast = run(False), run(True)
+    assert taken and all(taken)
+    for a, b in zip(slow, fast, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
