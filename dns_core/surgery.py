@@ -796,37 +796,39 @@ def _band_counts_by_threshold(
         if int((flat > top).sum()) != lo:
             return None
         tails.append(flat[flat <= top])
-    room = [hi - lo for lo, hi in zip(lows, highs, strict=True)]
     if rest <= 0:
         return list(lows)
-    total = sum(t.numel() for t in tails)
-    if rest < total:
-        threshold = _kth_largest(torch.cat(tails), rest - 1)
-        above = [int((t >= threshold).sum()) for t in tails]
-        if sum(above) != rest:
-            return None
-        if all(a <= r for a, r in zip(above, room, strict=True)):
-            return [lo + a for lo, a in zip(lows, above, strict=True)]
-    # a band's upper end binds: the candidates are the scores between both ends
-    bands: list[torch.Tensor] = []
-    for tail, r in zip(tails, room, strict=True):
-        if r < tail.numel():
+    room = [hi - lo for lo, hi in zip(lows, highs, strict=True)]
+    above = _among_highest(tails, rest)
+    if above is None:
+        return None
+    if any(a > r for a, r in zip(above, room, strict=True)):
+        # a band's upper end binds: the candidates are the scores between both ends
+        bands: list[torch.Tensor] = []
+        for tail, r in zip(tails, room, strict=True):
             if r == 0:
                 tail = tail[:0]
-            else:
+            elif r < tail.numel():
                 bottom = _kth_largest(tail, r - 1)
                 if int((tail < bottom).sum()) != tail.numel() - r:
                     return None
                 tail = tail[tail >= bottom]
-        bands.append(tail)
-    total = sum(b.numel() for b in bands)
-    if rest >= total:
-        return [lo + b.numel() for lo, b in zip(lows, bands, strict=True)]
-    threshold = _kth_largest(torch.cat(bands), rest - 1)
-    above = [int((b >= threshold).sum()) for b in bands]
-    if sum(above) != rest:
-        return None
+            bands.append(tail)
+        above = _among_highest(bands, rest)
+        if above is None:
+            return None
     return [lo + a for lo, a in zip(lows, above, strict=True)]
+
+
+def _among_highest(parts: Sequence[torch.Tensor], rest: int) -> list[int] | None:
+    """How many of each part's scores are among the ``rest`` highest of all parts (all of them when
+    there are no more), or None where equal scores straddle the ``rest``-th."""
+    total = sum(p.numel() for p in parts)
+    if rest >= total:
+        return [p.numel() for p in parts]
+    threshold = _kth_largest(torch.cat(list(parts)), rest - 1)
+    above = [int((p >= threshold).sum()) for p in parts]
+    return above if sum(above) == rest else None
 
 
 @dataclass
