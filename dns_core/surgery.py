@@ -758,9 +758,9 @@ def _kth_largest(flat: torch.Tensor, rank: int) -> torch.Tensor:
 
 def _top(flat: torch.Tensor, count: int) -> torch.Tensor:
     """The boolean mask of ``flat``'s ``count`` highest scores: those at or above the ``count``-th
-    highest when that value has no equal on the other side, else the indices of a top-k."""
+    highest when that value has no equal on the other side (on CPU), else the indices of a top-k."""
     n = flat.numel()
-    if 0 < count < n:
+    if flat.device.type == "cpu" and 0 < count < n:
         keep = flat >= _kth_largest(flat, count - 1)
         if int(keep.sum()) == count:
             return keep
@@ -1070,7 +1070,10 @@ class ScheduledSurgery(Surgery):
         highs = [max(n - math.floor(n * (1 - f) / balance), lo) for n, lo in zip(sizes, lows, strict=True)]
         flats = [torch.cat([s.flatten() for _, s in parts]) for _, parts in scored]
         rest = k - sum(lows)
-        counts = _band_counts_by_threshold(flats, lows, highs, rest)
+        # on CPU a few partial selections beat sorting every layer; on a GPU the sorts are cheap and
+        # the selections' round trips to the host are not
+        on_cpu = all(flat.device.type == "cpu" for flat in flats)
+        counts = _band_counts_by_threshold(flats, lows, highs, rest) if on_cpu else None
         if counts is None:
             counts = _band_counts_by_sorting(flats, lows, highs, rest)
         changed = False
