@@ -756,19 +756,6 @@ def _kth_largest(flat: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.topk(flat, n - rank, largest=False, sorted=False).values.max()
 
 
-def _top(flat: torch.Tensor, count: int) -> torch.Tensor:
-    """The boolean mask of ``flat``'s ``count`` highest scores: those at or above the ``count``-th
-    highest when that value has no equal on the other side (on CPU), else the indices of a top-k."""
-    n = flat.numel()
-    if flat.device.type == "cpu" and 0 < count < n:
-        keep = flat >= _kth_largest(flat, count - 1)
-        if int(keep.sum()) == count:
-            return keep
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.topk(flat, count, sorted=False).indices] = True
-    return keep
-
-
 def _band_counts_by_threshold(
     flats: Sequence[torch.Tensor], lows: Sequence[int], highs: Sequence[int], rest: int
 ) -> list[int] | None:
@@ -1078,7 +1065,8 @@ class ScheduledSurgery(Surgery):
             counts = _band_counts_by_sorting(flats, lows, highs, rest)
         changed = False
         for (layer, parts), flat, count in zip(scored, flats, counts, strict=True):
-            keep = _top(flat, count)
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[torch.topk(flat, count, sorted=False).indices] = True
             offset = 0
             for name, s in parts:
                 new = keep[offset : offset + s.numel()].view_as(s).to(layer.mask(name).dtype)

@@ -792,21 +792,6 @@ def test_band_counts_by_threshold_equal_those_by_sorting(
         pytest.fail("no score repeats, yet the threshold path declined")
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 80), st.data())
-def test_top_keeps_the_count_highest(n: int, data: st.DataObject) -> None:
-    """`_top` keeps exactly ``count`` entries, none lower than one it drops, and the very set of a
-    top-k wherever that set is unique."""
-    flat = torch.tensor(data.draw(st.lists(st.integers(0, 6) | st.floats(0, 10), min_size=n, max_size=n)))
-    count = data.draw(st.integers(0, n))
-    keep = surgery_module._top(flat, count)
-    assert int(keep.sum()) == count
-    if 0 < count < n:
-        assert flat[keep].min() >= flat[~keep].max()
-        if flat[keep].min() > flat[~keep].max():
-            assert set(torch.topk(flat, count).indices.tolist()) == set(keep.nonzero().flatten().tolist())
-
-
 def test_a_balanced_run_takes_the_same_masks_with_and_without_sorting(monkeypatch: pytest.MonkeyPatch) -> None:
     """A target-driven DNS run with the default balanced allocation: the masks after every update are
     the same whether the counts come from partial selections or from sorting every layer, and the
