@@ -177,8 +177,9 @@ def run(
         settings = replace(settings, schedule=schedule)
     began = time.perf_counter()
     result = compress(
-        copy.deepcopy(model), train, valid, method=method, target=target, config=config, settings=settings, test=test
-    )
+        copy.deepcopy(model), train, valid, method=method, target=target, config=config, settings=settings, test=test,
+        reference_acc=refs,
+    )  # fmt: skip
     seconds = time.perf_counter() - began
     r = result.report
     ref_val, ref_test = refs

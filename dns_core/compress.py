@@ -76,19 +76,24 @@ def compress(
     callbacks: Callbacks | None = None,
     checkpoint: str | Path | None = None,
     search: SearchSettings | None = None,
+    reference_acc: tuple[float | None, float | None] | None = None,
 ) -> CompressResult:
     """Run ``method`` on ``model`` (converged, dense) and return the pruned model and a report.
 
     Without labels in ``train`` the objective is label-free self-distillation from the dense
     model, and "accuracy" is top-1 agreement with it. A target that is only an accuracy budget
-    runs a :class:`~dns_core.search.BudgetSearch` shaped by ``search``.
+    runs a :class:`~dns_core.search.BudgetSearch` shaped by ``search``. ``reference_acc``: the dense
+    model's accuracy on ``valid`` and ``test``, where the caller has measured them (a bench that
+    compresses one reference many times); else they are measured here.
     """
     if train.targets is None and config.objective == "ce":
         config = TrainConfig(**{**asdict(config), "objective": "distill"})
     device = next(model.parameters()).device
     teacher = copy.deepcopy(model).eval() if config.objective != "ce" or valid.targets is None else None
-    ref_val = _accuracy(model, valid, teacher)
-    ref_test = _accuracy(model, test, teacher)
+    if reference_acc is not None:
+        ref_val, ref_test = reference_acc
+    else:
+        ref_val, ref_test = _accuracy(model, valid, teacher), _accuracy(model, test, teacher)
     example = train.inputs[:2].to(device) if len(train) else None
     surgery = make_surgery(method, model, config.iterations, target, settings, seed=config.seed, example=example)
     budget: BudgetSearch | None = None
@@ -123,7 +128,11 @@ def compress(
     model.to(device)
     if teacher is not None:
         teacher.to(device)
-    val_acc = _accuracy(model, valid, teacher)
+    val_acc: float | None
+    if valid.targets is not None and result.val_acc is not None:
+        val_acc = result.val_acc  # squashing keeps the function (W ⊙ T stored as W): fit's last evaluation holds
+    else:
+        val_acc = _accuracy(model, valid, teacher)
     batchnorm = _recalibrate(model, train, valid, teacher, config, val_acc)
     if batchnorm is not None:
         val_acc = batchnorm["val_acc"]

@@ -123,14 +123,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+#: examples per evaluation batch on a CPU: larger batches' activations spill out of the caches (on a
+#: 2-core AMD EPYC a ResNet-20 on 3×28×28 images evaluates 2.4x slower in batches of 1,000, a LeNet-5
+#: 1.4x), while a LeNet-300-100 is as fast either way
+EVAL_BATCH_CPU = 128
+#: examples per evaluation batch on a GPU, where large batches keep it busy
+EVAL_BATCH_GPU = 1000
+
+
+def eval_batch_size(device: torch.device) -> int:
+    """The batch size that :func:`evaluate` and :func:`agreement` use on ``device``."""
+    return EVAL_BATCH_CPU if device.type == "cpu" else EVAL_BATCH_GPU
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in percent."""
+def evaluate(model: nn.Module, data: Dataset, batch_size: int | None = None) -> float:
+    """Top-1 accuracy in percent (``batch_size`` None: :func:`eval_batch_size`'s for the model's device)."""
     if data.targets is None:
         raise ValueError("evaluation needs labelled data")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    batch_size = batch_size or eval_batch_size(device)
     correct = 0
     for i in range(0, len(data), batch_size):
         x = data.inputs[i : i + batch_size].to(device)
@@ -173,9 +187,10 @@ def recalibrate_batchnorm(model: nn.Module, data: Dataset, *, batches: int = 100
 
 
 @torch.no_grad()
-def agreement(student: nn.Module, teacher: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
+def agreement(student: nn.Module, teacher: nn.Module, data: Dataset, batch_size: int | None = None) -> float:
     """Percent of inputs on which the two models' top-1 predictions agree (label-free quality)."""
     device = next(student.parameters()).device
+    batch_size = batch_size or eval_batch_size(device)
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
@@ -394,6 +409,7 @@ def fit(
     loss_sum = torch.zeros((), device=device)
     loss_n = 0
     val_acc: float | None = None
+    evaluated = -1  # the iteration whose model ``val_acc`` measured (-1: none yet)
     began = time.perf_counter()
     control = budget or Controller()
     ran = start
@@ -434,6 +450,7 @@ def fit(
         if valid is not None and valid.targets is not None and control.evaluates_at(done, cfg):
             val_acc = evaluate(model, valid)
             backed_off = budget is not None and budget.observe(done, val_acc, model, opt, cfg.iterations)
+            evaluated = -1 if backed_off else done  # a roll-back brought another state
             emit(done, "backoff" if backed_off else "eval", val_acc)
         elif done % cfg.log_every == 0 or done == cfg.iterations:
             emit(done, "progress")
@@ -448,7 +465,8 @@ def fit(
 
     restored = False
     if valid is not None and valid.targets is not None:
-        val_acc = evaluate(model, valid)
+        if evaluated != ran or val_acc is None:  # else the last iteration's evaluation measured this very model
+            val_acc = evaluate(model, valid)
         if budget is not None:
             restored = budget.finish(val_acc, model, opt)
             if restored:

@@ -1,5 +1,6 @@
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from dns_core.checkpoint import load_state, remove_stale_temporaries, save_state
 from dns_core.compress import compress
 from dns_core.data import BatchStream, Dataset, synthetic_classification
 from dns_core.reference import train_reference
+from dns_core.train import Controller
 
 
 def _run(tmp: Path, cancel_at: int | None, iterations: int = 30) -> tuple[nn.Module, DNS, list[Progress]]:
@@ -184,6 +186,32 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path) -> None:
         fit(model, data, cfg, surgery=surgery, checkpoint=tmp_path / "a.ckpt")
 
 
+def test_evaluation_runs_in_cache_sized_batches_on_a_cpu_and_counts_every_example() -> None:
+    from dns_core.train import EVAL_BATCH_CPU, EVAL_BATCH_GPU, agreement, eval_batch_size
+
+    torch.manual_seed(0)
+    data = synthetic_classification(1000, shape=(1, 8, 8), num_classes=4)
+    seen: list[int] = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    teacher = copy.deepcopy(model)
+    model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    with torch.no_grad():
+        teacher.get_parameter("3.weight").mul_(-1)  # another model: it agrees on some examples only
+        logits = model(data.inputs)
+        want = 100.0 * float((logits.argmax(1) == data.targets).sum()) / len(data)
+        agree = 100.0 * float((logits.argmax(1) == teacher(data.inputs).argmax(1)).sum()) / len(data)
+    seen.clear()
+    assert evaluate(model, data) == pytest.approx(want)
+    assert max(seen) == EVAL_BATCH_CPU < len(data) and sum(seen) == len(data)
+    seen.clear()
+    assert agreement(model, teacher, data) == pytest.approx(agree) and 0 < agree < 100
+    assert max(seen) == EVAL_BATCH_CPU and sum(seen) == len(data)
+    seen.clear()
+    assert evaluate(model, data, batch_size=300) == pytest.approx(want)
+    assert seen == [300, 300, 300, 100]
+    assert eval_batch_size(torch.device("cuda")) == EVAL_BATCH_GPU > EVAL_BATCH_CPU
+
+
 def test_batchnorm_statistics_are_re_estimated_from_the_data() -> None:
     from dns_core.train import recalibrate_batchnorm
 
@@ -224,6 +252,66 @@ def test_compress_reports_the_batchnorm_step(digits: tuple[Dataset, Dataset]) ->
     lenet = compress(models.build("lenet-300-100"), train, valid, target=Target(compression=2.0),
                      config=TrainConfig(iterations=10, batch_size=32, device="cpu", eval_every=0))  # fmt: skip
     assert lenet.report["batchnorm"] is None
+
+
+def test_compress_measures_each_model_once_on_each_set(digits: tuple[Dataset, Dataset]) -> None:
+    """The reference once on validation and test (not at all where the caller has its figures), the pruned
+    model once on each: squashing keeps the function, so the training loop's last evaluation stands."""
+    train, valid = digits
+    test = valid.subset(torch.arange(100))
+    cfg = TrainConfig(iterations=10, batch_size=32, device="cpu", eval_every=0)
+    seen = {"valid": 0, "test": 0}  # examples of each set through the model
+    sets = {"valid": valid.inputs.untyped_storage().data_ptr(), "test": test.inputs.untyped_storage().data_ptr()}
+
+    def count(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        for name, ptr in sets.items():
+            seen[name] += len(args[0]) if args[0].untyped_storage().data_ptr() == ptr else 0
+
+    def counted() -> nn.Module:
+        torch.manual_seed(0)
+        model = models.build("lenet-300-100")
+        model.register_forward_pre_hook(count)
+        return model
+
+    model = counted()
+    ref = (evaluate(model, valid), evaluate(model, test))
+    seen.update(valid=0, test=0)
+    result = compress(model, train, valid, target=Target(compression=2.0), config=cfg, test=test)
+    assert seen == {"valid": 2 * len(valid), "test": 2 * len(test)}
+    assert (result.report["reference_val_acc"], result.report["reference_test_acc"]) == ref
+    assert result.report["val_acc"] == evaluate(result.model, valid)
+    assert result.report["test_acc"] == evaluate(result.model, test)
+    model = counted()
+    seen.update(valid=0, test=0)
+    given = compress(model, train, valid, target=Target(compression=2.0), config=cfg, test=test, reference_acc=ref)
+    assert seen == {"valid": len(valid), "test": len(test)}
+    assert (given.report["reference_val_acc"], given.report["reference_test_acc"]) == ref
+    assert (given.report["val_acc"], given.report["test_acc"]) == (result.report["val_acc"], result.report["test_acc"])
+    # evaluations every 5 iterations of 10: the one at the last iteration is the final figure, not measured again
+    model = counted()
+    seen.update(valid=0, test=0)
+    done = fit(model, train, replace(cfg, eval_every=5), valid=valid)
+    assert seen == {"valid": 2 * len(valid), "test": 0}
+    assert done.val_acc == evaluate(model, valid) == done.history[-1].val_acc
+
+    class RollsBack(Controller):
+        """Brings another state back at the last evaluation, as a budget search does after a miss."""
+
+        def evaluates_at(self, done: int, cfg: TrainConfig) -> bool:
+            return done == cfg.iterations
+
+        def observe(self, t: int, val_acc: float, model: nn.Module, opt: torch.optim.Optimizer, total: int) -> bool:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()  # every example in one class
+            return True
+
+    model = counted()
+    seen.update(valid=0, test=0)
+    back = fit(model, train, cfg, valid=valid, budget=RollsBack())
+    assert seen == {"valid": 2 * len(valid), "test": 0}  # the state brought back is measured again
+    before = back.history[-1].val_acc  # the state that was evaluated, then replaced
+    assert before is not None and back.val_acc == evaluate(model, valid) < before
 
 
 def _trained(cfg: TrainConfig, data: Dataset, make: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, int]:
