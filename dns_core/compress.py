@@ -31,6 +31,7 @@ from .train import (
     evaluate,
     fit,
     recalibrate_batchnorm,
+    resolve_device,
 )
 
 #: At most this many points of the training history go into the report.
@@ -129,7 +130,8 @@ def compress(
     if teacher is not None:
         teacher.to(device)
     val_acc: float | None
-    if valid.targets is not None and result.val_acc is not None:
+    same_kernels = resolve_device(config.device).type == device.type  # fit measured on the device measured on here
+    if valid.targets is not None and result.val_acc is not None and same_kernels:
         val_acc = result.val_acc  # squashing keeps the function (W ⊙ T stored as W): fit's last evaluation holds
     else:
         val_acc = _accuracy(model, valid, teacher)

@@ -174,6 +174,9 @@ def test_cuda_compress_reports_its_own_peak_memory(digits: tuple[Dataset, Datase
                       config=TrainConfig(iterations=20, batch_size=32, device="cuda", eval_every=0))  # fmt: skip
     peak = result.report["peak_memory"]
     assert peak["device"].startswith("cuda") and peak["scope"] == "run" and 0 < peak["bytes"] < 2**30
+    # given on the CPU, trained on CUDA, handed back on the CPU: its figures are the CPU's
+    assert next(result.model.parameters()).device.type == "cpu"
+    assert result.report["val_acc"] == evaluate(result.model, valid)
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path) -> None:
