@@ -4,10 +4,12 @@ Eager PyTorch needs three elementwise passes per tensor for the banded update (|
 where the mask is 1, compare) and a fourth for the product W ⊙ T that the next forward pass reads.
 On LeNet-5 those passes are nearly all over fc1's 400K weights, and after a training step has
 pushed them out of cache each pass runs at memory speed: about a third of the surgery step's
-overhead. The kernels here read W and T once and write T, and optionally W ⊙ T, in the same loop,
-with the same float arithmetic as :func:`dns_core.rule.update_masks_` (a float32 tensor's θ-bounds
-rounded to float32 as PyTorch rounds a Python scalar; the band is added to |w| only where the mask
-is 1, which is exact), so the masks and products are the same bit for bit.
+overhead. The kernels here read W and T once and write, in the same loop, the entries of T that
+change (once the masks settle most of T's cache lines stay clean and are not written back to
+memory) and optionally W ⊙ T, with the same float arithmetic as :func:`dns_core.rule.update_masks_`
+(a float32 tensor's θ-bounds rounded to float32 as PyTorch rounds a Python scalar; the band is
+added to |w| only where the mask is 1, which is exact), so the masks and products are the same bit
+for bit, a mask's -0.0 entries included (they come out 0.0, as the eager passes write them).
 
 They serve CPU tensors of float32 or float64 laid out contiguously; anything else (CUDA, half
 precision, channels-last weights) and a Python without numba go through the eager PyTorch passes.
@@ -21,6 +23,7 @@ storage has been replaced since (an in-place ``.to()``), after which the pair mu
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,13 +35,20 @@ _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 def _masks(w: Any, m: Any, band: Any, hi: Any) -> None:  # pragma: no cover - runs compiled
     for i in range(w.size):
-        m[i] = 1.0 if abs(w[i]) + band * m[i] > hi else 0.0
+        old = m[i]
+        new = 1.0 if abs(w[i]) + band * old > hi else 0.0
+        # stored only where it differs, bit for bit (a -0.0 becomes 0.0, as the eager passes write it)
+        if old != new or math.copysign(1.0, old) < 0.0:
+            m[i] = new
 
 
 def _masks_and_products(w: Any, m: Any, p: Any, band: Any, hi: Any) -> None:  # pragma: no cover - runs compiled
     for i in range(w.size):
-        m[i] = 1.0 if abs(w[i]) + band * m[i] > hi else 0.0
-        p[i] = w[i] * m[i]
+        old = m[i]
+        new = 1.0 if abs(w[i]) + band * old > hi else 0.0
+        if old != new or math.copysign(1.0, old) < 0.0:
+            m[i] = new
+        p[i] = w[i] * new
 
 
 @functools.cache
